@@ -1,0 +1,335 @@
+"""The ``dqrm-compress`` command line: the one place that ties the steps together.
+
+``dqrm-compress CKPT --recipe R`` runs the main job; subcommands inspect, evaluate, plan and
+verify. Every user mistake ends as one line on stderr and exit code 2 (``--debug`` shows the
+traceback); ``--json`` prints one JSON document on stdout for pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from compress import __version__, progress
+from compress.errors import DqrmError
+from compress.summary import checkpoint_summary, format_bytes
+
+
+class _DefaultCommandGroup(click.Group):
+    """A group that runs ``default_command`` when the first argument is not a subcommand.
+
+    So ``dqrm-compress --recipe int4_qat ckpt.pt`` means ``dqrm-compress compress --recipe ...``.
+    """
+
+    default_command = "compress"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = next((a for a in args if not a.startswith("-")), None)
+        wants_help = any(a in ("--help", "-h", "--version") for a in args) and first is None
+        group_flags = {"--debug", "--no-progress"}
+        routed = args and not wants_help and (first is None or first not in self.commands)
+        if routed and any(a not in group_flags for a in args):
+            lead = [a for a in args if a in group_flags]
+            rest = [a for a in args if a not in group_flags]
+            args = [*lead, self.default_command, *rest]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dqrm-compress")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--no-progress", is_flag=True, help="Never draw progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, no_progress: bool) -> None:
+    """Compress trained TorchRec DLRM checkpoints.
+
+    \b
+    dqrm-compress --recipe int4_qat ckpt.pt     # the main job (same as `compress`)
+    dqrm-compress inspect ckpt.pt               # what is in a checkpoint
+    dqrm-compress eval ckpt.pt --data day_0.gz  # AUC / log loss / accuracy
+    dqrm-compress demo                          # build the demo model and run the main job
+    """
+    ctx.obj = {"debug": debug}
+    if no_progress:
+        progress.set_enabled(False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: maps :class:`DqrmError` to one line on stderr and exit code 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # torch.fx logs a deprecation notice on every TorchRec forward; it says nothing to our users
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    try:
+        cli.main(args=argv, prog_name="dqrm-compress", standalone_mode=False)
+    except DqrmError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    return 0
+
+
+def _emit_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+model_config_option = click.option(
+    "--model-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON naming each table's features (and optionally order and shapes); see README.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@model_config_option
+@json_option
+def inspect(checkpoint: Path, model_config: Path | None, as_json: bool) -> None:
+    """Show a checkpoint's model class, tables, MLP layers and sizes (reads shapes only)."""
+    from compress.model import read_spec
+
+    ckpt, spec = read_spec(checkpoint, _config_or_sidecar(checkpoint, model_config))
+    summary = checkpoint_summary(ckpt, spec)
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(f"{summary['checkpoint']}  ({summary['format']})")
+    click.echo(f"model: {summary['model']}  interaction: {summary['interaction']}")
+    click.echo(f"dense features: {spec.dense_in_features}   sparse features: {spec.num_sparse_features}")
+    click.echo(f"bottom MLP: {spec.dense_in_features}-" + "-".join(map(str, spec.dense_arch_layer_sizes)))
+    click.echo("top MLP:    " + "-".join(map(str, spec.over_arch_layer_sizes)))
+    rows = [(t["name"], ",".join(t["feature_names"]), t["num_embeddings"], t["embedding_dim"], t["bytes"])
+            for t in summary["tables"]]
+    w = max(len(r[0]) for r in rows)
+    fw = max(8, max(len(r[1]) for r in rows))
+    click.echo(f"\n{'table':<{w}}  {'features':<{fw}}  {'rows':>12}  {'dim':>4}  {'bytes':>12}")
+    for name, feats, n, d, b in rows:
+        click.echo(f"{name:<{w}}  {feats:<{fw}}  {n:>12,}  {d:>4}  {format_bytes(b):>12}")
+    click.echo(f"\nembedding: {format_bytes(summary['embedding_bytes'])}   dense: "
+               f"{format_bytes(summary['dense_bytes'])}   total: {format_bytes(summary['total_bytes'])}")
+
+
+def _config_or_sidecar(checkpoint: Path, model_config: Path | None) -> Path | None:
+    """An explicit --model-config, else ``model_config.json`` beside the checkpoint if present."""
+    if model_config is not None:
+        return model_config
+    sidecar = checkpoint.parent / "model_config.json" if checkpoint.is_file() else checkpoint / "model_config.json"
+    return sidecar if sidecar.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+def data_options(f):
+    f = click.option("--on-bad-line", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+                     help="What to do with a malformed line of Criteo text data.")(f)
+    f = click.option("--batch-size", type=int, default=4096, show_default=True)(f)
+    return f
+
+
+@cli.command(name="eval")
+@click.argument("model_path", metavar="CHECKPOINT", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Criteo TSV (.gz) file or directory, TorchRec npy day directory, or project .npz.")
+@model_config_option
+@data_options
+@json_option
+def eval_cmd(model_path: Path, data_path: Path, model_config: Path | None, on_bad_line: str,
+             batch_size: int, as_json: bool) -> None:
+    """Score a checkpoint on labelled data: AUC, log loss, accuracy."""
+    from compress.datasets import open_dataset
+    from compress.evaluate import evaluate_model
+    from compress.model import load_model
+
+    loaded = load_model(model_path, _config_or_sidecar(model_path, model_config))
+    t0 = time.perf_counter()
+    data = open_dataset(data_path, loaded.spec, on_bad_line=on_bad_line)
+    metrics = evaluate_model(loaded.module, data, loaded.spec.feature_names, batch_size)
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    if as_json:
+        _emit_json(metrics)
+    else:
+        click.echo(_format_metrics(metrics))
+
+
+def _format_metrics(m: dict) -> str:
+    return f"auc {m['auc']:.4f}   logloss {m['logloss']:.4f}   accuracy {m['accuracy']:.4f}   n {m['n']:,}"
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+@cli.command()
+@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True, help="Where the demo checkpoint and data live.")
+@click.option("--rebuild", is_flag=True, help="Build the demo again even if it exists.")
+@json_option
+def demo(demo_dir: Path, rebuild: bool, as_json: bool) -> None:
+    """Build the demo DLRM (synthetic data, ~1 min of FP32 training) if missing, then run the main job on it."""
+    from compress.demo import build_demo, demo_paths
+
+    paths = demo_paths(demo_dir)
+    if rebuild or not paths.complete():
+        click.echo(f"building the demo in {demo_dir}/ ...", err=True)
+        report = build_demo(demo_dir)
+        click.echo(f"demo built: valid AUC {report['valid_auc']:.4f} (Bayes AUC {report['bayes_auc']:.4f}) "
+                   f"in {report['train_seconds']:.0f}s", err=True)
+    ctx = click.get_current_context()
+    click.echo(f"\n$ dqrm-compress inspect {paths.checkpoint}", err=True)
+    ctx.invoke(inspect, checkpoint=paths.checkpoint, model_config=None, as_json=as_json)
+    click.echo(f"\n$ dqrm-compress eval {paths.checkpoint} --data {paths.valid}", err=True)
+    ctx.invoke(eval_cmd, model_path=paths.checkpoint, data_path=paths.valid, model_config=None,
+               on_bad_line="error", batch_size=4096, as_json=as_json)
+
+
+# --------------------------------------------------------------------------------------------
+# recipes, plan
+
+
+@cli.command()
+@json_option
+def recipes(as_json: bool) -> None:
+    """List the built-in recipes."""
+    from compress.recipe import builtin_recipes
+
+    items = builtin_recipes()
+    if as_json:
+        _emit_json({"recipes": [{"name": n, "description": d} for n, d in items]})
+        return
+    width = max(len(n) for n, _ in items)
+    for name, description in items:
+        click.echo(f"{name:<{width}}  {description}")
+
+
+recipe_option = click.option(
+    "--recipe", "-r", required=True, metavar="NAME|FILE.toml",
+    help="A built-in recipe name (see `dqrm-compress recipes`) or a path to a recipe TOML file.",
+)
+
+
+@cli.command()
+@recipe_option
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@model_config_option
+@json_option
+def plan(recipe: str, checkpoint: Path, model_config: Path | None, as_json: bool) -> None:
+    """Show what a recipe does to each table, with exact bytes before/after (reads no data)."""
+    from compress import pipeline
+    from compress.plan import format_plan
+
+    job = pipeline.load(checkpoint, _config_or_sidecar(checkpoint, model_config))
+    the_plan = pipeline.plan(job, recipe)
+    if as_json:
+        _emit_json(the_plan.to_json())
+    else:
+        click.echo(format_plan(the_plan))
+
+
+# --------------------------------------------------------------------------------------------
+# compress (the main job)
+
+
+@cli.command(name="compress")
+@recipe_option
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
+              help="Training data (Criteo TSV/.gz file or directory, TorchRec npy days, or .npz). "
+                   "Without it, QAT recipes distil from the original model.")
+@click.option("--valid", "valid_path", type=click.Path(path_type=Path), default=None,
+              help="Validation data; default: the last 10% of --data.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory; default: <checkpoint dir>/<checkpoint name>.<recipe>/")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Fine-tuning steps (overrides the recipe).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning run with the same settings.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--on-bad-line", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="What to do with a malformed line of Criteo text data.")
+@model_config_option
+@json_option
+def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_path: Path | None,
+                 out_dir: Path | None, steps: int | None, resume: bool, force: bool, on_bad_line: str,
+                 model_config: Path | None, as_json: bool) -> None:
+    """Compress CHECKPOINT following a recipe: plan, quantize, fine-tune, evaluate, write artifacts."""
+    from compress import pipeline
+    from compress.errors import ArtifactError
+    from compress.plan import format_plan
+    from exporters import artifacts
+
+    say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
+    job = pipeline.load(checkpoint, _config_or_sidecar(checkpoint, model_config))
+    the_plan = pipeline.plan(job, recipe)
+    out_dir = out_dir or checkpoint.parent / f"{checkpoint.name.split('.')[0]}.{the_plan.recipe_name}"
+    if out_dir.exists() and not force:
+        raise ArtifactError(f"{out_dir}: already exists (use --force to replace it, or --out)")
+    state_path = out_dir.parent / f".{out_dir.name}.train-state.pt"
+    say(format_plan(the_plan))
+    say()
+
+    def log(entry: dict) -> None:
+        m = entry.get("metrics")
+        scores = f"  valid auc {m['auc']:.4f} logloss {m['logloss']:.4f}" if m else ""
+        loss = f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "(before fine-tuning)"
+        say(f"step {entry['step']:>6}  {loss}{scores}  {entry['samples_per_second']:,.0f} samples/s")
+
+    result = pipeline.compress(job, the_plan, data=data_path, valid=valid_path, steps=steps,
+                               state_path=state_path, resume=resume, log=log, on_bad_line=on_bad_line)
+    written = artifacts.save(result, out_dir, force=force)
+    state_path.unlink(missing_ok=True)
+    summary = {
+        "out": str(written.path),
+        "recipe": the_plan.recipe_name,
+        "bytes_before": the_plan.bytes_before,
+        "bytes_after": written.manifest["bytes"]["tables"] + written.manifest["bytes"]["dense"],
+        "bytes_planned": the_plan.bytes_after,
+        "ratio": the_plan.bytes_before / the_plan.bytes_after,
+        "metrics": result.metrics,
+        "notes": result.notes,
+        "train": None if result.train is None else {
+            **written.manifest["train"], "seconds": round(result.train.seconds, 3),
+            "samples_per_second": round(result.train.samples_per_second, 1)},
+        "seconds": round(result.seconds, 3),
+    }
+    if as_json:
+        _emit_json(summary)
+        return
+    for note in result.notes:
+        say(f"note: {note}")
+    click.echo(_format_before_after(summary))
+
+
+def _format_before_after(s: dict) -> str:
+    rows = [("baseline (FP32)", s["metrics"]["baseline"], s["bytes_before"])]
+    if s["metrics"].get("quantized") is not None:
+        rows.append(("quantized, before fine-tuning", s["metrics"]["quantized"], s["bytes_after"]))
+    rows.append((f"compressed ({s['recipe']})", s["metrics"]["compressed"], s["bytes_after"]))
+    lines = [f"{'model':<32}{'auc':>8}{'logloss':>9}{'accuracy':>10}{'size':>13}"]
+    for name, m, size in rows:
+        if m is None:
+            lines.append(f"{name:<32}{'-':>8}{'-':>9}{'-':>10}{format_bytes(size):>13}")
+        else:
+            lines.append(f"{name:<32}{m['auc']:>8.4f}{m['logloss']:>9.4f}{m['accuracy']:>10.4f}"
+                         f"{format_bytes(size):>13}")
+    lines.append(f"ratio {s['ratio']:.2f}x   artifacts: {s['out']}")
+    return "\n".join(lines)

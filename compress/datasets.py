@@ -1,0 +1,143 @@
+"""Open labelled data for a model from a path, whatever its format.
+
+:func:`open_dataset` decides the format from the path and returns a
+:class:`~compress.dataset.Dataset` whose sparse features are exactly the model's
+``spec.feature_names`` (in that order), whose dense width is ``spec.dense_in_features`` and whose
+row ids fit each feature's table:
+
+- a file ending in ``.npz`` or starting with the zip signature: the project format
+  (:meth:`Dataset.load_npz`),
+- a directory holding ``day_<i>_dense.npy`` files: TorchRec's preprocessed days
+  (:mod:`compress.npy_days`),
+- any other file (``.tsv``, ``.txt``, ``.gz``, no suffix) or directory of files: Criteo raw text
+  (:mod:`compress.criteo`), with ``spec.dense_in_features`` integer and one hex column per feature.
+
+``on_bad_line`` and ``dense_transform`` apply to raw text only: the other two formats store
+already-transformed dense values, returned as stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from compress.criteo import DenseTransform, OnBadLine, read_criteo
+from compress.dataset import Dataset
+from compress.errors import DataError
+from compress.npy_days import find_days, read_npy_days
+from compress.spec import DLRMSpec
+
+log = logging.getLogger(__name__)
+
+DataFormat = Literal["npz", "npy_days", "criteo"]
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """A dataset with where it came from: its format and the malformed lines skipped (raw text)."""
+
+    dataset: Dataset
+    format: DataFormat
+    skipped_lines: int = 0
+
+
+def open_dataset(
+    path: str | Path,
+    spec: DLRMSpec,
+    *,
+    on_bad_line: OnBadLine = "error",
+    dense_transform: DenseTransform = "log3",
+) -> Dataset:
+    """The samples at ``path`` for a model of shape ``spec`` (see the module docstring).
+
+    Raises :class:`DataError` for a missing path, an empty directory, a malformed file, or data that
+    does not fit ``spec``. Skipped lines (``on_bad_line="skip"``) are logged as a warning; use
+    :func:`load_dataset` to get their count.
+    """
+    return load_dataset(
+        path, spec, on_bad_line=on_bad_line, dense_transform=dense_transform
+    ).dataset
+
+
+def load_dataset(
+    path: str | Path,
+    spec: DLRMSpec,
+    *,
+    on_bad_line: OnBadLine = "error",
+    dense_transform: DenseTransform = "log3",
+) -> LoadedData:
+    """Like :func:`open_dataset`, also returning the detected format and skipped-line count."""
+    p = Path(path)
+    fmt = detect_format(p)
+    features = spec.feature_names
+    rows = [spec.table_of_feature(f).num_embeddings for f in features]
+    skipped = 0
+    if fmt == "npz":
+        dataset = Dataset.load_npz(p)
+        check_fits(dataset, spec, p)
+        dataset = dataset.select_features(features)
+    elif fmt == "npy_days":
+        dataset = read_npy_days(p, feature_names=features, num_embeddings=rows)
+        check_fits(dataset, spec, p)
+    else:
+        read = read_criteo(
+            p,
+            num_dense=spec.dense_in_features,
+            num_sparse=len(features),
+            feature_names=features,
+            num_embeddings=rows,
+            on_bad_line=on_bad_line,
+            dense_transform=dense_transform,
+        )
+        dataset, skipped = read.dataset, read.skipped_lines
+        if skipped:
+            log.warning("%s: skipped %d malformed lines", p, skipped)
+    return LoadedData(dataset=dataset, format=fmt, skipped_lines=skipped)
+
+
+def detect_format(path: str | Path) -> DataFormat:
+    """``"npz"``, ``"npy_days"`` or ``"criteo"`` for ``path`` (see the module docstring)."""
+    p = Path(path)
+    if p.is_dir():
+        if find_days(p):
+            return "npy_days"
+        if not any(f.is_file() and not f.name.startswith(".") for f in p.iterdir()):
+            raise DataError(f"{p}: directory holds no data files")
+        return "criteo"
+    if p.is_file():
+        if p.suffix == ".npz" or _starts_with(p, _ZIP_MAGIC):
+            return "npz"
+        return "criteo"
+    raise DataError(f"{p}: no such file or directory")
+
+
+def check_fits(dataset: Dataset, spec: DLRMSpec, source: str | Path) -> None:
+    """Raise :class:`DataError` unless ``dataset`` has ``spec``'s dense width, every feature of
+    ``spec`` and only row ids below each feature's table size."""
+    if dataset.num_dense != spec.dense_in_features:
+        raise DataError(
+            f"{source}: {dataset.num_dense} dense features, the model takes "
+            f"{spec.dense_in_features}"
+        )
+    for f in spec.feature_names:
+        if f not in dataset.values:
+            raise DataError(
+                f"{source}: no sparse feature {f!r} (the data has {list(dataset.feature_names)})"
+            )
+        rows = spec.table_of_feature(f).num_embeddings
+        values = dataset.values[f]
+        if values.size and int(np.max(values)) >= rows:
+            raise DataError(
+                f"{source}: feature {f!r} has row id {int(np.max(values))}, its table has "
+                f"{rows} rows"
+            )
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(magic)) == magic

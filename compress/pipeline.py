@@ -1,0 +1,140 @@
+"""The main job as Python steps: load, plan, compress (prepare, fine-tune, convert), evaluate.
+
+    >>> from compress import pipeline
+    >>> job = pipeline.load("demo/dlrm.pt")
+    >>> plan = pipeline.plan(job, "int4_qat")
+    >>> result = pipeline.compress(job, plan, data="demo/train.npz", valid="demo/valid.npz")
+    >>> result.metrics["compressed"]["auc"]
+
+``exporters.artifacts.save(result, out_dir)`` then writes the artifact directory (the CLI does both).
+
+Validation data: ``valid`` when given, else the last 10% of ``data`` (held out from training).
+Without ``data``, a recipe that fine-tunes distils from the original model on inputs sampled from
+its own tables (:mod:`compress.distill`) and says so in ``result.notes``; PTQ recipes need no data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from torch import nn
+
+from compress.dataset import Dataset
+from compress.datasets import open_dataset
+from compress.evaluate import evaluate_model
+from compress.model import LoadedModel, load_model
+from compress.plan import Plan, make_plan
+from compress.quantize_model import convert_model, prepare_model
+from compress.recipe import Recipe, load_recipe
+from compress.spec import DLRMSpec
+from compress.train import TrainConfig, TrainResult, fit
+
+VALID_FRACTION = 0.1
+
+
+@dataclass
+class CompressionResult:
+    """What ``compress`` produced: the converted model and everything a report needs."""
+
+    spec: DLRMSpec
+    recipe: Recipe
+    plan: Plan
+    model: nn.Module
+    metrics: dict[str, dict | None]
+    train: TrainResult | None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    source: str = ""
+    data: dict[str, str | None] = field(default_factory=dict)
+
+
+def load(checkpoint: str | Path, model_config: str | Path | dict | None = None) -> LoadedModel:
+    """Step 1: open a checkpoint and rebuild its TorchRec model (memory-mapped)."""
+    return load_model(checkpoint, model_config)
+
+
+def plan(job: LoadedModel, recipe: str | Path | Recipe) -> Plan:
+    """Step 2: decide every table's method (no data touched)."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return make_plan(recipe, job.spec)
+
+
+def load_data(
+    job: LoadedModel, data: str | Path | Dataset | None, valid: str | Path | Dataset | None, **kwargs
+) -> tuple[Dataset | None, Dataset | None]:
+    """Training and validation sets: explicit ``valid``, else the held-out tail of ``data``."""
+    train_ds = _dataset(job, data, **kwargs)
+    valid_ds = _dataset(job, valid, **kwargs)
+    if train_ds is not None and valid_ds is None:
+        train_ds, valid_ds = train_ds.split_tail(VALID_FRACTION)
+    return train_ds, valid_ds
+
+
+def compress(
+    job: LoadedModel,
+    plan: Plan,
+    *,
+    data: str | Path | Dataset | None = None,
+    valid: str | Path | Dataset | None = None,
+    steps: int | None = None,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    log: Callable[[dict], None] | None = None,
+    on_bad_line: str = "error",
+) -> CompressionResult:
+    """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval."""
+    t0 = time.perf_counter()
+    train_ds, valid_ds = load_data(job, data, valid, on_bad_line=on_bad_line)
+    names = job.spec.feature_names
+    notes: list[str] = []
+    metrics: dict[str, dict | None] = {"baseline": None, "quantized": None, "compressed": None}
+    if valid_ds is not None:
+        metrics["baseline"] = evaluate_model(job.module, valid_ds, names)
+
+    model = prepare_model(job.module, job.spec, plan)
+    train_result = None
+    if plan.needs_finetune:
+        config = plan.recipe.finetune or TrainConfig()
+        if steps is not None:
+            config = replace(config, steps=steps)
+        if train_ds is not None:
+            train_result = fit(model, train_ds, valid_ds, names, config, state_path=state_path,
+                               resume=resume, log=log)
+            first = train_result.history[0] if train_result.history else None
+            if first is not None and first["step"] == 0:
+                metrics["quantized"] = first["metrics"]  # before fine-tuning: the PTQ starting point
+        else:
+            from compress.distill import distill
+
+            notes.append(
+                "no --data given: fine-tuned by distillation from the original model on inputs sampled "
+                "from its own tables; fine-tune on real click data for best quality"
+            )
+            train_result = distill(job.module, model, job.spec, config, state_path=state_path,
+                                   resume=resume, log=log)
+    model = convert_model(model)
+    if valid_ds is not None:
+        metrics["compressed"] = evaluate_model(model, valid_ds, names)
+    else:
+        notes.append("no validation data: AUC before/after not measured")
+    return CompressionResult(
+        spec=job.spec, recipe=plan.recipe, plan=plan, model=model, metrics=metrics, train=train_result,
+        notes=notes, seconds=time.perf_counter() - t0, source=str(job.checkpoint.path),
+        data={"train": _name(data), "valid": _name(valid) if valid is not None else (
+            f"last {VALID_FRACTION:.0%} of {_name(data)}" if data is not None else None)},
+    )
+
+
+def _dataset(job: LoadedModel, source, **kwargs) -> Dataset | None:
+    if source is None or isinstance(source, Dataset):
+        return source
+    return open_dataset(source, job.spec, **kwargs)
+
+
+def _name(source) -> str | None:
+    if source is None:
+        return None
+    return str(source) if not isinstance(source, Dataset) else "<in-memory dataset>"

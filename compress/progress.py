@@ -1,0 +1,34 @@
+"""Progress bars for long work: tqdm on a terminal, silent when output is piped or ``--json``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+_enabled: bool | None = None
+
+
+def set_enabled(enabled: bool | None) -> None:
+    """Force progress bars on or off; ``None`` restores the default (on when stderr is a terminal)."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", **kwargs) -> Iterator[T]:
+    """``items`` wrapped in a progress bar on stderr when progress is enabled."""
+    if not enabled():
+        yield from items
+        return
+    yield from tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True, **kwargs)

@@ -1,0 +1,240 @@
+"""Quantization-aware and quantized embedding-bag collections (the DQRM method for tables).
+
+Two modules with TorchRec's ``EmbeddingBagCollection`` interface (``forward(kjt) -> KeyedTensor``,
+``embedding_bag_configs()``), so either drops into ``model.sparse_arch.embedding_bag_collection``:
+
+- :class:`QATEmbeddingBagCollection` (prepare): FP32 master weights with sparse gradients. A lookup
+  gathers only the rows the batch touches and fake-quantizes **those rows** (DQRM technique 1) with a
+  straight-through gradient, then sum-pools the bags. Row-wise tables need no table scan (a row's
+  scale depends on the row alone). Table-wise tables keep ``scale`` as a buffer, refreshed from
+  ``max|W|`` every ``scale_refresh`` training steps (DQRM technique 2); between refreshes values
+  beyond the range clip, exactly as whole-table fake quantization at that scale would.
+- :class:`QuantizedEmbeddingBagCollection` (convert): integer codes and scales only, dequantizing
+  the gathered rows. :meth:`QuantizedEmbeddingBagCollection.from_qat` uses the same quantizers, so
+  its outputs equal the QAT module's outputs exactly (tested with ``atol=0``).
+
+Per-table methods: ``keep`` (FP32, trainable), ``fp16`` (rounded to fp16 in the forward),
+``ptq`` (quantized once, frozen), ``qat`` (fake-quantized, trainable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compress import quant_math as qm
+from compress.spec import TableSpec
+
+TABLE_METHODS = ("keep", "fp16", "ptq", "qat")
+
+
+@dataclass(frozen=True)
+class TableQuant:
+    """How one table is stored: ``method`` plus, for ptq/qat, ``bits`` and ``granularity`` (row|table)."""
+
+    method: str = "keep"
+    bits: int | None = None
+    granularity: str | None = None
+    scale_refresh: int = 200
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("ptq", "qat")
+
+
+def pool_bags(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sum-pool ``rows [N, D]`` into ``[B, D]`` bags of ``lengths [B]`` (empty bags give zeros)."""
+    batch = lengths.shape[0]
+    segments = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths)
+    return torch.zeros(batch, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, segments, rows)
+
+
+def _fp16_round(w: torch.Tensor) -> torch.Tensor:
+    return w.half().float()
+
+
+class _Table(nn.Module):
+    """One table's FP32 master weight (and table-wise scale) inside the QAT collection."""
+
+    def __init__(self, weight: torch.Tensor, quant: TableQuant) -> None:
+        super().__init__()
+        self.quant = quant
+        trainable = quant.method in ("keep", "fp16", "qat")
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
+        if quant.quantized and quant.granularity == "table":
+            self.register_buffer("scale", torch.tensor(qm.table_scale(weight.detach(), quant.bits)))
+
+    def refresh_scale(self) -> None:
+        """Rescan ``max|W|`` (the expensive whole-table pass DQRM amortizes over P steps)."""
+        with torch.no_grad():
+            self.scale.fill_(qm.table_scale(self.weight.detach(), self.quant.bits))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``[N, D]`` of ``ids [N]`` as the compressed table would return them."""
+        q = self.quant
+        rows = F.embedding(ids, self.weight, sparse=True)
+        if q.method == "keep":
+            return rows
+        if q.method == "fp16":
+            return qm.ste_fake_quantize(_fp16_round, rows)
+        if q.granularity == "row":
+            return qm.ste_fake_quantize_rowwise(rows, q.bits)
+        return qm.ste_fake_quantize_tablewise(rows, float(self.scale), q.bits)
+
+    @property
+    def refreshes_scale(self) -> bool:
+        return self.quant.method == "qat" and self.quant.granularity == "table"
+
+
+class _CollectionBase(nn.Module):
+    """What both collections share: the table list, TorchRec configs and the pooled forward."""
+
+    def __init__(self, tables: list[TableSpec]) -> None:
+        super().__init__()
+        self.tables = list(tables)
+        self._feature_table = [(f, t.name) for t in self.tables for f in t.feature_names]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
+                               feature_names=list(t.feature_names))
+            for t in self.tables
+        ]
+
+    def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _pooled(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        jagged = features.to_dict()
+        pooled = []
+        for feature, table in self._feature_table:
+            jt = jagged[feature]
+            pooled.append(pool_bags(self._lookup(table, jt.values()), jt.lengths()))
+        dims = {t.name: t.embedding_dim for t in self.tables}
+        return KeyedTensor(
+            keys=[f for f, _ in self._feature_table],
+            length_per_key=[dims[t] for _, t in self._feature_table],
+            values=torch.cat(pooled, dim=1),
+        )
+
+
+class QATEmbeddingBagCollection(_CollectionBase):
+    """Fake-quantizing drop-in for TorchRec's ``EmbeddingBagCollection``.
+
+    Args:
+        tables: the tables, in the model's order.
+        weights: FP32 weight ``[rows, dim]`` per table name (taken over, not copied).
+        quant: :class:`TableQuant` per table name (missing tables are kept).
+    """
+
+    def __init__(self, tables: list[TableSpec], weights: dict[str, torch.Tensor], quant: dict[str, TableQuant]) -> None:
+        super().__init__(tables)
+        self.embedding_bags = nn.ModuleDict(
+            {t.name: _Table(weights[t.name], quant.get(t.name, TableQuant())) for t in self.tables}
+        )
+        # training forwards so far: table-wise QAT tables rescan max|W| every scale_refresh of them
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if self.training:
+            step = int(self.steps)
+            for mod in self.embedding_bags.values():
+                if mod.refreshes_scale and step > 0 and step % mod.quant.scale_refresh == 0:
+                    mod.refresh_scale()
+            self.steps += 1
+        return self._pooled(features)
+
+    def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding_bags[table].lookup(ids)
+
+
+@dataclass
+class QuantizedTable:
+    """One converted table: what an exporter writes and a runtime reads.
+
+    - ``keep``: ``data`` float32 ``[R, D]``; ``fp16``: ``data`` float16 ``[R, D]``;
+    - row-wise: ``data`` uint8 ``[R, D*bits/8]`` packed codes (low bits first), ``scale`` and
+      ``bias`` float16 ``[R]``; value = code * scale + bias (FBGEMM's row-wise format);
+    - table-wise: ``data`` uint8 ``[R, D*bits/8]`` packed unsigned codes ``q + 2^(bits-1)``,
+      ``scale`` float32 scalar; value = (code - 2^(bits-1)) * scale.
+    """
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    quant: TableQuant
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0
+        if self.scale is not None:
+            extra += 4 if self.quant.granularity == "table" else self.scale.numel() * 2
+        if self.bias is not None:
+            extra += self.bias.numel() * 2
+        return self.data.numel() * self.data.element_size() + extra
+
+
+def quantize_table(name: str, weight: torch.Tensor, quant: TableQuant, scale: float | None = None) -> QuantizedTable:
+    """Convert an FP32 table with the same quantizers the QAT forward uses.
+
+    ``scale`` is the table-wise scale to use (the QAT module's current buffer); ``None`` scans the table.
+    """
+    rows, dim = weight.shape
+    w = weight.detach()
+    if quant.method == "keep":
+        return QuantizedTable(name, rows, dim, quant, w.float().contiguous())
+    if quant.method == "fp16":
+        return QuantizedTable(name, rows, dim, quant, w.half().contiguous())
+    if quant.granularity == "row":
+        q, s, b = qm.rowwise_quantize(w, quant.bits)
+        return QuantizedTable(name, rows, dim, quant, qm.pack_nbit(q, quant.bits), s, b)
+    q, s = qm.tablewise_quantize(w, quant.bits, scale)
+    codes = (q.to(torch.int16) + (1 << (quant.bits - 1))).to(torch.uint8)
+    return QuantizedTable(name, rows, dim, quant, qm.pack_nbit(codes, quant.bits), torch.tensor(float(s)))
+
+
+def dequantize_rows(table: QuantizedTable, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``[N, D]`` of ``ids`` from a converted table (dequantizing only those rows)."""
+    quant = table.quant
+    gathered = table.data.index_select(0, ids)
+    if quant.method == "keep":
+        return gathered
+    if quant.method == "fp16":
+        return gathered.float()
+    codes = qm.unpack_nbit(gathered, quant.bits, table.embedding_dim)
+    if quant.granularity == "row":
+        return qm.rowwise_dequantize(codes, table.scale.index_select(0, ids), table.bias.index_select(0, ids))
+    q = codes.to(torch.int16) - (1 << (quant.bits - 1))
+    return qm.tablewise_dequantize(q.to(torch.int8), float(table.scale))
+
+
+class QuantizedEmbeddingBagCollection(_CollectionBase):
+    """Inference drop-in for TorchRec's ``EmbeddingBagCollection`` holding only converted tables."""
+
+    def __init__(self, tables: list[TableSpec], quantized: dict[str, QuantizedTable]) -> None:
+        super().__init__(tables)
+        self.quantized = quantized
+
+    @classmethod
+    def from_qat(cls, qat: QATEmbeddingBagCollection) -> QuantizedEmbeddingBagCollection:
+        quantized = {}
+        for t in qat.tables:
+            mod = qat.embedding_bags[t.name]
+            scale = float(mod.scale) if hasattr(mod, "scale") else None
+            quantized[t.name] = quantize_table(t.name, mod.weight, mod.quant, scale)
+        return cls(qat.tables, quantized)
+
+    @torch.no_grad()
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self._pooled(features)
+
+    def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(self.quantized[table], ids)

@@ -1,0 +1,1 @@
+"""Export compressed models: packed tables, ONNX graphs, runtime loaders."""

@@ -1,0 +1,240 @@
+"""The artifact directory: packed tables, dense weights, manifest with checksums; written atomically.
+
+Layout (format version 1)::
+
+    out/
+      manifest.json            everything needed to read the rest, sha256 of every file
+      tables/<table>.npy       row-wise: uint8 [R, D*bits/8] packed codes (FBGEMM order, low bits
+                               first); table-wise: uint8 [R, D*bits/8] packed codes q + 2^(bits-1);
+                               fp16: float16 [R, D]; keep: float32 [R, D]
+      tables/<table>.scale.npy row-wise: float16 [R]; table-wise: float32 [] (one scale)
+      tables/<table>.bias.npy  row-wise: float16 [R]
+      dense/<key>.npy          every non-embedding tensor of the model's state dict; a quantized
+                               linear stores ``qweight`` at its width (int8 [out, in] at INT8;
+                               uint8 [out, ceil(in/2)] packed codes q + 8 at INT4), ``scales`` float32
+                               [out] and ``bias`` float32 [out]
+      train_log.jsonl          one line per fine-tuning evaluation: step, loss, metrics
+
+Every array is a ``.npy`` file (no pickle; ``numpy.load(..., mmap_mode="r")`` maps it). The
+directory is built under a temporary name beside ``out`` and renamed when complete, so a failure or
+Ctrl-C leaves no partial output. No timestamps are recorded: the same inputs and seed give
+byte-identical artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress import __version__
+from compress import quant_math as qm
+from compress.architecture import spec_to_model_config
+from compress.errors import ArtifactError
+from compress.pipeline import CompressionResult
+from compress.qat_embedding import QuantizedTable
+from compress.qat_linear import QuantizedLinear, mlp_linears
+from compress.recipe import recipe_to_toml
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DENSE_TRANSFORM = "log3"  # see compress.criteo: log(max(x, -2) + 3), missing -> 0
+
+Writer = Callable[[Path, dict], None]  # extra step: (staging directory, manifest) -> None
+
+
+@dataclass(frozen=True)
+class WrittenArtifacts:
+    path: Path
+    manifest: dict
+
+
+def save(result: CompressionResult, out_dir: str | Path, *, force: bool = False,
+         extra_writers: tuple[Writer, ...] = ()) -> WrittenArtifacts:
+    """Write ``result`` as an artifact directory at ``out_dir`` (atomically; see module docstring).
+
+    ``extra_writers`` add files (e.g. ONNX graphs) into the staging directory and may record them
+    in the manifest before checksums are taken. An existing ``out_dir`` is an error unless ``force``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ArtifactError(f"{out_dir}: already exists (use --force to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        manifest = _write_contents(result, stage)
+        for writer in extra_writers:
+            writer(stage, manifest)
+        manifest["files"] = checksums(stage)
+        _write_json(stage / MANIFEST, manifest)
+        _replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return WrittenArtifacts(out_dir, manifest)
+
+
+def _write_contents(result: CompressionResult, stage: Path) -> dict:
+    model = result.model
+    (stage / "tables").mkdir()
+    (stage / "dense").mkdir()
+    qebc = model.sparse_arch.embedding_bag_collection
+    tables = []
+    for t in result.spec.tables:
+        entry = _write_table(stage, qebc.quantized[t.name])
+        planned = result.plan.table(t.name)
+        entry.update({"feature_names": list(t.feature_names), "rule": planned.rule_index,
+                      "bytes_planned": planned.bytes_after})
+        tables.append(entry)
+    dense = _write_dense(stage, model)
+    if result.train is not None:
+        with open(stage / "train_log.jsonl", "w") as f:
+            for entry in result.train.history:  # timings left out: artifacts must be reproducible
+                f.write(json.dumps({k: v for k, v in entry.items() if k != "samples_per_second"}) + "\n")
+    spec = result.spec
+    return {
+        "format": "dqrm-compress-artifacts",
+        "format_version": FORMAT_VERSION,
+        "tool": "dqrm-compress",
+        "tool_version": __version__,
+        "source": {"checkpoint": Path(result.source).name, "data": result.data},
+        "model": {
+            **spec_to_model_config(spec),
+            "dense_arch_layer_sizes": list(spec.dense_arch_layer_sizes),
+            "over_arch_layer_sizes": list(spec.over_arch_layer_sizes),
+            "dcn_num_layers": spec.dcn_num_layers,
+            "dcn_low_rank_dim": spec.dcn_low_rank_dim,
+            "interaction_branch1_layer_sizes": _opt_list(spec.interaction_branch1_layer_sizes),
+            "interaction_branch2_layer_sizes": _opt_list(spec.interaction_branch2_layer_sizes),
+            "feature_names": list(spec.feature_names),
+        },
+        "inputs": {
+            "dense": {"dtype": "float32", "shape": ["batch", spec.dense_in_features],
+                      "transform": DENSE_TRANSFORM},
+            "sparse": {f: {"table": spec.table_of_feature(f).name, "dtype": "int64", "jagged": True}
+                       for f in spec.feature_names},
+        },
+        "recipe": {"name": result.recipe.name, "toml": recipe_to_toml(result.recipe)},
+        "plan": {k: v for k, v in result.plan.to_json().items() if k != "tables"},
+        "tables": tables,
+        "dense": dense,
+        "bytes": {
+            "tables": sum(t["bytes"] for t in tables),
+            "dense": sum(d["bytes"] for d in dense),
+        },
+        "metrics": result.metrics,
+        "notes": result.notes,
+        "train": None if result.train is None else {
+            "steps": result.train.steps, "best_step": result.train.best_step,
+            "resumed_from": result.train.resumed_from,
+        },
+    }
+
+
+def _write_table(stage: Path, table: QuantizedTable) -> dict:
+    quant = table.quant
+    files = {"data": _save_npy(stage, f"tables/{table.name}.npy", table.data)}
+    if table.scale is not None:
+        files["scale"] = _save_npy(stage, f"tables/{table.name}.scale.npy", table.scale)
+    if table.bias is not None:
+        files["bias"] = _save_npy(stage, f"tables/{table.name}.bias.npy", table.bias)
+    return {
+        "name": table.name,
+        "num_embeddings": table.num_embeddings,
+        "embedding_dim": table.embedding_dim,
+        "method": quant.method,
+        "bits": quant.bits,
+        "granularity": quant.granularity,
+        "layout": table_layout(quant.method, quant.granularity),
+        "files": files,
+        "bytes": table.nbytes,
+    }
+
+
+def table_layout(method: str, granularity: str | None) -> str:
+    """The manifest's name for how a table's files are laid out."""
+    if method == "keep":
+        return "fp32"
+    if method == "fp16":
+        return "fp16"
+    return "rowwise" if granularity == "row" else "tablewise"
+
+
+def _write_dense(stage: Path, model: torch.nn.Module) -> list[dict]:
+    quantized = {name: m for name, m in mlp_linears(model) if isinstance(m, QuantizedLinear)}
+    entries = []
+    for key, tensor in model.state_dict().items():
+        if key.startswith("sparse_arch."):
+            continue
+        module_name, _, leaf = key.rpartition(".")
+        q = quantized.get(module_name)
+        entry = {"key": key, "shape": list(tensor.shape)}
+        if q is not None and leaf == "qweight":
+            stored = tensor if q.bits == 8 else pack_int4_weight(tensor)
+            entry.update({"bits": q.bits, "layout": "int8" if q.bits == 8 else "int4_offset_packed"})
+            entry["bytes"] = stored.numel() * stored.element_size()
+        else:
+            stored = tensor
+            entry["bytes"] = tensor.numel() * tensor.element_size()
+        entry["file"] = _save_npy(stage, f"dense/{key}.npy", stored)
+        entries.append(entry)
+    return entries
+
+
+def pack_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """INT4 weights int8 ``[out, in]`` -> uint8 ``[out, ceil(in/2)]`` packed codes ``q + 8``, low
+    nibble first; an odd ``in`` is padded with one zero nibble per row."""
+    codes = (qweight.to(torch.int16) + 8).to(torch.uint8)
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return qm.pack_nbit(codes, 4)
+
+
+def _save_npy(stage: Path, rel: str, tensor: torch.Tensor) -> str:
+    path = stage / rel
+    np.save(path, tensor.detach().contiguous().numpy(), allow_pickle=False)
+    return rel
+
+
+def _opt_list(x) -> list | None:
+    return list(x) if x is not None else None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _replace_dir(stage: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+        os.replace(stage, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out_dir)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksums(root: Path) -> dict[str, dict]:
+    """``{relative path: {"sha256", "bytes"}}`` for every file under ``root`` but the manifest."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != MANIFEST:
+            out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return out

@@ -1,0 +1,133 @@
+"""Parity checks between a reference (PyTorch or numpy) and ONNX Runtime outputs.
+
+A parity proof fails hard: :func:`compare_outputs` raises :class:`ParityError` naming the output,
+the largest difference and where it is, instead of warning. :func:`compare_all` checks names first,
+then shapes, then values for every output. :func:`ort_session` opens a CPU session with worker
+spinning off, so ORT's idle threads do not slow other work in the same process, and with
+quantized MatMuls computed in float32.
+
+ORT pitfall (1.31): at its default optimization level ORT rewrites ``DequantizeLinear`` (int8 or
+int4 weight) -> ``MatMul`` into ``com.microsoft::MatMulNBits`` with ``accuracy_level=4``, which
+quantizes the *activations* to int8 too (about 6e-3 absolute error on a small dense arch, far
+beyond a 1e-5 parity budget). Session option ``session.qdq_matmulnbits_accuracy_level=1`` keeps
+float32 activations (bit-identical to the unfused graph here); :func:`ort_session` sets it unless
+told otherwise (``matmul_accuracy_level=4`` for ORT's faster default).
+
+Example::
+
+    sess = ort_session(model, threads=1)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    compare_all({"logits": torch_logits}, got, atol=1e-5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from compress.errors import DqrmError
+from exporters.onnx_spec import SESSION_CONFIG
+
+
+class ParityError(DqrmError):
+    """An exported graph computes something other than its reference."""
+
+
+def compare_outputs(
+    reference: np.ndarray, actual: np.ndarray, atol: float, name: str = "output"
+) -> dict:
+    """Max/mean absolute difference of one output; raises :class:`ParityError` above ``atol``.
+
+    Returns ``{"name", "shape", "max_abs_diff", "mean_abs_diff", "argmax", "reference",
+    "actual", "atol"}`` where ``argmax`` is the index of the largest difference and ``reference``/
+    ``actual`` the values there. NaN in one array and not the other counts as an infinite
+    difference; shapes must match exactly.
+    """
+    ref = np.asarray(reference)
+    act = np.asarray(actual)
+    if ref.shape != act.shape:
+        raise ParityError(f"output {name!r}: shape {list(act.shape)}, expected {list(ref.shape)}")
+    result = {"name": name, "shape": tuple(ref.shape), "atol": float(atol)}
+    if ref.size == 0:
+        return {
+            **result,
+            "max_abs_diff": 0.0,
+            "mean_abs_diff": 0.0,
+            "argmax": None,
+            "reference": None,
+            "actual": None,
+        }
+    ref64, act64 = ref.astype(np.float64), act.astype(np.float64)
+    diff = np.abs(ref64 - act64)
+    same_nan = np.isnan(ref64) & np.isnan(act64)
+    diff = np.where(same_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
+    where = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    result.update(
+        max_abs_diff=float(diff[where]),
+        mean_abs_diff=float(diff.mean()),
+        argmax=tuple(int(i) for i in where),
+        reference=float(ref64[where]),
+        actual=float(act64[where]),
+    )
+    if not result["max_abs_diff"] <= atol:
+        raise ParityError(
+            f"output {name!r}: max abs diff {result['max_abs_diff']:.3g} > atol {atol:.3g} "
+            f"at {list(result['argmax'])} (reference {result['reference']!r}, "
+            f"actual {result['actual']!r})"
+        )
+    return result
+
+
+def compare_all(
+    reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray], atol: float
+) -> dict[str, dict]:
+    """:func:`compare_outputs` for every reference output; missing or extra names fail first."""
+    missing = sorted(set(reference) - set(actual))
+    extra = sorted(set(actual) - set(reference))
+    if missing or extra:
+        raise ParityError(f"output names differ: missing {missing}, unexpected {extra}")
+    for name in reference:  # all shapes before any value
+        if np.shape(reference[name]) != np.shape(actual[name]):
+            raise ParityError(
+                f"output {name!r}: shape {list(np.shape(actual[name]))}, "
+                f"expected {list(np.shape(reference[name]))}"
+            )
+    return {name: compare_outputs(reference[name], actual[name], atol, name) for name in reference}
+
+
+def ort_session(
+    model: str | Path | onnx.ModelProto | bytes,
+    threads: int | None = None,
+    matmul_accuracy_level: int = 1,
+) -> ort.InferenceSession:
+    """CPU InferenceSession with :data:`SESSION_CONFIG` (no spinning, float32 quantized MatMuls).
+
+    ``threads`` sets ``intra_op_num_threads`` (``None``: ORT's default). ``matmul_accuracy_level``
+    is what fused ``MatMulNBits`` nodes use (1: float32 activations; 4: ORT's default, int8
+    activations, faster and approximate). Models with external data must be given by path.
+    """
+    options = ort.SessionOptions()
+    config = {
+        **SESSION_CONFIG,
+        "session.qdq_matmulnbits_accuracy_level": str(matmul_accuracy_level),
+    }
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict:
+    """Run ``session`` and return ``{output name: array}``."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))

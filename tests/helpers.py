@@ -1,0 +1,73 @@
+"""Shared builders for tests: small TorchRec DLRMs built with TorchRec's own classes."""
+
+from __future__ import annotations
+
+import torch
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+ROWS = (7, 50, 300, 1000)
+DIM = 8
+DENSE = 5
+
+
+def make_ebc(rows=ROWS, dim=DIM, shared_feature: bool = False) -> EmbeddingBagCollection:
+    configs = [
+        EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"cat_{i}"])
+        for i, r in enumerate(rows)
+    ]
+    if shared_feature:  # the last table serves two features
+        configs[-1] = EmbeddingBagConfig(
+            name=configs[-1].name, embedding_dim=dim, num_embeddings=rows[-1], feature_names=["cat_a", "cat_b"]
+        )
+    return EmbeddingBagCollection(tables=configs)
+
+
+def make_dlrm(model_class: str = "DLRM", seed: int = 0, rows=ROWS, dim=DIM, shared_feature: bool = False):
+    torch.manual_seed(seed)
+    ebc = make_ebc(rows, dim, shared_feature)
+    common = dict(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[16, dim],
+                  over_arch_layer_sizes=[12, 1])
+    if model_class == "DLRM":
+        return DLRM(**common)
+    if model_class == "DLRM_DCN":
+        return DLRM_DCN(**common, dcn_num_layers=2, dcn_low_rank_dim=4)
+    if model_class == "DLRM_Projection":
+        return DLRM_Projection(**common, interaction_branch1_layer_sizes=[16, 2 * dim],
+                               interaction_branch2_layer_sizes=[24, 3 * dim])
+    raise ValueError(model_class)
+
+
+def random_inputs(model, batch: int = 32, max_bag: int = 3, seed: int = 1):
+    """Dense features and a KJT with multi-hot bags (lengths 0..max_bag) for every feature of ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    ebc = model.sparse_arch.embedding_bag_collection
+    keys, lengths, values = [], [], []
+    for cfg in ebc.embedding_bag_configs():
+        for f in cfg.feature_names:
+            ln = torch.randint(0, max_bag + 1, (batch,), generator=g)
+            keys.append(f)
+            lengths.append(ln)
+            values.append(torch.randint(0, cfg.num_embeddings, (int(ln.sum()),), generator=g))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    dense = torch.randn(batch, DENSE, generator=g)
+    return dense, kjt
+
+
+def tiny_world(tmp_path, model_class: str = "DLRM", n: int = 6000, seed: int = 0):
+    """A small synthetic dataset (train/valid .npz) and an untrained TorchRec model checkpoint
+    whose tables fit it. Returns (checkpoint path, train path, valid path, model)."""
+    from compress.synthetic import SyntheticConfig, generate
+
+    rows = (20, 300, 2000, 5000)
+    cfg = SyntheticConfig(table_sizes=rows, num_samples=n, bag_sizes=(1, 2, 1, 1), num_dense=DENSE, seed=seed)
+    data = generate(cfg)
+    train, valid = data.split_tail(0.25)
+    model = make_dlrm(model_class, seed=seed, rows=rows, dim=DIM)
+    ckpt = tmp_path / "model.pt"
+    torch.save(model.state_dict(), ckpt)
+    train.save_npz(tmp_path / "train.npz")
+    valid.save_npz(tmp_path / "valid.npz")
+    return ckpt, tmp_path / "train.npz", tmp_path / "valid.npz", model

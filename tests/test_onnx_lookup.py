@@ -1,0 +1,300 @@
+"""Embedding lookup graphs: every table kind and bit width is bit-exact against numpy (and the
+row-wise kind against FBGEMM's own dequantization); jagged pooling handles empty bags."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from exporters.onnx_lookup import (
+    POOLINGS,
+    build_gather_model,
+    build_pool_model,
+    gbq_block_size,
+    resolve_rowwise_impl,
+)
+from exporters.onnx_spec import (
+    Fp16Table,
+    Fp32Table,
+    GraphBuilder,
+    RobeTable,
+    RowwiseTable,
+    TableLookup,
+    TablewiseTable,
+)
+from exporters.onnx_validate import compare_outputs, ort_session, run_session
+
+ROWS = 40
+DIMS = (8, 16, 12)
+
+
+# ---------------------------------------------------------------- numpy references (test side)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [R, D] -> packed [R, D*bits/8], element k*j+i in bits i*bits.. (low first)."""
+    per = 8 // bits
+    codes = codes.astype(np.uint8)
+    out = np.zeros((codes.shape[0], codes.shape[1] // per), np.uint8)
+    for k in range(per):
+        out |= (codes[:, k::per] << (k * bits)).astype(np.uint8)
+    return out
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    parts = [(packed >> (k * bits)) & ((1 << bits) - 1) for k in range(per)]
+    return np.stack(parts, axis=-1).reshape(packed.shape[0], packed.shape[1] * per)
+
+
+def rowwise_reference(kind: RowwiseTable, ids: np.ndarray) -> np.ndarray:
+    codes = unpack_codes(kind.packed[ids], kind.bits).astype(np.float32)
+    scale = kind.scale[ids].astype(np.float32)[:, None]
+    bias = kind.bias[ids].astype(np.float32)[:, None]
+    return codes * scale + bias
+
+
+def tablewise_reference(kind: TablewiseTable, ids: np.ndarray) -> np.ndarray:
+    codes = unpack_codes(kind.packed[ids], kind.bits).astype(np.int32) - kind.offset
+    return codes.astype(np.float32) * np.float32(kind.scale)
+
+
+def robe_reference(kind: RobeTable, ids: np.ndarray, dim: int) -> np.ndarray:
+    """With Python integers (no int64 overflow possible) to check the graph's int64 hash."""
+    r1, r2, r3 = kind.seeds
+    span = kind.array.shape[0] - kind.block_size + 1
+    out = np.empty((len(ids), dim), np.float32)
+    for n, i in enumerate(ids.tolist()):
+        for d in range(dim):
+            key = ((i + kind.table_offset) * r3 + (d // kind.block_size) * r2 + r1) % kind.prime
+            out[n, d] = kind.array[key % span + d % kind.block_size]
+    return out
+
+
+def reference_rows(table: TableLookup, ids: np.ndarray) -> np.ndarray:
+    kind = table.kind
+    if isinstance(kind, (Fp32Table, Fp16Table)):
+        return kind.weight[ids].astype(np.float32)
+    if isinstance(kind, RowwiseTable):
+        return rowwise_reference(kind, ids)
+    if isinstance(kind, TablewiseTable):
+        return tablewise_reference(kind, ids)
+    return robe_reference(kind, ids, table.dim)
+
+
+def fbgemm_rowwise(weight: torch.Tensor, bits: int) -> tuple[RowwiseTable, torch.Tensor]:
+    """Quantize with FBGEMM; reorder its ``[packed][fp16 scale][fp16 bias]`` rows into our arrays.
+    Returns the table and FBGEMM's own dequantization of every row."""
+    import fbgemm_gpu  # noqa: F401 - registers torch.ops.fbgemm
+
+    fused = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(weight, bits)
+    deq = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, bits)
+    raw = fused.numpy()
+    nbytes = weight.shape[1] * bits // 8
+    packed = np.ascontiguousarray(raw[:, :nbytes])
+    scale = np.ascontiguousarray(raw[:, nbytes : nbytes + 2]).view(np.float16).reshape(-1)
+    bias = np.ascontiguousarray(raw[:, nbytes + 2 : nbytes + 4]).view(np.float16).reshape(-1)
+    return RowwiseTable(packed, scale, bias, bits), deq
+
+
+def make_table(kind_name: str, bits: int | None, dim: int, rows: int = ROWS, seed: int = 0):
+    """A random table of one kind; ``bits`` is the width (or ROBE block size Z)."""
+    rng = np.random.default_rng(seed)
+    if kind_name == "fp32":
+        kind = Fp32Table(rng.standard_normal((rows, dim), dtype=np.float32))
+    elif kind_name == "fp16":
+        kind = Fp16Table(rng.standard_normal((rows, dim)).astype(np.float16))
+    elif kind_name == "rowwise":
+        codes = rng.integers(0, 1 << bits, (rows, dim))
+        scale = (rng.random(rows) * 0.2 + 1e-3).astype(np.float16)
+        bias = rng.standard_normal(rows).astype(np.float16)
+        kind = RowwiseTable(pack_codes(codes, bits), scale, bias, bits)
+    elif kind_name == "tablewise":
+        codes = rng.integers(0, 1 << bits, (rows, dim))  # u = q + 2^(bits-1), full range
+        kind = TablewiseTable(pack_codes(codes, bits), float(rng.random() * 0.1 + 1e-3), bits)
+    elif kind_name == "robe":
+        array = rng.standard_normal(101, dtype=np.float32)
+        # a large offset exercises the int64 products of the hash
+        kind = RobeTable(array, num_rows=rows, block_size=bits, table_offset=3_000_000_007)
+    else:
+        raise ValueError(kind_name)
+    return TableLookup(name=f"t_{kind_name}", features=("f",), dim=dim, kind=kind)
+
+
+CASES = [
+    ("fp32", None),
+    ("fp16", None),
+    *[("rowwise", b) for b in (8, 4, 2)],
+    *[("tablewise", b) for b in (8, 4, 2)],
+    ("robe", 1),
+    ("robe", 4),
+]
+
+
+def _ids(rows: int = ROWS, n: int = 64, seed: int = 1) -> np.ndarray:
+    ids = np.random.default_rng(seed).integers(0, rows, n).astype(np.int64)
+    ids[:3] = [0, rows - 1, 0]  # first and last rows, and a repeat
+    return ids
+
+
+def _gather(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    onnx.checker.check_model(model, full_check=True)
+    return run_session(ort_session(model, threads=1), {"ids": ids})["rows"]
+
+
+# ---------------------------------------------------------------- gather exactness
+
+
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize(("kind_name", "bits"), CASES)
+def test_gather_is_bit_exact(kind_name: str, bits: int | None, dim: int) -> None:
+    table = make_table(kind_name, bits, dim)
+    ids = _ids()
+    impls = ("gbq", "standard") if kind_name == "rowwise" else ("auto",)
+    for impl in impls:
+        got = _gather(build_gather_model(table, impl), ids)
+        assert got.dtype == np.float32 and got.shape == (len(ids), dim)
+        assert compare_outputs(reference_rows(table, ids), got, 0.0, "rows")["max_abs_diff"] == 0
+
+
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("bits", (8, 4, 2))
+def test_rowwise_matches_fbgemm(bits: int, dim: int) -> None:
+    if (dim * bits // 8) % 2:
+        pytest.skip("FBGEMM needs an even number of packed bytes per row")
+    weight = torch.randn(ROWS, dim, generator=torch.Generator().manual_seed(bits + dim))
+    weight[3] = 0.5  # a constant row: FBGEMM's scale 1.0 case
+    kind, deq = fbgemm_rowwise(weight, bits)
+    table = TableLookup("t", ("f",), dim, kind)
+    ids = _ids()
+    for impl in ("gbq", "standard"):
+        got = _gather(build_gather_model(table, impl), ids)
+        compare_outputs(deq.numpy()[ids], got, 0.0, f"rowwise{bits}/{impl}")
+
+
+def test_rowwise_auto_uses_gather_block_quantized_for_4_and_8_bits() -> None:
+    ops = {
+        bits: {n.op_type for n in build_gather_model(make_table("rowwise", bits, 16)).graph.node}
+        for bits in (8, 4, 2)
+    }
+    assert "GatherBlockQuantized" in ops[8] and "GatherBlockQuantized" in ops[4]
+    assert "GatherBlockQuantized" not in ops[2] and "BitShift" in ops[2]
+    assert resolve_rowwise_impl(2) == "standard" and resolve_rowwise_impl(2, "gbq") == "gbq"
+    assert [gbq_block_size(d) for d in (8, 12, 16, 24, 64)] == [16, 16, 16, 32, 64]
+
+
+@pytest.mark.parametrize(("kind_name", "bits"), CASES)
+def test_tables_are_only_gathered_never_dequantized_whole(kind_name: str, bits: int | None) -> None:
+    table = make_table(kind_name, bits, 16, rows=256)
+    for impl in ("gbq", "standard"):
+        model = build_gather_model(table, impl)
+        big = {t.name for t in model.graph.initializer if t.dims and t.dims[0] >= 101}
+        assert big, "table initializers expected"
+        for node in model.graph.node:
+            for pos, name in enumerate(node.input):
+                if name in big:
+                    gathered = (node.op_type == "Gather" and pos == 0) or (
+                        node.op_type == "GatherBlockQuantized" and pos != 1
+                    )
+                    assert gathered, f"{name} consumed by {node.op_type}"
+
+
+def test_graph_declares_versions_and_dynamic_dims() -> None:
+    model = build_gather_model(make_table("rowwise", 4, 16))
+    assert model.ir_version == 10
+    opsets = {o.domain: o.version for o in model.opset_import}
+    assert opsets == {"": 21, "com.microsoft": 1}
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "n"
+    plain = build_gather_model(make_table("fp32", None, 8))
+    assert {o.domain for o in plain.opset_import} == {""}
+
+
+# ---------------------------------------------------------------- jagged pooling
+
+
+def _pool_reference(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(lengths), rows.shape[1]), np.float64)
+    np.add.at(out, np.repeat(np.arange(len(lengths)), lengths), rows.astype(np.float64))
+    return out
+
+
+LENGTHS = {
+    "mixed": [2, 0, 3, 1, 0, 4, 1, 0, 0],  # empty bags in the middle and two trailing
+    "leading_empty": [0, 0, 1, 5, 2],
+    "one_hot": [1] * 7,
+    "all_empty": [0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize(
+    ("kind_name", "bits"),
+    [("fp32", None), ("rowwise", 4), ("rowwise", 2), ("tablewise", 4), ("robe", 4), ("fp16", None)],
+)
+def test_sum_pooling_multi_hot(kind_name: str, bits: int | None, dim: int, pooling: str) -> None:
+    table = make_table(kind_name, bits, dim)
+    session = ort_session(build_pool_model(table, pooling=pooling), threads=1)
+    rng = np.random.default_rng(dim)
+    for case, lengths in LENGTHS.items():
+        lengths = np.asarray(lengths, np.int64)
+        values = rng.integers(0, ROWS, int(lengths.sum())).astype(np.int64)
+        got = run_session(session, {"values": values, "lengths": lengths})["pooled"]
+        assert got.shape == (len(lengths), dim)
+        ref = _pool_reference(reference_rows(table, values), lengths)
+        compare_outputs(ref, got, 1e-6, f"pooled/{case}")
+        assert not got[lengths == 0].any()
+
+
+@pytest.mark.parametrize("pooling", ["cumsum", "scatter_elements"])
+def test_pooling_is_deterministic_with_threads(pooling: str) -> None:
+    """ORT 1.31's ScatterND add races across threads; the default pooling must not."""
+    table = make_table("fp32", None, 64, rows=500)
+    rng = np.random.default_rng(0)
+    lengths = np.full(64, 300, np.int64)
+    lengths[::3] = 1
+    values = rng.integers(0, 500, int(lengths.sum())).astype(np.int64)
+    feeds = {"values": values, "lengths": lengths}
+    rows = reference_rows(table, values)
+    session = ort_session(build_pool_model(table, pooling=pooling), threads=4)
+    outs = [run_session(session, feeds)["pooled"] for _ in range(5)]
+    assert len({o.tobytes() for o in outs}) == 1
+    if pooling == "cumsum":  # float64 running sums: within float32 rounding of the exact sum
+        compare_outputs(_pool_reference(rows, lengths), outs[0], 1e-5, "pooled/cumsum")
+    else:  # the same order as a sequential float32 sum, bit for bit
+        sequential = np.zeros((len(lengths), 64), np.float32)
+        np.add.at(sequential, np.repeat(np.arange(len(lengths)), lengths), rows)
+        compare_outputs(sequential, outs[0], 0.0, "pooled/scatter_elements")
+
+
+def test_pooling_dynamic_batch() -> None:
+    table = make_table("rowwise", 8, 16)
+    model = build_pool_model(table)
+    onnx.checker.check_model(model, full_check=True)
+    session = ort_session(model, threads=1)
+    for batch in (1, 5, 33):
+        lengths = np.random.default_rng(batch).integers(0, 4, batch).astype(np.int64)
+        values = np.random.default_rng(0).integers(0, ROWS, int(lengths.sum())).astype(np.int64)
+        got = run_session(session, {"values": values, "lengths": lengths})["pooled"]
+        compare_outputs(_pool_reference(reference_rows(table, values), lengths), got, 1e-6)
+
+
+def test_shared_robe_array_is_stored_once() -> None:
+    from exporters.onnx_lookup import add_gather
+
+    array = np.random.default_rng(0).standard_normal(64, dtype=np.float32)
+    t1 = TableLookup("a", ("fa",), 8, RobeTable(array, 10, 2, 0))
+    t2 = TableLookup("b", ("fb",), 8, RobeTable(array, 20, 2, 10))
+    gb = GraphBuilder("shared")
+    ids = gb.add_input("ids", TensorProto.INT64, ["n"])
+    gb.add_output(add_gather(gb, t1, ids), "ra", TensorProto.FLOAT, ["n", 8])
+    gb.add_output(add_gather(gb, t2, ids), "rb", TensorProto.FLOAT, ["n", 8])
+    model = gb.make_model()
+    assert sum(1 for t in model.graph.initializer if list(t.dims) == [64]) == 1
+    ids_v = np.arange(10, dtype=np.int64)
+    out = run_session(ort_session(model, threads=1), {"ids": ids_v})
+    compare_outputs(reference_rows(t1, ids_v), out["ra"], 0.0, "ra")
+    compare_outputs(reference_rows(t2, ids_v), out["rb"], 0.0, "rb")

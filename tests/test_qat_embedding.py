@@ -1,0 +1,127 @@
+"""DQRM table QAT: gathered-row fake quant equals whole-table fake quant; convert equals prepare."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_dlrm, random_inputs
+from torch.nn import functional as F  # noqa: N812
+
+from compress import quant_math as qm
+from compress.qat_embedding import (
+    QATEmbeddingBagCollection,
+    QuantizedEmbeddingBagCollection,
+    TableQuant,
+    pool_bags,
+)
+from compress.spec import TableSpec
+
+QUANTS = [
+    TableQuant("keep"),
+    TableQuant("fp16"),
+    *[TableQuant(m, b, g) for m in ("qat", "ptq") for b in (8, 4, 2) for g in ("row", "table")],
+]
+
+
+def _collection(quant: TableQuant, seed: int = 0, scale_refresh: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    tables = [TableSpec("t_a", 50, 16, ("a",)), TableSpec("t_b", 300, 16, ("b", "c"))]
+    if scale_refresh is not None:
+        quant = TableQuant(quant.method, quant.bits, quant.granularity, scale_refresh)
+    weights = {t.name: torch.randn(t.num_embeddings, t.embedding_dim, generator=g) for t in tables}
+    return QATEmbeddingBagCollection(tables, weights, {t.name: quant for t in tables})
+
+
+def _kjt(seed: int = 1, batch: int = 64):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (3 * batch,), generator=g)
+    lengths[batch - 1] = 0  # a trailing empty bag for feature a
+    rows = [50] * batch + [300] * (2 * batch)
+    values = torch.cat([torch.randint(0, r, (int(n),), generator=g) for r, n in zip(rows, lengths, strict=True)])
+    return KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"], values=values, lengths=lengths)
+
+
+def _whole_table(quant: TableQuant, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if quant.method == "keep":
+        return w
+    if quant.method == "fp16":
+        return w.half().float()
+    if quant.granularity == "row":
+        return qm.fake_quantize_rowwise(w, quant.bits)
+    return qm.fake_quantize_tablewise(w, float(scale), quant.bits)
+
+
+@pytest.mark.parametrize("quant", QUANTS, ids=lambda q: f"{q.method}-{q.bits}-{q.granularity}")
+def test_gathered_rows_equal_whole_table_fake_quant(quant):
+    ebc = _collection(quant)
+    kjt = _kjt()
+    out = ebc(kjt).to_dict()
+    for t in ebc.tables:
+        mod = ebc.embedding_bags[t.name]
+        full = _whole_table(quant, mod.weight.detach(), getattr(mod, "scale", None))
+        for f in t.feature_names:
+            jt = kjt[f]
+            expected = pool_bags(full[jt.values()], jt.lengths())
+            assert torch.equal(out[f], expected)
+            reference = F.embedding_bag(jt.values(), full, jt.offsets(), mode="sum", include_last_offset=True)
+            torch.testing.assert_close(out[f], reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quant", QUANTS, ids=lambda q: f"{q.method}-{q.bits}-{q.granularity}")
+def test_convert_equals_prepare_exactly(quant):
+    ebc = _collection(quant).eval()
+    kjt = _kjt()
+    converted = QuantizedEmbeddingBagCollection.from_qat(ebc)
+    with torch.no_grad():
+        assert torch.equal(ebc(kjt).values(), converted(kjt).values())
+    if quant.quantized:
+        t = converted.quantized["t_b"]
+        assert t.data.dtype == torch.uint8 and t.data.shape == (300, 16 * quant.bits // 8)
+
+
+def test_gradients_are_sparse_and_straight_through():
+    ebc = _collection(TableQuant("qat", 4, "row"))
+    kjt = _kjt()
+    ebc(kjt).values().sum().backward()
+    grad = ebc.embedding_bags["t_a"].weight.grad
+    assert grad.is_sparse
+    # STE: the gradient of a sum-pooled lookup is the count of each id, as without quantization
+    counts = torch.bincount(kjt["a"].values(), minlength=50).float()
+    assert torch.equal(grad.to_dense()[:, 0], counts)
+
+
+def test_ptq_tables_are_frozen():
+    ebc = _collection(TableQuant("ptq", 8, "row"))
+    assert not any(p.requires_grad for p in ebc.parameters())
+
+
+def test_tablewise_scale_refreshes_every_p_steps():
+    ebc = _collection(TableQuant("qat", 4, "table"), scale_refresh=3).train()
+    mod = ebc.embedding_bags["t_a"]
+    kjt = _kjt()
+    initial = float(mod.scale)
+    with torch.no_grad():
+        mod.weight.mul_(2.0)  # grow the table: the scale must follow only at the refresh step
+    for step in range(1, 4):
+        ebc(kjt)
+        assert float(mod.scale) == initial, step
+    ebc(kjt)  # the 4th training forward is step 3 = P: rescan
+    assert float(mod.scale) == qm.table_scale(mod.weight.detach(), 4)
+    assert float(mod.scale) > initial
+
+
+def test_drop_in_for_torchrec_ebc():
+    model = make_dlrm().eval()
+    dense, kjt = random_inputs(model)
+    ebc = model.sparse_arch.embedding_bag_collection
+    from compress.spec import TableSpec as TS
+
+    tables = [TS(c.name, c.num_embeddings, c.embedding_dim, tuple(c.feature_names)) for c in ebc.embedding_bag_configs()]
+    weights = {n: m.weight.detach().clone() for n, m in ebc.embedding_bags.items()}
+    with torch.no_grad():
+        before = model(dense, kjt)
+        model.sparse_arch.embedding_bag_collection = QATEmbeddingBagCollection(tables, weights, {}).eval()
+        after = model(dense, kjt)
+    torch.testing.assert_close(before, after, atol=1e-6, rtol=1e-6)
