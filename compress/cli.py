@@ -181,29 +181,6 @@ def _format_metrics(m: dict) -> str:
 # demo
 
 
-@cli.command()
-@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
-              show_default=True, help="Where the demo checkpoint and data live.")
-@click.option("--rebuild", is_flag=True, help="Build the demo again even if it exists.")
-@json_option
-def demo(demo_dir: Path, rebuild: bool, as_json: bool) -> None:
-    """Build the demo DLRM (synthetic data, ~1 min of FP32 training) if missing, then run the main job on it."""
-    from compress.demo import build_demo, demo_paths
-
-    paths = demo_paths(demo_dir)
-    if rebuild or not paths.complete():
-        click.echo(f"building the demo in {demo_dir}/ ...", err=True)
-        report = build_demo(demo_dir)
-        click.echo(f"demo built: valid AUC {report['valid_auc']:.4f} (Bayes AUC {report['bayes_auc']:.4f}) "
-                   f"in {report['train_seconds']:.0f}s", err=True)
-    ctx = click.get_current_context()
-    click.echo(f"\n$ dqrm-compress inspect {paths.checkpoint}", err=True)
-    ctx.invoke(inspect, checkpoint=paths.checkpoint, model_config=None, as_json=as_json)
-    click.echo(f"\n$ dqrm-compress eval {paths.checkpoint} --data {paths.valid}", err=True)
-    ctx.invoke(eval_cmd, model_path=paths.checkpoint, data_path=paths.valid, model_config=None,
-               on_bad_line="error", batch_size=4096, as_json=as_json)
-
-
 # --------------------------------------------------------------------------------------------
 # recipes, plan
 
@@ -333,3 +310,35 @@ def _format_before_after(s: dict) -> str:
                          f"{format_bytes(size):>13}")
     lines.append(f"ratio {s['ratio']:.2f}x   artifacts: {s['out']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+@cli.command()
+@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True, help="Where the demo checkpoint and data live.")
+@click.option("--recipe", "-r", default="int4_qat", show_default=True, metavar="NAME|FILE.toml",
+              help="The recipe the main job runs on the demo.")
+@click.option("--rebuild", is_flag=True, help="Build the demo model and data again even if they exist.")
+@json_option
+def demo(demo_dir: Path, recipe: str, rebuild: bool, as_json: bool) -> None:
+    """Build the demo DLRM if missing (synthetic data, ~1 min of FP32 training), then run the
+    main job on it: `dqrm-compress --recipe int4_qat demo/dlrm.pt --data demo/train.npz ...`."""
+    from compress.demo import build_demo, demo_paths
+
+    paths = demo_paths(demo_dir)
+    if rebuild or not paths.complete():
+        click.echo(f"building the demo in {demo_dir}/ (synthetic data, FP32 training) ...", err=True)
+        report = build_demo(demo_dir)
+        click.echo(f"demo built: valid AUC {report['valid_auc']:.4f}, Bayes AUC {report['bayes_auc']:.4f} "
+                   f"(the best reachable), trained in {report['train_seconds']:.0f}s", err=True)
+    out = demo_dir / f"dlrm.{Path(recipe).stem}"
+    click.echo(f"\n$ dqrm-compress --recipe {recipe} {paths.checkpoint} --data {paths.train} "
+               f"--valid {paths.valid} --out {out} --force\n", err=True)
+    click.get_current_context().invoke(
+        compress_cmd, recipe=recipe, checkpoint=paths.checkpoint, data_path=paths.train,
+        valid_path=paths.valid, out_dir=out, steps=None, resume=False, force=True, on_bad_line="error",
+        model_config=None, as_json=as_json,
+    )

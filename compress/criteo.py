@@ -119,7 +119,9 @@ def read_criteo(
     if on_bad_line not in ON_BAD_LINE:
         raise ValueError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
     if dense_transform not in DENSE_TRANSFORMS:
-        raise ValueError(f"dense_transform must be one of {DENSE_TRANSFORMS}, got {dense_transform!r}")
+        raise ValueError(
+            f"dense_transform must be one of {DENSE_TRANSFORMS}, got {dense_transform!r}"
+        )
     if len(feature_names) != num_sparse:
         raise DataError(
             f"{num_sparse} categorical columns but {len(feature_names)} feature names "
@@ -168,7 +170,7 @@ def criteo_files(path: str | Path) -> list[Path]:
 
 def natural_key(name: str) -> list[str | int]:
     """Sort key that orders digit runs by value: ``day_2`` < ``day_10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    return [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", name)]
 
 
 def transform_dense(raw: np.ndarray, kind: DenseTransform) -> np.ndarray:
@@ -182,6 +184,7 @@ def transform_dense(raw: np.ndarray, kind: DenseTransform) -> np.ndarray:
 
 
 def is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with the gzip signature (the suffix does not matter)."""
     with open(path, "rb") as fh:
         return fh.read(2) == _GZIP_MAGIC
 
@@ -346,10 +349,10 @@ def diagnose_line(line: bytes, layout: CriteoLayout) -> str:
     if fields[0] not in ("0", "1"):
         return f"label must be 0 or 1, got {_show(fields[0])}"
     for j, field in enumerate(fields[1 : 1 + layout.num_dense]):
-        if field and not re.fullmatch(r"-?[0-9]{1,%d}" % MAX_DEC_DIGITS, field):
+        if field and not re.fullmatch(rf"-?[0-9]{{1,{MAX_DEC_DIGITS}}}", field):
             return f"integer field {j + 1} (column {j + 2}) is not an integer: {_show(field)}"
     for j, field in enumerate(fields[1 + layout.num_dense :]):
-        if field and not re.fullmatch(r"[0-9a-fA-F]{1,%d}" % MAX_HEX_DIGITS, field):
+        if field and not re.fullmatch(rf"[0-9a-fA-F]{{1,{MAX_HEX_DIGITS}}}", field):
             column = j + 2 + layout.num_dense
             return f"categorical field {j + 1} (column {column}) is not hexadecimal: {_show(field)}"
     return "malformed line"

@@ -191,9 +191,7 @@ class Dataset:
         keys = self._check_features(feature_names)
         parts = [self.values[f] for f in keys]
         values = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        lengths = (
-            np.concatenate([self.lengths(f) for f in keys]) if keys else np.zeros(0, np.int64)
-        )
+        lengths = np.concatenate([self.lengths(f) for f in keys]) if keys else np.zeros(0, np.int64)
         # length_per_key comes from numpy: KJT would otherwise compute it with a torch reduction.
         sparse = KeyedJaggedTensor(
             keys=list(keys),
@@ -202,9 +200,7 @@ class Dataset:
             stride=len(self),
             length_per_key=[int(p.shape[0]) for p in parts],
         )
-        return Batch(
-            dense=_tensor(self.dense), sparse=sparse, labels=_tensor(self.labels)
-        )
+        return Batch(dense=_tensor(self.dense), sparse=sparse, labels=_tensor(self.labels))
 
     def select_features(self, feature_names: Sequence[str]) -> Dataset:
         """The same samples with only ``feature_names``, in that order (arrays are shared)."""
@@ -323,7 +319,8 @@ def concat_datasets(parts: Sequence[Dataset]) -> Dataset:
         values[f] = np.concatenate([p.values[f] for p in parts])
         bases = np.cumsum([0] + [int(p.offsets[f][-1]) for p in parts[:-1]])
         offsets[f] = np.concatenate(
-            [first.offsets[f][:1]] + [p.offsets[f][1:] + b for p, b in zip(parts, bases)]
+            [first.offsets[f][:1]]
+            + [p.offsets[f][1:] + b for p, b in zip(parts, bases, strict=True)]
         )
     return Dataset(
         dense=np.concatenate([p.dense for p in parts]),
@@ -375,10 +372,8 @@ def _find_problem(ds: Dataset) -> str | None:
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor over ``a`` without copying when numpy allows it (copies read-only or strided arrays)."""
-    if not a.flags.writeable or not a.flags.c_contiguous:
-        a = np.array(a, copy=True, order="C")
-    return torch.from_numpy(a)
+    """A tensor over a fresh C-ordered copy of ``a``: a batch never aliases the dataset's memory."""
+    return torch.from_numpy(np.array(a, copy=True, order="C"))
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -426,7 +421,9 @@ def _parse_meta(meta: np.ndarray, path: str | Path) -> tuple[str, ...]:
 def _check_keys(
     keys: set[str], feature_names: tuple[str, ...], has_click_prob: bool, path: str | Path
 ) -> None:
-    expected = {"dense", "labels"} | {f"{kind}/{f}" for f in feature_names for kind in ("values", "offsets")}
+    expected = {"dense", "labels"} | {
+        f"{kind}/{f}" for f in feature_names for kind in ("values", "offsets")
+    }
     if has_click_prob:
         expected.add("click_prob")
     for key in sorted(expected - keys):

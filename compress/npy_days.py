@@ -85,9 +85,7 @@ def read_npy_day(
         raise DataError(f"{paths['labels']}: expected integer [N, 1], got {_desc(labels)}")
     for part, arr in (("sparse", sparse), ("labels", labels)):
         if arr.shape[0] != n:
-            raise DataError(
-                f"{paths[part]}: {arr.shape[0]} rows but {paths['dense'].name} has {n}"
-            )
+            raise DataError(f"{paths[part]}: {arr.shape[0]} rows but {paths['dense'].name} has {n}")
     if labels.size and not np.isin(labels, (0, 1)).all():
         raise DataError(f"{paths['labels']}: labels must be 0 or 1")
     rows = table_rows(sparse, num_embeddings)

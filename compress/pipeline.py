@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 from compress.dataset import Dataset
@@ -27,7 +29,7 @@ from compress.datasets import open_dataset
 from compress.evaluate import evaluate_model
 from compress.model import LoadedModel, load_model
 from compress.plan import Plan, make_plan
-from compress.quantize_model import convert_model, prepare_model
+from compress.quantize_model import SharedGroup, convert_model, prepare_model
 from compress.recipe import Recipe, load_recipe
 from compress.spec import DLRMSpec
 from compress.train import TrainConfig, TrainResult, fit
@@ -46,6 +48,7 @@ class CompressionResult:
     metrics: dict[str, dict | None]
     train: TrainResult | None
     notes: list[str] = field(default_factory=list)
+    shared: list[SharedGroup] = field(default_factory=list)
     seconds: float = 0.0
     source: str = ""
     data: dict[str, str | None] = field(default_factory=dict)
@@ -94,7 +97,16 @@ def compress(
     if valid_ds is not None:
         metrics["baseline"] = evaluate_model(job.module, valid_ds, names)
 
-    model = prepare_model(job.module, job.spec, plan)
+    counts = row_counts(train_ds, job.spec) if train_ds is not None and plan.share_groups else None
+    model, shared = prepare_model(job.module, job.spec, plan, counts)
+    for g in shared:
+        notes.append(
+            f"shared array {g.name}: {g.module.config.array_size:,} cells initialised by the "
+            f"{'access-frequency weighted ' if g.projection == 'frequency' else ''}least-squares projection "
+            f"of {len(g.module.tables)} trained tables (reconstruction RMSE {g.report.rmse:.4g})"
+        )
+        if g.projection != _requested_projection(plan, g.name):
+            notes.append(f"shared array {g.name}: no training data to count row frequencies; unweighted projection used")
     train_result = None
     if plan.needs_finetune:
         config = plan.recipe.finetune or TrainConfig()
@@ -122,10 +134,26 @@ def compress(
         notes.append("no validation data: AUC before/after not measured")
     return CompressionResult(
         spec=job.spec, recipe=plan.recipe, plan=plan, model=model, metrics=metrics, train=train_result,
+        shared=shared,
         notes=notes, seconds=time.perf_counter() - t0, source=str(job.checkpoint.path),
         data={"train": _name(data), "valid": _name(valid) if valid is not None else (
             f"last {VALID_FRACTION:.0%} of {_name(data)}" if data is not None else None)},
     )
+
+
+def _requested_projection(plan: Plan, group: str) -> str:
+    return next(g.projection for g in plan.share_groups if g.name == group)
+
+
+def row_counts(data: Dataset, spec: DLRMSpec) -> dict[str, torch.Tensor]:
+    """How often each row of each table occurs in ``data`` (over all features the table serves)."""
+    counts = {}
+    for t in spec.tables:
+        c = np.zeros(t.num_embeddings, dtype=np.int64)
+        for f in t.feature_names:
+            c += np.bincount(data.values[f], minlength=t.num_embeddings)[: t.num_embeddings]
+        counts[t.name] = torch.from_numpy(c)
+    return counts
 
 
 def _dataset(job: LoadedModel, source, **kwargs) -> Dataset | None:

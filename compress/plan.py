@@ -89,6 +89,7 @@ class ShareGroupPlan:
     block_size: int
     array_dtype: str
     bytes: int
+    projection: str = "frequency"
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class Plan:
                     "cells": g.cells,
                     "block_size": g.block_size,
                     "array_dtype": g.array_dtype,
+                    "projection": g.projection,
                     "bytes": g.bytes,
                 }
                 for g in self.share_groups
@@ -303,7 +305,7 @@ def _table_bytes(recipe: Recipe, table: TableSpec, index: int) -> int:
 
 
 def _group_name(rule: TableRule, index: int) -> str:
-    return rule.group if rule.group is not None else f"tables[{index}]"
+    return rule.group if rule.group is not None else f"share{index}"
 
 
 def _share_groups(
@@ -353,6 +355,7 @@ def _share_groups(
             block_size=rule.block_size,
             array_dtype=rule.array_dtype,
             bytes=total,
+            projection=rule.projection or "frequency",
         )
         out[name] = (group, split_bytes(total, [(t.name, t.num_embeddings) for t, _ in tables]))
     return out

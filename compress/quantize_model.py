@@ -1,16 +1,23 @@
-"""Apply a plan to a TorchRec DLRM: prepare (fake-quant modules) and convert (integer modules).
+"""Apply a plan to a TorchRec DLRM: prepare (fake-quant / shared modules) and convert (integers).
 
 ``prepare_model`` copies the model and swaps in :class:`~compress.qat_embedding.QATEmbeddingBagCollection`
-for the tables and :class:`~compress.qat_linear.FakeQuantLinear` (QAT) or
-:class:`~compress.qat_linear.QuantizedLinear` (PTQ) for the MLP linears. ``convert_model`` turns the
-prepared model into one that holds only integers and scales. QAT and PTQ share the quantizers in
+for the tables it quantizes or keeps, one :class:`~compress.robe.RobeEmbeddingBagCollection` per
+parameter-sharing group (its array initialised by the least-squares projection of the trained
+tables, :mod:`compress.robe_projection`), and :class:`~compress.qat_linear.FakeQuantLinear` (QAT) or
+:class:`~compress.qat_linear.QuantizedLinear` (PTQ) for the MLP linears. With shared tables the
+sparse arch holds a :class:`~compress.robe.CombinedEmbeddingBagCollection` of those parts.
+
+``convert_model`` turns the prepared model into one that holds only integers and scales (and the
+shared arrays at their stored precision). QAT and PTQ share the quantizers in
 :mod:`compress.quant_math`, so convert gives exactly what the fine-tuned model computed.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from compress.plan import Plan
@@ -20,7 +27,26 @@ from compress.qat_embedding import (
     TableQuant,
 )
 from compress.qat_linear import FakeQuantLinear, QuantizedLinear, swap_linears
+from compress.robe import (
+    ArrayQuantization,
+    CombinedEmbeddingBagCollection,
+    RobeConfig,
+    RobeEmbeddingBagCollection,
+)
+from compress.robe_projection import ProjectionReport, project_module
 from compress.spec import DLRMSpec
+
+SHARE_SEED = 1024  # ROBE's public implementation: numpy.random.RandomState(1024) draws R1, R2, R3
+
+
+@dataclass
+class SharedGroup:
+    """A parameter-sharing group as prepared: its module and how its array was initialised."""
+
+    name: str
+    module: RobeEmbeddingBagCollection
+    report: ProjectionReport
+    projection: str
 
 
 def table_quants(plan: Plan) -> dict[str, TableQuant]:
@@ -28,32 +54,76 @@ def table_quants(plan: Plan) -> dict[str, TableQuant]:
     return {
         t.name: TableQuant(t.method, t.bits, t.granularity, t.scale_refresh or 200)
         for t in plan.tables
+        if t.method != "share"
     }
 
 
-def prepare_model(model: nn.Module, spec: DLRMSpec, plan: Plan) -> nn.Module:
-    """A copy of ``model`` ready for fine-tuning under ``plan`` (``model`` is left untouched)."""
-    unsupported = sorted({t.method for t in plan.tables} - {"keep", "fp16", "ptq", "qat"})
+def prepare_model(
+    model: nn.Module,
+    spec: DLRMSpec,
+    plan: Plan,
+    row_counts: dict[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, list[SharedGroup]]:
+    """A copy of ``model`` ready for fine-tuning under ``plan`` (``model`` is left untouched).
+
+    ``row_counts`` (table name -> ``[rows]`` occurrence counts from the training data) weight the
+    projection of shared groups whose recipe asks for ``projection = "frequency"``.
+    """
+    unsupported = sorted({t.method for t in plan.tables} - {"keep", "fp16", "ptq", "qat", "share"})
     if unsupported:
         raise NotImplementedError(f"table method(s) {unsupported} are not built yet")
     ebc = model.sparse_arch.embedding_bag_collection
     student = _copy_without(model, "sparse_arch.embedding_bag_collection")
-    weights = {t.name: ebc.embedding_bags[t.name].weight.detach().clone() for t in spec.tables}
-    student.sparse_arch.embedding_bag_collection = QATEmbeddingBagCollection(
-        list(spec.tables), weights, table_quants(plan)
+    shared_names = {n for g in plan.share_groups for n in g.tables}
+    own = [t for t in spec.tables if t.name not in shared_names]
+    parts: list[nn.Module] = []
+    if own:
+        weights = {t.name: ebc.embedding_bags[t.name].weight.detach().clone() for t in own}
+        parts.append(QATEmbeddingBagCollection(own, weights, table_quants(plan)))
+    groups = [_prepare_group(g, spec, ebc, row_counts) for g in plan.share_groups]
+    parts += [g.module for g in groups]
+    student.sparse_arch.embedding_bag_collection = (
+        parts[0] if len(parts) == 1 and not groups else CombinedEmbeddingBagCollection(parts, spec.feature_names)
     )
     mlp = plan.mlp
     if mlp.method == "qat":
         swap_linears(student, lambda lin: FakeQuantLinear.from_float(lin, mlp.bits))
     elif mlp.method == "ptq":
         swap_linears(student, lambda lin: QuantizedLinear.from_float(lin, mlp.bits))
-    return student
+    return student, groups
+
+
+def _prepare_group(group, spec: DLRMSpec, ebc: nn.Module, row_counts) -> SharedGroup:
+    tables = [spec.table(n) for n in group.tables]
+    weighted = group.projection == "frequency" and row_counts is not None
+    pairs = [(t, ebc.embedding_bags[t.name].weight.detach()) for t in tables]
+    weights = [row_counts[t.name].double() for t in tables] if weighted else None
+    config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=SHARE_SEED)
+    module, report = project_module(pairs, config, row_weights=weights)
+    if group.array_dtype != "fp32":
+        module.set_quantization(ArrayQuantization(precision=group.array_dtype))
+    return SharedGroup(group.name, module, report, "frequency" if weighted else "mean")
+
+
+def embedding_parts(model: nn.Module) -> list[nn.Module]:
+    """The embedding modules of a prepared or converted model (one, or a combined collection's parts)."""
+    ebc = model.sparse_arch.embedding_bag_collection
+    return list(ebc.parts) if isinstance(ebc, CombinedEmbeddingBagCollection) else [ebc]
 
 
 def convert_model(prepared: nn.Module) -> nn.Module:
-    """Replace fake-quant modules of a prepared model with integer ones (in place; returns it)."""
-    qat = prepared.sparse_arch.embedding_bag_collection
-    prepared.sparse_arch.embedding_bag_collection = QuantizedEmbeddingBagCollection.from_qat(qat)
+    """Replace fake-quant modules of a prepared model with integer ones (in place; returns it).
+
+    Shared-array modules stay as they are: their forward already reads the array at its stored
+    precision (fp32, or the dequantized fp16/int8 array).
+    """
+    ebc = prepared.sparse_arch.embedding_bag_collection
+    if isinstance(ebc, CombinedEmbeddingBagCollection):
+        for i, part in enumerate(ebc.parts):
+            if isinstance(part, QATEmbeddingBagCollection):
+                ebc.parts[i] = QuantizedEmbeddingBagCollection.from_qat(part)
+    else:
+        prepared.sparse_arch.embedding_bag_collection = QuantizedEmbeddingBagCollection.from_qat(ebc)
     swap_linears(
         prepared,
         lambda lin: QuantizedLinear.from_float(lin, lin.bits) if isinstance(lin, FakeQuantLinear) else lin,

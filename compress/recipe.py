@@ -32,6 +32,10 @@ Schema (every key; "required" keys have no default)::
                                      #   share keys must agree); default: each rule its own array
     array_dtype = "fp32"             # str, default "fp32": fp32 | fp16 | int8 (int8 adds one fp32
                                      #   scale)
+    projection = "frequency"         # str, default "frequency": how the trained tables initialise
+                                     #   M: least squares weighted by how often each row occurs in
+                                     #   the training data ("frequency"; plain "mean" without data)
+                                     #   or the unweighted mean of the values hashed to each cell
 
     [mlp]                            # optional; absent = method "keep"
     method = "qat"                   # str, required: keep | ptq | qat
@@ -103,6 +107,7 @@ RULE_KEYS = (
     "block_size",
     "group",
     "array_dtype",
+    "projection",
 )
 MLP_KEYS = ("method", "bits", "per_channel")
 FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -112,9 +117,10 @@ _METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "fp16": (),
     "ptq": ("bits", "granularity"),
     "qat": ("bits", "granularity", "scale_refresh"),
-    "share": ("compression", "bytes", "block_size", "group", "array_dtype"),
+    "share": ("compression", "bytes", "block_size", "group", "array_dtype", "projection"),
 }
-_SHARE_GROUP_KEYS = ("compression", "bytes", "block_size", "array_dtype")
+_SHARE_GROUP_KEYS = ("compression", "bytes", "block_size", "array_dtype", "projection")
+PROJECTIONS = ("frequency", "mean")
 _CATCH_ALL = ("*", "re:.*")
 
 
@@ -153,6 +159,7 @@ class TableRule:
     block_size: int | None = None
     group: str | None = None
     array_dtype: str | None = None
+    projection: str | None = None
 
     def matches_name(self, name: str) -> bool:
         """Whether any of the rule's patterns selects ``name`` (row bounds not considered)."""
@@ -476,6 +483,7 @@ def _parse_share(raw: dict, source: str, where: str) -> dict[str, Any]:
         "group": group,
         "array_dtype": _get_choice(raw, "array_dtype", ARRAY_DTYPES, source, where)
         or DEFAULT_ARRAY_DTYPE,
+        "projection": _get_choice(raw, "projection", PROJECTIONS, source, where) or "frequency",
     }
 
 

@@ -39,6 +39,7 @@ from compress.metrics import auc
 # Stream tags: each purpose draws from its own seed sequence, so changing one part of a config
 # (sample count, one table) leaves the other parts' random numbers unchanged.
 _WORLD, _IDS, _DENSE, _LABELS = 0, 1, 2, 3
+_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -139,24 +140,51 @@ def generate(config: SyntheticConfig) -> Dataset:
     """Draw ``config.num_samples`` samples (see the module docstring); deterministic in ``config``."""
     world = make_world(config)
     n = config.num_samples
-    values, offsets, effects, latents = {}, {}, [], []
-    for t, (table, bag) in enumerate(zip(world.tables, config.bags)):
+    one_hot = np.arange(n + 1, dtype=np.int64)  # shared by every one-id-per-bag feature
+    values, offsets = {}, {}
+    for t, (table, bag) in enumerate(zip(world.tables, config.bags, strict=True)):
         rng = _rng(config.seed, _IDS, t)
-        lengths = _bag_lengths(rng, n, bag, config.random_bag_lengths)
-        offs = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offs[1:])
-        ids = table.rank_to_id[_zipf_ranks(rng, table.cdf, int(offs[-1]))]
+        if bag == 1:
+            offs = one_hot
+        else:
+            offs = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(_bag_lengths(rng, n, bag, config.random_bag_lengths), out=offs[1:])
         name = config.feature_names[t]
-        values[name], offsets[name] = ids, offs
-        effects.append(_bag_mean(table.effect[ids], offs, lengths))
-        latents.append(_bag_mean(table.latent[ids], offs, lengths))
+        values[name] = table.rank_to_id[_zipf_ranks(rng, table.cdf, int(offs[-1]))]
+        offsets[name] = offs
     dense = _rng(config.seed, _DENSE).standard_normal((n, config.num_dense), dtype=np.float32)
-    logit = config.bias + dense.astype(np.float64) @ world.dense_weights + np.sum(effects, axis=0)
-    for (s, t), c in zip(world.pairs, world.pair_weights):
-        logit += c * np.einsum("ij,ij->i", latents[s], latents[t])
+    bags = [(values[f], offsets[f]) for f in config.feature_names]
+    logit = np.empty(n, dtype=np.float64)
+    for start in range(0, n, _CHUNK):  # chunks bound the memory of the per-bag latent vectors
+        stop = min(n, start + _CHUNK)
+        logit[start:stop] = true_logits(world, config, dense[start:stop], bags, start, stop)
     prob = 1.0 / (1.0 + np.exp(-logit))
     labels = (_rng(config.seed, _LABELS).random(n) < prob).astype(np.float32)
     return Dataset(dense=dense, labels=labels, values=values, offsets=offsets, click_prob=prob)
+
+
+def true_logits(
+    world: SyntheticWorld,
+    config: SyntheticConfig,
+    dense: np.ndarray,
+    bags: list[tuple[np.ndarray, np.ndarray]],
+    start: int,
+    stop: int,
+) -> np.ndarray:
+    """The planted logit of samples ``start..stop-1``: ``dense`` holds their rows, ``bags`` the
+    full ``(values, offsets)`` of every feature."""
+    effects, latents = [], []
+    for table, (values, offsets) in zip(world.tables, bags, strict=True):
+        off = offsets[start : stop + 1]
+        ids = values[off[0] : off[-1]]
+        local = off - off[0]
+        lengths = np.diff(local)
+        effects.append(_bag_mean(table.effect[ids], local, lengths))
+        latents.append(_bag_mean(table.latent[ids], local, lengths))
+    logit = config.bias + dense.astype(np.float64) @ world.dense_weights + np.sum(effects, axis=0)
+    for (s, t), c in zip(world.pairs, world.pair_weights, strict=True):
+        logit += c * np.einsum("ij,ij->i", latents[s], latents[t])
+    return logit
 
 
 def make_world(config: SyntheticConfig) -> SyntheticWorld:
@@ -164,7 +192,11 @@ def make_world(config: SyntheticConfig) -> SyntheticWorld:
     the seed and the table/feature settings, not on ``num_samples``)."""
     tables = tuple(_make_table(config, t, rows) for t, rows in enumerate(config.table_sizes))
     rng = _rng(config.seed, _WORLD)
-    w = rng.standard_normal(config.num_dense) * config.dense_weight / np.sqrt(max(1, config.num_dense))
+    w = (
+        rng.standard_normal(config.num_dense)
+        * config.dense_weight
+        / np.sqrt(max(1, config.num_dense))
+    )
     all_pairs = list(combinations(range(len(config.table_sizes)), 2))
     chosen = rng.choice(len(all_pairs), size=config.interactions, replace=False)
     signs = rng.choice([-1.0, 1.0], size=config.interactions)
@@ -193,7 +225,9 @@ def popularity_scale(ranks: np.ndarray, tail_rank: float, tail_decay: float) -> 
 def bayes_auc(dataset: Dataset) -> float:
     """AUC of the true click probability against the labels: the best AUC any model can expect."""
     if dataset.click_prob is None:
-        raise DataError("dataset has no click_prob (only generated data knows the true probability)")
+        raise DataError(
+            "dataset has no click_prob (only generated data knows the true probability)"
+        )
     return auc(dataset.click_prob, dataset.labels)
 
 

@@ -9,6 +9,10 @@ Layout (format version 1)::
                                fp16: float16 [R, D]; keep: float32 [R, D]
       tables/<table>.scale.npy row-wise: float16 [R]; table-wise: float32 [] (one scale)
       tables/<table>.bias.npy  row-wise: float16 [R]
+      shared/<group>.npy       a parameter-sharing (ROBE-Z) array: float32/float16/int8 [M]; its
+                               tables have layout "robe" and name the group, their row offset O_t,
+                               block size Z and hash constants (R1, R2, R3, P) in the manifest
+      shared/<group>.scale.npy int8 arrays: float32 [1] (value = q * scale)
       dense/<key>.npy          every non-embedding tensor of the model's state dict; a quantized
                                linear stores ``qweight`` at its width (int8 [out, in] at INT8;
                                uint8 [out, ceil(in/2)] packed codes q + 8 at INT4), ``scales`` float32
@@ -40,9 +44,12 @@ from compress import quant_math as qm
 from compress.architecture import spec_to_model_config
 from compress.errors import ArtifactError
 from compress.pipeline import CompressionResult
-from compress.qat_embedding import QuantizedTable
+from compress.qat_embedding import QuantizedEmbeddingBagCollection, QuantizedTable
 from compress.qat_linear import QuantizedLinear, mlp_linears
+from compress.quantize_model import embedding_parts
 from compress.recipe import recipe_to_toml
+from compress.robe import RobeEmbeddingBagCollection, quantize_array, table_offsets
+from compress.robe_hash import ROBE_PRIME
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -86,11 +93,24 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
     model = result.model
     (stage / "tables").mkdir()
     (stage / "dense").mkdir()
-    qebc = model.sparse_arch.embedding_bag_collection
+    quantized: dict[str, QuantizedTable] = {}
+    robe_modules: dict[str, RobeEmbeddingBagCollection] = {}
+    for part in embedding_parts(model):
+        if isinstance(part, QuantizedEmbeddingBagCollection):
+            quantized.update(part.quantized)
+        elif isinstance(part, RobeEmbeddingBagCollection):
+            robe_modules.update({t.name: part for t in part.tables})
+        else:
+            raise ArtifactError(f"cannot export embedding module {type(part).__name__}: not converted")
+    shared = [_write_shared(stage, g.name, g.module, g.projection) for g in result.shared]
+    group_of = {t: g for g in shared for t in g["tables"]}
     tables = []
     for t in result.spec.tables:
-        entry = _write_table(stage, qebc.quantized[t.name])
         planned = result.plan.table(t.name)
+        if t.name in quantized:
+            entry = _write_table(stage, quantized[t.name])
+        else:
+            entry = _robe_table_entry(t, robe_modules[t.name], group_of[t.name], planned.bytes_after)
         entry.update({"feature_names": list(t.feature_names), "rule": planned.rule_index,
                       "bytes_planned": planned.bytes_after})
         tables.append(entry)
@@ -125,6 +145,7 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
         "recipe": {"name": result.recipe.name, "toml": recipe_to_toml(result.recipe)},
         "plan": {k: v for k, v in result.plan.to_json().items() if k != "tables"},
         "tables": tables,
+        "shared_arrays": shared,
         "dense": dense,
         "bytes": {
             "tables": sum(t["bytes"] for t in tables),
@@ -156,6 +177,46 @@ def _write_table(stage: Path, table: QuantizedTable) -> dict:
         "layout": table_layout(quant.method, quant.granularity),
         "files": files,
         "bytes": table.nbytes,
+    }
+
+
+def _write_shared(stage: Path, name: str, module: RobeEmbeddingBagCollection, projection: str) -> dict:
+    (stage / "shared").mkdir(exist_ok=True)
+    precision = module.quantization.precision if module.quantization is not None else "fp32"
+    data, scale = quantize_array(module.weight.detach(), precision)
+    files = {"data": _save_npy(stage, f"shared/{name}.npy", data)}
+    if scale is not None:
+        files["scale"] = _save_npy(stage, f"shared/{name}.scale.npy", scale)
+    constants = module.config.constants
+    return {
+        "name": name,
+        "tables": [t.name for t in module.tables],
+        "cells": module.config.array_size,
+        "block_size": module.config.block_size,
+        "seed": module.config.seed,
+        "constants": [constants.r1, constants.r2, constants.r3],
+        "prime": ROBE_PRIME,
+        "dtype": precision,
+        "projection": projection,
+        "files": files,
+        "bytes": data.numel() * data.element_size() + (scale.numel() * 4 if scale is not None else 0),
+    }
+
+
+def _robe_table_entry(t, module: RobeEmbeddingBagCollection, group: dict, planned_bytes: int) -> dict:
+    offsets = dict(zip([x.name for x in module.tables], table_offsets(module.tables), strict=True))
+    return {
+        "name": t.name,
+        "num_embeddings": t.num_embeddings,
+        "embedding_dim": t.embedding_dim,
+        "method": "share",
+        "bits": None,
+        "granularity": None,
+        "layout": "robe",
+        "group": group["name"],
+        "table_offset": offsets[t.name],
+        "files": {},
+        "bytes": planned_bytes,  # this table's share of its group's array (the plan's split)
     }
 
 

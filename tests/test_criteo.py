@@ -135,7 +135,10 @@ BAD_LINES = [
     (lambda ln: _corrupt(ln, 5, "-"), "integer field 5"),
     (lambda ln: _corrupt(ln, 2, "1-2"), "integer field 2"),
     (lambda ln: _corrupt(ln, 1, "1" * 19), "integer field 1"),
-    (lambda ln: _corrupt(ln, 14, "05db916g"), r"categorical field 1 \(column 15\) is not hexadecimal"),
+    (
+        lambda ln: _corrupt(ln, 14, "05db916g"),
+        r"categorical field 1 \(column 15\) is not hexadecimal",
+    ),
     (lambda ln: _corrupt(ln, 39, "0x1f"), "categorical field 26"),
     (lambda ln: _corrupt(ln, 20, "f" * 17), "categorical field 7"),
     (lambda ln: _corrupt(ln, 20, "ab cd"), "categorical field 7"),
@@ -171,8 +174,9 @@ def test_first_bad_line_is_reported_and_all_are_counted(sample, tmp_path):
 def test_other_column_counts_and_edge_values(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("1\t-5\t\tffffffffffffffff\t\tA\n0\t7\t12\t0\t00ff\tb\n")
-    got = read_criteo(path, num_dense=2, num_sparse=3, feature_names=("x", "y", "z"),
-                      num_embeddings=[1009, 7, 11])
+    got = read_criteo(
+        path, num_dense=2, num_sparse=3, feature_names=("x", "y", "z"), num_embeddings=[1009, 7, 11]
+    )
     ds = got.dataset
     assert ds.labels.tolist() == [1.0, 0.0]
     np.testing.assert_allclose(ds.dense, np.log([[1, 3], [10, 15]]), rtol=1e-6)  # -5 clipped to -2
@@ -180,7 +184,9 @@ def test_other_column_counts_and_edge_values(tmp_path):
     assert ds.values["y"].tolist() == [0, 255 % 7]
     assert ds.values["z"].tolist() == [10, 11 % 11]
     with pytest.raises(DataError, match="3 categorical columns but 2 feature names"):
-        read_criteo(path, num_dense=2, num_sparse=3, feature_names=("x", "y"), num_embeddings=[3, 3])
+        read_criteo(
+            path, num_dense=2, num_sparse=3, feature_names=("x", "y"), num_embeddings=[3, 3]
+        )
 
 
 def test_empty_and_all_bad_inputs(tmp_path):
@@ -208,10 +214,17 @@ def test_parses_fast_enough(sample, tmp_path):
 
 
 def criteo_spec() -> DLRMSpec:
-    tables = tuple(TableSpec(name=f"t_{f}", num_embeddings=ROWS + i, embedding_dim=4, feature_names=(f,))
-                   for i, f in enumerate(FEATURES))
-    return DLRMSpec(model_class="DLRM", tables=tables, dense_in_features=13,
-                    dense_arch_layer_sizes=(8, 4), over_arch_layer_sizes=(4, 1))
+    tables = tuple(
+        TableSpec(name=f"t_{f}", num_embeddings=ROWS + i, embedding_dim=4, feature_names=(f,))
+        for i, f in enumerate(FEATURES)
+    )
+    return DLRMSpec(
+        model_class="DLRM",
+        tables=tables,
+        dense_in_features=13,
+        dense_arch_layer_sizes=(8, 4),
+        over_arch_layer_sizes=(4, 1),
+    )
 
 
 def test_open_dataset_reads_criteo_text_for_a_spec(sample, tmp_path):

@@ -29,7 +29,10 @@ def small(click_prob: bool = False) -> Dataset:
     return Dataset(
         dense=np.arange(n * 2, dtype=np.float32).reshape(n, 2),
         labels=np.array([0, 1, 0, 1, 1], dtype=np.float32),
-        values={"a": np.concatenate([np.array(b, np.int64) for b in A_BAGS]), "b": np.arange(10, 15)},
+        values={
+            "a": np.concatenate([np.array(b, np.int64) for b in A_BAGS]),
+            "b": np.arange(10, 15),
+        },
         offsets={"a": a_off, "b": np.arange(n + 1)},
         click_prob=np.linspace(0.1, 0.9, n) if click_prob else None,
     )
@@ -45,14 +48,26 @@ def test_constructor_converts_dtypes_and_checks_offsets():
     assert ds.values["b"].dtype == np.int64 and ds.offsets["a"].dtype == np.int64
     assert ds.feature_names == ("a", "b") and len(ds) == 5 and ds.num_dense == 2
     with pytest.raises(ValueError, match="offsets"):
-        Dataset(dense=np.zeros((2, 1)), labels=np.zeros(2), values={"a": np.arange(3)},
-                offsets={"a": np.array([0, 2, 1])})
+        Dataset(
+            dense=np.zeros((2, 1)),
+            labels=np.zeros(2),
+            values={"a": np.arange(3)},
+            offsets={"a": np.array([0, 2, 1])},
+        )
     with pytest.raises(ValueError, match="integer"):
-        Dataset(dense=np.zeros((1, 1)), labels=np.zeros(1), values={"a": np.array([1.5])},
-                offsets={"a": np.array([0, 1])})
+        Dataset(
+            dense=np.zeros((1, 1)),
+            labels=np.zeros(1),
+            values={"a": np.array([1.5])},
+            offsets={"a": np.array([0, 1])},
+        )
     with pytest.raises(ValueError, match="negative"):
-        Dataset(dense=np.zeros((1, 1)), labels=np.zeros(1), values={"a": np.array([-1])},
-                offsets={"a": np.array([0, 1])})
+        Dataset(
+            dense=np.zeros((1, 1)),
+            labels=np.zeros(1),
+            values={"a": np.array([-1])},
+            offsets={"a": np.array([0, 1])},
+        )
 
 
 def test_take_gathers_jagged_bags_in_any_order():
@@ -98,6 +113,9 @@ def test_batches_in_order_follow_feature_order():
     assert first.sparse["a"].values().tolist() == [1, 2]
     assert [len(b) for b in ds.batches(2, feature_names=("a",), drop_last=True)] == [2, 2]
     assert ds.num_batches(2) == 3 and ds.num_batches(2, drop_last=True) == 2
+    first.dense += 100  # batches own their memory
+    first.labels += 100
+    assert ds.dense.max() < 100 and ds.labels.max() <= 1
 
 
 def test_batch_kjt_matches_from_lengths_sync():
@@ -112,12 +130,28 @@ def test_batch_kjt_matches_from_lengths_sync():
 
 def test_shuffled_batches_are_seeded_permutations():
     ds = small()
-    order = [b.sparse["b"].values().tolist() for b in ds.batches(2, feature_names=("b",), shuffle=True, seed=3)]
-    again = [b.sparse["b"].values().tolist() for b in ds.batches(2, feature_names=("b",), shuffle=True, seed=3)]
+    order = [
+        b.sparse["b"].values().tolist()
+        for b in ds.batches(2, feature_names=("b",), shuffle=True, seed=3)
+    ]
+    again = [
+        b.sparse["b"].values().tolist()
+        for b in ds.batches(2, feature_names=("b",), shuffle=True, seed=3)
+    ]
     assert order == again
     assert sorted(sum(order, [])) == [10, 11, 12, 13, 14]
-    seen = {tuple(sum((b.sparse["b"].values().tolist() for b in ds.batches(
-        5, feature_names=("b",), shuffle=True, seed=s)), [])) for s in range(6)}
+    seen = {
+        tuple(
+            sum(
+                (
+                    b.sparse["b"].values().tolist()
+                    for b in ds.batches(5, feature_names=("b",), shuffle=True, seed=s)
+                ),
+                [],
+            )
+        )
+        for s in range(6)
+    }
     assert len(seen) > 1
 
 
@@ -128,12 +162,18 @@ def test_missing_feature_is_a_data_error():
 
 def test_batch_feeds_a_torchrec_dlrm():
     torch.manual_seed(0)
-    ebc = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=16, feature_names=[f])
-        for f in ("a", "b")
-    ])
-    model = DLRM(embedding_bag_collection=ebc, dense_in_features=2, dense_arch_layer_sizes=[8, 4],
-                 over_arch_layer_sizes=[4, 1])
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=16, feature_names=[f])
+            for f in ("a", "b")
+        ]
+    )
+    model = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=2,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[4, 1],
+    )
     batch = next(small().batches(4, feature_names=("a", "b")))
     assert model(batch.dense, batch.sparse).shape == (4, 1)
 
@@ -141,9 +181,12 @@ def test_batch_feeds_a_torchrec_dlrm():
 def test_building_a_2048_batch_is_cheap():
     rng = np.random.default_rng(0)
     n, feats = 20_000, [f"cat_{i}" for i in range(26)]
-    ds = Dataset(dense=rng.random((n, 13), dtype=np.float32), labels=np.zeros(n, np.float32),
-                 values={f: rng.integers(0, 1000, n) for f in feats},
-                 offsets={f: np.arange(n + 1) for f in feats})
+    ds = Dataset(
+        dense=rng.random((n, 13), dtype=np.float32),
+        labels=np.zeros(n, np.float32),
+        values={f: rng.integers(0, 1000, n) for f in feats},
+        offsets={f: np.arange(n + 1) for f in feats},
+    )
     t0 = time.perf_counter()
     count = sum(1 for _ in ds.batches(2048, feature_names=feats, shuffle=True))
     per_batch = (time.perf_counter() - t0) / count
@@ -183,8 +226,22 @@ def _rewrite(src, dst, change) -> None:
         (lambda a: a.pop("offsets/b"), "missing key 'offsets/b'"),
         (lambda a: a.update({"extra": np.zeros(1)}), "unexpected key 'extra'"),
         (lambda a: a.update({"dense": a["dense"].astype(np.float64)}), "'dense' has dtype float64"),
-        (lambda a: a.update({"meta": np.array(json.dumps(
-            {"format": "dqrm-compress-dataset", "version": 9, "feature_names": ["a", "b"]}))}), "newer"),
+        (
+            lambda a: a.update(
+                {
+                    "meta": np.array(
+                        json.dumps(
+                            {
+                                "format": "dqrm-compress-dataset",
+                                "version": 9,
+                                "feature_names": ["a", "b"],
+                            }
+                        )
+                    )
+                }
+            ),
+            "newer",
+        ),
         (lambda a: a.update({"offsets/a": a["offsets/a"][:-1]}), "offsets"),
         (lambda a: a.update({"labels": np.array([None] * 5, dtype=object)}), "'labels'"),
     ],
@@ -210,10 +267,17 @@ def test_load_npz_rejects_non_archives(tmp_path):
 
 
 def spec_for(features: dict[str, int], dense: int = 2) -> DLRMSpec:
-    tables = tuple(TableSpec(name=f"t_{f}", num_embeddings=n, embedding_dim=4, feature_names=(f,))
-                   for f, n in features.items())
-    return DLRMSpec(model_class="DLRM", tables=tables, dense_in_features=dense,
-                    dense_arch_layer_sizes=(8, 4), over_arch_layer_sizes=(4, 1))
+    tables = tuple(
+        TableSpec(name=f"t_{f}", num_embeddings=n, embedding_dim=4, feature_names=(f,))
+        for f, n in features.items()
+    )
+    return DLRMSpec(
+        model_class="DLRM",
+        tables=tables,
+        dense_in_features=dense,
+        dense_arch_layer_sizes=(8, 4),
+        over_arch_layer_sizes=(4, 1),
+    )
 
 
 def test_open_dataset_npz_selects_spec_features_in_spec_order(tmp_path):

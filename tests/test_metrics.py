@@ -14,8 +14,8 @@ from compress.metrics import accuracy, auc, average_ranks, evaluate, logloss, si
 
 def brute_force_auc(scores, labels) -> float:
     """Fraction of (positive, negative) pairs ranked right; ties count one half."""
-    pos = [s for s, y in zip(scores, labels) if y == 1]
-    neg = [s for s, y in zip(scores, labels) if y == 0]
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
 
@@ -36,7 +36,9 @@ def test_auc_hand_values_and_torch_inputs():
 
 
 def test_average_ranks_share_ties():
-    np.testing.assert_array_equal(average_ranks(np.array([5.0, 1.0, 5.0, 3.0, 5.0])), [4, 1, 4, 2, 4])
+    np.testing.assert_array_equal(
+        average_ranks(np.array([5.0, 1.0, 5.0, 3.0, 5.0])), [4, 1, 4, 2, 4]
+    )
 
 
 def test_auc_errors():
@@ -71,6 +73,8 @@ def test_evaluate_from_logits():
     p = 1 / (1 + np.exp(-logits.numpy()[:, 0].astype(np.float64)))
     assert m["n"] == 4
     assert m["auc"] == pytest.approx(brute_force_auc(p, labels))
-    assert m["logloss"] == pytest.approx(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    assert m["logloss"] == pytest.approx(
+        -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    )
     assert m["accuracy"] == 0.5
     np.testing.assert_allclose(sigmoid(np.array([-800.0, 0.0, 800.0])), [0.0, 0.5, 1.0])

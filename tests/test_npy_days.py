@@ -16,7 +16,9 @@ FEATURES = ("cat_0", "cat_1", "cat_2")
 ROWS = (5, 100, 7)
 
 
-def write_day(directory, day: int, n: int, seed: int = 0, num_dense: int = 4) -> dict[str, np.ndarray]:
+def write_day(
+    directory, day: int, n: int, seed: int = 0, num_dense: int = 4
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {
         "dense": np.log(rng.integers(0, 50, (n, num_dense)) + 3).astype(np.float32),
@@ -39,7 +41,9 @@ def test_days_are_read_in_numeric_order_with_ids_modulo_rows(tmp_path):
     ds = read(tmp_path)
     assert len(ds) == 10 and ds.num_dense == 4 and ds.feature_names == FEATURES
     np.testing.assert_array_equal(ds.dense, np.concatenate([day2["dense"], day10["dense"]]))
-    np.testing.assert_array_equal(ds.labels, np.concatenate([day2["labels"], day10["labels"]])[:, 0])
+    np.testing.assert_array_equal(
+        ds.labels, np.concatenate([day2["labels"], day10["labels"]])[:, 0]
+    )
     sparse = np.concatenate([day2["sparse"], day10["sparse"]])
     for j, f in enumerate(FEATURES):
         np.testing.assert_array_equal(ds.values[f], sparse[:, j] % ROWS[j])
@@ -72,7 +76,11 @@ def test_missing_file_is_named(tmp_path, part):
 @pytest.mark.parametrize(
     ("part", "array", "message"),
     [
-        ("labels", np.zeros((4, 1), np.int32), r"day_0_labels.npy: 4 rows but day_0_dense.npy has 3"),
+        (
+            "labels",
+            np.zeros((4, 1), np.int32),
+            r"day_0_labels.npy: 4 rows but day_0_dense.npy has 3",
+        ),
         ("sparse", np.zeros((3, 2), np.int64), r"day_0_sparse.npy: expected integer \[N, 3\]"),
         ("sparse", np.zeros((3, 3), np.float32), r"day_0_sparse.npy: expected integer"),
         ("dense", np.zeros(3, np.float32), r"day_0_dense.npy: expected float \[N, num_dense\]"),
@@ -88,10 +96,17 @@ def test_bad_shapes_name_the_file(tmp_path, part, array, message):
 
 
 def spec(num_dense: int = 4) -> DLRMSpec:
-    tables = tuple(TableSpec(name=f"t_{f}", num_embeddings=r, embedding_dim=4, feature_names=(f,))
-                   for f, r in zip(FEATURES, ROWS))
-    return DLRMSpec(model_class="DLRM", tables=tables, dense_in_features=num_dense,
-                    dense_arch_layer_sizes=(8, 4), over_arch_layer_sizes=(4, 1))
+    tables = tuple(
+        TableSpec(name=f"t_{f}", num_embeddings=r, embedding_dim=4, feature_names=(f,))
+        for f, r in zip(FEATURES, ROWS, strict=True)
+    )
+    return DLRMSpec(
+        model_class="DLRM",
+        tables=tables,
+        dense_in_features=num_dense,
+        dense_arch_layer_sizes=(8, 4),
+        over_arch_layer_sizes=(4, 1),
+    )
 
 
 def test_open_dataset_detects_npy_days(tmp_path):

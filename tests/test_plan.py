@@ -228,11 +228,11 @@ def test_share_groups_bytes() -> None:
         6400 * 4,
     )
     assert [t.bytes_after for t in plan.tables[:2]] == [6400, 19200]  # split by rows
-    assert (alone.name, alone.cells, alone.bytes) == ("tables[2]", 1000, 1000 + 4)
-    assert plan.tables[2].bytes_after == 1004 and plan.tables[2].share_group == "tables[2]"
+    assert (alone.name, alone.cells, alone.bytes) == ("share2", 1000, 1000 + 4)
+    assert plan.tables[2].bytes_after == 1004 and plan.tables[2].share_group == "share2"
     assert plan.embedding_bytes_after == 25600 + 1004 + 700 * 64
     assert plan.needs_finetune
-    with pytest.raises(RecipeError, match=r"tables\[0\]: share group 'tables\[0\]' .*block size"):
+    with pytest.raises(RecipeError, match=r"tables\[0\]: share group 'share0' .*block size"):
         make_plan(
             recipe(
                 '[[tables]]\nmatch = ["t_cat_0"]\nmethod = "share"\nbytes = 8\nblock_size = 4\n',

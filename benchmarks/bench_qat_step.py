@@ -1,0 +1,419 @@
+"""Benchmark: one QAT fine-tuning step on a big table, gathered-row fake quant vs the alternatives.
+
+One ``rows x dim`` table (default 10M x 16), batch 2048, one id a bag (uniform ids by default,
+``--ids zipf`` for a ~1/k power law scattered over the table). A step is forward + backward +
+``torch.optim.SGD`` step (lr 0.01, no momentum, the same optimizer for every variant) + zero_grad;
+the backward seeds the pooled ``[B, D]`` output with a fixed random gradient. Variants:
+
+- ``FP32``: ``nn.EmbeddingBag(rows, dim, mode="sum", sparse=True)`` (the baseline);
+- ``QAT keep``: :class:`compress.qat_embedding.QATEmbeddingBagCollection` with the table kept in FP32
+  (no fake quant): the cost of the collection itself (KeyedJaggedTensor, pooling, KeyedTensor);
+- ``QAT INT4 row`` / ``QAT INT4 table``: the same collection fake-quantizing the gathered rows at
+  INT4, row-wise or table-wise, driven with a ``KeyedJaggedTensor``. The table-wise scale is rescanned
+  (``max|W|`` over the whole table) every ``scale_refresh = P = 200`` training forwards (DQRM's
+  Kaggle setting). The median step never contains a refresh, so the refresh is timed on its own
+  (``refresh_scale()``, median of 3) and ``refresh / P`` is added: the ``+refresh/P`` row is the
+  amortized cost, the one the targets are checked against. The QAT variants also run enough steps
+  (warm-up + timed >= P + 1 by default) that the module's own refresh fires inside the run;
+  the mean of the timed steps, which includes it, is printed alongside as a cross-check;
+- ``whole-table``: ``torch.ao.nn.qat.EmbeddingBag`` with ``default_embedding_qat_qconfig_4bit``
+  (per-row float-qparams 4-bit ``FakeQuantize``), which observes and fake-quantizes the whole weight
+  every forward. Its gradient is dense (the module's default ``sparse=False``; the fake-quant
+  backward produces a full-table gradient either way), so the optimizer updates all rows. About 3 s a
+  step: only ``--slow-steps`` (default 3) are timed after one warm-up.
+
+Variants run one after another; each one's table is freed before the next is built. Times are the
+median of the timed steps. Targets: every QAT variant within 1.5x of FP32, and at least 10x faster
+than whole-table fake quant. ``--profile`` adds a stage-by-stage breakdown of the steps (manual
+timers around the same calls the module makes) and the top ops of ``torch.profiler``.
+
+Run: ``.venv/bin/python benchmarks/bench_qat_step.py [--rows N] [--dim D] [--batch B] [--steps S]
+[--ids uniform|zipf] [--threads T] [--profile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
+
+from compress import quant_math as qm  # noqa: E402
+from compress.qat_embedding import (  # noqa: E402
+    QATEmbeddingBagCollection,
+    TableQuant,
+    pool_bags,
+)
+from compress.spec import TableSpec  # noqa: E402
+
+TABLE = "t0"
+FEATURE = "f0"
+LR = 0.01
+BITS = 4
+SCALE_REFRESH = 200  # DQRM's P on Criteo Kaggle
+N_BATCHES = 16  # distinct batches cycled through the steps
+WITHIN_FP32 = 1.5
+FASTER_THAN_WHOLE = 10.0
+
+
+@dataclass
+class Result:
+    name: str
+    median_s: float
+    steps: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def mean_s(self) -> float:
+        return statistics.fmean(self.steps) if self.steps else self.median_s
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def make_ids(rows: int, batch: int, dist: str, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` int64 ids in ``[0, rows)``: uniform, or ``zipf`` (P(k) ~ 1/k, scattered)."""
+    if dist == "uniform":
+        return torch.randint(0, rows, (batch,), generator=gen)
+    # rows^u - 1 for uniform u is log-uniform: P(k) ~ 1/(k+1), Zipf with s = 1. A multiplicative
+    # hash scatters the hot ids over the table, as a hashed categorical feature would be.
+    u = torch.rand(batch, generator=gen, dtype=torch.float64)
+    k = torch.floor(torch.pow(float(rows), u)).long() - 1
+    return (k.clamp_(0, rows - 1) * 2_654_435_761) % rows
+
+
+def make_weight(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """DLRM-style init ``U(-sqrt(1/rows), sqrt(1/rows))``, float32 ``[rows, dim]``."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = (1.0 / rows) ** 0.5
+    return torch.empty(rows, dim).uniform_(-bound, bound, generator=gen)
+
+
+def make_kjt(ids: torch.Tensor) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[FEATURE], values=ids, lengths=torch.ones_like(ids, dtype=torch.int32)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def time_steps(step: Callable[[int], None], warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Run ``warmup`` untimed then ``steps`` timed calls ``step(i)``; median and all times (s)."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def free() -> None:
+    """Drop the last variant's table (its module and optimizer die with the function's frame)."""
+    gc.collect()
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_fp32(args, batches, grads) -> Result:
+    free()  # the previous variant's table
+    bag = nn.EmbeddingBag(
+        args.rows, args.dim, mode="sum", sparse=True, _weight=make_weight(args.rows, args.dim, 1)
+    )
+    opt = torch.optim.SGD(bag.parameters(), lr=LR)
+    offsets = torch.arange(args.batch)
+
+    def step(i: int) -> None:
+        out = bag(batches[i % N_BATCHES], offsets)
+        out.backward(grads[i % N_BATCHES])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    median, times = time_steps(step, args.warmup, args.steps)
+    return Result("FP32 nn.EmbeddingBag(sparse)", median, times)
+
+
+def build_qat(args, quant: TableQuant) -> QATEmbeddingBagCollection:
+    free()  # the previous variant's table
+    spec = TableSpec(TABLE, args.rows, args.dim, (FEATURE,))
+    return QATEmbeddingBagCollection(
+        [spec], {TABLE: make_weight(args.rows, args.dim, 1)}, {TABLE: quant}
+    )
+
+
+def bench_qat(args, kjts, grads, name: str, quant: TableQuant) -> list[Result]:
+    ebc = build_qat(args, quant)
+    ebc.train()
+    opt = torch.optim.SGD(ebc.parameters(), lr=LR)
+
+    def step(i: int) -> None:
+        out = ebc(kjts[i % N_BATCHES]).values()
+        out.backward(grads[i % N_BATCHES])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # enough forwards that the module's own table-wise refresh fires inside the timed window
+    steps = (
+        max(args.steps, SCALE_REFRESH + 1 - args.warmup) if quant.method == "qat" else args.steps
+    )
+    median, times = time_steps(step, args.warmup, steps)
+    results = [Result(name, median, times)]
+    table = ebc.embedding_bags[TABLE]
+    if table.refreshes_scale:
+        refresh = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            table.refresh_scale()
+            refresh.append(time.perf_counter() - t0)
+        r = statistics.median(refresh)
+        results.append(
+            Result(
+                f"{name} +refresh/P",
+                median + r / quant.scale_refresh,
+                times,
+                note=f"refresh {r * 1e3:.1f} ms / P={quant.scale_refresh}",
+            )
+        )
+    return results
+
+
+def bench_whole_table(args, batches, grads) -> Result:
+    free()  # the previous variant's table
+    from torch.ao.nn.qat import EmbeddingBag as QATEmbeddingBag
+    from torch.ao.quantization.qconfig import default_embedding_qat_qconfig_4bit
+
+    bag = QATEmbeddingBag(
+        args.rows,
+        args.dim,
+        mode="sum",
+        qconfig=default_embedding_qat_qconfig_4bit,
+        _weight=make_weight(args.rows, args.dim, 1),
+    )
+    opt = torch.optim.SGD(bag.parameters(), lr=LR)
+    offsets = torch.arange(args.batch)
+
+    def step(i: int) -> None:
+        out = bag(batches[i % N_BATCHES], offsets)
+        out.backward(grads[i % N_BATCHES])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    median, times = time_steps(step, 1, args.slow_steps)
+    return Result("whole-table torch.ao qat (dense g)", median, times)
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile
+# --------------------------------------------------------------------------------------------------
+
+STAGES = ("kjt.to_dict", "gather", "fake quant", "pool", "KeyedTensor", "backward", "opt+zero")
+
+
+def profile_qat(args, kjts, grads, quant: TableQuant, label: str) -> None:
+    """Stage times of a QAT step, reproducing the module's forward call by call."""
+    ebc = build_qat(args, quant)
+    ebc.train()
+    opt = torch.optim.SGD(ebc.parameters(), lr=LR)
+    table = ebc.embedding_bags[TABLE]
+    acc = {s: [] for s in STAGES}
+
+    def step(i: int) -> dict[str, float]:
+        t = [time.perf_counter()]
+        jt = kjts[i % N_BATCHES].to_dict()[FEATURE]
+        ids, lengths = jt.values(), jt.lengths()
+        t.append(time.perf_counter())
+        rows = F.embedding(ids, table.weight, sparse=True)
+        t.append(time.perf_counter())
+        if quant.method == "qat" and quant.granularity == "row":
+            rows = qm.ste_fake_quantize_rowwise(rows, quant.bits)
+        elif quant.method == "qat":
+            rows = qm.ste_fake_quantize_tablewise(rows, float(table.scale), quant.bits)
+        t.append(time.perf_counter())
+        pooled = pool_bags(rows, lengths)
+        t.append(time.perf_counter())
+        out = KeyedTensor(
+            keys=[FEATURE], length_per_key=[args.dim], values=torch.cat([pooled], dim=1)
+        ).values()
+        t.append(time.perf_counter())
+        out.backward(grads[i % N_BATCHES])
+        t.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        return {s: t[k + 1] - t[k] for k, s in enumerate(STAGES)}
+
+    for i in range(args.warmup):
+        step(i)
+    for i in range(args.steps):
+        for s, v in step(i).items():
+            acc[s].append(v)
+    parts = {s: statistics.median(v) * 1e3 for s, v in acc.items()}
+    total = sum(parts.values())
+    print(f"\n  {label}: stage medians (ms), sum {total:.3f}")
+    for s, v in parts.items():
+        print(f"    {s:<12} {v:8.3f}  {100 * v / total:5.1f}%")
+
+    def module_step(i: int) -> None:
+        out = ebc(kjts[i % N_BATCHES]).values()
+        out.backward(grads[i % N_BATCHES])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    n = 50
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(n):
+            module_step(i)
+    print(f"  {label}: torch.profiler, top ops by self CPU time over {n} module steps")
+    table_str = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+    print("\n".join("    " + line for line in table_str.splitlines()))
+
+
+def profile_fp32(args, batches, grads) -> None:
+    free()  # the previous variant's table
+    bag = nn.EmbeddingBag(
+        args.rows, args.dim, mode="sum", sparse=True, _weight=make_weight(args.rows, args.dim, 1)
+    )
+    opt = torch.optim.SGD(bag.parameters(), lr=LR)
+    offsets = torch.arange(args.batch)
+    acc = {"forward": [], "backward": [], "opt+zero": []}
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        out = bag(batches[i % N_BATCHES], offsets)
+        t1 = time.perf_counter()
+        out.backward(grads[i % N_BATCHES])
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            for s, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                acc[s].append(v)
+    parts = {s: statistics.median(v) * 1e3 for s, v in acc.items()}
+    total = sum(parts.values())
+    print(f"\n  FP32: stage medians (ms), sum {total:.3f}")
+    for s, v in parts.items():
+        print(f"    {s:<12} {v:8.3f}  {100 * v / total:5.1f}%")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--ids", choices=("uniform", "zipf"), default="uniform")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--steps", type=int, default=200, help="timed steps (QAT: at least P+1 - warmup)"
+    )
+    parser.add_argument(
+        "--slow-steps", type=int, default=3, help="timed whole-table steps (after 1 warm-up)"
+    )
+    parser.add_argument("--skip-whole-table", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="stage breakdown + torch.profiler")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [make_ids(args.rows, args.batch, args.ids, gen) for _ in range(N_BATCHES)]
+    grads = [torch.randn(args.batch, args.dim, generator=gen) for _ in range(N_BATCHES)]
+    kjts = [make_kjt(ids) for ids in batches]
+    unique = statistics.fmean(int(b.unique().numel()) for b in batches)
+    print(
+        f"table {args.rows:,} x {args.dim} fp32 ({args.rows * args.dim * 4 / 1e6:.0f} MB), batch "
+        f"{args.batch}, 1 id a bag, {args.ids} ids ({unique:.0f} unique a batch), SGD lr={LR}, "
+        f"{torch.get_num_threads()} threads; median of {args.steps} steps after {args.warmup} warm-up"
+    )
+
+    t_start = time.perf_counter()
+    results = [bench_fp32(args, batches, grads)]
+    results += bench_qat(args, kjts, grads, "QAT keep (no fake quant)", TableQuant("keep"))
+    qat_row = bench_qat(
+        args, kjts, grads, "QAT INT4 row", TableQuant("qat", BITS, "row", SCALE_REFRESH)
+    )
+    qat_table = bench_qat(
+        args, kjts, grads, "QAT INT4 table", TableQuant("qat", BITS, "table", SCALE_REFRESH)
+    )
+    results += qat_row + qat_table
+    whole = None
+    if not args.skip_whole_table:
+        whole = bench_whole_table(args, batches, grads)
+        results.append(whole)
+
+    fp32 = results[0].median_s
+    print(f"\n{'variant':<38} {'ms/step':>10} {'mean ms':>9} {'x FP32':>8}  note")
+    for r in results:
+        print(
+            f"{r.name:<38} {r.median_s * 1e3:10.3f} {r.mean_s * 1e3:9.3f} {r.median_s / fp32:8.2f}  {r.note}"
+        )
+    print("(ms/step: median; mean ms: mean of the same timed steps, incl. any in-run refresh)")
+
+    # targets: the row-wise step, and the table-wise step with its refresh amortized over P
+    targets = [qat_row[0], qat_table[-1]]
+    print()
+    ok = True
+    worst = max(r.median_s for r in targets)
+    within = worst <= WITHIN_FP32 * fp32
+    ok &= within
+    print(
+        f"QAT within {WITHIN_FP32}x of FP32: {'PASS' if within else 'FAIL'} "
+        f"(worst {worst / fp32:.2f}x: "
+        + ", ".join(f"{r.name} {r.median_s / fp32:.2f}x" for r in targets)
+        + ")"
+    )
+    if whole is not None:
+        speedups = [whole.median_s / r.median_s for r in targets]
+        fast = min(speedups) >= FASTER_THAN_WHOLE
+        ok &= fast
+        print(
+            f"QAT at least {FASTER_THAN_WHOLE:g}x faster than whole-table fake quant: "
+            f"{'PASS' if fast else 'FAIL'} ("
+            + ", ".join(f"{r.name} {s:.0f}x" for r, s in zip(targets, speedups, strict=True))
+            + ")"
+        )
+    print(f"benchmark wall time {time.perf_counter() - t_start:.0f} s")
+
+    if args.profile:
+        print("\nProfile")
+        profile_fp32(args, batches, grads)
+        profile_qat(args, kjts, grads, TableQuant("keep"), "QAT keep")
+        profile_qat(
+            args, kjts, grads, TableQuant("qat", BITS, "row", SCALE_REFRESH), "QAT INT4 row"
+        )
+        profile_qat(
+            args, kjts, grads, TableQuant("qat", BITS, "table", SCALE_REFRESH), "QAT INT4 table"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
