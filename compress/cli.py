@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -52,6 +53,8 @@ def cli(ctx: click.Context, debug: bool, no_progress: bool) -> None:
     dqrm-compress --recipe int4_qat ckpt.pt     # the main job (same as `compress`)
     dqrm-compress inspect ckpt.pt               # what is in a checkpoint
     dqrm-compress eval ckpt.pt --data day_0.gz  # AUC / log loss / accuracy
+    dqrm-compress eval OUT_DIR --data day_0.gz  # the same, artifacts served by ONNX Runtime
+    dqrm-compress verify OUT_DIR                # checksums of an artifact directory
     dqrm-compress demo                          # build the demo model and run the main job
     """
     ctx.obj = {"debug": debug}
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     # torch.fx logs a deprecation notice on every TorchRec forward; it says nothing to our users
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     try:
         cli.main(args=argv, prog_name="dqrm-compress", standalone_mode=False)
     except DqrmError as e:
@@ -149,7 +153,7 @@ def data_options(f):
 
 
 @cli.command(name="eval")
-@click.argument("model_path", metavar="CHECKPOINT", type=click.Path(path_type=Path))
+@click.argument("model_path", metavar="CHECKPOINT|ARTIFACTS", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="Criteo TSV (.gz) file or directory, TorchRec npy day directory, or project .npz.")
 @model_config_option
@@ -157,15 +161,23 @@ def data_options(f):
 @json_option
 def eval_cmd(model_path: Path, data_path: Path, model_config: Path | None, on_bad_line: str,
              batch_size: int, as_json: bool) -> None:
-    """Score a checkpoint on labelled data: AUC, log loss, accuracy."""
+    """Score a checkpoint, or an artifact directory with ONNX Runtime (after checking every
+    checksum), on labelled data: AUC, log loss, accuracy."""
     from compress.datasets import open_dataset
     from compress.evaluate import evaluate_model
     from compress.model import load_model
 
-    loaded = load_model(model_path, _config_or_sidecar(model_path, model_config))
-    t0 = time.perf_counter()
-    data = open_dataset(data_path, loaded.spec, on_bad_line=on_bad_line)
-    metrics = evaluate_model(loaded.module, data, loaded.spec.feature_names, batch_size)
+    if _is_artifact_dir(model_path):
+        from exporters.predictor import Predictor
+
+        predictor = Predictor(model_path, batch_size=batch_size)
+        t0 = time.perf_counter()
+        metrics = {**predictor.evaluate(data_path, on_bad_line=on_bad_line), "runtime": predictor.runtime}
+    else:
+        loaded = load_model(model_path, _config_or_sidecar(model_path, model_config))
+        t0 = time.perf_counter()
+        data = open_dataset(data_path, loaded.spec, on_bad_line=on_bad_line)
+        metrics = evaluate_model(loaded.module, data, loaded.spec.feature_names, batch_size)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     if as_json:
         _emit_json(metrics)
@@ -175,6 +187,33 @@ def eval_cmd(model_path: Path, data_path: Path, model_config: Path | None, on_ba
 
 def _format_metrics(m: dict) -> str:
     return f"auc {m['auc']:.4f}   logloss {m['logloss']:.4f}   accuracy {m['accuracy']:.4f}   n {m['n']:,}"
+
+
+def _is_artifact_dir(path: Path) -> bool:
+    """An exported artifact directory (its manifest, or at least its tables folder) rather than a
+    checkpoint."""
+    return path.is_dir() and ((path / "manifest.json").exists() or (path / "tables").is_dir())
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+@cli.command()
+@click.argument("artifacts_dir", metavar="ARTIFACTS", type=click.Path(path_type=Path))
+@json_option
+def verify(artifacts_dir: Path, as_json: bool) -> None:
+    """Check an artifact directory: its manifest, the sha256 of every file, every array's dtype and
+    shape. Exit code 2 and one line naming the file when it is not intact."""
+    from exporters.load import raise_first, read_manifest, verify_artifacts
+
+    problems = verify_artifacts(artifacts_dir)
+    files = len(read_manifest(artifacts_dir)["files"]) if not problems else None
+    if as_json:
+        _emit_json({"ok": not problems, "path": str(artifacts_dir), "files": files, "problems": problems})
+    raise_first(problems)
+    if not as_json:
+        click.echo(f"ok: {files} files verified")
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +292,7 @@ def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_pa
     from compress.errors import ArtifactError
     from compress.plan import format_plan
     from exporters import artifacts
+    from exporters.onnx_writer import onnx_writer
 
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
     job = pipeline.load(checkpoint, _config_or_sidecar(checkpoint, model_config))
@@ -272,7 +312,7 @@ def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_pa
 
     result = pipeline.compress(job, the_plan, data=data_path, valid=valid_path, steps=steps,
                                state_path=state_path, resume=resume, log=log, on_bad_line=on_bad_line)
-    written = artifacts.save(result, out_dir, force=force)
+    written = artifacts.save(result, out_dir, force=force, extra_writers=(onnx_writer(result.model),))
     state_path.unlink(missing_ok=True)
     summary = {
         "out": str(written.path),
@@ -298,8 +338,8 @@ def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_pa
 
 def _format_before_after(s: dict) -> str:
     rows = [("baseline (FP32)", s["metrics"]["baseline"], s["bytes_before"])]
-    if s["metrics"].get("quantized") is not None:
-        rows.append(("quantized, before fine-tuning", s["metrics"]["quantized"], s["bytes_after"]))
+    if s["metrics"].get("before_finetune") is not None:
+        rows.append(("compressed, before fine-tuning", s["metrics"]["before_finetune"], s["bytes_after"]))
     rows.append((f"compressed ({s['recipe']})", s["metrics"]["compressed"], s["bytes_after"]))
     lines = [f"{'model':<32}{'auc':>8}{'logloss':>9}{'accuracy':>10}{'size':>13}"]
     for name, m, size in rows:

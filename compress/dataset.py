@@ -108,7 +108,10 @@ class Dataset:
 
     def take(self, indices: Sequence[int] | np.ndarray) -> Dataset:
         """The samples at ``indices`` (integers in ``[0, N)``, any order, repeats allowed)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        raw = np.asarray(indices)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise TypeError(f"sample indices must be integers, got {raw.dtype}")
+        idx = raw.astype(np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)})")
         values, offsets = {}, {}

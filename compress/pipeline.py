@@ -93,7 +93,7 @@ def compress(
     train_ds, valid_ds = load_data(job, data, valid, on_bad_line=on_bad_line)
     names = job.spec.feature_names
     notes: list[str] = []
-    metrics: dict[str, dict | None] = {"baseline": None, "quantized": None, "compressed": None}
+    metrics: dict[str, dict | None] = {"baseline": None, "before_finetune": None, "compressed": None}
     if valid_ds is not None:
         metrics["baseline"] = evaluate_model(job.module, valid_ds, names)
 
@@ -117,7 +117,7 @@ def compress(
                                resume=resume, log=log)
             first = train_result.history[0] if train_result.history else None
             if first is not None and first["step"] == 0:
-                metrics["quantized"] = first["metrics"]  # before fine-tuning: the PTQ starting point
+                metrics["before_finetune"] = first["metrics"]  # quantized / projected, not yet fine-tuned
         else:
             from compress.distill import distill
 

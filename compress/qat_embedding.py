@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -48,14 +49,27 @@ class TableQuant:
 
 
 def pool_bags(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sum-pool ``rows [N, D]`` into ``[B, D]`` bags of ``lengths [B]`` (empty bags give zeros)."""
+    """Sum-pool ``rows [N, D]`` into ``[B, D]`` bags of ``lengths [B]`` (empty bags give zeros).
+
+    One-id bags (every length 1) are returned as they are: a bag of one row is that row.
+    """
     batch = lengths.shape[0]
+    if rows.shape[0] == batch and bool((lengths == 1).all()):
+        return rows
     segments = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths)
     return torch.zeros(batch, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, segments, rows)
 
 
 def _fp16_round(w: torch.Tensor) -> torch.Tensor:
     return w.half().float()
+
+
+def _fbgemm_fake_quantize_rowwise(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """FBGEMM's own row-wise quantize + dequantize: the same values as
+    :func:`compress.quant_math.fake_quantize_rowwise` (which is tested bit-exact against these ops),
+    about 3x faster on a batch of gathered rows."""
+    packed = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(rows.contiguous(), bits)
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(packed, bits)
 
 
 class _Table(nn.Module):
@@ -83,7 +97,7 @@ class _Table(nn.Module):
         if q.method == "fp16":
             return qm.ste_fake_quantize(_fp16_round, rows)
         if q.granularity == "row":
-            return qm.ste_fake_quantize_rowwise(rows, q.bits)
+            return qm.ste_fake_quantize(_fbgemm_fake_quantize_rowwise, rows, q.bits)
         return qm.ste_fake_quantize_tablewise(rows, float(self.scale), q.bits)
 
     @property
@@ -119,7 +133,7 @@ class _CollectionBase(nn.Module):
         return KeyedTensor(
             keys=[f for f, _ in self._feature_table],
             length_per_key=[dims[t] for _, t in self._feature_table],
-            values=torch.cat(pooled, dim=1),
+            values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
 
 

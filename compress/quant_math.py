@@ -719,7 +719,8 @@ def table_scale(w: torch.Tensor, bits: int) -> float:
     bits = _check_bits(bits)
     if w.numel() == 0:
         return 1.0
-    amax = float(w.detach().abs().max())
+    lo, hi = torch.aminmax(w.detach())  # max|W| without a table-sized |W| temporary
+    amax = max(-float(lo), float(hi))
     if not math.isfinite(amax):
         raise ValueError("table-wise scale: the table holds inf or NaN")
     if amax == 0.0:

@@ -75,7 +75,7 @@ def test_qat_mixed_recipe_end_to_end(world, tmp_path):
     plan = pipeline.plan(job, recipe)
     result = pipeline.compress(job, plan, data=train, valid=valid)
     assert result.train.steps == 6 and [h["step"] for h in result.train.history] == [0, 3, 6]
-    for key in ("baseline", "quantized", "compressed"):
+    for key in ("baseline", "before_finetune", "compressed"):
         assert set(result.metrics[key]) >= {"auc", "logloss", "accuracy", "n"}
     # the converted model scores exactly what the best fine-tuned step scored
     best = result.train.best_metrics

@@ -125,3 +125,20 @@ def test_drop_in_for_torchrec_ebc():
         model.sparse_arch.embedding_bag_collection = QATEmbeddingBagCollection(tables, weights, {}).eval()
         after = model(dense, kjt)
     torch.testing.assert_close(before, after, atol=1e-6, rtol=1e-6)
+
+
+def test_one_id_bags_pool_to_the_rows_themselves():
+    rows = torch.randn(6, 4)
+    assert torch.equal(pool_bags(rows, torch.ones(6, dtype=torch.long)), rows)
+    lengths = torch.tensor([1, 0, 2, 1, 1, 1])  # same count, not one-hot: pooled by index_add
+    expected = torch.stack([rows[0], torch.zeros(4), rows[1] + rows[2], rows[3], rows[4], rows[5]])
+    assert torch.equal(pool_bags(rows, lengths), expected)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fbgemm_fast_path_equals_project_quantizer(bits):
+    from compress.qat_embedding import _fbgemm_fake_quantize_rowwise
+
+    w = torch.randn(512, 16) * torch.logspace(-3, 3, 512).unsqueeze(1)
+    w[5] = 0.7  # a constant row
+    assert torch.equal(_fbgemm_fake_quantize_rowwise(w, bits), qm.fake_quantize_rowwise(w, bits))
