@@ -1,7 +1,7 @@
 """The built-in demo: a small TorchRec DLRM trained in FP32 on synthetic data with a planted signal.
 
-``build_demo(dir)`` generates 400,000 samples (:func:`compress.synthetic.demo_synthetic_config`: 7
-tables of 20 to 100,000 rows, one multi-hot feature, 13 dense features), keeps the last 25% for
+``build_demo(dir)`` generates 1,500,000 samples (:func:`compress.synthetic.demo_synthetic_config`:
+7 tables of 20 to 100,000 rows, one multi-hot feature, 13 dense features), keeps the last 20% for
 validation, trains a ``torchrec.models.dlrm.DLRM`` (dim 16, bottom 13-64-16, top 64-32-1) for one
 epoch, and writes, atomically:
 
@@ -31,7 +31,7 @@ from compress.train import fit
 from compress.train_config import TrainConfig
 
 DEMO_DIM = 16
-VALID_FRACTION = 0.25
+VALID_FRACTION = 0.2
 DEMO_TRAINING = TrainConfig(epochs=1.0, batch_size=2048, optimizer="adagrad", lr_embedding=0.05,
                             lr_dense=0.05, eval_every=0, keep_best=False, seed=0)
 

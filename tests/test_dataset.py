@@ -79,6 +79,9 @@ def test_take_gathers_jagged_bags_in_any_order():
     np.testing.assert_array_equal(part.click_prob, small(True).click_prob[idx])
     with pytest.raises(IndexError):
         small().take([5])
+    with pytest.raises(TypeError):
+        small().take(np.ones(5, dtype=bool))
+    assert len(small().take([])) == 0
 
 
 def test_slice_shares_memory_and_rebases_offsets():
@@ -207,6 +210,7 @@ def test_npz_round_trip_is_exact(tmp_path):
         back = Dataset.load_npz(path)
         assert back.equals(ds) and back.feature_names == ("a", "b")
         assert (back.click_prob is None) == (not click_prob)
+        assert detect_format(path) == "npz"  # recognised by the zip signature, not the suffix
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(z["meta"].item())
     assert meta == {"format": "dqrm-compress-dataset", "version": 1, "feature_names": ["a", "b"]}
