@@ -10,8 +10,9 @@ setup:  ## create .venv with the pinned CPU stack and this package (idempotent)
 demo: setup  ## build the demo model (first run only) and run the main job on it
 	$(VENV)/bin/dqrm-compress demo
 
-test: setup  ## lint, then run the test suite (fails if no test ran)
+test: setup  ## lint, check formatting, then run the test suite (fails if no test ran)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 lint:

@@ -20,7 +20,9 @@ from compress.spec import DLRMSpec, TableSpec  # noqa: E402
 
 def kaggle_spec() -> DLRMSpec:
     tables = tuple(
-        TableSpec(name=f"t_cat_{i}", num_embeddings=r, embedding_dim=16, feature_names=(f"cat_{i}",))
+        TableSpec(
+            name=f"t_cat_{i}", num_embeddings=r, embedding_dim=16, feature_names=(f"cat_{i}",)
+        )
         for i, r in enumerate(KAGGLE_ROWS)
     )
     return DLRMSpec("DLRM", tables, 13, (512, 256, 64, 16), (512, 256, 1))
@@ -29,8 +31,10 @@ def kaggle_spec() -> DLRMSpec:
 def write_checkpoint(path: Path) -> None:
     meta = build_model(kaggle_spec(), device="meta").state_dict()
     g = torch.Generator().manual_seed(0)
-    state = {k: (torch.zeros(v.shape) if "embedding_bags" in k else torch.randn(v.shape, generator=g))
-             for k, v in meta.items()}
+    state = {
+        k: (torch.zeros(v.shape) if "embedding_bags" in k else torch.randn(v.shape, generator=g))
+        for k, v in meta.items()
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -38,13 +42,17 @@ def write_checkpoint(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", action="store_true", help="keep the 2.16 GB checkpoint in benchmarks/.cache")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the 2.16 GB checkpoint in benchmarks/.cache"
+    )
     args = ap.parse_args()
     path = cache_dir() / "kaggle_shaped.pt"
     if not path.exists():
         print(f"writing {path} ...", flush=True)
-        python_child(f"from benchmarks.bench_inspect import write_checkpoint\nfrom pathlib import Path\n"
-                     f"write_checkpoint(Path({str(path)!r}))\n")
+        python_child(
+            f"from benchmarks.bench_inspect import write_checkpoint\nfrom pathlib import Path\n"
+            f"write_checkpoint(Path({str(path)!r}))\n"
+        )
     size = path.stat().st_size
     read_wall, read_peak, _ = python_child(
         f"f = open({str(path)!r}, 'rb')\nwhile f.read(1 << 24): pass\n"
@@ -68,7 +76,9 @@ def main() -> None:
         print(f"{name:<28}{wall:>9.3f}{peak / 1e6:>13.0f}{peak / size:>10.3f}")
     print(f"(the child processes include ~{base_wall:.1f}s of imports)")
     print(f"ratio inspect/read-once wall: {insp_wall / read_wall:.3f}")
-    print(f"ratio (inspect - imports)/read-once wall: {max(insp_wall - base_wall, 0.0) / read_wall:.3f}")
+    print(
+        f"ratio (inspect - imports)/read-once wall: {max(insp_wall - base_wall, 0.0) / read_wall:.3f}"
+    )
     print(f"ratio inspect peak RSS / file size: {insp_peak / size:.3f}")
     if not args.keep:
         path.unlink()

@@ -8,8 +8,32 @@ import sys
 from pathlib import Path
 
 KAGGLE_ROWS = (
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-    5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
 )  # REFERENCE.md section 1: Criteo Kaggle, dim 16
 
 
@@ -24,7 +48,9 @@ def python_child(code: str) -> tuple[float, int, str]:
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
         "print(json.dumps({'wall': time.perf_counter() - t0, 'peak': int(hwm) * 1024}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper], check=True, capture_output=True, text=True
+    )
     last = json.loads(out.stdout.strip().splitlines()[-1])
     return last["wall"], last["peak"], out.stdout
 

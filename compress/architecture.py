@@ -40,7 +40,9 @@ _DENSE_RE = re.compile(r"dense_arch\.model\._mlp\.(\d+)\._linear\.(weight|bias)$
 _OVER_MLP_RE = re.compile(r"over_arch\.model\.0\._mlp\.(\d+)\._linear\.(weight|bias)$")
 _OVER_FINAL = ("over_arch.model.1.weight", "over_arch.model.1.bias")
 _DCN_RE = re.compile(r"inter_arch\.crossnet\.(W_kernels|V_kernels|bias)\.(\d+)$")
-_PROJ_RE = re.compile(r"inter_arch\.interaction_branch([12])\.model\._mlp\.(\d+)\._linear\.(weight|bias)$")
+_PROJ_RE = re.compile(
+    r"inter_arch\.interaction_branch([12])\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
+)
 
 
 def infer_spec(
@@ -59,12 +61,16 @@ def infer_spec(
     sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     stray = [k for k in tensors if not k.startswith(prefix)]
     if stray:
-        raise CheckpointError(f"{source}: keys outside the DLRM ({prefix or 'no prefix'}): {stray[:3]}")
+        raise CheckpointError(
+            f"{source}: keys outside the DLRM ({prefix or 'no prefix'}): {stray[:3]}"
+        )
 
     tables = _tables(sd, source, natural_table_order)
     dim = tables[0][2]
     if any(d != dim for _, _, d in tables):
-        raise CheckpointError(f"{source}: tables have different embedding dims {sorted({d for *_, d in tables})}")
+        raise CheckpointError(
+            f"{source}: tables have different embedding dims {sorted({d for *_, d in tables})}"
+        )
     dense_w = _mlp_weights(sd, _DENSE_RE, source, "dense_arch")
     over_w = _mlp_weights(sd, _OVER_MLP_RE, source, "over_arch.model.0")
     if _OVER_FINAL[0] not in sd:
@@ -74,7 +80,9 @@ def infer_spec(
     dense_in = dense_w[0].shape[1]
     over_in = over_w[0].shape[1] if over_w else sd[_OVER_FINAL[0]].shape[1]
     if dense_sizes[-1] != dim:
-        raise CheckpointError(f"{source}: bottom MLP ends at {dense_sizes[-1]} but tables have dim {dim}")
+        raise CheckpointError(
+            f"{source}: bottom MLP ends at {dense_sizes[-1]} but tables have dim {dim}"
+        )
 
     extra: dict = {}
     if any(_DCN_RE.match(k) for k in sd):
@@ -86,8 +94,22 @@ def infer_spec(
         extra = {"dcn_num_layers": n_layers, "dcn_low_rank_dim": low_rank}
     elif any(_PROJ_RE.match(k) for k in sd):
         model_class = "DLRM_Projection"
-        b1 = _mlp_weights(sd, re.compile(r"inter_arch\.interaction_branch1\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"), source, "branch1")
-        b2 = _mlp_weights(sd, re.compile(r"inter_arch\.interaction_branch2\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"), source, "branch2")
+        b1 = _mlp_weights(
+            sd,
+            re.compile(
+                r"inter_arch\.interaction_branch1\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
+            ),
+            source,
+            "branch1",
+        )
+        b2 = _mlp_weights(
+            sd,
+            re.compile(
+                r"inter_arch\.interaction_branch2\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
+            ),
+            source,
+            "branch2",
+        )
         num_features = _exact_div(b1[0].shape[1], dim, source, "projection branch input width") - 1
         extra = {
             "interaction_branch1_layer_sizes": tuple(w.shape[0] for w in b1),
@@ -109,8 +131,16 @@ def infer_spec(
         t.numel() * t.element_size() for k, t in sd.items() if not k.startswith(EBC_PREFIX)
     )
     table_specs = tuple(
-        TableSpec(name=n, num_embeddings=r, embedding_dim=d, feature_names=tuple(feature_names[n]), dtype=dt)
-        for n, r, d, dt in ((n, r, d, _dtype_name(sd[f"{EBC_PREFIX}{n}.weight"])) for n, r, d in tables)
+        TableSpec(
+            name=n,
+            num_embeddings=r,
+            embedding_dim=d,
+            feature_names=tuple(feature_names[n]),
+            dtype=dt,
+        )
+        for n, r, d, dt in (
+            (n, r, d, _dtype_name(sd[f"{EBC_PREFIX}{n}.weight"])) for n, r, d in tables
+        )
     )
     return DLRMSpec(
         model_class=model_class,
@@ -145,7 +175,9 @@ def load_model_config(path: str | Path) -> dict:
     for i, t in enumerate(tables):
         bad = set(t) - {"name", "feature_names", "num_embeddings", "embedding_dim"}
         if bad:
-            raise ModelConfigError(f"{path}: tables[{i}] ({t['name']}): unknown key(s) {sorted(bad)}")
+            raise ModelConfigError(
+                f"{path}: tables[{i}] ({t['name']}): unknown key(s) {sorted(bad)}"
+            )
     if "model_class" in cfg and cfg["model_class"] not in MODEL_CLASSES:
         raise ModelConfigError(f"{path}: model_class must be one of {MODEL_CLASSES}")
     cfg["_source"] = str(path)
@@ -200,7 +232,9 @@ def _tables(sd: dict[str, torch.Tensor], source: str, natural: bool) -> list[tup
         m = _TABLE_RE.match(key)
         if m:
             if t.dim() != 2:
-                raise CheckpointError(f"{source}: table {m['table']} has shape {tuple(t.shape)}, expected 2-D")
+                raise CheckpointError(
+                    f"{source}: table {m['table']} has shape {tuple(t.shape)}, expected 2-D"
+                )
             out.append((m["table"], int(t.shape[0]), int(t.shape[1])))
     if natural:
         out.sort(key=lambda x: natural_key(x[0]))
@@ -216,11 +250,15 @@ def _mlp_weights(sd: dict, pattern: re.Pattern, source: str, what: str) -> list[
     if what != "over_arch.model.0" and not layers:
         raise CheckpointError(f"{source}: no {what} MLP layers found (not a TorchRec DLRM)")
     if sorted(layers) != list(range(len(layers))):
-        raise CheckpointError(f"{source}: {what} MLP layers are not numbered 0..n: {sorted(layers)}")
+        raise CheckpointError(
+            f"{source}: {what} MLP layers are not numbered 0..n: {sorted(layers)}"
+        )
     weights = [layers[i] for i in range(len(layers))]
     for a, b in zip(weights, weights[1:], strict=False):
         if a.shape[0] != b.shape[1]:
-            raise CheckpointError(f"{source}: {what} MLP layer widths do not chain ({tuple(a.shape)} -> {tuple(b.shape)})")
+            raise CheckpointError(
+                f"{source}: {what} MLP layer widths do not chain ({tuple(a.shape)} -> {tuple(b.shape)})"
+            )
     return weights
 
 
@@ -238,7 +276,9 @@ def _exact_div(a: int, b: int, source: str, what: str) -> int:
     return a // b
 
 
-def _feature_names(names: list[str], num_features: int, cfg: dict | None, source: str) -> dict[str, list[str]]:
+def _feature_names(
+    names: list[str], num_features: int, cfg: dict | None, source: str
+) -> dict[str, list[str]]:
     if cfg is not None and cfg.get("tables"):
         given = {t["name"]: t.get("feature_names") for t in cfg["tables"]}
         where = cfg.get("_source", "model config")
@@ -247,8 +287,14 @@ def _feature_names(names: list[str], num_features: int, cfg: dict | None, source
         if missing or extra:
             raise ModelConfigError(
                 f"{where}: tables disagree with {source}: "
-                + "; ".join(s for s in (f"not in config: {missing}" if missing else "",
-                                        f"not in checkpoint: {extra}" if extra else "") if s)
+                + "; ".join(
+                    s
+                    for s in (
+                        f"not in config: {missing}" if missing else "",
+                        f"not in checkpoint: {extra}" if extra else "",
+                    )
+                    if s
+                )
             )
         out = {n: list(given[n]) if given[n] else [default_feature_name(n)] for n in names}
         total = sum(len(v) for v in out.values())
@@ -268,15 +314,21 @@ def _feature_names(names: list[str], num_features: int, cfg: dict | None, source
 def _check_config(cfg: dict, model_class: str, tables: list, dense_in: int, source: str) -> None:
     where = cfg.get("_source", "model config")
     if "model_class" in cfg and cfg["model_class"] != model_class:
-        raise ModelConfigError(f"{where}: model_class {cfg['model_class']} but {source} is a {model_class}")
+        raise ModelConfigError(
+            f"{where}: model_class {cfg['model_class']} but {source} is a {model_class}"
+        )
     if "dense_in_features" in cfg and cfg["dense_in_features"] != dense_in:
-        raise ModelConfigError(f"{where}: dense_in_features {cfg['dense_in_features']} but {source} has {dense_in}")
+        raise ModelConfigError(
+            f"{where}: dense_in_features {cfg['dense_in_features']} but {source} has {dense_in}"
+        )
     shapes = {n: (r, d) for n, r, d in tables}
     for t in cfg.get("tables", []):
         r, d = shapes[t["name"]]
         for key, actual in (("num_embeddings", r), ("embedding_dim", d)):
             if key in t and t[key] != actual:
-                raise ModelConfigError(f"{where}: table {t['name']}: {key} {t[key]} but {source} has {actual}")
+                raise ModelConfigError(
+                    f"{where}: table {t['name']}: {key} {t[key]} but {source} has {actual}"
+                )
 
 
 def _dtype_name(t: torch.Tensor) -> str:

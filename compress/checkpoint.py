@@ -69,7 +69,9 @@ def load_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     try:
         dcp.load(state, storage_reader=_SafeFileSystemReader(ckpt.path), no_dist=True)
     except Exception as e:  # DCP raises a CheckpointException wrapping per-rank failures
-        raise CheckpointError(f"{ckpt.path}: cannot read distributed checkpoint data: {_first_line(e)}") from e
+        raise CheckpointError(
+            f"{ckpt.path}: cannot read distributed checkpoint data: {_first_line(e)}"
+        ) from e
     return state
 
 
@@ -104,7 +106,11 @@ def _find_state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], 
         return dict(obj), "file"
     for key in STATE_DICT_CONTAINER_KEYS:
         inner = obj.get(key)
-        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+        if (
+            isinstance(inner, dict)
+            and inner
+            and all(isinstance(v, torch.Tensor) for v in inner.values())
+        ):
             return dict(inner), f"file:{key}"
     raise CheckpointError(
         f"{path}: no state dict of tensors found (top-level keys: {_preview(obj.keys())}; "
@@ -163,11 +169,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
             obj = super().find_class(module, name)
             if isinstance(obj, type):
                 return obj
-        elif module == "collections" and name == "OrderedDict" or (module == "builtins" and name in _BUILTINS) or (module == "pathlib" and name in _PATHS):
+        elif (
+            module == "collections"
+            and name == "OrderedDict"
+            or (module == "builtins" and name in _BUILTINS)
+            or (module == "pathlib" and name in _PATHS)
+        ):
             return super().find_class(module, name)
         elif module == "torch":
             obj = getattr(torch, name, None)
-            if obj is torch.Size or isinstance(obj, torch.dtype | torch.layout | torch.memory_format):
+            if obj is torch.Size or isinstance(
+                obj, torch.dtype | torch.layout | torch.memory_format
+            ):
                 return obj
         elif module == "torch.serialization" and name == "_get_layout":
             return super().find_class(module, name)

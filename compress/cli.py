@@ -97,7 +97,9 @@ model_config_option = click.option(
     default=None,
     help="JSON naming each table's features (and optionally order and shapes); see README.",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,25 +121,43 @@ def inspect(checkpoint: Path, model_config: Path | None, as_json: bool) -> None:
         return
     click.echo(f"{summary['checkpoint']}  ({summary['format']})")
     click.echo(f"model: {summary['model']}  interaction: {summary['interaction']}")
-    click.echo(f"dense features: {spec.dense_in_features}   sparse features: {spec.num_sparse_features}")
-    click.echo(f"bottom MLP: {spec.dense_in_features}-" + "-".join(map(str, spec.dense_arch_layer_sizes)))
+    click.echo(
+        f"dense features: {spec.dense_in_features}   sparse features: {spec.num_sparse_features}"
+    )
+    click.echo(
+        f"bottom MLP: {spec.dense_in_features}-" + "-".join(map(str, spec.dense_arch_layer_sizes))
+    )
     click.echo("top MLP:    " + "-".join(map(str, spec.over_arch_layer_sizes)))
-    rows = [(t["name"], ",".join(t["feature_names"]), t["num_embeddings"], t["embedding_dim"], t["bytes"])
-            for t in summary["tables"]]
+    rows = [
+        (
+            t["name"],
+            ",".join(t["feature_names"]),
+            t["num_embeddings"],
+            t["embedding_dim"],
+            t["bytes"],
+        )
+        for t in summary["tables"]
+    ]
     w = max(len(r[0]) for r in rows)
     fw = max(8, max(len(r[1]) for r in rows))
     click.echo(f"\n{'table':<{w}}  {'features':<{fw}}  {'rows':>12}  {'dim':>4}  {'bytes':>12}")
     for name, feats, n, d, b in rows:
         click.echo(f"{name:<{w}}  {feats:<{fw}}  {n:>12,}  {d:>4}  {format_bytes(b):>12}")
-    click.echo(f"\nembedding: {format_bytes(summary['embedding_bytes'])}   dense: "
-               f"{format_bytes(summary['dense_bytes'])}   total: {format_bytes(summary['total_bytes'])}")
+    click.echo(
+        f"\nembedding: {format_bytes(summary['embedding_bytes'])}   dense: "
+        f"{format_bytes(summary['dense_bytes'])}   total: {format_bytes(summary['total_bytes'])}"
+    )
 
 
 def _config_or_sidecar(checkpoint: Path, model_config: Path | None) -> Path | None:
     """An explicit --model-config, else ``model_config.json`` beside the checkpoint if present."""
     if model_config is not None:
         return model_config
-    sidecar = checkpoint.parent / "model_config.json" if checkpoint.is_file() else checkpoint / "model_config.json"
+    sidecar = (
+        checkpoint.parent / "model_config.json"
+        if checkpoint.is_file()
+        else checkpoint / "model_config.json"
+    )
     return sidecar if sidecar.is_file() else None
 
 
@@ -146,21 +166,37 @@ def _config_or_sidecar(checkpoint: Path, model_config: Path | None) -> Path | No
 
 
 def data_options(f):
-    f = click.option("--on-bad-line", type=click.Choice(["error", "skip"]), default="error", show_default=True,
-                     help="What to do with a malformed line of Criteo text data.")(f)
+    f = click.option(
+        "--on-bad-line",
+        type=click.Choice(["error", "skip"]),
+        default="error",
+        show_default=True,
+        help="What to do with a malformed line of Criteo text data.",
+    )(f)
     f = click.option("--batch-size", type=int, default=4096, show_default=True)(f)
     return f
 
 
 @cli.command(name="eval")
 @click.argument("model_path", metavar="CHECKPOINT|ARTIFACTS", type=click.Path(path_type=Path))
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
-              help="Criteo TSV (.gz) file or directory, TorchRec npy day directory, or project .npz.")
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Criteo TSV (.gz) file or directory, TorchRec npy day directory, or project .npz.",
+)
 @model_config_option
 @data_options
 @json_option
-def eval_cmd(model_path: Path, data_path: Path, model_config: Path | None, on_bad_line: str,
-             batch_size: int, as_json: bool) -> None:
+def eval_cmd(
+    model_path: Path,
+    data_path: Path,
+    model_config: Path | None,
+    on_bad_line: str,
+    batch_size: int,
+    as_json: bool,
+) -> None:
     """Score a checkpoint, or an artifact directory with ONNX Runtime (after checking every
     checksum), on labelled data: AUC, log loss, accuracy."""
     from compress.datasets import open_dataset
@@ -172,7 +208,10 @@ def eval_cmd(model_path: Path, data_path: Path, model_config: Path | None, on_ba
 
         predictor = Predictor(model_path, batch_size=batch_size)
         t0 = time.perf_counter()
-        metrics = {**predictor.evaluate(data_path, on_bad_line=on_bad_line), "runtime": predictor.runtime}
+        metrics = {
+            **predictor.evaluate(data_path, on_bad_line=on_bad_line),
+            "runtime": predictor.runtime,
+        }
     else:
         loaded = load_model(model_path, _config_or_sidecar(model_path, model_config))
         t0 = time.perf_counter()
@@ -210,7 +249,9 @@ def verify(artifacts_dir: Path, as_json: bool) -> None:
     problems = verify_artifacts(artifacts_dir)
     files = len(read_manifest(artifacts_dir)["files"]) if not problems else None
     if as_json:
-        _emit_json({"ok": not problems, "path": str(artifacts_dir), "files": files, "problems": problems})
+        _emit_json(
+            {"ok": not problems, "path": str(artifacts_dir), "files": files, "problems": problems}
+        )
     raise_first(problems)
     if not as_json:
         click.echo(f"ok: {files} files verified")
@@ -240,7 +281,10 @@ def recipes(as_json: bool) -> None:
 
 
 recipe_option = click.option(
-    "--recipe", "-r", required=True, metavar="NAME|FILE.toml",
+    "--recipe",
+    "-r",
+    required=True,
+    metavar="NAME|FILE.toml",
     help="A built-in recipe name (see `dqrm-compress recipes`) or a path to a recipe TOML file.",
 )
 
@@ -270,23 +314,60 @@ def plan(recipe: str, checkpoint: Path, model_config: Path | None, as_json: bool
 @cli.command(name="compress")
 @recipe_option
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
-              help="Training data (Criteo TSV/.gz file or directory, TorchRec npy days, or .npz). "
-                   "Without it, QAT recipes distil from the original model.")
-@click.option("--valid", "valid_path", type=click.Path(path_type=Path), default=None,
-              help="Validation data; default: the last 10% of --data.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory; default: <checkpoint dir>/<checkpoint name>.<recipe>/")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Fine-tuning steps (overrides the recipe).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning run with the same settings.")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Training data (Criteo TSV/.gz file or directory, TorchRec npy days, or .npz). "
+    "Without it, QAT recipes distil from the original model.",
+)
+@click.option(
+    "--valid",
+    "valid_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Validation data; default: the last 10% of --data.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory; default: <checkpoint dir>/<checkpoint name>.<recipe>/",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Fine-tuning steps (overrides the recipe).",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted fine-tuning run with the same settings."
+)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-@click.option("--on-bad-line", type=click.Choice(["error", "skip"]), default="error", show_default=True,
-              help="What to do with a malformed line of Criteo text data.")
+@click.option(
+    "--on-bad-line",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="What to do with a malformed line of Criteo text data.",
+)
 @model_config_option
 @json_option
-def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_path: Path | None,
-                 out_dir: Path | None, steps: int | None, resume: bool, force: bool, on_bad_line: str,
-                 model_config: Path | None, as_json: bool) -> None:
+def compress_cmd(
+    recipe: str,
+    checkpoint: Path,
+    data_path: Path | None,
+    valid_path: Path | None,
+    out_dir: Path | None,
+    steps: int | None,
+    resume: bool,
+    force: bool,
+    on_bad_line: str,
+    model_config: Path | None,
+    as_json: bool,
+) -> None:
     """Compress CHECKPOINT following a recipe: plan, quantize, fine-tune, evaluate, write artifacts."""
     from compress import pipeline
     from compress.errors import ArtifactError
@@ -297,7 +378,9 @@ def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_pa
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
     job = pipeline.load(checkpoint, _config_or_sidecar(checkpoint, model_config))
     the_plan = pipeline.plan(job, recipe)
-    out_dir = out_dir or checkpoint.parent / f"{checkpoint.name.split('.')[0]}.{the_plan.recipe_name}"
+    out_dir = (
+        out_dir or checkpoint.parent / f"{checkpoint.name.split('.')[0]}.{the_plan.recipe_name}"
+    )
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir}: already exists (use --force to replace it, or --out)")
     state_path = out_dir.parent / f".{out_dir.name}.train-state.pt"
@@ -308,11 +391,24 @@ def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_pa
         m = entry.get("metrics")
         scores = f"  valid auc {m['auc']:.4f} logloss {m['logloss']:.4f}" if m else ""
         loss = f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "(before fine-tuning)"
-        say(f"step {entry['step']:>6}  {loss}{scores}  {entry['samples_per_second']:,.0f} samples/s")
+        say(
+            f"step {entry['step']:>6}  {loss}{scores}  {entry['samples_per_second']:,.0f} samples/s"
+        )
 
-    result = pipeline.compress(job, the_plan, data=data_path, valid=valid_path, steps=steps,
-                               state_path=state_path, resume=resume, log=log, on_bad_line=on_bad_line)
-    written = artifacts.save(result, out_dir, force=force, extra_writers=(onnx_writer(result.model),))
+    result = pipeline.compress(
+        job,
+        the_plan,
+        data=data_path,
+        valid=valid_path,
+        steps=steps,
+        state_path=state_path,
+        resume=resume,
+        log=log,
+        on_bad_line=on_bad_line,
+    )
+    written = artifacts.save(
+        result, out_dir, force=force, extra_writers=(onnx_writer(result.model),)
+    )
     state_path.unlink(missing_ok=True)
     summary = {
         "out": str(written.path),
@@ -323,9 +419,13 @@ def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_pa
         "ratio": the_plan.bytes_before / the_plan.bytes_after,
         "metrics": result.metrics,
         "notes": result.notes,
-        "train": None if result.train is None else {
-            **written.manifest["train"], "seconds": round(result.train.seconds, 3),
-            "samples_per_second": round(result.train.samples_per_second, 1)},
+        "train": None
+        if result.train is None
+        else {
+            **written.manifest["train"],
+            "seconds": round(result.train.seconds, 3),
+            "samples_per_second": round(result.train.samples_per_second, 1),
+        },
         "seconds": round(result.seconds, 3),
     }
     if as_json:
@@ -339,15 +439,19 @@ def compress_cmd(recipe: str, checkpoint: Path, data_path: Path | None, valid_pa
 def _format_before_after(s: dict) -> str:
     rows = [("baseline (FP32)", s["metrics"]["baseline"], s["bytes_before"])]
     if s["metrics"].get("before_finetune") is not None:
-        rows.append(("compressed, before fine-tuning", s["metrics"]["before_finetune"], s["bytes_after"]))
+        rows.append(
+            ("compressed, before fine-tuning", s["metrics"]["before_finetune"], s["bytes_after"])
+        )
     rows.append((f"compressed ({s['recipe']})", s["metrics"]["compressed"], s["bytes_after"]))
     lines = [f"{'model':<32}{'auc':>8}{'logloss':>9}{'accuracy':>10}{'size':>13}"]
     for name, m, size in rows:
         if m is None:
             lines.append(f"{name:<32}{'-':>8}{'-':>9}{'-':>10}{format_bytes(size):>13}")
         else:
-            lines.append(f"{name:<32}{m['auc']:>8.4f}{m['logloss']:>9.4f}{m['accuracy']:>10.4f}"
-                         f"{format_bytes(size):>13}")
+            lines.append(
+                f"{name:<32}{m['auc']:>8.4f}{m['logloss']:>9.4f}{m['accuracy']:>10.4f}"
+                f"{format_bytes(size):>13}"
+            )
     lines.append(f"ratio {s['ratio']:.2f}x   artifacts: {s['out']}")
     return "\n".join(lines)
 
@@ -357,11 +461,25 @@ def _format_before_after(s: dict) -> str:
 
 
 @cli.command()
-@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
-              show_default=True, help="Where the demo checkpoint and data live.")
-@click.option("--recipe", "-r", default="int4_qat", show_default=True, metavar="NAME|FILE.toml",
-              help="The recipe the main job runs on the demo.")
-@click.option("--rebuild", is_flag=True, help="Build the demo model and data again even if they exist.")
+@click.option(
+    "--dir",
+    "demo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo"),
+    show_default=True,
+    help="Where the demo checkpoint and data live.",
+)
+@click.option(
+    "--recipe",
+    "-r",
+    default="int4_qat",
+    show_default=True,
+    metavar="NAME|FILE.toml",
+    help="The recipe the main job runs on the demo.",
+)
+@click.option(
+    "--rebuild", is_flag=True, help="Build the demo model and data again even if they exist."
+)
 @json_option
 def demo(demo_dir: Path, recipe: str, rebuild: bool, as_json: bool) -> None:
     """Build the demo DLRM if missing (synthetic data, ~1 min of FP32 training), then run the
@@ -370,15 +488,32 @@ def demo(demo_dir: Path, recipe: str, rebuild: bool, as_json: bool) -> None:
 
     paths = demo_paths(demo_dir)
     if rebuild or not paths.complete():
-        click.echo(f"building the demo in {demo_dir}/ (synthetic data, FP32 training) ...", err=True)
+        click.echo(
+            f"building the demo in {demo_dir}/ (synthetic data, FP32 training) ...", err=True
+        )
         report = build_demo(demo_dir)
-        click.echo(f"demo built: valid AUC {report['valid_auc']:.4f}, Bayes AUC {report['bayes_auc']:.4f} "
-                   f"(the best reachable), trained in {report['train_seconds']:.0f}s", err=True)
+        click.echo(
+            f"demo built: valid AUC {report['valid_auc']:.4f}, Bayes AUC {report['bayes_auc']:.4f} "
+            f"(the best reachable), trained in {report['train_seconds']:.0f}s",
+            err=True,
+        )
     out = demo_dir / f"dlrm.{Path(recipe).stem}"
-    click.echo(f"\n$ dqrm-compress --recipe {recipe} {paths.checkpoint} --data {paths.train} "
-               f"--valid {paths.valid} --out {out} --force\n", err=True)
+    click.echo(
+        f"\n$ dqrm-compress --recipe {recipe} {paths.checkpoint} --data {paths.train} "
+        f"--valid {paths.valid} --out {out} --force\n",
+        err=True,
+    )
     click.get_current_context().invoke(
-        compress_cmd, recipe=recipe, checkpoint=paths.checkpoint, data_path=paths.train,
-        valid_path=paths.valid, out_dir=out, steps=None, resume=False, force=True, on_bad_line="error",
-        model_config=None, as_json=as_json,
+        compress_cmd,
+        recipe=recipe,
+        checkpoint=paths.checkpoint,
+        data_path=paths.train,
+        valid_path=paths.valid,
+        out_dir=out,
+        steps=None,
+        resume=False,
+        force=True,
+        on_bad_line="error",
+        model_config=None,
+        as_json=as_json,
     )

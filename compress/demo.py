@@ -32,8 +32,16 @@ from compress.train_config import TrainConfig
 
 DEMO_DIM = 16
 VALID_FRACTION = 0.2
-DEMO_TRAINING = TrainConfig(epochs=1.0, batch_size=2048, optimizer="adagrad", lr_embedding=0.05,
-                            lr_dense=0.05, eval_every=0, keep_best=False, seed=0)
+DEMO_TRAINING = TrainConfig(
+    epochs=1.0,
+    batch_size=2048,
+    optimizer="adagrad",
+    lr_embedding=0.05,
+    lr_dense=0.05,
+    eval_every=0,
+    keep_best=False,
+    seed=0,
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,10 @@ class DemoPaths:
         return self.root / "demo.json"
 
     def complete(self) -> bool:
-        return all(p.is_file() for p in (self.checkpoint, self.model_config, self.train, self.valid, self.report))
+        return all(
+            p.is_file()
+            for p in (self.checkpoint, self.model_config, self.train, self.valid, self.report)
+        )
 
 
 def demo_paths(root: str | Path) -> DemoPaths:
@@ -70,11 +81,18 @@ def demo_paths(root: str | Path) -> DemoPaths:
 
 def demo_spec(table_sizes: tuple[int, ...]) -> DLRMSpec:
     tables = tuple(
-        TableSpec(name=f"t_cat_{i}", num_embeddings=r, embedding_dim=DEMO_DIM, feature_names=(f"cat_{i}",))
+        TableSpec(
+            name=f"t_cat_{i}", num_embeddings=r, embedding_dim=DEMO_DIM, feature_names=(f"cat_{i}",)
+        )
         for i, r in enumerate(table_sizes)
     )
-    return DLRMSpec("DLRM", tables, dense_in_features=13, dense_arch_layer_sizes=(64, DEMO_DIM),
-                    over_arch_layer_sizes=(64, 32, 1))
+    return DLRMSpec(
+        "DLRM",
+        tables,
+        dense_in_features=13,
+        dense_arch_layer_sizes=(64, DEMO_DIM),
+        over_arch_layer_sizes=(64, 32, 1),
+    )
 
 
 def build_demo(root: str | Path, seed: int = 0) -> dict:

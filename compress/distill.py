@@ -28,9 +28,15 @@ def sample_inputs(spec: DLRMSpec, n: int, seed: int) -> Dataset:
     rng = np.random.default_rng([seed, 0xD157])
     dense = rng.standard_normal((n, spec.dense_in_features), dtype=np.float32)
     offsets = np.arange(n + 1, dtype=np.int64)
-    values = {f: rng.integers(0, spec.table_of_feature(f).num_embeddings, n) for f in spec.feature_names}
-    return Dataset(dense=dense, labels=np.zeros(n, np.float32), values=values,
-                   offsets={f: offsets for f in spec.feature_names})
+    values = {
+        f: rng.integers(0, spec.table_of_feature(f).num_embeddings, n) for f in spec.feature_names
+    }
+    return Dataset(
+        dense=dense,
+        labels=np.zeros(n, np.float32),
+        values=values,
+        offsets={f: offsets for f in spec.feature_names},
+    )
 
 
 def distill(
@@ -48,6 +54,19 @@ def distill(
     inputs = sample_inputs(spec, samples, config.seed)
     teacher.eval()
     logits = predict_logits(lambda b: teacher(b.dense, b.sparse), inputs, spec.feature_names)
-    soft = Dataset(dense=inputs.dense, labels=torch.sigmoid(torch.from_numpy(logits)).numpy(),
-                   values=inputs.values, offsets=inputs.offsets)
-    return fit(student, soft, None, spec.feature_names, config, state_path=state_path, resume=resume, log=log)
+    soft = Dataset(
+        dense=inputs.dense,
+        labels=torch.sigmoid(torch.from_numpy(logits)).numpy(),
+        values=inputs.values,
+        offsets=inputs.offsets,
+    )
+    return fit(
+        student,
+        soft,
+        None,
+        spec.feature_names,
+        config,
+        state_path=state_path,
+        resume=resume,
+        log=log,
+    )

@@ -31,12 +31,17 @@ class LoadedModel:
     module: nn.Module
 
 
-def read_spec(path: str | Path, model_config: str | Path | dict | None = None) -> tuple[Checkpoint, DLRMSpec]:
+def read_spec(
+    path: str | Path, model_config: str | Path | dict | None = None
+) -> tuple[Checkpoint, DLRMSpec]:
     """Open ``path`` and infer its architecture, reading shapes only."""
     ckpt = open_checkpoint(path)
     cfg = load_model_config(model_config) if isinstance(model_config, str | Path) else model_config
     spec = infer_spec(
-        ckpt.tensors, source=str(ckpt.path), model_config=cfg, natural_table_order=ckpt.format == "dcp"
+        ckpt.tensors,
+        source=str(ckpt.path),
+        model_config=cfg,
+        natural_table_order=ckpt.format == "dcp",
     )
     return ckpt, spec
 
@@ -49,7 +54,9 @@ def load_model(path: str | Path, model_config: str | Path | dict | None = None) 
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt.path}: state dict does not load into the rebuilt {spec.model_class}: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"{ckpt.path}: state dict does not load into the rebuilt {spec.model_class}: {str(e).splitlines()[0]}"
+        ) from e
     module.eval()
     return LoadedModel(checkpoint=ckpt, spec=spec, module=module)
 
@@ -68,7 +75,9 @@ def build_model(spec: DLRMSpec, device: str | torch.device = "cpu") -> nn.Module
     if spec.model_class == "DLRM":
         return DLRM(**common)
     if spec.model_class == "DLRM_DCN":
-        return DLRM_DCN(**common, dcn_num_layers=spec.dcn_num_layers, dcn_low_rank_dim=spec.dcn_low_rank_dim)
+        return DLRM_DCN(
+            **common, dcn_num_layers=spec.dcn_num_layers, dcn_low_rank_dim=spec.dcn_low_rank_dim
+        )
     if spec.model_class == "DLRM_Projection":
         return DLRM_Projection(
             **common,

@@ -66,7 +66,10 @@ def plan(job: LoadedModel, recipe: str | Path | Recipe) -> Plan:
 
 
 def load_data(
-    job: LoadedModel, data: str | Path | Dataset | None, valid: str | Path | Dataset | None, **kwargs
+    job: LoadedModel,
+    data: str | Path | Dataset | None,
+    valid: str | Path | Dataset | None,
+    **kwargs,
 ) -> tuple[Dataset | None, Dataset | None]:
     """Training and validation sets: explicit ``valid``, else the held-out tail of ``data``."""
     train_ds = _dataset(job, data, **kwargs)
@@ -93,7 +96,11 @@ def compress(
     train_ds, valid_ds = load_data(job, data, valid, on_bad_line=on_bad_line)
     names = job.spec.feature_names
     notes: list[str] = []
-    metrics: dict[str, dict | None] = {"baseline": None, "before_finetune": None, "compressed": None}
+    metrics: dict[str, dict | None] = {
+        "baseline": None,
+        "before_finetune": None,
+        "compressed": None,
+    }
     if valid_ds is not None:
         metrics["baseline"] = evaluate_model(job.module, valid_ds, names)
 
@@ -106,18 +113,30 @@ def compress(
             f"of {len(g.module.tables)} trained tables (reconstruction RMSE {g.report.rmse:.4g})"
         )
         if g.projection != _requested_projection(plan, g.name):
-            notes.append(f"shared array {g.name}: no training data to count row frequencies; unweighted projection used")
+            notes.append(
+                f"shared array {g.name}: no training data to count row frequencies; unweighted projection used"
+            )
     train_result = None
     if plan.needs_finetune:
         config = plan.recipe.finetune or TrainConfig()
         if steps is not None:
             config = replace(config, steps=steps)
         if train_ds is not None:
-            train_result = fit(model, train_ds, valid_ds, names, config, state_path=state_path,
-                               resume=resume, log=log)
+            train_result = fit(
+                model,
+                train_ds,
+                valid_ds,
+                names,
+                config,
+                state_path=state_path,
+                resume=resume,
+                log=log,
+            )
             first = train_result.history[0] if train_result.history else None
             if first is not None and first["step"] == 0:
-                metrics["before_finetune"] = first["metrics"]  # quantized / projected, not yet fine-tuned
+                metrics["before_finetune"] = first[
+                    "metrics"
+                ]  # quantized / projected, not yet fine-tuned
         else:
             from compress.distill import distill
 
@@ -125,19 +144,31 @@ def compress(
                 "no --data given: fine-tuned by distillation from the original model on inputs sampled "
                 "from its own tables; fine-tune on real click data for best quality"
             )
-            train_result = distill(job.module, model, job.spec, config, state_path=state_path,
-                                   resume=resume, log=log)
+            train_result = distill(
+                job.module, model, job.spec, config, state_path=state_path, resume=resume, log=log
+            )
     model = convert_model(model)
     if valid_ds is not None:
         metrics["compressed"] = evaluate_model(model, valid_ds, names)
     else:
         notes.append("no validation data: AUC before/after not measured")
     return CompressionResult(
-        spec=job.spec, recipe=plan.recipe, plan=plan, model=model, metrics=metrics, train=train_result,
+        spec=job.spec,
+        recipe=plan.recipe,
+        plan=plan,
+        model=model,
+        metrics=metrics,
+        train=train_result,
         shared=shared,
-        notes=notes, seconds=time.perf_counter() - t0, source=str(job.checkpoint.path),
-        data={"train": _name(data), "valid": _name(valid) if valid is not None else (
-            f"last {VALID_FRACTION:.0%} of {_name(data)}" if data is not None else None)},
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+        source=str(job.checkpoint.path),
+        data={
+            "train": _name(data),
+            "valid": _name(valid)
+            if valid is not None
+            else (f"last {VALID_FRACTION:.0%} of {_name(data)}" if data is not None else None),
+        },
     )
 
 

@@ -57,7 +57,9 @@ def pool_bags(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] == batch and bool((lengths == 1).all()):
         return rows
     segments = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths)
-    return torch.zeros(batch, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, segments, rows)
+    return torch.zeros(batch, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(
+        0, segments, rows
+    )
 
 
 def _fp16_round(w: torch.Tensor) -> torch.Tensor:
@@ -115,8 +117,12 @@ class _CollectionBase(nn.Module):
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return [
-            EmbeddingBagConfig(name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
-                               feature_names=list(t.feature_names))
+            EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.embedding_dim,
+                num_embeddings=t.num_embeddings,
+                feature_names=list(t.feature_names),
+            )
             for t in self.tables
         ]
 
@@ -146,7 +152,12 @@ class QATEmbeddingBagCollection(_CollectionBase):
         quant: :class:`TableQuant` per table name (missing tables are kept).
     """
 
-    def __init__(self, tables: list[TableSpec], weights: dict[str, torch.Tensor], quant: dict[str, TableQuant]) -> None:
+    def __init__(
+        self,
+        tables: list[TableSpec],
+        weights: dict[str, torch.Tensor],
+        quant: dict[str, TableQuant],
+    ) -> None:
         super().__init__(tables)
         self.embedding_bags = nn.ModuleDict(
             {t.name: _Table(weights[t.name], quant.get(t.name, TableQuant())) for t in self.tables}
@@ -196,7 +207,9 @@ class QuantizedTable:
         return self.data.numel() * self.data.element_size() + extra
 
 
-def quantize_table(name: str, weight: torch.Tensor, quant: TableQuant, scale: float | None = None) -> QuantizedTable:
+def quantize_table(
+    name: str, weight: torch.Tensor, quant: TableQuant, scale: float | None = None
+) -> QuantizedTable:
     """Convert an FP32 table with the same quantizers the QAT forward uses.
 
     ``scale`` is the table-wise scale to use (the QAT module's current buffer); ``None`` scans the table.
@@ -212,7 +225,9 @@ def quantize_table(name: str, weight: torch.Tensor, quant: TableQuant, scale: fl
         return QuantizedTable(name, rows, dim, quant, qm.pack_nbit(q, quant.bits), s, b)
     q, s = qm.tablewise_quantize(w, quant.bits, scale)
     codes = (q.to(torch.int16) + (1 << (quant.bits - 1))).to(torch.uint8)
-    return QuantizedTable(name, rows, dim, quant, qm.pack_nbit(codes, quant.bits), torch.tensor(float(s)))
+    return QuantizedTable(
+        name, rows, dim, quant, qm.pack_nbit(codes, quant.bits), torch.tensor(float(s))
+    )
 
 
 def dequantize_rows(table: QuantizedTable, ids: torch.Tensor) -> torch.Tensor:
@@ -225,7 +240,9 @@ def dequantize_rows(table: QuantizedTable, ids: torch.Tensor) -> torch.Tensor:
         return gathered.float()
     codes = qm.unpack_nbit(gathered, quant.bits, table.embedding_dim)
     if quant.granularity == "row":
-        return qm.rowwise_dequantize(codes, table.scale.index_select(0, ids), table.bias.index_select(0, ids))
+        return qm.rowwise_dequantize(
+            codes, table.scale.index_select(0, ids), table.bias.index_select(0, ids)
+        )
     q = codes.to(torch.int16) - (1 << (quant.bits - 1))
     return qm.tablewise_dequantize(q.to(torch.int8), float(table.scale))
 

@@ -43,7 +43,9 @@ class FakeQuantLinear(nn.Linear):
 class QuantizedLinear(nn.Module):
     """Integer weights ``qweight`` int8 ``[out, in]`` (values within INT-``bits``), ``scales`` ``[out]``."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
+    def __init__(
+        self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int
+    ) -> None:
         super().__init__()
         self.bits = bits
         self.register_buffer("qweight", qweight)

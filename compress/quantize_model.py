@@ -83,7 +83,9 @@ def prepare_model(
     groups = [_prepare_group(g, spec, ebc, row_counts) for g in plan.share_groups]
     parts += [g.module for g in groups]
     student.sparse_arch.embedding_bag_collection = (
-        parts[0] if len(parts) == 1 and not groups else CombinedEmbeddingBagCollection(parts, spec.feature_names)
+        parts[0]
+        if len(parts) == 1 and not groups
+        else CombinedEmbeddingBagCollection(parts, spec.feature_names)
     )
     mlp = plan.mlp
     if mlp.method == "qat":
@@ -123,10 +125,14 @@ def convert_model(prepared: nn.Module) -> nn.Module:
             if isinstance(part, QATEmbeddingBagCollection):
                 ebc.parts[i] = QuantizedEmbeddingBagCollection.from_qat(part)
     else:
-        prepared.sparse_arch.embedding_bag_collection = QuantizedEmbeddingBagCollection.from_qat(ebc)
+        prepared.sparse_arch.embedding_bag_collection = QuantizedEmbeddingBagCollection.from_qat(
+            ebc
+        )
     swap_linears(
         prepared,
-        lambda lin: QuantizedLinear.from_float(lin, lin.bits) if isinstance(lin, FakeQuantLinear) else lin,
+        lambda lin: (
+            QuantizedLinear.from_float(lin, lin.bits) if isinstance(lin, FakeQuantLinear) else lin
+        ),
     )
     return prepared.eval()
 

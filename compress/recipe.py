@@ -532,12 +532,13 @@ def _parse_finetune(raw: dict, source: str) -> TrainConfig:
             ok = values[key] > bound if op == ">" else values[key] >= bound
             if not ok:
                 _fail(source, where, f"{key} must be {op} {bound:g}, got {_show(value)}")
-    if "optimizer" in values and values["optimizer"] not in OPTIMIZERS:
-        _fail(
-            source,
-            where,
-            f"optimizer must be one of {_choices(OPTIMIZERS)}, got {_show(values['optimizer'])}",
-        )
+    for key in ("optimizer", "dense_optimizer"):
+        if key in values and values[key] not in OPTIMIZERS:
+            _fail(
+                source,
+                where,
+                f"{key} must be one of {_choices(OPTIMIZERS)}, got {_show(values[key])}",
+            )
     return TrainConfig(**values)
 
 

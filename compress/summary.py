@@ -55,7 +55,11 @@ def dense_layers(ckpt: Checkpoint, spec: DLRMSpec) -> list[dict]:
 
 def _interaction(spec: DLRMSpec) -> dict:
     if spec.model_class == "DLRM_DCN":
-        return {"type": "dcn", "num_layers": spec.dcn_num_layers, "low_rank_dim": spec.dcn_low_rank_dim}
+        return {
+            "type": "dcn",
+            "num_layers": spec.dcn_num_layers,
+            "low_rank_dim": spec.dcn_low_rank_dim,
+        }
     if spec.model_class == "DLRM_Projection":
         return {
             "type": "projection",

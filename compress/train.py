@@ -58,7 +58,9 @@ def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(default_score(model, batch), batch.labels)
 
 
-def batch_stream(data: Dataset, feature_names: tuple[str, ...], batch_size: int, seed: int, start_step: int) -> Iterator[Batch]:
+def batch_stream(
+    data: Dataset, feature_names: tuple[str, ...], batch_size: int, seed: int, start_step: int
+) -> Iterator[Batch]:
     """Endless shuffled batches; the batch at step ``k`` depends only on ``(seed, k)``."""
     n = len(data)
     per_epoch = max(1, n // batch_size)
@@ -83,7 +85,9 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return emb, dense
 
 
-def make_optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
+def make_optimizer(
+    kind: str, params: list[nn.Parameter], lr: float
+) -> torch.optim.Optimizer | None:
     if not params:
         return None
     if kind == "adagrad":
@@ -119,10 +123,14 @@ def fit(
     torch.manual_seed(config.seed)
     total = config.total_steps(len(train))
     if len(train) < config.batch_size:
-        raise DqrmError(f"training data has {len(train)} samples, fewer than one batch of {config.batch_size}")
+        raise DqrmError(
+            f"training data has {len(train)} samples, fewer than one batch of {config.batch_size}"
+        )
     emb_params, dense_params = split_parameters(model)
     opt_emb = make_optimizer(config.optimizer, emb_params, config.lr_embedding)
-    opt_dense = make_optimizer("adam" if config.optimizer == "adam" else config.optimizer, dense_params, config.lr_dense)
+    opt_dense = make_optimizer(
+        config.dense_optimizer or config.optimizer, dense_params, config.lr_dense
+    )
     optimizers = [o for o in (opt_emb, opt_dense) if o is not None]
 
     step, best_step, best_metrics, best_state, history = 0, 0, None, None, []
@@ -133,11 +141,18 @@ def fit(
             raise DqrmError(f"--resume: no saved training state at {state_path}")
         saved = torch.load(state_path, weights_only=True)
         if saved["config"] != asdict(config) or saved["total"] != total:
-            raise DqrmError(f"{state_path}: saved training state was made with different settings; start afresh")
+            raise DqrmError(
+                f"{state_path}: saved training state was made with different settings; start afresh"
+            )
         model.load_state_dict(saved["model"])
         for opt, s in zip(optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(s)
-        step, best_step, best_metrics, history = saved["step"], saved["best_step"], saved["best_metrics"], saved["history"]
+        step, best_step, best_metrics, history = (
+            saved["step"],
+            saved["best_step"],
+            saved["best_metrics"],
+            saved["history"],
+        )
         best_state = saved.get("best_state")
         torch.set_rng_state(saved["torch_rng"])
         resumed_from = step
@@ -146,7 +161,9 @@ def fit(
         if valid is None:
             return None
         model.eval()
-        logits = predict_logits(lambda b: score_fn(model, b), valid, feature_names, config.eval_batch_size, desc="valid")
+        logits = predict_logits(
+            lambda b: score_fn(model, b), valid, feature_names, config.eval_batch_size, desc="valid"
+        )
         model.train()
         return evaluate(logits, valid.labels)
 
@@ -154,9 +171,15 @@ def fit(
         if state_path is None:
             return
         state = {
-            "config": asdict(config), "total": total, "step": step, "model": model.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers], "best_step": best_step,
-            "best_metrics": best_metrics, "best_state": best_state, "history": history,
+            "config": asdict(config),
+            "total": total,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "best_step": best_step,
+            "best_metrics": best_metrics,
+            "best_state": best_state,
+            "history": history,
             "torch_rng": torch.get_rng_state(),
         }
         tmp = state_path.with_suffix(".tmp")
@@ -197,16 +220,24 @@ def fit(
         running = 0.98 * running + 0.02 * value if step > 1 else value
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", sps=f"{samples / (time.perf_counter() - t0):,.0f}")
+            bar.set_postfix(
+                loss=f"{running:.4f}", sps=f"{samples / (time.perf_counter() - t0):,.0f}"
+            )
         is_eval = (config.eval_every and step % config.eval_every == 0) or step == total
         if is_eval:
             metrics = evaluate_now()
-            entry = {"step": step, "loss": running, "metrics": metrics,
-                     "samples_per_second": samples / (time.perf_counter() - t0)}
+            entry = {
+                "step": step,
+                "loss": running,
+                "metrics": metrics,
+                "samples_per_second": samples / (time.perf_counter() - t0),
+            }
             history.append(entry)
             if log is not None:
                 log(entry)
-            if metrics is not None and (best_metrics is None or metrics["auc"] > best_metrics["auc"]):
+            if metrics is not None and (
+                best_metrics is None or metrics["auc"] > best_metrics["auc"]
+            ):
                 best_step, best_metrics = step, metrics
                 if config.keep_best and step != total:
                     best_state = copy.deepcopy(model.state_dict())
@@ -222,9 +253,14 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(
-        steps=step, best_step=best_step, best_metrics=best_metrics, final_metrics=final_metrics,
-        seconds=seconds, samples_per_second=samples / seconds if seconds > 0 else 0.0,
-        history=history, resumed_from=resumed_from,
+        steps=step,
+        best_step=best_step,
+        best_metrics=best_metrics,
+        final_metrics=final_metrics,
+        seconds=seconds,
+        samples_per_second=samples / seconds if seconds > 0 else 0.0,
+        history=history,
+        resumed_from=resumed_from,
     )
 
 

@@ -13,13 +13,15 @@ class TrainConfig:
     """Fine-tuning settings (the ``[finetune]`` table of a recipe).
 
     ``steps`` wins over ``epochs`` when both are set. ``eval_every=0`` evaluates only at the end.
-    The embedding optimizer must accept sparse gradients (adagrad or sgd) when tables use them.
+    ``optimizer`` steps the embedding parameters and must accept sparse gradients (adagrad or sgd)
+    when tables train; ``dense_optimizer`` steps everything else (default: the same kind).
     """
 
     steps: int | None = None
     epochs: float | None = 1.0
     batch_size: int = 2048
     optimizer: str = "adagrad"
+    dense_optimizer: str | None = None
     lr_embedding: float = 0.02
     lr_dense: float = 0.005
     eval_every: int = 0

@@ -64,8 +64,13 @@ class WrittenArtifacts:
     manifest: dict
 
 
-def save(result: CompressionResult, out_dir: str | Path, *, force: bool = False,
-         extra_writers: tuple[Writer, ...] = ()) -> WrittenArtifacts:
+def save(
+    result: CompressionResult,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    extra_writers: tuple[Writer, ...] = (),
+) -> WrittenArtifacts:
     """Write ``result`` as an artifact directory at ``out_dir`` (atomically; see module docstring).
 
     ``extra_writers`` add files (e.g. ONNX graphs) into the staging directory and may record them
@@ -101,7 +106,9 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
         elif isinstance(part, RobeEmbeddingBagCollection):
             robe_modules.update({t.name: part for t in part.tables})
         else:
-            raise ArtifactError(f"cannot export embedding module {type(part).__name__}: not converted")
+            raise ArtifactError(
+                f"cannot export embedding module {type(part).__name__}: not converted"
+            )
     shared = [_write_shared(stage, g.name, g.module, g.projection) for g in result.shared]
     group_of = {t: g for g in shared for t in g["tables"]}
     tables = []
@@ -110,15 +117,24 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
         if t.name in quantized:
             entry = _write_table(stage, quantized[t.name])
         else:
-            entry = _robe_table_entry(t, robe_modules[t.name], group_of[t.name], planned.bytes_after)
-        entry.update({"feature_names": list(t.feature_names), "rule": planned.rule_index,
-                      "bytes_planned": planned.bytes_after})
+            entry = _robe_table_entry(
+                t, robe_modules[t.name], group_of[t.name], planned.bytes_after
+            )
+        entry.update(
+            {
+                "feature_names": list(t.feature_names),
+                "rule": planned.rule_index,
+                "bytes_planned": planned.bytes_after,
+            }
+        )
         tables.append(entry)
     dense = _write_dense(stage, model)
     if result.train is not None:
         with open(stage / "train_log.jsonl", "w") as f:
             for entry in result.train.history:  # timings left out: artifacts must be reproducible
-                f.write(json.dumps({k: v for k, v in entry.items() if k != "samples_per_second"}) + "\n")
+                f.write(
+                    json.dumps({k: v for k, v in entry.items() if k != "samples_per_second"}) + "\n"
+                )
     spec = result.spec
     return {
         "format": "dqrm-compress-artifacts",
@@ -137,10 +153,15 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
             "feature_names": list(spec.feature_names),
         },
         "inputs": {
-            "dense": {"dtype": "float32", "shape": ["batch", spec.dense_in_features],
-                      "transform": DENSE_TRANSFORM},
-            "sparse": {f: {"table": spec.table_of_feature(f).name, "dtype": "int64", "jagged": True}
-                       for f in spec.feature_names},
+            "dense": {
+                "dtype": "float32",
+                "shape": ["batch", spec.dense_in_features],
+                "transform": DENSE_TRANSFORM,
+            },
+            "sparse": {
+                f: {"table": spec.table_of_feature(f).name, "dtype": "int64", "jagged": True}
+                for f in spec.feature_names
+            },
         },
         "recipe": {"name": result.recipe.name, "toml": recipe_to_toml(result.recipe)},
         "plan": {k: v for k, v in result.plan.to_json().items() if k != "tables"},
@@ -153,8 +174,11 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
         },
         "metrics": result.metrics,
         "notes": result.notes,
-        "train": None if result.train is None else {
-            "steps": result.train.steps, "best_step": result.train.best_step,
+        "train": None
+        if result.train is None
+        else {
+            "steps": result.train.steps,
+            "best_step": result.train.best_step,
             "resumed_from": result.train.resumed_from,
         },
     }
@@ -180,7 +204,9 @@ def _write_table(stage: Path, table: QuantizedTable) -> dict:
     }
 
 
-def _write_shared(stage: Path, name: str, module: RobeEmbeddingBagCollection, projection: str) -> dict:
+def _write_shared(
+    stage: Path, name: str, module: RobeEmbeddingBagCollection, projection: str
+) -> dict:
     (stage / "shared").mkdir(exist_ok=True)
     precision = module.quantization.precision if module.quantization is not None else "fp32"
     data, scale = quantize_array(module.weight.detach(), precision)
@@ -199,11 +225,14 @@ def _write_shared(stage: Path, name: str, module: RobeEmbeddingBagCollection, pr
         "dtype": precision,
         "projection": projection,
         "files": files,
-        "bytes": data.numel() * data.element_size() + (scale.numel() * 4 if scale is not None else 0),
+        "bytes": data.numel() * data.element_size()
+        + (scale.numel() * 4 if scale is not None else 0),
     }
 
 
-def _robe_table_entry(t, module: RobeEmbeddingBagCollection, group: dict, planned_bytes: int) -> dict:
+def _robe_table_entry(
+    t, module: RobeEmbeddingBagCollection, group: dict, planned_bytes: int
+) -> dict:
     offsets = dict(zip([x.name for x in module.tables], table_offsets(module.tables), strict=True))
     return {
         "name": t.name,
@@ -240,7 +269,9 @@ def _write_dense(stage: Path, model: torch.nn.Module) -> list[dict]:
         entry = {"key": key, "shape": list(tensor.shape)}
         if q is not None and leaf == "qweight":
             stored = tensor if q.bits == 8 else pack_int4_weight(tensor)
-            entry.update({"bits": q.bits, "layout": "int8" if q.bits == 8 else "int4_offset_packed"})
+            entry.update(
+                {"bits": q.bits, "layout": "int8" if q.bits == 8 else "int4_offset_packed"}
+            )
             entry["bytes"] = stored.numel() * stored.element_size()
         else:
             stored = tensor

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from compress.errors import ArtifactError
+from compress.robe_hash import ROBE_PRIME, robe_constants
 from compress.spec import DLRMSpec, TableSpec
 from exporters.artifacts import FORMAT_VERSION, MANIFEST, sha256_file
 
@@ -69,13 +70,29 @@ def _float_arrays(dtype: str) -> Callable[[Mapping[str, Any]], dict[str, ArraySp
 
 #: The arrays each table layout stores (manifest ``tables[i].files`` roles), by layout name. A new
 #: layout adds one entry here (and a graph builder in :mod:`exporters.graph_spec`); a layout missing
-#: here is still loaded and checksummed, only its dtypes and shapes go unchecked.
+#: here is still loaded and checksummed, only its dtypes and shapes go unchecked. ``robe`` tables
+#: store nothing of their own: they read their group's shared array.
 TABLE_LAYOUT_ARRAYS: dict[str, Callable[[Mapping[str, Any]], dict[str, ArraySpec]]] = {
     "fp32": _float_arrays("float32"),
     "fp16": _float_arrays("float16"),
     "rowwise": _rowwise_arrays,
     "tablewise": _tablewise_arrays,
+    "robe": lambda entry: {},
 }
+
+#: numpy dtype of a shared (ROBE-Z) array by its manifest ``dtype``.
+SHARED_ARRAY_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+#: Role prefix under which a table's :attr:`TableArrays.arrays` holds its group's shared arrays.
+SHARED_ROLE = "shared."
+
+
+def _shared_arrays(group: Mapping[str, Any]) -> dict[str, ArraySpec]:
+    out: dict[str, ArraySpec] = {
+        "data": (SHARED_ARRAY_DTYPES[group["dtype"]], (int(group["cells"]),))
+    }
+    if group["dtype"] == "int8":
+        out["scale"] = ("float32", (1,))
+    return out
 
 
 def dense_array_spec(entry: Mapping[str, Any]) -> ArraySpec:
@@ -91,7 +108,11 @@ def dense_array_spec(entry: Mapping[str, Any]) -> ArraySpec:
 
 @dataclass(frozen=True)
 class TableArrays:
-    """One stored table: its manifest entry and its arrays by role (``data``, ``scale``, ...)."""
+    """One stored table: its manifest entry and its arrays by role (``data``, ``scale``, ...).
+
+    A table of a parameter-sharing group holds the group's arrays as ``shared.data`` (and
+    ``shared.scale``), and the group's manifest entry as ``entry["shared"]``.
+    """
 
     name: str
     layout: str
@@ -152,7 +173,9 @@ def read_manifest(path: str | Path) -> dict:
 def check_manifest(manifest: Any, where: str | Path) -> None:
     """Raise :class:`ArtifactError` unless ``manifest`` is a manifest this tool can read."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{where}: not a dqrm-compress manifest (format is not {FORMAT_NAME!r})")
+        raise ArtifactError(
+            f"{where}: not a dqrm-compress manifest (format is not {FORMAT_NAME!r})"
+        )
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise ArtifactError(f"{where}: format_version missing or not an integer")
@@ -164,6 +187,40 @@ def check_manifest(manifest: Any, where: str | Path) -> None:
     for key, kind in (("model", dict), ("tables", list), ("dense", list), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ArtifactError(f"{where}: key {key!r} missing or not a {kind.__name__}")
+    for group in manifest.get("shared_arrays") or []:
+        check_shared_group(group, where)
+
+
+SHARED_GROUP_KEYS = (
+    "name",
+    "tables",
+    "cells",
+    "block_size",
+    "seed",
+    "constants",
+    "prime",
+    "dtype",
+    "files",
+)
+
+
+def check_shared_group(group: Any, where: str | Path) -> None:
+    """A shared-array entry must carry every hash parameter, and its constants must be the ones
+    its seed draws (so a lookup can never silently use different hash functions)."""
+    name = group.get("name", "?") if isinstance(group, dict) else "?"
+    if not isinstance(group, dict):
+        raise ArtifactError(f"{where}: shared_arrays entry is not an object")
+    missing = [k for k in SHARED_GROUP_KEYS if k not in group]
+    if missing:
+        raise ArtifactError(
+            f"{where}: shared array {name!r}: missing {', '.join(missing)} (hash parameters)"
+        )
+    expected = list(robe_constants(int(group["seed"])))
+    if list(group["constants"]) != expected or int(group["prime"]) != ROBE_PRIME:
+        raise ArtifactError(
+            f"{where}: shared array {name!r}: hash constants {group['constants']} (P={group['prime']}) "
+            f"do not match seed {group['seed']} ({expected}, P={ROBE_PRIME})"
+        )
 
 
 def spec_from_manifest(manifest: Mapping[str, Any]) -> DLRMSpec:
@@ -215,32 +272,41 @@ def verify_artifacts(path: str | Path, checksums: bool = True) -> list[str]:
 
 def _problems(root: Path, manifest: dict, checksums: bool) -> list[str]:
     problems: list[str] = []
+    bad: set[str] = set()
     files = manifest["files"]
     for rel, meta in files.items():
-        p = root / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != meta.get("bytes"):
-            problems.append(f"{p}: {p.stat().st_size} bytes, the manifest says {meta.get('bytes')}")
-        elif checksums and sha256_file(p) != meta.get("sha256"):
-            problems.append(f"{p}: checksum mismatch (changed or corrupted after export)")
+        problem = _file_problem(root / rel, meta, checksums)
+        if problem:
+            problems.append(problem)
+            bad.add(rel)
     for rel in referenced_files(manifest):
         if rel not in files:
             problems.append(f"{root / rel}: used by the manifest but has no checksum entry")
-    bad = {rel.split(": ")[0] for rel in problems}
     for rel, expected in expected_arrays(manifest).items():
         p = root / rel
-        if str(p) not in bad and p.is_file():
+        if rel not in bad and p.is_file():
             problem = check_npy(p, expected)
             if problem:
                 problems.append(problem)
     return problems
 
 
+def _file_problem(p: Path, meta: Mapping[str, Any], checksums: bool) -> str | None:
+    if not p.is_file():
+        return f"{p}: missing"
+    size = p.stat().st_size
+    if size != meta.get("bytes"):
+        return f"{p}: {size} bytes, the manifest says {meta.get('bytes')}"
+    if checksums and sha256_file(p) != meta.get("sha256"):
+        return f"{p}: checksum mismatch (changed or corrupted after export)"
+    return None
+
+
 def referenced_files(manifest: Mapping[str, Any]) -> list[str]:
     """Every file the manifest's sections point at (tables, dense weights, ONNX graphs)."""
     out = [rel for t in manifest["tables"] for rel in t.get("files", {}).values()]
     out += [d["file"] for d in manifest["dense"]]
+    out += [rel for g in manifest.get("shared_arrays") or () for rel in g.get("files", {}).values()]
     for graph in (manifest.get("onnx") or {}).get("graphs", {}).values():
         out.append(graph["file"])
         if graph.get("external_data"):
@@ -264,6 +330,14 @@ def expected_arrays(manifest: Mapping[str, Any]) -> dict[str, ArraySpec]:
                 out[rel] = wanted[role]
     for d in manifest["dense"]:
         out[d["file"]] = dense_array_spec(d)
+    for g in manifest.get("shared_arrays") or ():
+        try:
+            wanted = _shared_arrays(g)
+        except (KeyError, TypeError, ValueError):
+            continue
+        out.update(
+            {rel: wanted[role] for role, rel in g.get("files", {}).items() if role in wanted}
+        )
     return out
 
 
@@ -319,7 +393,8 @@ def load_artifacts(path: str | Path, verify: bool = True) -> Artifacts:
 def raise_first(problems: list[str]) -> None:
     """Raise :class:`ArtifactError` with the first of ``problems``, if any."""
     if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        n = len(problems) - 1
+        more = f" (and {n} more problem{'s' if n > 1 else ''})" if n else ""
         raise ArtifactError(problems[0] + more)
 
 
@@ -329,10 +404,23 @@ def artifacts_from_manifest(root: str | Path, manifest: dict) -> Artifacts:
     directory)."""
     root = Path(root)
     spec = spec_from_manifest(manifest)
+    groups = {g["name"]: g for g in manifest.get("shared_arrays") or ()}
+    group_arrays = {
+        name: {SHARED_ROLE + role: map_npy(root / rel) for role, rel in g.get("files", {}).items()}
+        for name, g in groups.items()
+    }
     tables: dict[str, TableArrays] = {}
     for entry in manifest["tables"]:
         try:
             arrays = {role: map_npy(root / rel) for role, rel in entry["files"].items()}
+            if entry.get("group") is not None:
+                if entry["group"] not in groups:
+                    raise ArtifactError(
+                        f"{root / MANIFEST}: table {entry['name']!r} reads shared array "
+                        f"{entry['group']!r}, which the manifest does not list"
+                    )
+                arrays.update(group_arrays[entry["group"]])
+                entry = {**entry, "shared": groups[entry["group"]]}
             tables[entry["name"]] = TableArrays(
                 name=entry["name"],
                 layout=entry["layout"],

@@ -11,7 +11,8 @@ Ops per table kind (ids int64 ``[N]`` -> rows float32 ``[N, D]``):
   the smallest power of two >= max(16, D), a partial block is allowed), explicit zero points 0
   (uint8 data otherwise defaults to ``2^(bits-1)``), then ``+ Cast(Gather(bias))``.
 * ``rowwise``, ``impl="standard"`` (default for 2 bits): ``Gather`` packed bytes,
-  ``BitShift``/``BitwiseAnd`` unpack, ``Cast``, ``Mul`` gathered scale, ``Add`` gathered bias.
+  ``BitShift``/``BitwiseAnd`` unpack (by scalars: :func:`add_unpack`), ``Cast``, ``Mul`` gathered
+  scale, ``Add`` gathered bias.
   onnxruntime 1.31's GatherBlockQuantized also takes ``bits=2`` (``impl="gbq"`` works there), but
   older runtimes do not, so the portable path is the default for INT2.
 * ``tablewise``: ``Gather`` packed bytes, unpack, ``DequantizeLinear`` with a scalar scale and
@@ -33,6 +34,16 @@ padding. Three ways, chosen with ``pooling``:
 * ``"scatter_elements"``: the same segment ids, expanded to ``[N, D]``, and
   ``ScatterElements(axis=0, reduction="add")``. Race-free and bit-identical to a sequential
   float32 sum, but several times slower.
+
+All features at once (:func:`add_sparse_arch`, what the full model uses): features are grouped
+by how their rows are computed and each group runs one chain of ops over all its ids, like FBGEMM's
+table-batched kernels. Row-wise tables of one bit width share one unpack + dequantize (one
+``Gather`` of packed bytes and one of ``[scale, bias]`` per feature, then standard ops in a
+transposed layout where per-row scales broadcast fast); a zero row appended to the rows turns the
+cumsum pooling into one exclusive ``CumSum`` and one ``Gather`` at the bag boundaries; an ``If``
+skips pooling when every bag of the group holds one id. Measured on a Criteo-Kaggle-shaped model
+(26 features, batch 2048, 2 threads): 26 per-feature ``GatherBlockQuantized`` lookups + pooling
+took ~15 ms, the batched graph ~10 ms (~4-5 ms when all bags are one-hot).
 
 Example::
 
@@ -98,18 +109,34 @@ def _int64(values: list[int] | int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
-def add_unpack(gb: GraphBuilder, packed_rows: str, ids: str, bits: int, dim: int) -> str:
-    """uint8 ``[N, D*bits/8]`` packed rows -> uint8 codes ``[N, D]`` (low bits first)."""
+def add_unpack(gb: GraphBuilder, packed_rows: str, ids: str | None, bits: int, dim: int) -> str:
+    """uint8 ``[N, D*bits/8]`` packed rows -> uint8 codes ``[N, D]`` (low bits first).
+
+    The output shape is ``[len(ids), D]``; without ``ids``, ``[-1, D]`` (``N`` must then be > 0).
+
+    Each code position within a byte is one ``BitShift`` and ``BitwiseAnd`` by a *scalar* (ORT's
+    vectorized fast path; a broadcast ``[per_byte]`` shift vector ran 4-8x slower), then the
+    pieces are interleaved with one ``Concat`` on a new last axis.
+    """
     if bits == 8:
         return packed_rows
     per_byte = 8 // bits
-    shifts = gb.const("unpack_shifts", np.arange(per_byte, dtype=np.uint8) * bits)
     mask = gb.const("unpack_mask", (1 << bits) - 1, np.uint8)
     axes = gb.const("axes_last", _int64([-1]))
-    expanded = gb.op("Unsqueeze", [packed_rows, axes], "packed_3d")  # [N, D*bits/8, 1]
-    shifted = gb.op("BitShift", [expanded, shifts], "shifted", direction="RIGHT")
-    codes = gb.op("BitwiseAnd", [shifted, mask], "codes_3d")  # [N, D*bits/8, per_byte]
-    shape = gb.op("Concat", [gb.op("Shape", [ids]), gb.const("dim", _int64([dim]))], axis=0)
+    pieces = []
+    for k in range(per_byte):
+        piece = packed_rows
+        if k:
+            shift = gb.const(f"unpack_shift{k * bits}", k * bits, np.uint8)
+            piece = gb.op("BitShift", [piece, shift], "shifted", direction="RIGHT")
+        if k < per_byte - 1:
+            piece = gb.op("BitwiseAnd", [piece, mask], "masked")
+        pieces.append(gb.op("Unsqueeze", [piece, axes], "piece"))  # [N, D*bits/8, 1]
+    codes = gb.op("Concat", pieces, "codes_3d", axis=-1)  # [N, D*bits/8, per_byte]
+    if ids is None:
+        shape = gb.const("rows_shape", _int64([-1, dim]))
+    else:
+        shape = gb.op("Concat", [gb.op("Shape", [ids]), gb.const("dim", _int64([dim]))], axis=0)
     return gb.op("Reshape", [codes, shape], "codes")
 
 
@@ -327,3 +354,236 @@ def build_pool_model(
     pooled = add_feature_lookup(gb, table, values, lengths, rowwise_impl, pooling)
     gb.add_output(pooled, "pooled", TensorProto.FLOAT, [BATCH, table.dim])
     return gb.make_model()
+
+
+# ---------------------------------------------------------------------------------------------
+# All features at once (what the full model uses)
+
+#: A feature to look up: its table and the names of its jagged inputs (values, lengths).
+FeatureInputs = tuple[TableLookup, str, str]
+
+
+def _batched_group(table: TableLookup, rowwise_impl: RowwiseImpl) -> tuple:
+    """Features whose tables share a group key are dequantized and pooled together."""
+    kind = table.kind
+    if isinstance(kind, RowwiseTable) and rowwise_impl != "gbq":
+        return ("rowwise", kind.bits)
+    return ("rows",)
+
+
+def _scale_bias(gb: GraphBuilder, table: TableLookup) -> str:
+    """The row-wise table's fp16 ``[scale, bias]`` pairs as one ``[R, 2]`` initializer (one
+    Gather fetches both)."""
+    name = f"{_prefix(table)}.scale_bias"
+    if name not in gb.initializers:
+        kind: RowwiseTable = table.kind
+        gb.initializer(name, np.stack([kind.scale, kind.bias], axis=1).astype(np.float16))
+    return name
+
+
+def _concat(gb: GraphBuilder, parts: list[str], hint: str, axis: int = 0) -> str:
+    return parts[0] if len(parts) == 1 else gb.op("Concat", parts, hint, axis=axis)
+
+
+def _unpack_transposed(gb: GraphBuilder, packed_t: str, bits: int, dim: int) -> str:
+    """uint8 ``[D*bits/8, M]`` packed bytes (one column per row) -> codes ``[D, M]``."""
+    if bits == 8:
+        return packed_t
+    per_byte = 8 // bits
+    mask = gb.const("unpack_mask", (1 << bits) - 1, np.uint8)
+    axes = gb.const("axes1", _int64([1]))
+    pieces = []
+    for k in range(per_byte):
+        piece = packed_t
+        if k:
+            shift = gb.const(f"unpack_shift{k * bits}", k * bits, np.uint8)
+            piece = gb.op("BitShift", [piece, shift], "shifted", direction="RIGHT")
+        if k < per_byte - 1:
+            piece = gb.op("BitwiseAnd", [piece, mask], "masked")
+        pieces.append(gb.op("Unsqueeze", [piece, axes], "piece"))  # [D*bits/8, 1, M]
+    codes = gb.op("Concat", pieces, "codes_3d", axis=1)  # [D*bits/8, per_byte, M]: d = j*per + k
+    return gb.op("Reshape", [codes, gb.const("codes_t_shape", _int64([dim, -1]))], "codes_t")
+
+
+def _rowwise_rows_batched(
+    gb: GraphBuilder, features: list[FeatureInputs], bits: int, dim: int
+) -> str:
+    """Rows ``[N + 1, D]`` of several row-wise tables of ``bits`` plus a trailing zero row.
+
+    One Gather of packed bytes and one of ``[scale, bias]`` per feature, then one unpack and
+    dequantize (``code * scale + bias`` in float32, exact) for all of them. The dequantize runs
+    transposed (``[D, N + 1]``), where the per-row scale and bias broadcast as row vectors: ORT's
+    fast path (a ``[N, 1]`` column broadcast ran 4x slower); one Transpose turns the result back.
+    The zero row (codes, scale and bias 0) rides along in the concatenations that happen anyway.
+    """
+    zero_packed = gb.const("zero_packed_row", np.zeros((1, dim * bits // 8), np.uint8))
+    zero_params = gb.const("zero_scale_bias", np.zeros((1, 2), np.float16))
+    packed, params = [], []
+    for table, values, _ in features:
+        weight = gb.initializer(f"{_prefix(table)}.packed", table.kind.packed)
+        packed.append(gb.op("Gather", [weight, values], "packed_rows", axis=0))
+        params.append(gb.op("Gather", [_scale_bias(gb, table), values], "scale_bias_rows", axis=0))
+    packed_all = gb.op("Concat", [*packed, zero_packed], "packed_all", axis=0)
+    sb = gb.op("Concat", [*params, zero_params], "scale_bias_all", axis=0)  # [N + 1, 2] fp16
+    packed_t = gb.op("Transpose", [packed_all], "packed_t", perm=[1, 0])
+    codes = gb.op(
+        "Cast", [_unpack_transposed(gb, packed_t, bits, dim)], "codes_f32", to=TensorProto.FLOAT
+    )
+    sb = gb.op(
+        "Transpose",
+        [gb.op("Cast", [sb], "scale_bias_f32", to=TensorProto.FLOAT)],
+        "scale_bias_t",
+        perm=[1, 0],
+    )
+    axes = gb.const("axes0", _int64([0]))
+    scale = gb.op(
+        "Slice", [sb, gb.const("zero1", _int64([0])), gb.const("one1", _int64([1])), axes], "scale"
+    )
+    bias = gb.op(
+        "Slice", [sb, gb.const("one1", _int64([1])), gb.const("two1", _int64([2])), axes], "bias"
+    )
+    rows_t = gb.op(
+        "Add", [gb.op("Mul", [codes, scale], "rows_scaled"), bias], "rows_t"
+    )  # [D, N + 1]
+    return gb.op("Transpose", [rows_t], "rows", perm=[1, 0])
+
+
+def _generic_rows(
+    gb: GraphBuilder, features: list[FeatureInputs], dim: int, rowwise_impl: RowwiseImpl
+) -> str:
+    """Rows ``[N + 1, D]`` gathered feature by feature (:func:`add_gather`) plus a zero row."""
+    parts = [add_gather(gb, t, v, rowwise_impl) for t, v, _ in features]
+    parts.append(gb.const("zero_row_f32", np.zeros((1, dim), np.float32)))
+    return gb.op("Concat", parts, "rows_all", axis=0)
+
+
+def _add_branch(gb: GraphBuilder, build) -> onnx.GraphProto:  # noqa: ANN001 - (GraphBuilder) -> str
+    """A subgraph (for ``If``) built by ``build(sub) -> value`` on a builder that shares ``gb``'s
+    initializers (outer-scope values) and name counter."""
+    sub = GraphBuilder(gb.fresh("branch"), initializers=gb.initializers, _count=gb._count)
+    value = build(sub)
+    out = sub.fresh("branch_out")
+    sub.nodes.append(helper.make_node("Identity", [value], [out]))
+    gb._count = sub._count
+    gb.uses_ms_domain |= sub.uses_ms_domain
+    return helper.make_graph(
+        sub.nodes, sub.name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    )
+
+
+def _cumsum_pool_padded(gb: GraphBuilder, rows: str, lengths: str) -> str:
+    """Bag sums ``[F_g * B, D]`` from rows ``[N + 1, D]`` whose last row is zero: an exclusive
+    float64 running sum ``E`` (``E[N]`` is the total), gathered once at every bag boundary
+    ``0, end_0, end_1, ...`` (bags are contiguous: a bag starts where the previous one ends), then
+    neighbouring boundaries subtracted."""
+    axis0 = gb.const("axis0", 0, np.int64)
+    wide = gb.op("Cast", [rows], "rows_f64", to=TensorProto.DOUBLE)
+    running = gb.op("CumSum", [wide, axis0], "rows_cumsum", exclusive=1)  # [N + 1, D]
+    ends = gb.op("CumSum", [lengths, axis0], "bag_ends")
+    bounds = gb.op(
+        "Concat", [gb.const("start0", _int64([0])), ends], "bag_bounds", axis=0
+    )  # [F_g*B + 1]
+    at = gb.op("Gather", [running, bounds], "prefix_at_bounds", axis=0)
+    axes = gb.const("axes0", _int64([0]))
+    upper = gb.op(
+        "Slice",
+        [at, gb.const("one1", _int64([1])), gb.const("int64_max", _int64([2**62])), axes],
+        "prefix_end",
+    )
+    lower = gb.op(
+        "Slice",
+        [at, gb.const("start0", _int64([0])), gb.const("minus1", _int64([-1])), axes],
+        "prefix_start",
+    )
+    total = gb.op("Sub", [upper, lower], "pooled_f64")
+    return gb.op("Cast", [total], "pooled", to=TensorProto.FLOAT)
+
+
+def _one_hot_condition(gb: GraphBuilder, ids: str, lengths: str) -> str:
+    """bool ``[1]``: every bag of the group holds exactly one id (``N == bags`` and
+    ``sum(lengths^2) == bags``; lengths are non-negative and sum to ``N``)."""
+    n = gb.op("Shape", [ids], "num_ids")
+    bags = gb.op("Shape", [lengths], "num_bags")
+    squares = gb.op("ReduceSumSquare", [lengths], "lengths_sq", keepdims=1)
+    same_count = gb.op("Equal", [n, bags], "ids_eq_bags")
+    all_ones = gb.op("Equal", [squares, bags], "lengths_all_one")
+    return gb.op("And", [same_count, all_ones], "one_hot")
+
+
+def _first_rows(gb: GraphBuilder, x: str, count_of: str, hint: str) -> str:
+    """``x[:len(count_of)]``."""
+    n = gb.op("Shape", [count_of], "count")
+    return gb.op(
+        "Slice", [x, gb.const("start0", _int64([0])), n, gb.const("axes0", _int64([0]))], hint
+    )
+
+
+def _pool_group(
+    gb: GraphBuilder, rows: str, ids: str, lengths: str, dim: int, pooling: Pooling
+) -> str:
+    """Bag sums ``[F_g * B, D]`` of rows ``[N + 1, D]`` (last row zero). With ``cumsum`` pooling,
+    an ``If`` skips pooling altogether when every bag holds one id (the rows are the bags)."""
+    if pooling != "cumsum":
+        return add_sum_pool(gb, _first_rows(gb, rows, ids, "rows_real"), ids, lengths, dim, pooling)
+    then_branch = _add_branch(gb, lambda sub: _first_rows(sub, rows, lengths, "bags"))
+    else_branch = _add_branch(gb, lambda sub: _cumsum_pool_padded(sub, rows, lengths))
+    cond = _one_hot_condition(gb, ids, lengths)
+    return gb.op(
+        "If", [cond], "pooled_group_flat", then_branch=then_branch, else_branch=else_branch
+    )
+
+
+def _add_group(
+    gb: GraphBuilder,
+    key: tuple,
+    features: list[FeatureInputs],
+    dim: int,
+    rowwise_impl: RowwiseImpl,
+    pooling: Pooling,
+) -> str:
+    """Pooled embeddings ``[F_g, B, D]`` of one group of features (feature-major)."""
+    ids = _concat(gb, [v for _, v, _ in features], "ids_all")
+    lengths = _concat(gb, [ln for _, _, ln in features], "lengths_all")  # [F_g * B]
+    if key[0] == "rowwise":
+        rows = _rowwise_rows_batched(gb, features, key[1], dim)
+    else:
+        rows = _generic_rows(gb, features, dim, rowwise_impl)
+    pooled = _pool_group(gb, rows, ids, lengths, dim, pooling)  # [F_g * B, D]
+    shape = gb.const("group_shape", _int64([len(features), -1, dim]))
+    return gb.op("Reshape", [pooled, shape], "pooled_group")
+
+
+def add_sparse_arch(
+    gb: GraphBuilder,
+    features: list[FeatureInputs],
+    dim: int,
+    rowwise_impl: RowwiseImpl = "auto",
+    pooling: Pooling = "cumsum",
+) -> str:
+    """Sum-pooled embeddings of every feature: float32 ``[B, F, D]`` in the order given (TorchRec
+    ``SparseArch``'s output).
+
+    Features are grouped by how their rows are computed, and each group is gathered, dequantized
+    and pooled with one chain of ops over all its ids (concatenated feature-major), like FBGEMM's
+    table-batched kernels: row-wise tables of one bit width share one unpack + dequantize
+    (``Gather`` of packed bytes and of ``[scale, bias]`` per feature, standard ops, exact); other
+    kinds (and row-wise with ``rowwise_impl="gbq"``) gather per feature with :func:`add_gather`.
+    A graph of 26 features thus runs a few dozen nodes instead of hundreds. With ``cumsum``
+    pooling a group whose bags all hold one id (a runtime ``If``) is not pooled at all: its rows
+    are its bags (REFERENCE.md: reducing one-element bags costs more than the lookups).
+    """
+    groups: dict[tuple, list[tuple[int, FeatureInputs]]] = {}
+    for i, feature in enumerate(features):
+        groups.setdefault(_batched_group(feature[0], rowwise_impl), []).append((i, feature))
+    pooled = [
+        _add_group(gb, key, [f for _, f in members], dim, rowwise_impl, pooling)
+        for key, members in groups.items()
+    ]
+    stacked = _concat(gb, pooled, "pooled_groups")  # [F, B, D] in group order
+    order = [i for members in groups.values() for i, _ in members]
+    if order != list(range(len(features))):
+        inverse = np.argsort(np.asarray(order, dtype=np.int64))
+        stacked = gb.op(
+            "Gather", [stacked, gb.const("feature_order", inverse)], "pooled_ordered", axis=0
+        )
+    return gb.op("Transpose", [stacked], "sparse_bfd", perm=[1, 0, 2])

@@ -41,8 +41,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporters.onnx_lookup import Pooling, RowwiseImpl, add_feature_lookup
-from exporters.onnx_mlp import add_dense_arch, add_interaction, add_over_arch
+from exporters.onnx_lookup import Pooling, RowwiseImpl, add_sparse_arch
+from exporters.onnx_mlp import add_dense_arch, add_interaction, add_over_arch, triu_flat_indices
 from exporters.onnx_spec import (
     BATCH,
     DLRMGraphSpec,
@@ -138,6 +138,41 @@ def dummy_inputs(
     return feeds
 
 
+def add_fast_interaction(gb: GraphBuilder, dense: str, sparse: str, spec: DLRMGraphSpec) -> str:
+    """:func:`~exporters.onnx_mlp.add_interaction`, with the dot interaction's strict upper
+    triangle taken by ``GatherElements`` (indices expanded to ``[B, T]``) instead of a ``Gather``
+    on axis 1, which ORT 1.31 runs element by element (8 ms vs 0.6 ms at batch 2048, F = 26).
+    Same values: both copy the Gram matrix entries."""
+    if spec.model_class != "DLRM":
+        return add_interaction(gb, dense, sparse, spec)
+    n = len(spec.features) + 1
+    dense_3d = gb.op("Unsqueeze", [dense, gb.const("axes1", np.asarray([1], np.int64))], "dense_3d")
+    combined = gb.op("Concat", [dense_3d, sparse], "combined", axis=1)  # [B, F+1, D]
+    transposed = gb.op("Transpose", [combined], "combined_t", perm=[0, 2, 1])
+    gram = gb.op("MatMul", [combined, transposed], "interactions")  # [B, F+1, F+1]
+    flat = gb.op(
+        "Reshape",
+        [gram, gb.const("shape", np.asarray([0, n * n], np.int64))],
+        "interactions_flat_all",
+    )
+    triu = triu_flat_indices(n - 1)
+    batch = gb.op(
+        "Slice",
+        [
+            gb.op("Shape", [flat]),
+            gb.const("start0", np.asarray([0], np.int64)),
+            gb.const("end1", np.asarray([1], np.int64)),
+        ],
+        "batch_size",
+    )
+    index_shape = gb.op(
+        "Concat", [batch, gb.const("triu_count", np.asarray([triu.size], np.int64))], axis=0
+    )
+    index = gb.op("Expand", [gb.const("triu_index", triu[None, :]), index_shape], "triu_index_b")
+    picked = gb.op("GatherElements", [flat, index], "interactions_flat", axis=1)
+    return gb.op("Concat", [dense, picked], "interaction_out", axis=1)
+
+
 def _declare(gb: GraphBuilder, decls: list[TensorDecl]) -> list[str]:
     return [gb.add_input(d.name, d.elem_type, list(d.shape)) for d in decls]
 
@@ -152,15 +187,9 @@ def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl, pooling: Pooli
     gb = GraphBuilder(f"{spec.model_class.lower()}_full")
     _declare(gb, ins)
     dense = add_dense_arch(gb, DENSE_INPUT, spec)
-    pooled = []
-    for f, (values, lengths) in feature_input_names(spec).items():
-        table = spec.table_of(f)
-        pooled.append(add_feature_lookup(gb, table, values, lengths, rowwise_impl, pooling))
-    d, n_features = spec.embedding_dim, len(spec.features)
-    cat = gb.op("Concat", pooled, "sparse_cat", axis=1) if len(pooled) > 1 else pooled[0]
-    shape = gb.const("sparse_shape", np.asarray([-1, n_features, d], np.int64))
-    sparse = gb.op("Reshape", [cat, shape], SPARSE_EMBEDDING)  # [B, F, D] like SparseArch
-    logits = add_over_arch(gb, add_interaction(gb, dense, sparse, spec), spec)
+    lookups = [(spec.table_of(f), v, ln) for f, (v, ln) in feature_input_names(spec).items()]
+    sparse = add_sparse_arch(gb, lookups, spec.embedding_dim, rowwise_impl, pooling)  # [B, F, D]
+    logits = add_over_arch(gb, add_fast_interaction(gb, dense, sparse, spec), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
     return gb
 
@@ -203,7 +232,7 @@ def build_over_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
     ins, outs = over_graph_io(spec)
     gb = GraphBuilder(f"{spec.model_class.lower()}_over")
     dense, sparse = _declare(gb, ins)
-    logits = add_over_arch(gb, add_interaction(gb, dense, sparse, spec), spec)
+    logits = add_over_arch(gb, add_fast_interaction(gb, dense, sparse, spec), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
     return check_model(gb.make_model())
 

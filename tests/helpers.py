@@ -15,28 +15,42 @@ DENSE = 5
 
 def make_ebc(rows=ROWS, dim=DIM, shared_feature: bool = False) -> EmbeddingBagCollection:
     configs = [
-        EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"cat_{i}"])
+        EmbeddingBagConfig(
+            name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"cat_{i}"]
+        )
         for i, r in enumerate(rows)
     ]
     if shared_feature:  # the last table serves two features
         configs[-1] = EmbeddingBagConfig(
-            name=configs[-1].name, embedding_dim=dim, num_embeddings=rows[-1], feature_names=["cat_a", "cat_b"]
+            name=configs[-1].name,
+            embedding_dim=dim,
+            num_embeddings=rows[-1],
+            feature_names=["cat_a", "cat_b"],
         )
     return EmbeddingBagCollection(tables=configs)
 
 
-def make_dlrm(model_class: str = "DLRM", seed: int = 0, rows=ROWS, dim=DIM, shared_feature: bool = False):
+def make_dlrm(
+    model_class: str = "DLRM", seed: int = 0, rows=ROWS, dim=DIM, shared_feature: bool = False
+):
     torch.manual_seed(seed)
     ebc = make_ebc(rows, dim, shared_feature)
-    common = dict(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[16, dim],
-                  over_arch_layer_sizes=[12, 1])
+    common = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=DENSE,
+        dense_arch_layer_sizes=[16, dim],
+        over_arch_layer_sizes=[12, 1],
+    )
     if model_class == "DLRM":
         return DLRM(**common)
     if model_class == "DLRM_DCN":
         return DLRM_DCN(**common, dcn_num_layers=2, dcn_low_rank_dim=4)
     if model_class == "DLRM_Projection":
-        return DLRM_Projection(**common, interaction_branch1_layer_sizes=[16, 2 * dim],
-                               interaction_branch2_layer_sizes=[24, 3 * dim])
+        return DLRM_Projection(
+            **common,
+            interaction_branch1_layer_sizes=[16, 2 * dim],
+            interaction_branch2_layer_sizes=[24, 3 * dim],
+        )
     raise ValueError(model_class)
 
 
@@ -51,7 +65,9 @@ def random_inputs(model, batch: int = 32, max_bag: int = 3, seed: int = 1):
             keys.append(f)
             lengths.append(ln)
             values.append(torch.randint(0, cfg.num_embeddings, (int(ln.sum()),), generator=g))
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
+    )
     dense = torch.randn(batch, DENSE, generator=g)
     return dense, kjt
 
@@ -62,7 +78,9 @@ def tiny_world(tmp_path, model_class: str = "DLRM", n: int = 6000, seed: int = 0
     from compress.synthetic import SyntheticConfig, generate
 
     rows = (20, 300, 2000, 5000)
-    cfg = SyntheticConfig(table_sizes=rows, num_samples=n, bag_sizes=(1, 2, 1, 1), num_dense=DENSE, seed=seed)
+    cfg = SyntheticConfig(
+        table_sizes=rows, num_samples=n, bag_sizes=(1, 2, 1, 1), num_dense=DENSE, seed=seed
+    )
     data = generate(cfg)
     train, valid = data.split_tail(0.25)
     model = make_dlrm(model_class, seed=seed, rows=rows, dim=DIM)

@@ -23,7 +23,7 @@ from exporters import artifacts
 from exporters.graph_spec import graph_spec_from_artifacts
 from exporters.load import load_artifacts, verify_artifacts
 from exporters.onnx_validate import ParityError
-from exporters.onnx_writer import onnx_writer
+from exporters.onnx_writer import OnnxExportConfig, onnx_writer
 from exporters.predictor import Predictor
 
 RECIPE = """
@@ -122,7 +122,9 @@ def test_verify_catches_manifest_problems(copy_dir) -> None:
     (copy_dir / "manifest.json").write_text('{"format": "dqrm-compress-artifacts", ')
     assert "broken JSON" in verify_artifacts(copy_dir)[0]
     (copy_dir / "manifest.json").unlink()
-    assert verify_artifacts(copy_dir) == [f"{copy_dir / 'manifest.json'}: missing (not an artifact directory)"]
+    assert verify_artifacts(copy_dir) == [
+        f"{copy_dir / 'manifest.json'}: missing (not an artifact directory)"
+    ]
 
 
 def test_verify_catches_an_unexpected_dtype_or_shape(copy_dir) -> None:
@@ -130,8 +132,10 @@ def test_verify_catches_an_unexpected_dtype_or_shape(copy_dir) -> None:
     np.save(copy_dir / rel, np.zeros(7, np.float32))  # right file, wrong dtype and shape
 
     def refresh(manifest: dict) -> None:  # checksums updated too: only the header is wrong
-        manifest["files"][rel] = {"sha256": artifacts.sha256_file(copy_dir / rel),
-                                  "bytes": (copy_dir / rel).stat().st_size}
+        manifest["files"][rel] = {
+            "sha256": artifacts.sha256_file(copy_dir / rel),
+            "bytes": (copy_dir / rel).stat().st_size,
+        }
 
     _edit_manifest(copy_dir, refresh)
     (problem,) = verify_artifacts(copy_dir)
@@ -140,7 +144,9 @@ def test_verify_catches_an_unexpected_dtype_or_shape(copy_dir) -> None:
 
 def test_unknown_layout_is_a_clear_error(copy_dir) -> None:
     _edit_manifest(copy_dir, lambda m: m["tables"][1].update(layout="hashed_v9"))
-    with pytest.raises(ArtifactError, match="layout 'hashed_v9' is not supported by this exporter yet"):
+    with pytest.raises(
+        ArtifactError, match="layout 'hashed_v9' is not supported by this exporter yet"
+    ):
         graph_spec_from_artifacts(copy_dir)
 
 
@@ -155,7 +161,9 @@ def test_predictor_scores_like_pytorch(exported) -> None:
     assert metrics["n"] == expected["n"] == 1500
     assert metrics["auc"] == pytest.approx(expected["auc"], abs=1e-6)
     assert metrics["logloss"] == pytest.approx(expected["logloss"], abs=1e-6)
-    assert np.array_equal(predictor.predict_raw(valid), predictor.predict(predictor.open_data(valid)))
+    assert np.array_equal(
+        predictor.predict_raw(valid), predictor.predict(predictor.open_data(valid))
+    )
 
 
 def test_predict_tensors_checks_inputs(exported) -> None:
@@ -194,7 +202,26 @@ def test_predictor_without_graphs_builds_them_in_memory(exported, tmp_path) -> N
     job, result, out, valid = exported
     plain = artifacts.save(result, tmp_path / "plain")  # no ONNX writer
     assert "onnx" not in plain.manifest
-    assert Predictor(plain.path, threads=1).evaluate(valid) == Predictor(out, threads=1).evaluate(valid)
+    assert Predictor(plain.path, threads=1).evaluate(valid) == Predictor(out, threads=1).evaluate(
+        valid
+    )
+
+
+def test_big_tables_go_to_external_data(exported, tmp_path) -> None:
+    _, result, _, valid = exported
+    config = OnnxExportConfig(external_data_threshold_bytes=4096, parity_samples=64)
+    written = artifacts.save(
+        result, tmp_path / "ext", extra_writers=(onnx_writer(result.model, config),)
+    )
+    graph = written.manifest["onnx"]["graphs"]["model"]
+    assert graph["external_data"] == "onnx/model.onnx.data"
+    assert graph["external_data"] in written.manifest["files"]
+    assert verify_artifacts(written.path) == []
+    metrics = Predictor(written.path, threads=1).evaluate(valid)
+    assert metrics["auc"] == pytest.approx(result.metrics["compressed"]["auc"], abs=1e-6)
+    _flip_byte(written.path / "onnx" / "model.onnx.data", offset=5000)
+    with pytest.raises(ArtifactError, match=r"model\.onnx\.data: checksum mismatch"):
+        Predictor(written.path)
 
 
 def test_parity_failure_aborts_the_export(exported, tmp_path) -> None:
@@ -232,10 +259,17 @@ def test_cli_verify(exported, copy_dir, capsys) -> None:
 
 
 def test_cli_eval_on_corrupt_artifacts_is_one_line(exported, copy_dir, capsys) -> None:
-    _flip_byte(copy_dir / "onnx" / "model.onnx", offset=len((copy_dir / "onnx" / "model.onnx").read_bytes()) // 2)
+    _flip_byte(
+        copy_dir / "onnx" / "model.onnx",
+        offset=len((copy_dir / "onnx" / "model.onnx").read_bytes()) // 2,
+    )
     code, stdout, err = run(capsys, "eval", copy_dir, "--data", exported[3])
     assert code == 2 and stdout == "" and err.count("\n") == 1
-    assert err.startswith("error: ") and "model.onnx: checksum mismatch" in err and "Traceback" not in err
+    assert (
+        err.startswith("error: ")
+        and "model.onnx: checksum mismatch" in err
+        and "Traceback" not in err
+    )
     shutil.copy(exported[2] / "onnx" / "model.onnx", copy_dir / "onnx" / "model.onnx")
     (copy_dir / "tables" / "t_cat_2.npy").unlink()
     code, _, err = run(capsys, "eval", copy_dir, "--data", exported[3])

@@ -100,8 +100,10 @@ def test_feature_names_from_model_config(tmp_path):
 def test_model_config_shape_mismatch(tmp_path):
     torch.save(make_dlrm().state_dict(), tmp_path / "c.pt")
     cfg = tmp_path / "model.json"
-    cfg.write_text('{"tables": [{"name": "t_cat_0"}, {"name": "t_cat_1", "num_embeddings": 51},'
-                   ' {"name": "t_cat_2"}, {"name": "t_cat_3"}]}')
+    cfg.write_text(
+        '{"tables": [{"name": "t_cat_0"}, {"name": "t_cat_1", "num_embeddings": 51},'
+        ' {"name": "t_cat_2"}, {"name": "t_cat_3"}]}'
+    )
     with pytest.raises(ModelConfigError, match=r"t_cat_1: num_embeddings 51 but .* has 50"):
         read_spec(tmp_path / "c.pt", cfg)
 

@@ -54,7 +54,9 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys):
 
 def test_bad_recipe_is_one_line(world, tmp_path, capsys):
     ckpt, *_ = world
-    (tmp_path / "r.toml").write_text('name = "x"\n[[tables]]\nmatch = ["t_nope_*"]\nmethod = "ptq"\nbits = 8\n')
+    (tmp_path / "r.toml").write_text(
+        'name = "x"\n[[tables]]\nmatch = ["t_nope_*"]\nmethod = "ptq"\nbits = 8\n'
+    )
     code, _, err = run(capsys, "plan", "--recipe", tmp_path / "r.toml", ckpt)
     assert code == 2 and "t_nope_*" in err and "t_cat_0" in err and err.count("\n") == 1
 
@@ -64,7 +66,9 @@ def test_plan_and_recipes_json(world, capsys):
     code, out, _ = run(capsys, "plan", "--recipe", "int4_qat", ckpt, "--json")
     doc = json.loads(out)
     assert code == 0 and {"tables", "bytes_before", "bytes_after", "ratio"} <= set(doc)
-    assert {"name", "method", "bits", "granularity", "bytes_before", "bytes_after"} <= set(doc["tables"][0])
+    assert {"name", "method", "bits", "granularity", "bytes_before", "bytes_after"} <= set(
+        doc["tables"][0]
+    )
     code, out, _ = run(capsys, "recipes", "--json")
     names = {r["name"] for r in json.loads(out)["recipes"]}
     assert {"int8_ptq", "int4_ptq", "int8_qat", "int4_qat"} <= names
@@ -73,8 +77,21 @@ def test_plan_and_recipes_json(world, capsys):
 def test_main_command_is_the_default(world, tmp_path, capsys):
     ckpt, train, valid, _ = world
     out_dir = tmp_path / "out"
-    code, out, _ = run(capsys, "--recipe", "int4_qat", ckpt, "--data", train, "--valid", valid,
-                       "--steps", "4", "--out", out_dir, "--json")
+    code, out, _ = run(
+        capsys,
+        "--recipe",
+        "int4_qat",
+        ckpt,
+        "--data",
+        train,
+        "--valid",
+        valid,
+        "--steps",
+        "4",
+        "--out",
+        out_dir,
+        "--json",
+    )
     assert code == 0
     doc = json.loads(out)
     assert doc["out"] == str(out_dir) and (out_dir / "manifest.json").exists()
@@ -86,5 +103,10 @@ def test_main_command_is_the_default(world, tmp_path, capsys):
 
 
 def test_console_script_exit_code():
-    proc = subprocess.run([sys.executable, "-m", "compress", "inspect", "/no/such.pt"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: /no/such.pt: no such file or directory"
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress", "inspect", "/no/such.pt"], capture_output=True, text=True
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "error: /no/such.pt: no such file or directory"
+    )

@@ -36,15 +36,22 @@ def _rule(match: str, bits: int, granularity: str, method: str = "ptq") -> str:
 # Two recipes cover the six (bits, granularity) pairs on one model; keep/fp16 tables and float,
 # INT8 and INT4 MLPs ride along.
 RECIPES = {
-    "r8t8r4t4": "name = 'a'\n" + "".join(
-        _rule(f"t_cat_{i}", b, g) for i, (b, g) in enumerate([(8, "row"), (8, "table"), (4, "row"), (4, "table")])
-    ) + '[mlp]\nmethod = "ptq"\nbits = 8\n',
-    "r2t2keep16": "name = 'b'\n" + _rule("t_cat_0", 2, "row") + _rule("t_cat_1", 2, "table")
+    "r8t8r4t4": "name = 'a'\n"
+    + "".join(
+        _rule(f"t_cat_{i}", b, g)
+        for i, (b, g) in enumerate([(8, "row"), (8, "table"), (4, "row"), (4, "table")])
+    )
+    + '[mlp]\nmethod = "ptq"\nbits = 8\n',
+    "r2t2keep16": "name = 'b'\n"
+    + _rule("t_cat_0", 2, "row")
+    + _rule("t_cat_1", 2, "table")
     + '[[tables]]\nmatch = ["t_cat_2"]\nmethod = "keep"\n[[tables]]\nmatch = ["*"]\nmethod = "fp16"\n'
     + '[mlp]\nmethod = "ptq"\nbits = 4\n',
 }
 QAT_RECIPE = (
-    "name = 'q'\n" + _rule("t_cat_0", 4, "table", "qat") + _rule("*", 4, "row", "qat")
+    "name = 'q'\n"
+    + _rule("t_cat_0", 4, "table", "qat")
+    + _rule("*", 4, "row", "qat")
     + '[mlp]\nmethod = "qat"\nbits = 4\n[finetune]\nsteps = 4\nbatch_size = 256\neval_every = 0\n'
 )
 
@@ -63,8 +70,12 @@ def export_case(tmp_path, model_class: str, recipe: str, train: bool = False):
     ckpt, train_path, valid_path, _ = tiny_world(tmp_path, model_class)
     (tmp_path / "recipe.toml").write_text(recipe)
     job = pipeline.load(ckpt)
-    result = pipeline.compress(job, pipeline.plan(job, tmp_path / "recipe.toml"),
-                               data=train_path if train else None, valid=valid_path)
+    result = pipeline.compress(
+        job,
+        pipeline.plan(job, tmp_path / "recipe.toml"),
+        data=train_path if train else None,
+        valid=valid_path,
+    )
     written = artifacts.save(result, tmp_path / "out", extra_writers=(onnx_writer(result.model),))
     return job, result, written
 
@@ -82,8 +93,10 @@ def check_parity(tmp_path, job, result, written, case: str) -> None:
     ort_logits = Predictor(out, threads=1).predict(data)
     diff = float(np.abs(torch_logits.astype(np.float64) - ort_logits).max())
     a_torch, a_ort = auc(torch_logits, data.labels), auc(ort_logits, data.labels)
-    print(f"\n{case}: max |ORT - PyTorch| = {diff:.3g} over {N_SAMPLES} samples; "
-          f"AUC {a_ort:.6f} (ORT) vs {a_torch:.6f} (PyTorch); writer's check {recorded}")
+    print(
+        f"\n{case}: max |ORT - PyTorch| = {diff:.3g} over {N_SAMPLES} samples; "
+        f"AUC {a_ort:.6f} (ORT) vs {a_torch:.6f} (PyTorch); writer's check {recorded}"
+    )
     assert diff <= ATOL
     assert round(a_ort, 4) == round(a_torch, 4) and abs(a_ort - a_torch) < 1e-4
 
@@ -109,11 +122,17 @@ def test_qat_parity(tmp_path) -> None:
 def test_shared_array_parity(tmp_path) -> None:
     recipe = (
         "name = 's'\n[[tables]]\nmatch = ['t_cat_2', 't_cat_3']\nmethod = 'share'\ncompression = 10.0\n"
-        "block_size = 4\ngroup = 'big'\narray_dtype = 'int8'\n" + _rule("*", 4, "row")
+        "block_size = 4\ngroup = 'big'\narray_dtype = 'int8'\n"
+        + _rule("*", 4, "row")
         + "[finetune]\nsteps = 2\nbatch_size = 256\n"
     )
     job, result, written = export_case(tmp_path, "DLRM", recipe, train=True)
-    assert [t["layout"] for t in written.manifest["tables"]] == ["rowwise", "rowwise", "robe", "robe"]
+    assert [t["layout"] for t in written.manifest["tables"]] == [
+        "rowwise",
+        "rowwise",
+        "robe",
+        "robe",
+    ]
     check_parity(tmp_path, job, result, written, "DLRM ROBE-Z int8 array + INT4 rows")
 
 
@@ -125,12 +144,22 @@ def test_graph_spec_from_model_equals_from_artifacts(tmp_path) -> None:
     from exporters.graph_spec import graph_spec_from_artifacts
 
     from_arts = graph_spec_from_artifacts(written.path)
-    assert from_model.features == from_arts.features and from_model.model_class == from_arts.model_class
+    assert (
+        from_model.features == from_arts.features
+        and from_model.model_class == from_arts.model_class
+    )
     for a, b in zip(from_model.tables, from_arts.tables, strict=True):
-        assert (a.name, a.features, a.dim, type(a.kind)) == (b.name, b.features, b.dim, type(b.kind))
+        assert (a.name, a.features, a.dim, type(a.kind)) == (
+            b.name,
+            b.features,
+            b.dim,
+            type(b.kind),
+        )
         for field in ("packed", "scale", "bias", "weight"):
             if hasattr(a.kind, field):
-                assert np.array_equal(np.asarray(getattr(a.kind, field)), np.asarray(getattr(b.kind, field)))
+                assert np.array_equal(
+                    np.asarray(getattr(a.kind, field)), np.asarray(getattr(b.kind, field))
+                )
     for part in ("dense_arch", "over_arch", "branch1", "branch2"):
         for a, b in zip(getattr(from_model, part), getattr(from_arts, part), strict=True):
             assert np.array_equal(a.qweight, b.qweight) and np.array_equal(a.scales, b.scales)

@@ -64,7 +64,10 @@ def test_ptq_sizes_on_disk_equal_plan(world, tmp_path):
         assert on_disk == entry["bytes"]
     assert written.manifest["bytes"]["dense"] == plan.dense_bytes_after
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["files"]["tables/t_cat_3.npy"]["bytes"] == (tmp_path / "out/tables/t_cat_3.npy").stat().st_size
+    assert (
+        manifest["files"]["tables/t_cat_3.npy"]["bytes"]
+        == (tmp_path / "out/tables/t_cat_3.npy").stat().st_size
+    )
 
 
 def test_qat_mixed_recipe_end_to_end(world, tmp_path):

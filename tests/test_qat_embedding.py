@@ -39,7 +39,9 @@ def _kjt(seed: int = 1, batch: int = 64):
     lengths = torch.randint(0, 4, (3 * batch,), generator=g)
     lengths[batch - 1] = 0  # a trailing empty bag for feature a
     rows = [50] * batch + [300] * (2 * batch)
-    values = torch.cat([torch.randint(0, r, (int(n),), generator=g) for r, n in zip(rows, lengths, strict=True)])
+    values = torch.cat(
+        [torch.randint(0, r, (int(n),), generator=g) for r, n in zip(rows, lengths, strict=True)]
+    )
     return KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"], values=values, lengths=lengths)
 
 
@@ -65,7 +67,9 @@ def test_gathered_rows_equal_whole_table_fake_quant(quant):
             jt = kjt[f]
             expected = pool_bags(full[jt.values()], jt.lengths())
             assert torch.equal(out[f], expected)
-            reference = F.embedding_bag(jt.values(), full, jt.offsets(), mode="sum", include_last_offset=True)
+            reference = F.embedding_bag(
+                jt.values(), full, jt.offsets(), mode="sum", include_last_offset=True
+            )
             torch.testing.assert_close(out[f], reference, atol=1e-5, rtol=1e-5)
 
 
@@ -118,11 +122,16 @@ def test_drop_in_for_torchrec_ebc():
     ebc = model.sparse_arch.embedding_bag_collection
     from compress.spec import TableSpec as TS
 
-    tables = [TS(c.name, c.num_embeddings, c.embedding_dim, tuple(c.feature_names)) for c in ebc.embedding_bag_configs()]
+    tables = [
+        TS(c.name, c.num_embeddings, c.embedding_dim, tuple(c.feature_names))
+        for c in ebc.embedding_bag_configs()
+    ]
     weights = {n: m.weight.detach().clone() for n, m in ebc.embedding_bags.items()}
     with torch.no_grad():
         before = model(dense, kjt)
-        model.sparse_arch.embedding_bag_collection = QATEmbeddingBagCollection(tables, weights, {}).eval()
+        model.sparse_arch.embedding_bag_collection = QATEmbeddingBagCollection(
+            tables, weights, {}
+        ).eval()
         after = model(dense, kjt)
     torch.testing.assert_close(before, after, atol=1e-6, rtol=1e-6)
 

@@ -20,7 +20,17 @@ from compress.recipe import (
 )
 from compress.train import TrainConfig
 
-BUILTINS = ("int4_ptq", "int4_qat", "int4_rowwise_ptq", "int8_ptq", "int8_qat", "mixed_int4_int8")
+BUILTINS = (
+    "int4_ptq",
+    "int4_qat",
+    "int4_rowwise_ptq",
+    "int8_ptq",
+    "int8_qat",
+    "mixed_int4_int8",
+    "mixed_robe_int4",
+    "robe_1000x",
+    "robe_100x",
+)
 
 FINETUNE = """
 [finetune]
@@ -71,18 +81,24 @@ def test_builtin_contents() -> None:
     assert qat.finetune == TrainConfig(
         epochs=1.0,
         batch_size=2048,
-        optimizer="adagrad",
-        lr_embedding=0.01,
-        lr_dense=0.001,
+        optimizer="sgd",
+        lr_embedding=0.3,
+        lr_dense=0.0005,
         eval_every=200,
         keep_best=True,
         seed=0,
     )
     assert qat.needs_finetune
     assert load_recipe("int8_qat").finetune == qat.finetune
-    for name, bits, granularity in (("int8_ptq", 8, "row"), ("int4_ptq", 4, "table"), ("int4_rowwise_ptq", 4, "row")):
+    for name, bits, granularity in (
+        ("int8_ptq", 8, "row"),
+        ("int4_ptq", 4, "table"),
+        ("int4_rowwise_ptq", 4, "row"),
+    ):
         ptq = load_recipe(name)
-        assert ptq.rules == (TableRule(match=("*",), method="ptq", bits=bits, granularity=granularity),)
+        assert ptq.rules == (
+            TableRule(match=("*",), method="ptq", bits=bits, granularity=granularity),
+        )
         assert ptq.finetune is None and not ptq.needs_finetune
     mixed = load_recipe("mixed_int4_int8")
     assert [(r.min_rows, r.max_rows, r.method, r.bits) for r in mixed.rules] == [

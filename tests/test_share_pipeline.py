@@ -59,11 +59,19 @@ def test_shared_tables_compress_and_write(tmp_path, dtype):
     assert written.manifest["bytes"]["tables"] == plan.embedding_bytes_after
     # the stored array, hashed by the manifest's parameters, gives the model's rows
     entry = next(t for t in written.manifest["tables"] if t["name"] == "t_cat_3")
-    scale = np.load(tmp_path / "out" / group["files"]["scale"]) if "scale" in group["files"] else 1.0
+    scale = (
+        np.load(tmp_path / "out" / group["files"]["scale"]) if "scale" in group["files"] else 1.0
+    )
     array = torch.from_numpy(stored.astype(np.float32) * scale)
     ids = torch.arange(0, 5000, 37)
-    cells = robe_indices(ids, entry["table_offset"], 8, group["block_size"], group["cells"],
-                         robe_constants(group["seed"]))
+    cells = robe_indices(
+        ids,
+        entry["table_offset"],
+        8,
+        group["block_size"],
+        group["cells"],
+        robe_constants(group["seed"]),
+    )
     assert torch.equal(array[cells], robe[0].lookup_rows("t_cat_3", ids).detach())
 
 
@@ -82,8 +90,9 @@ def test_shared_resume_equals_uninterrupted(tmp_path):
     state = tmp_path / "state.pt"
     first, _ = prepare_model(job.module, job.spec, plan, counts)
     fit(first, tr, va, job.spec.feature_names, plan.recipe.finetune, state_path=state, stop_after=5)
-    resumed = pipeline.compress(pipeline.load(ckpt), plan, data=train, valid=valid, state_path=state,
-                                resume=True)
+    resumed = pipeline.compress(
+        pipeline.load(ckpt), plan, data=train, valid=valid, state_path=state, resume=True
+    )
     assert resumed.train.resumed_from == 5
     assert resumed.metrics["compressed"] == straight.metrics["compressed"]
     a = [p for p in embedding_parts(straight.model) if isinstance(p, RobeEmbeddingBagCollection)][0]
@@ -100,3 +109,25 @@ def test_budget_below_block_size_is_a_recipe_error(tmp_path):
     path.write_text(RECIPE.replace("block_size = 4", "block_size = 0").replace("{dtype}", "fp32"))
     with pytest.raises(RecipeError, match="block_size"):
         pipeline.plan(pipeline.load(ckpt), path)
+
+
+def test_manifest_without_hash_seed_is_refused(tmp_path):
+    import json
+
+    from compress.errors import ArtifactError
+    from exporters.load import load_artifacts
+
+    ckpt, train, valid, _ = tiny_world(tmp_path)
+    job = pipeline.load(ckpt)
+    result = pipeline.compress(job, pipeline.plan(job, _recipe(tmp_path)), valid=valid, steps=2)
+    artifacts.save(result, tmp_path / "out")
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["shared_arrays"][0]["seed"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="missing seed"):
+        load_artifacts(tmp_path / "out")
+    manifest["shared_arrays"][0]["seed"] = 7  # constants no longer match the seed
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="do not match seed 7"):
+        load_artifacts(tmp_path / "out")

@@ -29,7 +29,9 @@ def _export(tmp_path, recipe: str):
 def test_pooled_embeddings_equal_ours(tmp_path, bits: int) -> None:
     recipe = f'name = "rows"\n[[tables]]\nmatch = ["*"]\nmethod = "ptq"\nbits = {bits}\ngranularity = "row"\n'
     job, result, out = _export(tmp_path, recipe)
-    ebc = quantized_ebc_from_artifacts(out, chunk_rows=1000)  # several chunks for the 5000-row table
+    ebc = quantized_ebc_from_artifacts(
+        out, chunk_rows=1000
+    )  # several chunks for the 5000-row table
     data = sample_multihot(job.spec, 3000, seed=bits, max_bag=4)  # a fifth of the bags empty
     kjt = data.to_batch(job.spec.feature_names).sparse
     ours = result.model.sparse_arch.embedding_bag_collection(kjt)
@@ -46,8 +48,12 @@ def test_pooled_embeddings_equal_ours(tmp_path, bits: int) -> None:
     assert type(weight) is wrapper
     raw = weight if bits == 8 else weight.view(torch.uint8)
     codes = qm.unpack_nbit(torch.from_numpy(table.arrays["data"].copy()), bits, table.embedding_dim)
-    rows = qm.to_fbgemm_inference_rows(codes, torch.from_numpy(table.arrays["scale"].copy()),
-                                       torch.from_numpy(table.arrays["bias"].copy()), bits)
+    rows = qm.to_fbgemm_inference_rows(
+        codes,
+        torch.from_numpy(table.arrays["scale"].copy()),
+        torch.from_numpy(table.arrays["bias"].copy()),
+        bits,
+    )
     assert torch.equal(raw, rows)
     # in a TorchRec DLRM: same logits as the converted model
     dense = torch.from_numpy(data.dense)
@@ -58,8 +64,10 @@ def test_pooled_embeddings_equal_ours(tmp_path, bits: int) -> None:
 
 
 def test_tables_that_are_not_rowwise_are_refused(tmp_path) -> None:
-    recipe = ('name = "mix"\n[[tables]]\nmatch = ["t_cat_1"]\nmethod = "ptq"\nbits = 4\n'
-              'granularity = "table"\n[[tables]]\nmatch = ["*"]\nmethod = "ptq"\nbits = 4\n')
+    recipe = (
+        'name = "mix"\n[[tables]]\nmatch = ["t_cat_1"]\nmethod = "ptq"\nbits = 4\n'
+        'granularity = "table"\n[[tables]]\nmatch = ["*"]\nmethod = "ptq"\nbits = 4\n'
+    )
     _, _, out = _export(tmp_path, recipe)
     with pytest.raises(ArtifactError, match="table 't_cat_1' has layout 'tablewise'.*row-wise"):
         quantized_ebc_from_artifacts(out)

@@ -9,10 +9,17 @@ from helpers import tiny_world
 from compress.dataset import Dataset
 from compress.errors import DqrmError
 from compress.model import load_model
-from compress.train import TrainConfig, batch_stream, fit
+from compress.train import TrainConfig, batch_stream, bce_loss, fit
 
-CONFIG = TrainConfig(steps=12, batch_size=256, lr_embedding=0.05, lr_dense=0.01, eval_every=4,
-                     checkpoint_every=3, seed=3)
+CONFIG = TrainConfig(
+    steps=12,
+    batch_size=256,
+    lr_embedding=0.05,
+    lr_dense=0.01,
+    eval_every=4,
+    checkpoint_every=3,
+    seed=3,
+)
 
 
 def _setup(tmp_path):
@@ -28,8 +35,12 @@ def _weights(model):
 def test_batches_depend_only_on_seed_and_step(tmp_path):
     _, train, _ = _setup(tmp_path)
     names = train.feature_names
-    full = [b.labels for _, b in zip(range(30), batch_stream(train, names, 256, 7, 0), strict=False)]
-    late = [b.labels for _, b in zip(range(10), batch_stream(train, names, 256, 7, 20), strict=False)]
+    full = [
+        b.labels for _, b in zip(range(30), batch_stream(train, names, 256, 7, 0), strict=False)
+    ]
+    late = [
+        b.labels for _, b in zip(range(10), batch_stream(train, names, 256, 7, 20), strict=False)
+    ]
     for a, b in zip(full[20:], late, strict=True):
         assert torch.equal(a, b)
 
@@ -53,7 +64,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     first = load_model(job.checkpoint.path).module
     partial = fit(first, train, valid, names, CONFIG, state_path=state, stop_after=7)
     assert partial.steps == 7 and state.exists()
-    second = load_model(job.checkpoint.path).module  # a fresh process would start from the checkpoint
+    second = load_model(
+        job.checkpoint.path
+    ).module  # a fresh process would start from the checkpoint
     r_resumed = fit(second, train, valid, names, CONFIG, state_path=state, resume=True)
     assert r_resumed.resumed_from == 7 and r_resumed.steps == 12
     ws, wr = _weights(straight), _weights(second)
@@ -73,22 +86,38 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 def test_keep_best_restores_best_evaluation(tmp_path):
     job, train, valid = _setup(tmp_path)
-    fit(job.module, train, valid, job.spec.feature_names, TrainConfig(epochs=3, batch_size=256, seed=0))
-    # a learning rate this large hurts the trained model: step 0 stays the best and is restored
-    wild = TrainConfig(steps=8, batch_size=256, lr_embedding=5.0, lr_dense=5.0, eval_every=4, seed=0,
-                       optimizer="sgd")
+    fit(
+        job.module,
+        train,
+        valid,
+        job.spec.feature_names,
+        TrainConfig(epochs=3, batch_size=256, seed=0),
+    )
+    # gradient ascent on the loss makes every later evaluation worse: step 0 is kept and restored
+    config = TrainConfig(
+        steps=8, batch_size=256, lr_embedding=0.05, lr_dense=0.05, eval_every=4, seed=0
+    )
     before = _weights(job.module)
-    result = fit(job.module, train, valid, job.spec.feature_names, wild)
-    assert result.history[0]["step"] == 0
+    result = fit(
+        job.module,
+        train,
+        valid,
+        job.spec.feature_names,
+        config,
+        loss_fn=lambda model, batch: -bce_loss(model, batch),
+    )
+    assert [e["step"] for e in result.history] == [0, 4, 8]
+    assert result.history[0]["metrics"]["auc"] > result.history[-1]["metrics"]["auc"]
     best = max(result.history, key=lambda e: e["metrics"]["auc"])
-    assert result.best_step == best["step"]
-    assert result.best_step == 0, result.history
+    assert result.best_step == best["step"] == 0
     after = _weights(job.module)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_divergence_is_a_clear_error(tmp_path):
     job, train, valid = _setup(tmp_path)
-    wild = TrainConfig(steps=20, batch_size=256, lr_embedding=1e6, lr_dense=1e6, seed=0, optimizer="sgd")
+    wild = TrainConfig(
+        steps=20, batch_size=256, lr_embedding=1e6, lr_dense=1e6, seed=0, optimizer="sgd"
+    )
     with pytest.raises(DqrmError, match="diverged"):
         fit(job.module, train, None, job.spec.feature_names, wild)

@@ -1,0 +1,123 @@
+"""Row-wise artifacts as TorchRec's quantized ``EmbeddingBagCollection`` (FBGEMM kernels).
+
+For users who serve with TorchRec instead of ONNX Runtime: :func:`quantized_ebc_from_artifacts`
+builds a ``torchrec.quant.embedding_modules.EmbeddingBagCollection`` (``DataType.INT8``, ``INT4``
+or ``INT2`` per table; FBGEMM's ``IntNBitTableBatchedEmbeddingBagsCodegen`` inference kernels) whose
+rows are the stored rows, converted with :func:`compress.quant_math.to_fbgemm_inference_rows` into
+the kernel's layout ``[fp16 scale][fp16 bias][packed codes][zeros to 16 bytes]``. It does what
+``EmbeddingBagCollection.from_float`` does after quantizing, minus the quantizing: the module is
+built empty (FBGEMM allocates the rows) and the stored rows are copied in, ``chunk_rows`` at a time,
+so a large table is never held twice. The state dict then holds those rows as
+``embedding_bags.<table>.weight`` (wrapped in ``UInt4Tensor``/``UInt2Tensor`` at INT4/INT2, like
+``from_float``'s).
+
+Only row-wise tables (recipe ``granularity = "row"``) have FBGEMM's format; any other table is an
+:class:`~compress.errors.ArtifactError`. Pooled outputs equal the ONNX graph's and the PyTorch
+converted model's (the dequantization ``q * scale + bias`` is exact in both).
+
+Example::
+
+    ebc = quantized_ebc_from_artifacts("out/dlrm.int4_rowwise_ptq")
+    model.sparse_arch.embedding_bag_collection = ebc   # a TorchRec DLRM with FBGEMM INT4 tables
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+
+from compress import quant_math as qm
+from compress.errors import ArtifactError
+from exporters.load import Artifacts, TableArrays, load_artifacts
+
+#: FBGEMM data type of a row-wise table of ``bits``.
+DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
+DEFAULT_CHUNK_ROWS = 65_536
+
+
+def _check_rowwise(arts: Artifacts, table: TableArrays) -> None:
+    if table.layout != "rowwise" or table.bits not in DATA_TYPES:
+        raise ArtifactError(
+            f"{arts.path}: table {table.name!r} has layout {table.layout!r}; TorchRec's quantized "
+            "EmbeddingBagCollection takes row-wise INT8/INT4/INT2 tables only (recipe granularity "
+            '"row")'
+        )
+
+
+def table_configs(tables: Sequence[TableArrays]) -> list[EmbeddingBagConfig]:
+    """TorchRec configs (sum pooling, FBGEMM data type by bits) of row-wise tables."""
+    return [
+        EmbeddingBagConfig(
+            name=t.name,
+            embedding_dim=t.embedding_dim,
+            num_embeddings=t.num_embeddings,
+            feature_names=list(t.feature_names),
+            data_type=DATA_TYPES[int(t.bits)],
+        )
+        for t in tables
+    ]
+
+
+def inference_rows(table: TableArrays, start: int, stop: int, row_alignment: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a row-wise table in FBGEMM's inference layout (uint8)."""
+    bits = int(table.bits)
+    packed = torch.from_numpy(np.array(table.arrays["data"][start:stop]))
+    scale = torch.from_numpy(np.array(table.arrays["scale"][start:stop]))
+    bias = torch.from_numpy(np.array(table.arrays["bias"][start:stop]))
+    codes = qm.unpack_nbit(packed, bits, table.embedding_dim)
+    return qm.to_fbgemm_inference_rows(codes, scale, bias, bits, row_alignment)
+
+
+def _row_views(ebc: QuantEmbeddingBagCollection) -> dict[str, torch.Tensor]:
+    """Each table's rows (padded, ``[R, row bytes]`` uint8) inside the FBGEMM module's buffer."""
+    views = {}
+    for tables, module in zip(ebc._key_to_tables.values(), ebc._emb_modules, strict=True):
+        splits = module.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)
+        for cfg, (rows, _, _) in zip(tables, splits, strict=True):
+            views[cfg.name] = rows
+    return views
+
+
+def quantized_ebc_from_artifacts(
+    artifacts: Artifacts | str | Path,
+    tables: Sequence[str] | None = None,
+    *,
+    row_alignment: int = qm.ROW_ALIGNMENT,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> QuantEmbeddingBagCollection:
+    """TorchRec's quantized EBC over the row-wise ``tables`` of an artifact directory (default:
+    every table, in the model's order; loaded and verified when given a path)."""
+    arts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
+    names = list(tables) if tables is not None else list(arts.tables)
+    unknown = [n for n in names if n not in arts.tables]
+    if unknown:
+        raise ArtifactError(f"{arts.path}: no table {unknown} (it has {list(arts.tables)})")
+    selected = [arts.tables[n] for n in names]
+    for t in selected:
+        _check_rowwise(arts, t)
+    ebc = QuantEmbeddingBagCollection(
+        tables=table_configs(selected),
+        is_weighted=False,
+        device=torch.device("cpu"),
+        output_dtype=torch.float,
+        row_alignment=row_alignment,
+    )
+    views = _row_views(ebc)
+    for t in selected:
+        dest = views[t.name]
+        if dest.shape != (
+            t.num_embeddings,
+            qm.inference_row_bytes(t.embedding_dim, int(t.bits), row_alignment),
+        ):
+            raise ArtifactError(
+                f"{arts.path}: table {t.name!r}: FBGEMM rows {list(dest.shape)} do not fit"
+            )
+        for start in range(0, t.num_embeddings, chunk_rows):
+            stop = min(t.num_embeddings, start + chunk_rows)
+            dest[start:stop].copy_(inference_rows(t, start, stop, row_alignment))
+    return ebc
