@@ -419,6 +419,9 @@ def compress_cmd(
         "ratio": the_plan.bytes_before / the_plan.bytes_after,
         "metrics": result.metrics,
         "notes": result.notes,
+        "onnx_max_abs_diff": (written.manifest.get("onnx") or {})
+        .get("parity", {})
+        .get("max_abs_diff"),
         "train": None
         if result.train is None
         else {
@@ -453,6 +456,11 @@ def _format_before_after(s: dict) -> str:
                 f"{format_bytes(size):>13}"
             )
     lines.append(f"ratio {s['ratio']:.2f}x   artifacts: {s['out']}")
+    if s.get("onnx_max_abs_diff"):
+        worst = max(s["onnx_max_abs_diff"].values())
+        lines.append(
+            f"ONNX Runtime parity: max |logit difference| vs PyTorch {worst:.2g} (limit 1e-5)"
+        )
     return "\n".join(lines)
 
 

@@ -81,6 +81,7 @@ def save(
         raise ArtifactError(f"{out_dir}: already exists (use --force to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    stage.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual mode
     try:
         manifest = _write_contents(result, stage)
         for writer in extra_writers:
@@ -312,6 +313,12 @@ def _replace_dir(stage: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, out_dir)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
