@@ -1,10 +1,11 @@
 """Fine-tuning without data: distil the compressed model from the original on sampled inputs.
 
-When a QAT recipe runs without ``--data``, the teacher (the original FP32 model) labels inputs drawn
-from its own tables: each sparse feature one id per bag, uniform over the table's rows; dense
-features standard normal (the true dense distribution is unknown without data). The student is
-trained on the teacher's click probabilities as soft labels with the ordinary loop. This keeps the
-compressed model close to the original; real click data does better, and the CLI says so.
+When a recipe that fine-tunes runs without ``--data``, the teacher (the original FP32 model) labels
+inputs drawn from its own tables: each sparse feature one id per bag, uniform over the table's rows
+(the access frequencies are unknown without data); dense features standard normal (the true dense distribution is unknown without
+data). The student is trained on the teacher's click probabilities as soft labels with the
+ordinary loop; a ``--valid`` set, when given, still selects the best step. This keeps the compressed
+model close to the original; real click data does better, and the CLI says so.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def distill(
     spec: DLRMSpec,
     config: TrainConfig,
     *,
+    valid: Dataset | None = None,
     samples: int = DISTILL_SAMPLES,
     state_path: str | Path | None = None,
     resume: bool = False,
@@ -63,7 +65,7 @@ def distill(
     return fit(
         student,
         soft,
-        None,
+        valid,
         spec.feature_names,
         config,
         state_path=state_path,

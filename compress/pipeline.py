@@ -107,14 +107,17 @@ def compress(
     counts = row_counts(train_ds, job.spec) if train_ds is not None and plan.share_groups else None
     model, shared = prepare_model(job.module, job.spec, plan, counts)
     for g in shared:
+        weighted = "row-frequency weighted " if g.projection == "frequency" else ""
         notes.append(
             f"shared array {g.name}: {g.module.config.array_size:,} cells initialised by the "
-            f"{'access-frequency weighted ' if g.projection == 'frequency' else ''}least-squares projection "
-            f"of {len(g.module.tables)} trained tables (reconstruction RMSE {g.report.rmse:.4g})"
+            f"{weighted}least-squares projection of {len(g.module.tables)} trained tables "
+            f"(reconstruction RMSE {g.report.rmse:.4g})"
         )
-        if g.projection != _requested_projection(plan, g.name):
+        requested = next(p.projection for p in plan.share_groups if p.name == g.name)
+        if g.projection != requested:
             notes.append(
-                f"shared array {g.name}: no training data to count row frequencies; unweighted projection used"
+                f"shared array {g.name}: no training data to count row frequencies, so every row "
+                "weighs the same in the projection; give --data for the frequency-weighted one"
             )
     train_result = None
     if plan.needs_finetune:
@@ -145,8 +148,18 @@ def compress(
                 "from its own tables; fine-tune on real click data for best quality"
             )
             train_result = distill(
-                job.module, model, job.spec, config, state_path=state_path, resume=resume, log=log
+                job.module,
+                model,
+                job.spec,
+                config,
+                valid=valid_ds,
+                state_path=state_path,
+                resume=resume,
+                log=log,
             )
+            first = train_result.history[0] if train_result.history else None
+            if first is not None and first["step"] == 0:
+                metrics["before_finetune"] = first["metrics"]
     model = convert_model(model)
     if valid_ds is not None:
         metrics["compressed"] = evaluate_model(model, valid_ds, names)
@@ -170,10 +183,6 @@ def compress(
             else (f"last {VALID_FRACTION:.0%} of {_name(data)}" if data is not None else None),
         },
     )
-
-
-def _requested_projection(plan: Plan, group: str) -> str:
-    return next(g.projection for g in plan.share_groups if g.name == group)
 
 
 def row_counts(data: Dataset, spec: DLRMSpec) -> dict[str, torch.Tensor]:
