@@ -7,6 +7,7 @@ whose tables are larger than RAM still loads, and pages are read only when rows 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from compress.architecture import EBC_PREFIX, infer_spec, load_model_config
 from compress.checkpoint import Checkpoint, load_tensors, open_checkpoint
 from compress.errors import CheckpointError
-from compress.spec import DLRMSpec
+from compress.spec import DLRMSpec, TableSpec
 
 
 @dataclass
@@ -64,7 +65,7 @@ def load_model(path: str | Path, model_config: str | Path | dict | None = None) 
 def build_model(spec: DLRMSpec, device: str | torch.device = "cpu") -> nn.Module:
     """A freshly initialised TorchRec model with ``spec``'s shapes (``device="meta"`` allocates nothing)."""
     device = torch.device(device)
-    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(spec), device=device)
+    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(spec.tables), device=device)
     common = {
         "embedding_bag_collection": ebc,
         "dense_in_features": spec.dense_in_features,
@@ -87,7 +88,8 @@ def build_model(spec: DLRMSpec, device: str | torch.device = "cpu") -> nn.Module
     raise ValueError(f"unknown model class {spec.model_class}")
 
 
-def embedding_bag_configs(spec: DLRMSpec) -> list[EmbeddingBagConfig]:
+def embedding_bag_configs(tables: Sequence[TableSpec]) -> list[EmbeddingBagConfig]:
+    """TorchRec configs (sum pooling, FP32) of ``tables``, in order."""
     return [
         EmbeddingBagConfig(
             name=t.name,
@@ -95,7 +97,7 @@ def embedding_bag_configs(spec: DLRMSpec) -> list[EmbeddingBagConfig]:
             num_embeddings=t.num_embeddings,
             feature_names=list(t.feature_names),
         )
-        for t in spec.tables
+        for t in tables
     ]
 
 

@@ -29,6 +29,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compress import quant_math as qm
+from compress.model import embedding_bag_configs
 from compress.spec import TableSpec
 
 TABLE_METHODS = ("keep", "fp16", "ptq", "qat")
@@ -116,15 +117,7 @@ class _CollectionBase(nn.Module):
         self._feature_table = [(f, t.name) for t in self.tables for f in t.feature_names]
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return [
-            EmbeddingBagConfig(
-                name=t.name,
-                embedding_dim=t.embedding_dim,
-                num_embeddings=t.num_embeddings,
-                feature_names=list(t.feature_names),
-            )
-            for t in self.tables
-        ]
+        return embedding_bag_configs(self.tables)
 
     def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -747,6 +747,12 @@ def tablewise_quantize(
     Returns:
         ``(q, scale)``: int8 codes shaped like ``w``, and the scale used.
     """
+    q, scale = _tablewise_codes(w, bits, scale)
+    return q.to(torch.int8), scale
+
+
+def _tablewise_codes(w: torch.Tensor, bits: int, scale: float | None) -> tuple[torch.Tensor, float]:
+    """Float32 codes ``clamp(rint(w / s), -2^(b-1), 2^(b-1) - 1)`` and the scale ``s`` used."""
     bits = _check_bits(bits)
     if scale is None:
         scale = table_scale(w, bits)
@@ -754,8 +760,7 @@ def tablewise_quantize(
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"table-wise scale must be positive and finite, got {scale!r}")
     lo, hi = -(1 << (bits - 1)), _qmax_symmetric(bits)
-    q = torch.div(w.detach().to(torch.float32), scale).round_().clamp_(lo, hi)
-    return q.to(torch.int8), scale
+    return torch.div(w.detach().to(torch.float32), scale).round_().clamp_(lo, hi), scale
 
 
 def tablewise_dequantize(q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -769,15 +774,8 @@ def fake_quantize_tablewise(w: torch.Tensor, scale: float | None, bits: int) -> 
     ``scale=None`` computes :func:`table_scale` of ``w`` itself. For QAT that quantizes only the
     gathered rows, pass the table's (periodically refreshed) scale.
     """
-    bits = _check_bits(bits)
-    if scale is None:
-        scale = table_scale(w, bits)
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"table-wise scale must be positive and finite, got {scale!r}")
-    lo, hi = -(1 << (bits - 1)), _qmax_symmetric(bits)
-    out = torch.div(w.detach().to(torch.float32), scale).round_().clamp_(lo, hi)
-    return out.mul_(scale)
+    codes, scale = _tablewise_codes(w, bits, scale)
+    return codes.mul_(scale)
 
 
 def tablewise_scale_fits_fbgemm(scale: float, bits: int) -> bool:

@@ -110,11 +110,21 @@ def ort_session(
     is what fused ``MatMulNBits`` nodes use (1: float32 activations; 4: ORT's default, int8
     activations, faster and approximate). Models with external data must be given by path.
     """
-    options = ort.SessionOptions()
     config = {
         **SESSION_CONFIG,
         "session.qdq_matmulnbits_accuracy_level": str(matmul_accuracy_level),
     }
+    return make_session(model, config, threads)
+
+
+def make_session(
+    model: str | Path | bytes | onnx.ModelProto,
+    config: Mapping[str, str],
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """A CPU ``InferenceSession`` with the session ``config`` entries, one inter-op thread and
+    ``threads`` intra-op threads (``None``: ORT's default). Models with external data: by path."""
+    options = ort.SessionOptions()
     for key, value in config.items():
         options.add_session_config_entry(key, value)
     options.inter_op_num_threads = 1

@@ -35,7 +35,7 @@ from compress.errors import DataError
 from compress.metrics import evaluate as score_logits
 from exporters.load import Artifacts, load_artifacts
 from exporters.onnx_spec import SESSION_CONFIG
-from exporters.onnx_validate import run_session
+from exporters.onnx_validate import make_session, run_session
 
 DENSE_INPUT = "dense"
 LOGITS = "logits"
@@ -53,17 +53,7 @@ def serving_session(
 ) -> ort.InferenceSession:
     """A CPU ``InferenceSession`` with :data:`SERVING_SESSION_CONFIG`; ``threads`` sets
     ``intra_op_num_threads`` (``None``: ORT's default). Models with external data: by path."""
-    options = ort.SessionOptions()
-    for key, value in SERVING_SESSION_CONFIG.items():
-        options.add_session_config_entry(key, value)
-    options.inter_op_num_threads = 1
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif isinstance(model, Path):
-        model = str(model)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return make_session(model, SERVING_SESSION_CONFIG, threads)
 
 
 def dataset_feeds(
