@@ -373,9 +373,13 @@ def compress_cmd(
     from compress.errors import ArtifactError
     from compress.plan import format_plan
     from exporters import artifacts
+    from compress.errors import DataError
     from exporters.onnx_writer import onnx_writer
 
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
+    for path in (data_path, valid_path):
+        if path is not None and not path.exists():
+            raise DataError(f"{path}: no such file or directory")
     job = pipeline.load(checkpoint, _config_or_sidecar(checkpoint, model_config))
     the_plan = pipeline.plan(job, recipe)
     out_dir = (
