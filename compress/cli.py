@@ -370,10 +370,9 @@ def compress_cmd(
 ) -> None:
     """Compress CHECKPOINT following a recipe: plan, quantize, fine-tune, evaluate, write artifacts."""
     from compress import pipeline
-    from compress.errors import ArtifactError
+    from compress.errors import ArtifactError, DataError
     from compress.plan import format_plan
     from exporters import artifacts
-    from compress.errors import DataError
     from exporters.onnx_writer import onnx_writer
 
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
