@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {e}", err=True)
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("interrupted", err=True)
         return 130
     except click.ClickException as e:

@@ -134,6 +134,7 @@ def fit(
     optimizers = [o for o in (opt_emb, opt_dense) if o is not None]
 
     step, best_step, best_metrics, best_state, history = 0, 0, None, None, []
+    running = 0.0  # exponential moving average of the training loss, as logged
     state_path = Path(state_path) if state_path else None
     resumed_from = 0
     if resume:
@@ -154,6 +155,7 @@ def fit(
             saved["history"],
         )
         best_state = saved.get("best_state")
+        running = saved["running_loss"]
         torch.set_rng_state(saved["torch_rng"])
         resumed_from = step
 
@@ -181,6 +183,7 @@ def fit(
             "best_state": best_state,
             "history": history,
             "torch_rng": torch.get_rng_state(),
+            "running_loss": running,
         }
         tmp = state_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -197,7 +200,7 @@ def fit(
 
     model.train()
     t0 = time.perf_counter()
-    samples, running = 0, 0.0
+    samples = 0
     stream = batch_stream(train, feature_names, config.batch_size, config.seed, step)
     bar = _bar(total, step)
     end = total if stop_after is None else min(total, step + stop_after)

@@ -1,0 +1,64 @@
+"""Ctrl-C during fine-tuning leaves no output directory, and --resume ends where an
+uninterrupted run ends (same artifacts)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import tiny_world
+
+RECIPE = """
+name = "slow"
+[[tables]]
+match = ["*"]
+method = "qat"
+bits = 4
+granularity = "row"
+[finetune]
+steps = 600
+batch_size = 256
+eval_every = 200
+checkpoint_every = 10
+"""
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "compress", "--no-progress", *args]
+
+
+def test_ctrl_c_then_resume(tmp_path):
+    ckpt, train, valid, _ = tiny_world(tmp_path)
+    recipe = tmp_path / "slow.toml"
+    recipe.write_text(RECIPE)
+    common = ["--recipe", str(recipe), str(ckpt), "--data", str(train), "--valid", str(valid)]
+    out, state = tmp_path / "out", tmp_path / ".out.train-state.pt"
+
+    proc = subprocess.Popen(_cli(*common, "--out", str(out)), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("interrupted")
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    assert state.exists()
+
+    resumed = subprocess.run(
+        _cli(*common, "--out", str(out), "--resume", "--json"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["train"]["resumed_from"] > 0
+    assert not state.exists()  # removed once the artifacts are written
+
+    straight = subprocess.run(
+        _cli(*common, "--out", str(tmp_path / "straight")), capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr
+    files_a = json.loads((out / "manifest.json").read_text())["files"]
+    files_b = json.loads((tmp_path / "straight" / "manifest.json").read_text())["files"]
+    assert files_a == files_b
