@@ -369,8 +369,7 @@ def compress_cmd(
     from compress import pipeline
     from compress.errors import ArtifactError, DataError
     from compress.plan import format_plan
-    from exporters import artifacts
-    from exporters.onnx_writer import onnx_writer
+    from exporters.export import export
 
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
     for path in (data_path, valid_path):
@@ -406,9 +405,7 @@ def compress_cmd(
         log=log,
         on_bad_line=on_bad_line,
     )
-    written = artifacts.save(
-        result, out_dir, force=force, extra_writers=(onnx_writer(result.model),)
-    )
+    written = export(result, out_dir, force=force)
     state_path.unlink(missing_ok=True)
     summary = {
         "out": str(written.path),

@@ -6,7 +6,7 @@
     >>> result = pipeline.compress(job, plan, data="demo/train.npz", valid="demo/valid.npz")
     >>> result.metrics["compressed"]["auc"]
 
-``exporters.artifacts.save(result, out_dir)`` then writes the artifact directory (the CLI does both).
+``exporters.export.export(result, out_dir)`` then writes the artifact directory (the CLI does both).
 
 Validation data: ``valid`` when given, else the last 10% of ``data`` (held out from training).
 Without ``data``, a recipe that fine-tunes distils from the original model on inputs sampled from

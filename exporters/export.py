@@ -1,0 +1,25 @@
+"""One call from a compressed model to a complete artifact directory (what the main job writes).
+
+    >>> from exporters.export import export
+    >>> written = export(result, "demo/dlrm.int4_qat")   # tables, dense weights, ONNX, manifest
+
+``onnx=False`` writes only the packed tables, dense weights and manifest
+(:func:`exporters.artifacts.save`); the default adds the ONNX graphs with their parity proof
+(:func:`exporters.onnx_writer.onnx_writer`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.pipeline import CompressionResult
+from exporters.artifacts import WrittenArtifacts, save
+from exporters.onnx_writer import onnx_writer
+
+
+def export(
+    result: CompressionResult, out_dir: str | Path, *, force: bool = False, onnx: bool = True
+) -> WrittenArtifacts:
+    """Write ``result`` to ``out_dir`` atomically, with ONNX graphs unless ``onnx=False``."""
+    writers = (onnx_writer(result.model),) if onnx else ()
+    return save(result, out_dir, force=force, extra_writers=writers)
