@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import pytest
 import torch
 from helpers import make_dlrm, random_inputs
@@ -145,9 +146,13 @@ def test_one_id_bags_pool_to_the_rows_themselves():
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_fbgemm_fast_path_equals_project_quantizer(bits):
-    from compress.qat_embedding import _fbgemm_fake_quantize_rowwise
-
-    w = torch.randn(512, 16) * torch.logspace(-3, 3, 512).unsqueeze(1)
+def test_fast_fake_quant_equals_fbgemm(bits):
+    w = torch.randn(512, 16) * torch.logspace(-3, 4, 512).unsqueeze(1)
     w[5] = 0.7  # a constant row
-    assert torch.equal(_fbgemm_fake_quantize_rowwise(w, bits), qm.fake_quantize_rowwise(w, bits))
+    w[6] = 1000.3  # fp16(min) > max: FBGEMM's scale goes negative
+    w[7] = 0.0
+    w[8, ::2] = -2.5e4  # large magnitudes
+    rows = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+    reference = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(rows, bits)
+    assert torch.equal(qm.fake_quantize_rowwise_fast(w, bits), reference)
+    assert torch.equal(qm.fake_quantize_rowwise(w, bits), reference)
