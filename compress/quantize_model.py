@@ -36,7 +36,10 @@ from compress.robe import (
 from compress.robe_projection import ProjectionReport, project_module
 from compress.spec import DLRMSpec
 
-SHARE_SEED = 1024  # ROBE's public implementation: numpy.random.RandomState(1024) draws R1, R2, R3
+SHARE_SEED = 1024
+DENSE_GRAD_MAX_CELLS = (
+    1 << 20
+)  # shared arrays up to 4 MB (fp32) take dense gradients  # ROBE's public implementation: numpy.random.RandomState(1024) draws R1, R2, R3
 
 
 @dataclass
@@ -101,7 +104,10 @@ def _prepare_group(group, spec: DLRMSpec, ebc: nn.Module, row_counts) -> SharedG
     pairs = [(t, ebc.embedding_bags[t.name].weight.detach()) for t in tables]
     weights = [row_counts[t.name].double() for t in tables] if weighted else None
     config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=SHARE_SEED)
-    module, report = project_module(pairs, config, row_weights=weights)
+    # A small array trains faster with dense gradients (the optimizer step over every cell costs
+    # less than sparse bookkeeping; the updates are the same): benchmarks/bench_robe.py
+    sparse = group.cells > DENSE_GRAD_MAX_CELLS
+    module, report = project_module(pairs, config, row_weights=weights, sparse=sparse)
     if group.array_dtype != "fp32":
         module.set_quantization(ArrayQuantization(precision=group.array_dtype))
     return SharedGroup(group.name, module, report, "frequency" if weighted else "mean")

@@ -195,8 +195,10 @@ def project_module(
     config: RobeConfig,
     row_weights: Sequence[torch.Tensor | None] | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    sparse: bool = True,
 ) -> tuple[RobeEmbeddingBagCollection, ProjectionReport]:
-    """A :class:`RobeEmbeddingBagCollection` whose array is the projection of ``tables``."""
+    """A :class:`RobeEmbeddingBagCollection` (sparse or dense array gradients) whose array is the
+    projection of ``tables``."""
     array, report = project_tables(
         tables,
         config.array_size,
@@ -205,7 +207,7 @@ def project_module(
         row_weights=row_weights,
         chunk_rows=chunk_rows,
     )
-    module = RobeEmbeddingBagCollection([s for s, _ in tables], config)
+    module = RobeEmbeddingBagCollection([s for s, _ in tables], config, sparse=sparse)
     with torch.no_grad():
         module.weight.copy_(array)
     return module, report

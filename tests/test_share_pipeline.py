@@ -131,3 +131,18 @@ def test_manifest_without_hash_seed_is_refused(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="do not match seed 7"):
         load_artifacts(tmp_path / "out")
+
+
+def test_sparse_and_dense_array_gradients_train_alike(tmp_path, monkeypatch):
+    import compress.quantize_model as qmodel
+
+    ckpt, train, valid, _ = tiny_world(tmp_path)
+    recipe = _recipe(tmp_path)
+    job = pipeline.load(ckpt)
+    dense = pipeline.compress(job, pipeline.plan(job, recipe), data=train, valid=valid)
+    monkeypatch.setattr(qmodel, "DENSE_GRAD_MAX_CELLS", 0)  # every array takes sparse gradients
+    sparse = pipeline.compress(job, pipeline.plan(job, recipe), data=train, valid=valid)
+    (a,) = [p for p in embedding_parts(dense.model) if isinstance(p, RobeEmbeddingBagCollection)]
+    (b,) = [p for p in embedding_parts(sparse.model) if isinstance(p, RobeEmbeddingBagCollection)]
+    assert not a.sparse and b.sparse
+    torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=1e-5)
