@@ -145,19 +145,26 @@ def free() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def bench_fp32(args, batches, grads) -> Result:
-    free()  # the previous variant's table
-    bag = nn.EmbeddingBag(
-        args.rows, args.dim, mode="sum", sparse=True, _weight=make_weight(args.rows, args.dim, 1)
-    )
+def bag_step(bag: nn.Module, batch: int, batches, grads):
+    """One SGD step of an ``EmbeddingBag``-like module on pre-made one-id bags."""
     opt = torch.optim.SGD(bag.parameters(), lr=LR)
-    offsets = torch.arange(args.batch)
+    offsets = torch.arange(batch)
 
     def step(i: int) -> None:
         out = bag(batches[i % N_BATCHES], offsets)
         out.backward(grads[i % N_BATCHES])
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_fp32(args, batches, grads) -> Result:
+    free()  # the previous variant's table
+    bag = nn.EmbeddingBag(
+        args.rows, args.dim, mode="sum", sparse=True, _weight=make_weight(args.rows, args.dim, 1)
+    )
+    step = bag_step(bag, args.batch, batches, grads)
 
     median, times = time_steps(step, args.warmup, args.steps)
     return Result("FP32 nn.EmbeddingBag(sparse)", median, times)
@@ -220,14 +227,7 @@ def bench_whole_table(args, batches, grads, sparse: bool) -> Result:
         qconfig=default_embedding_qat_qconfig_4bit,
         _weight=make_weight(args.rows, args.dim, 1),
     )
-    opt = torch.optim.SGD(bag.parameters(), lr=LR)
-    offsets = torch.arange(args.batch)
-
-    def step(i: int) -> None:
-        out = bag(batches[i % N_BATCHES], offsets)
-        out.backward(grads[i % N_BATCHES])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = bag_step(bag, args.batch, batches, grads)
 
     torch.set_num_threads(args.slow_threads)
     try:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from compress.errors import CheckpointError
 
@@ -63,11 +66,9 @@ def load_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """Every tensor of ``ckpt`` with real data (memory-mapped where the format allows)."""
     if not ckpt.is_lazy:
         return ckpt.tensors
-    import torch.distributed.checkpoint as dcp
-
     state = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in ckpt.tensors.items()}
     try:
-        dcp.load(state, storage_reader=_SafeFileSystemReader(ckpt.path), no_dist=True)
+        dcp.load(state, storage_reader=_SafeFileSystemReader(str(ckpt.path)), no_dist=True)
     except Exception as e:  # DCP raises a CheckpointException wrapping per-rank failures
         raise CheckpointError(
             f"{ckpt.path}: cannot read distributed checkpoint data: {_first_line(e)}"
@@ -131,7 +132,6 @@ def _open_dcp(path: Path) -> Checkpoint:
             f"{path}: not a torch.distributed.checkpoint directory (no .metadata file; {what})"
         )
     metadata = _read_dcp_metadata(meta_path)
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     tensors: dict[str, torch.Tensor] = {}
     for key, item in metadata.state_dict_metadata.items():
@@ -142,7 +142,7 @@ def _open_dcp(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="dcp", tensors=tensors)
 
 
-def _read_dcp_metadata(meta_path: Path):  # -> torch.distributed.checkpoint.metadata.Metadata
+def _read_dcp_metadata(meta_path: Path) -> Metadata:
     data = meta_path.read_bytes()
     try:
         return _RestrictedUnpickler(io.BytesIO(data)).load()
@@ -187,25 +187,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise CheckpointError(f"refused: metadata pickle references {module}.{name}")
 
 
-def _safe_reader_class():
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+class _SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader with its ``.metadata`` read by the restricted unpickler."""
 
-    class SafeFileSystemReader(FileSystemReader):
-        """FileSystemReader whose metadata is read by the restricted unpickler."""
-
-        def read_metadata(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            metadata = _read_dcp_metadata(Path(self.path) / ".metadata")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeFileSystemReader
-
-
-def _SafeFileSystemReader(path: Path):  # noqa: N802 - factory that reads like a class
-    return _safe_reader_class()(str(path))
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = _read_dcp_metadata(Path(self.path) / ".metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def build_model(spec: DLRMSpec, device: str | torch.device = "cpu") -> nn.Module
 
 
 def embedding_bag_configs(tables: Sequence[TableSpec]) -> list[EmbeddingBagConfig]:
-    """TorchRec configs (sum pooling, FP32) of ``tables``, in order."""
+    """TorchRec configs (sum pooling, FP32) of ``tables``, in order (anything with ``name``,
+    ``num_embeddings``, ``embedding_dim`` and ``feature_names``, such as a :class:`TableSpec`)."""
     return [
         EmbeddingBagConfig(
             name=t.name,

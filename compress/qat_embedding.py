@@ -107,6 +107,8 @@ class _CollectionBase(nn.Module):
         super().__init__()
         self.tables = list(tables)
         self._feature_table = [(f, t.name) for t in self.tables for f in t.feature_names]
+        self._keys = [f for f, _ in self._feature_table]
+        self._dims = [t.embedding_dim for t in self.tables for _ in t.feature_names]
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return embedding_bag_configs(self.tables)
@@ -120,10 +122,9 @@ class _CollectionBase(nn.Module):
         for feature, table in self._feature_table:
             jt = jagged[feature]
             pooled.append(pool_bags(self._lookup(table, jt.values()), jt.lengths()))
-        dims = {t.name: t.embedding_dim for t in self.tables}
         return KeyedTensor(
-            keys=[f for f, _ in self._feature_table],
-            length_per_key=[dims[t] for _, t in self._feature_table],
+            keys=self._keys,
+            length_per_key=self._dims,
             values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
 

@@ -110,30 +110,35 @@ def _int64(values: list[int] | int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
-def add_unpack(gb: GraphBuilder, packed_rows: str, ids: str | None, bits: int, dim: int) -> str:
-    """uint8 ``[N, D*bits/8]`` packed rows -> uint8 codes ``[N, D]`` (low bits first).
+def _interleave_codes(gb: GraphBuilder, packed: str, bits: int, axis: int) -> str:
+    """Split every packed byte into its ``8 // bits`` codes (low bits first) along a new ``axis``.
 
-    The output shape is ``[len(ids), D]``; without ``ids``, ``[-1, D]`` (``N`` must then be > 0).
-
-    Each code position within a byte is one ``BitShift`` and ``BitwiseAnd`` by a *scalar* (ORT's
-    vectorized fast path; a broadcast ``[per_byte]`` shift vector ran 4-8x slower), then the
-    pieces are interleaved with one ``Concat`` on a new last axis.
+    Each code position is one ``BitShift`` and ``BitwiseAnd`` by a *scalar* (ORT's vectorized fast
+    path; a broadcast ``[per_byte]`` shift vector ran 4-8x slower), then one ``Concat``.
     """
-    if bits == 8:
-        return packed_rows
     per_byte = 8 // bits
     mask = gb.const("unpack_mask", (1 << bits) - 1, np.uint8)
-    axes = gb.const("axes_last", _int64([-1]))
+    axes = gb.const("axes_last" if axis == -1 else f"axes{axis}", _int64([axis]))
     pieces = []
     for k in range(per_byte):
-        piece = packed_rows
+        piece = packed
         if k:
             shift = gb.const(f"unpack_shift{k * bits}", k * bits, np.uint8)
             piece = gb.op("BitShift", [piece, shift], "shifted", direction="RIGHT")
         if k < per_byte - 1:
             piece = gb.op("BitwiseAnd", [piece, mask], "masked")
-        pieces.append(gb.op("Unsqueeze", [piece, axes], "piece"))  # [N, D*bits/8, 1]
-    codes = gb.op("Concat", pieces, "codes_3d", axis=-1)  # [N, D*bits/8, per_byte]
+        pieces.append(gb.op("Unsqueeze", [piece, axes], "piece"))
+    return gb.op("Concat", pieces, "codes_3d", axis=axis)
+
+
+def add_unpack(gb: GraphBuilder, packed_rows: str, ids: str | None, bits: int, dim: int) -> str:
+    """uint8 ``[N, D*bits/8]`` packed rows -> uint8 codes ``[N, D]`` (low bits first).
+
+    The output shape is ``[len(ids), D]``; without ``ids``, ``[-1, D]`` (``N`` must then be > 0).
+    """
+    if bits == 8:
+        return packed_rows
+    codes = _interleave_codes(gb, packed_rows, bits, axis=-1)  # [N, D*bits/8, per_byte]
     if ids is None:
         shape = gb.const("rows_shape", _int64([-1, dim]))
     else:
@@ -406,19 +411,7 @@ def _unpack_transposed(gb: GraphBuilder, packed_t: str, bits: int, dim: int) -> 
     """uint8 ``[D*bits/8, M]`` packed bytes (one column per row) -> codes ``[D, M]``."""
     if bits == 8:
         return packed_t
-    per_byte = 8 // bits
-    mask = gb.const("unpack_mask", (1 << bits) - 1, np.uint8)
-    axes = gb.const("axes1", _int64([1]))
-    pieces = []
-    for k in range(per_byte):
-        piece = packed_t
-        if k:
-            shift = gb.const(f"unpack_shift{k * bits}", k * bits, np.uint8)
-            piece = gb.op("BitShift", [piece, shift], "shifted", direction="RIGHT")
-        if k < per_byte - 1:
-            piece = gb.op("BitwiseAnd", [piece, mask], "masked")
-        pieces.append(gb.op("Unsqueeze", [piece, axes], "piece"))  # [D*bits/8, 1, M]
-    codes = gb.op("Concat", pieces, "codes_3d", axis=1)  # [D*bits/8, per_byte, M]: d = j*per + k
+    codes = _interleave_codes(gb, packed_t, bits, axis=1)  # [D*bits/8, per_byte, M]: d = j*per + k
     return gb.op("Reshape", [codes, gb.const("codes_t_shape", _int64([dim, -1]))], "codes_t")
 
 

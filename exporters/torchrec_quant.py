@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 
 from compress import quant_math as qm
 from compress.errors import ArtifactError
+from compress.model import embedding_bag_configs
 from exporters.load import Artifacts, TableArrays, load_artifacts
 
 #: FBGEMM data type of a row-wise table of ``bits``.
@@ -52,14 +54,8 @@ def _check_rowwise(arts: Artifacts, table: TableArrays) -> None:
 def table_configs(tables: Sequence[TableArrays]) -> list[EmbeddingBagConfig]:
     """TorchRec configs (sum pooling, FBGEMM data type by bits) of row-wise tables."""
     return [
-        EmbeddingBagConfig(
-            name=t.name,
-            embedding_dim=t.embedding_dim,
-            num_embeddings=t.num_embeddings,
-            feature_names=list(t.feature_names),
-            data_type=DATA_TYPES[int(t.bits)],
-        )
-        for t in tables
+        dataclasses.replace(config, data_type=DATA_TYPES[int(t.bits)])
+        for config, t in zip(embedding_bag_configs(tables), tables, strict=True)
     ]
 
 
