@@ -9,13 +9,18 @@ the backward seeds the pooled ``[B, D]`` output with a fixed random gradient. Va
 - ``QAT keep``: :class:`compress.qat_embedding.QATEmbeddingBagCollection` with the table kept in FP32
   (no fake quant): the cost of the collection itself (KeyedJaggedTensor, pooling, KeyedTensor);
 - ``QAT INT4 row`` / ``QAT INT4 table``: the same collection fake-quantizing the gathered rows at
-  INT4, row-wise or table-wise, driven with a ``KeyedJaggedTensor``. The table-wise scale is rescanned
-  (``max|W|`` over the whole table) every ``scale_refresh = P = 200`` training forwards (DQRM's
-  Kaggle setting). The median step never contains a refresh, so the refresh is timed on its own
-  (``refresh_scale()``, median of 3) and ``refresh / P`` is added: the ``+refresh/P`` row is the
-  amortized cost, the one the targets are checked against. The QAT variants also run enough steps
-  (warm-up + timed >= P + 1 by default) that the module's own refresh fires inside the run;
-  the mean of the timed steps, which includes it, is printed alongside as a cross-check;
+  INT4 (the compiled kernels of :mod:`compress.native`), row-wise or table-wise, driven with a
+  ``KeyedJaggedTensor``. The table-wise scale is refreshed from ``max|W|`` every
+  ``scale_refresh = P = 200`` training forwards (DQRM's Kaggle setting), as the training loop does
+  it: :func:`~compress.qat_embedding.track_scale_updates` keeps a block summary of ``max|W|`` up to
+  date after each optimizer step (its cost is inside every step time) and the refresh reads it.
+  The median step never contains a refresh, so the module's own refreshes, which fire twice inside
+  the run (warm-up + timed >= 2P + 1), are timed where they happen and the slower one / P is added:
+  the ``+refresh/P`` row is the amortized cost, the one the targets are checked against. The
+  summary is built once before the run (its time is printed). ``+rescan/P`` shows the alternative,
+  a whole-table ``max|W|`` pass every P steps (``--no-track`` measures the step without the
+  summary's per-step upkeep). The mean of the timed steps, which includes the in-run refreshes, is
+  printed alongside as a cross-check;
 - ``whole-table``: ``torch.ao.nn.qat.EmbeddingBag`` with ``default_embedding_qat_qconfig_4bit``
   (per-row float-qparams 4-bit ``FakeQuantize``), which observes and fake-quantizes the whole weight
   every forward. Timed twice: with the module's default ``sparse=False`` (dense ``[rows, dim]``
@@ -36,7 +41,7 @@ than whole-table fake quant. ``--profile`` adds a stage-by-stage breakdown of th
 timers around the same calls the module makes) and the top ops of ``torch.profiler``.
 
 Run: ``.venv/bin/python benchmarks/bench_qat_step.py [--rows N] [--dim D] [--batch B] [--steps S]
-[--ids uniform|zipf] [--threads T] [--slow-threads T] [--profile]``
+[--ids uniform|zipf] [--threads T] [--slow-threads T] [--no-track] [--profile]``
 """
 
 from __future__ import annotations
@@ -59,11 +64,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
 
+from compress import native  # noqa: E402
 from compress import quant_math as qm  # noqa: E402
 from compress.qat_embedding import (  # noqa: E402
     QATEmbeddingBagCollection,
     TableQuant,
     pool_bags,
+    track_scale_updates,
 )
 from compress.spec import TableSpec  # noqa: E402
 
@@ -178,10 +185,37 @@ def build_qat(args, quant: TableQuant) -> QATEmbeddingBagCollection:
     )
 
 
+def _median_time(fn: Callable[[], object], n: int = 3) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def bench_qat(args, kjts, grads, name: str, quant: TableQuant) -> list[Result]:
     ebc = build_qat(args, quant)
     ebc.train()
     opt = torch.optim.SGD(ebc.parameters(), lr=LR)
+    table = ebc.embedding_bags[TABLE]
+    build = 0.0
+    if table.refreshes_scale and not args.no_track:
+        track_scale_updates(ebc, opt)
+        t0 = time.perf_counter()
+        table.refresh_scale()  # the first refresh builds the per-row max|W| cache, once
+        build = time.perf_counter() - t0
+
+    in_run: list[float] = []  # the module's own refreshes, timed where they happen
+    if table.refreshes_scale:
+        refresh = table.refresh_scale
+
+        def timed_refresh() -> None:
+            t0 = time.perf_counter()
+            refresh()
+            in_run.append(time.perf_counter() - t0)
+
+        table.refresh_scale = timed_refresh
 
     def step(i: int) -> None:
         out = ebc(kjts[i % N_BATCHES]).values()
@@ -189,28 +223,36 @@ def bench_qat(args, kjts, grads, name: str, quant: TableQuant) -> list[Result]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # enough forwards that the module's own table-wise refresh fires inside the timed window
+    # enough forwards that the module's own table-wise refresh fires twice inside the run
     steps = (
-        max(args.steps, SCALE_REFRESH + 1 - args.warmup) if quant.method == "qat" else args.steps
+        max(args.steps, 2 * SCALE_REFRESH + 1 - args.warmup)
+        if quant.method == "qat"
+        else args.steps
     )
     median, times = time_steps(step, args.warmup, steps)
     results = [Result(name, median, times)]
-    table = ebc.embedding_bags[TABLE]
     if table.refreshes_scale:
-        refresh = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            table.refresh_scale()
-            refresh.append(time.perf_counter() - t0)
-        r = statistics.median(refresh)
+        weight = table.weight.detach()
+        rescan = _median_time(lambda: qm.table_scale(weight, quant.bits))
         results.append(
             Result(
-                f"{name} +refresh/P",
-                median + r / quant.scale_refresh,
+                f"{name} +rescan/P",
+                median + rescan / quant.scale_refresh,
                 times,
-                note=f"refresh {r * 1e3:.1f} ms / P={quant.scale_refresh}",
+                note=f"whole-table max|W| {rescan * 1e3:.1f} ms / P={quant.scale_refresh}",
             )
         )
+        if table._tracked:
+            r = max(in_run)  # each after P steps of updates: the steady-state cost
+            results.append(
+                Result(
+                    f"{name} +refresh/P",
+                    median + r / quant.scale_refresh,
+                    times,
+                    note=f"tracked refresh {r * 1e3:.2f} ms / P (summary built once: "
+                    f"{build * 1e3:.0f} ms)",
+                )
+            )
     return results
 
 
@@ -262,10 +304,11 @@ def profile_qat(args, kjts, grads, quant: TableQuant, label: str) -> None:
         t.append(time.perf_counter())
         rows = F.embedding(ids, table.weight, sparse=True)
         t.append(time.perf_counter())
-        if quant.method == "qat" and quant.granularity == "row":
-            rows = qm.ste_fake_quantize_rowwise(rows, quant.bits)
-        elif quant.method == "qat":
-            rows = qm.ste_fake_quantize_tablewise(rows, float(table.scale), quant.bits)
+        with torch.no_grad():  # as _Table.lookup: in place, autograd sees only the gather
+            if quant.method == "qat" and quant.granularity == "row":
+                native.fake_quantize_rowwise_(rows, quant.bits)
+            elif quant.method == "qat":
+                native.fake_quantize_tablewise_(rows, float(table.scale), quant.bits)
         t.append(time.perf_counter())
         pooled = pool_bags(rows, lengths)
         t.append(time.perf_counter())
@@ -360,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="threads for whole-table fake quant (default 0: all of torch's default threads)",
+    )
+    parser.add_argument(
+        "--no-track",
+        action="store_true",
+        help="table-wise: rescan the whole table at every refresh (no per-row max|W| cache)",
     )
     parser.add_argument("--profile", action="store_true", help="stage breakdown + torch.profiler")
     args = parser.parse_args(argv)

@@ -62,7 +62,9 @@ __all__ = [
     "channel_scales",
     "fake_quantize_channel",
     "fake_quantize_rowwise",
+    "fake_quantize_rowwise_",
     "fake_quantize_tablewise",
+    "fake_quantize_tablewise_",
     "from_fbgemm_inference_rows",
     "from_fbgemm_rows",
     "fused8bit_dequantize",
@@ -79,6 +81,7 @@ __all__ = [
     "ste_fake_quantize_channel",
     "ste_fake_quantize_rowwise",
     "ste_fake_quantize_tablewise",
+    "scale_from_absmax",
     "table_scale",
     "tablewise_bytes",
     "tablewise_dequantize",
@@ -347,21 +350,27 @@ def fake_quantize_rowwise(w: torch.Tensor, bits: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def fake_quantize_rowwise_fast(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`fake_quantize_rowwise` for the QAT hot path: the same values for finite inputs, in
-    fewer passes and without input checks (no inf/NaN test, no sign-of-zero bookkeeping, which
-    changes stored bias bytes but never a dequantized value).
+def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`fake_quantize_rowwise` in place, for the QAT hot path: the same values for finite
+    inputs, in fewer passes, no row-sized temporaries and no input checks (no inf/NaN test, no
+    sign-of-zero bookkeeping, which changes stored bias bytes but never a dequantized value).
 
     FBGEMM's rule, step by step: ``bias = fp16(min)``, ``scale = fp16((max - bias) / (2^b - 1))``
     (1 when that is 0), ``q = clamp(rint((x - bias) * (1 / scale)), 0, 2^b - 1)``,
-    value ``q * scale + bias``. ``w``: float32 ``[R, D]``.
+    value ``q * scale + bias``. ``w``: float32 ``[R, D]``, overwritten and returned.
     """
     lo, hi = torch.aminmax(w, dim=1, keepdim=True)
     bias = lo.half().float()
-    scale = ((hi - bias) / float((1 << bits) - 1)).half().float()
-    scale = torch.where(scale == 0, 1.0, scale)
-    q = ((w - bias) * (1.0 / scale)).round_().clamp_(0, (1 << bits) - 1)
-    return q.mul_(scale).add_(bias)
+    scale = hi.sub_(bias).div_(float((1 << bits) - 1)).half().float()
+    scale.masked_fill_(scale == 0, 1.0)
+    inv = torch.reciprocal(scale)
+    w.sub_(bias).mul_(inv).round_().clamp_(0, (1 << bits) - 1)
+    return w.mul_(scale).add_(bias)
+
+
+def fake_quantize_rowwise_fast(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`fake_quantize_rowwise_` on a copy of ``w`` (float32 ``[R, D]``)."""
+    return fake_quantize_rowwise_(w.clone(), bits)
 
 
 def _pack_into(q: torch.Tensor, bits: int, out: torch.Tensor) -> None:
@@ -737,7 +746,12 @@ def table_scale(w: torch.Tensor, bits: int) -> float:
     if w.numel() == 0:
         return 1.0
     lo, hi = torch.aminmax(w.detach())  # max|W| without a table-sized |W| temporary
-    amax = max(-float(lo), float(hi))
+    return scale_from_absmax(max(-float(lo), float(hi)), bits)
+
+
+def scale_from_absmax(amax: float, bits: int) -> float:
+    """:func:`table_scale` from a known ``max|W|`` (``amax``), with the same rounding and errors."""
+    bits = _check_bits(bits)
     if not math.isfinite(amax):
         raise ValueError("table-wise scale: the table holds inf or NaN")
     if amax == 0.0:
@@ -793,6 +807,14 @@ def fake_quantize_tablewise(w: torch.Tensor, scale: float | None, bits: int) -> 
     """
     codes, scale = _tablewise_codes(w, bits, scale)
     return codes.mul_(scale)
+
+
+def fake_quantize_tablewise_(w: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
+    """:func:`fake_quantize_tablewise` in place, for the QAT hot path: float32 ``w`` is overwritten
+    with ``clamp(rint(w / s), -2^(b-1), 2^(b-1) - 1) * s`` and returned (no checks: ``scale`` is a
+    positive finite value from :func:`table_scale`)."""
+    lo, hi = -(1 << (bits - 1)), _qmax_symmetric(bits)
+    return w.div_(scale).round_().clamp_(lo, hi).mul_(scale)
 
 
 def tablewise_scale_fits_fbgemm(scale: float, bits: int) -> bool:

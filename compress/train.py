@@ -30,6 +30,7 @@ from compress.errors import DqrmError
 from compress.evaluate import predict_logits
 from compress.metrics import evaluate
 from compress.progress import enabled as progress_enabled
+from compress.qat_embedding import track_scale_updates
 from compress.train_config import OPTIMIZERS, TrainConfig
 
 
@@ -132,6 +133,9 @@ def fit(
         config.dense_optimizer or config.optimizer, dense_params, config.lr_dense
     )
     optimizers = [o for o in (opt_emb, opt_dense) if o is not None]
+    if opt_emb is not None:
+        # table-wise QAT scales refresh from a summary kept up to date after each step (exact)
+        track_scale_updates(model, opt_emb)
 
     step, best_step, best_metrics, best_state, history = 0, 0, None, None, []
     running = 0.0  # exponential moving average of the training loss, as logged

@@ -1,0 +1,111 @@
+"""The compiled fake-quant kernels: bit-exact with FBGEMM and with the PyTorch reference, and an
+unbuildable kernel falls back loudly to the same values."""
+
+from __future__ import annotations
+
+import warnings
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import pytest
+import torch
+
+from compress import native
+from compress import quant_math as qm
+
+
+def _hard_rows(rows: int = 512, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, dim, generator=gen) * torch.logspace(-8, 4, rows).unsqueeze(1)
+    w[5] = 0.7  # a constant row
+    w[6] = 1000.3  # fp16(min) > max: FBGEMM's scale goes negative
+    w[7] = 0.0
+    w[8, ::2] = -2.5e4  # large magnitudes
+    w[9] = 6e-8  # fp16 subnormal range
+    w[10, :3] = -3e-6
+    w[11] = torch.tensor([0.5, 1.5, 2.5, -0.5] * (dim // 4))  # ties
+    return w
+
+
+def _fbgemm_round_trip(w: torch.Tensor, bits: int) -> torch.Tensor:
+    rows = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(rows, bits)
+
+
+def test_kernels_build_here():
+    # the machine this project targets has a C compiler: the fast path must be the one tested
+    assert native.enabled()
+    assert native.library_path().exists()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dim", [8, 16, 24, 64])
+def test_rowwise_kernel_equals_fbgemm(bits, dim):
+    if not qm.can_pack(dim, bits, "row"):
+        pytest.skip("FBGEMM cannot pack this row")
+    w = _hard_rows(dim=dim, seed=bits + dim)
+    reference = _fbgemm_round_trip(w, bits)
+    out = w.clone()
+    assert native.fake_quantize_rowwise_(out, bits) is out
+    assert torch.equal(out, reference)
+    assert torch.equal(qm.fake_quantize_rowwise_(w.clone(), bits), reference)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_tablewise_kernel_equals_torch(bits):
+    w = _hard_rows(seed=bits)[12:]  # finite, moderate table
+    w = w / w.abs().max() * 3.0
+    scale = qm.table_scale(w[: len(w) // 2], bits)  # half the table: the rest clips
+    expected = qm.fake_quantize_tablewise(w, scale, bits)
+    assert torch.equal(native.fake_quantize_tablewise_(w.clone(), scale, bits), expected)
+    assert torch.equal(qm.fake_quantize_tablewise_(w.clone(), scale, bits), expected)
+
+
+def test_non_contiguous_rows_take_the_torch_path():
+    w = _hard_rows(dim=32)[:, ::2]  # a strided view: the kernel cannot take it
+    expected = _fbgemm_round_trip(w.contiguous(), 4)
+    assert torch.equal(native.fake_quantize_rowwise_(w.clone(), 4), expected)
+
+
+def test_kernel_write_is_seen_by_autograd():
+    w = torch.randn(8, 16)
+    version = w._version
+    native.fake_quantize_rowwise_(w, 4)
+    assert w._version > version
+
+
+def test_unbuildable_kernels_warn_and_fall_back(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native._kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+            assert not native.enabled()
+        w = _hard_rows()
+        assert torch.equal(native.fake_quantize_rowwise_(w.clone(), 4), _fbgemm_round_trip(w, 4))
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    finally:
+        monkeypatch.undo()
+        native._kernels.cache_clear()
+    assert native.enabled()
+
+
+def test_switch_off(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native._kernels.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an explicit opt-out is not worth a warning
+            assert not native.enabled()
+    finally:
+        monkeypatch.undo()
+        native._kernels.cache_clear()
+
+
+def test_compiler_error_names_the_file(monkeypatch, tmp_path):
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "SOURCE", bad)
+    with pytest.raises(native.NativeUnavailable, match="broken.c"):
+        native.build()
+    assert not any((tmp_path / "cache").iterdir())
