@@ -52,6 +52,8 @@ class CompressionResult:
     seconds: float = 0.0
     source: str = ""
     data: dict[str, str | None] = field(default_factory=dict)
+    #: features whose every bag held exactly one id in the data (a serving layout hint)
+    one_hot_features: tuple[str, ...] = ()
 
 
 def load(checkpoint: str | Path, model_config: str | Path | dict | None = None) -> LoadedModel:
@@ -176,6 +178,7 @@ def compress(
         notes=notes,
         seconds=time.perf_counter() - t0,
         source=str(job.checkpoint.path),
+        one_hot_features=one_hot_features(train_ds if train_ds is not None else valid_ds, names),
         data={
             "train": _name(data),
             "valid": _name(valid)
@@ -183,6 +186,14 @@ def compress(
             else (f"last {VALID_FRACTION:.0%} of {_name(data)}" if data is not None else None),
         },
     )
+
+
+def one_hot_features(data: Dataset | None, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The features of ``names`` whose every bag in ``data`` holds exactly one id (none without
+    data): the exporter looks them up apart from multi-hot ones, so they skip pooling."""
+    if data is None or len(data) == 0:
+        return ()
+    return tuple(f for f in names if bool((np.diff(data.offsets[f]) == 1).all()))
 
 
 def row_counts(data: Dataset, spec: DLRMSpec) -> dict[str, torch.Tensor]:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from compress.pipeline import CompressionResult
 from exporters.artifacts import WrittenArtifacts, save
-from exporters.onnx_writer import onnx_writer
+from exporters.onnx_writer import OnnxExportConfig, onnx_writer
 
 
 def export(
     result: CompressionResult, out_dir: str | Path, *, force: bool = False, onnx: bool = True
 ) -> WrittenArtifacts:
     """Write ``result`` to ``out_dir`` atomically, with ONNX graphs unless ``onnx=False``."""
-    writers = (onnx_writer(result.model),) if onnx else ()
+    config = OnnxExportConfig(one_hot_features=result.one_hot_features)
+    writers = (onnx_writer(result.model, config),) if onnx else ()
     return save(result, out_dir, force=force, extra_writers=writers)

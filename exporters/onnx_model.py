@@ -187,8 +187,12 @@ def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl, pooling: Pooli
     gb = GraphBuilder(f"{spec.model_class.lower()}_full")
     _declare(gb, ins)
     dense = add_dense_arch(gb, DENSE_INPUT, spec)
-    lookups = [(spec.table_of(f), v, ln) for f, (v, ln) in feature_input_names(spec).items()]
-    sparse = add_sparse_arch(gb, lookups, spec.embedding_dim, rowwise_impl, pooling)  # [B, F, D]
+    inputs = feature_input_names(spec)
+    lookups = [(spec.table_of(f), v, ln) for f, (v, ln) in inputs.items()]
+    one_hot = [f in spec.one_hot_features for f in inputs]
+    sparse = add_sparse_arch(
+        gb, lookups, spec.embedding_dim, rowwise_impl, pooling, one_hot
+    )  # [B, F, D]
     logits = add_over_arch(gb, add_fast_interaction(gb, dense, sparse, spec), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
     return gb

@@ -275,7 +275,10 @@ class DLRMGraphSpec:
     ``features`` is the order of the F axis of the pooled sparse tensor ``[B, F, D]``: TorchRec's
     ``SparseArch.sparse_feature_names`` (table config order, then each table's feature order).
     ``dense_arch`` has ReLU after every layer, ``over_arch`` after every layer but the last,
-    ``branch1``/``branch2`` (DLRM_Projection) after every layer.
+    ``branch1``/``branch2`` (DLRM_Projection) after every layer. ``one_hot_features``: features
+    whose bags are expected to hold exactly one id (seen so in the data): the full model looks
+    them up apart from the others and skips their pooling while a batch agrees (any batch is
+    still served exactly: a runtime check pools them when it does not).
     """
 
     model_class: str
@@ -287,6 +290,7 @@ class DLRMGraphSpec:
     crossnet: tuple[CrossLayer, ...] = ()
     branch1: tuple[Linear, ...] = ()
     branch2: tuple[Linear, ...] = ()
+    one_hot_features: frozenset[str] = frozenset()
 
     @property
     def embedding_dim(self) -> int:

@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,10 @@ class OnnxExportConfig:
     """How the graphs are built and checked.
 
     ``parity_samples`` inputs of each kind (one-hot and multi-hot) are scored; ``atol`` is the
-    largest absolute logit difference accepted.
+    largest absolute logit difference accepted. ``one_hot_features``: features the data shows
+    one-hot, looked up apart from the others (a layout hint,
+    :attr:`~exporters.onnx_spec.DLRMGraphSpec.one_hot_features`); the multi-hot parity samples
+    break it on purpose, so the proof covers batches that do not agree with it too.
     """
 
     parity_samples: int = 256
@@ -83,6 +86,7 @@ class OnnxExportConfig:
     rowwise_impl: RowwiseImpl = "auto"
     pooling: Pooling = "cumsum"
     threads: int | None = None
+    one_hot_features: tuple[str, ...] = ()
 
 
 def onnx_writer(reference: nn.Module, config: OnnxExportConfig | None = None) -> Writer:
@@ -102,6 +106,10 @@ def export_onnx(root: Path, manifest: dict, reference: nn.Module, config: OnnxEx
     root = Path(root)
     arts = artifacts_from_manifest(root, manifest)
     gspec = graph_spec_from_artifacts(arts)
+    unknown = sorted(set(config.one_hot_features) - set(gspec.features))
+    if unknown:
+        raise ValueError(f"one_hot_features names unknown features: {', '.join(unknown)}")
+    gspec = replace(gspec, one_hot_features=frozenset(config.one_hot_features))
     (root / ONNX_DIR).mkdir(exist_ok=True)
     paths = {name: root / rel for name, rel in GRAPH_FILES.items()}
     export_full_model(
@@ -238,6 +246,7 @@ def onnx_section(root: Path, gspec: DLRMGraphSpec, config: OnnxExportConfig, par
         for k, v in asdict(config).items()
         if k in ("rowwise_impl", "pooling", "external_data_threshold_bytes")
     }
+    settings["one_hot_features"] = sorted(gspec.one_hot_features)
     return {
         "ir_version": IR_VERSION,
         "opset_imports": graphs["model"]["opset_imports"],

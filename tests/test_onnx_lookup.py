@@ -298,3 +298,122 @@ def test_shared_robe_array_is_stored_once() -> None:
     out = run_session(ort_session(model, threads=1), {"ids": ids_v})
     compare_outputs(reference_rows(t1, ids_v), out["ra"], 0.0, "ra")
     compare_outputs(reference_rows(t2, ids_v), out["rb"], 0.0, "rb")
+
+
+# ---------------------------------------------------------------- all features at once
+
+
+def _sparse_arch_features() -> list[TableLookup]:
+    """Tables of the features f0..f5, in feature order: two INT4 tables stacked into one
+    initializer (``t4a`` serves f0 and f3), an INT2 table (its own stacked group) and an fp32
+    table (gathered per feature), interleaved so the groups' outputs must be reordered."""
+
+    def named(name: str, kind_name: str, bits: int | None, rows: int, seed: int) -> TableLookup:
+        table = make_table(kind_name, bits, 16, rows=rows, seed=seed)
+        return TableLookup(name, ("f",), 16, table.kind)
+
+    t4a = named("t4a", "rowwise", 4, 50, 1)
+    t4b = named("t4b", "rowwise", 4, 30, 2)
+    t2 = named("t2", "rowwise", 2, 20, 3)
+    t32 = named("t32", "fp32", None, 40, 4)
+    return [t4a, t2, t4b, t4a, t32, t4b]
+
+
+def _build_sparse_arch(tables: list[TableLookup], pooling: str = "cumsum") -> onnx.ModelProto:
+    from exporters.onnx_lookup import add_sparse_arch
+
+    gb = GraphBuilder("sparse_arch")
+    features = []
+    for i, table in enumerate(tables):
+        values = gb.add_input(f"f{i}__values", TensorProto.INT64, [f"n{i}"])
+        lengths = gb.add_input(f"f{i}__lengths", TensorProto.INT64, ["batch"])
+        features.append((table, values, lengths))
+    pooled = add_sparse_arch(gb, features, 16, pooling=pooling)
+    gb.add_output(pooled, "pooled", TensorProto.FLOAT, ["batch", len(tables), 16])
+    model = gb.make_model()
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _sparse_feeds(tables: list[TableLookup], lengths: np.ndarray, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i, (table, ln) in enumerate(zip(tables, lengths, strict=True)):
+        feeds[f"f{i}__lengths"] = ln.astype(np.int64)
+        feeds[f"f{i}__values"] = rng.integers(0, table.num_rows, int(ln.sum())).astype(np.int64)
+    feeds["f0__values"][:1] = tables[0].num_rows - 1  # last row of the first table, if any id
+    return feeds
+
+
+def _sparse_reference(tables: list[TableLookup], feeds: dict) -> np.ndarray:
+    pooled = [
+        _pool_reference(reference_rows(t, feeds[f"f{i}__values"]), feeds[f"f{i}__lengths"])
+        for i, t in enumerate(tables)
+    ]
+    return np.stack(pooled, axis=1)  # [B, F, D]
+
+
+SPARSE_BATCHES = {
+    "multi_hot_with_empty_bags": lambda rng, f, b: np.where(
+        rng.random((f, b)) < 0.2, 0, rng.integers(1, 6, (f, b))
+    ),
+    "one_hot": lambda rng, f, b: np.ones((f, b), np.int64),
+    "one_hot_but_one_empty_bag": lambda rng, f, b: np.pad(
+        np.ones((f, b - 1), np.int64), ((0, 0), (0, 1))
+    ),
+    "all_empty": lambda rng, f, b: np.zeros((f, b), np.int64),
+    "long_bags": lambda rng, f, b: rng.integers(0, 40, (f, b)),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("batch", [1, 37])
+@pytest.mark.parametrize("case", list(SPARSE_BATCHES))
+def test_sparse_arch_matches_reference(case: str, batch: int, pooling: str, threads: int) -> None:
+    """Stacked row-wise groups (a table shared by two features), a per-feature fp32 group, empty
+    bags, one-hot batches (the ``If`` that skips pooling) and batches of one, against a float64
+    numpy reference: within float32 rounding (1e-6, relative to the largest sum)."""
+    if pooling == "scatter_nd" and threads > 1:
+        pytest.skip("ScatterND add races at >1 thread (module docstring)")
+    tables = _sparse_arch_features()
+    session = ort_session(_build_sparse_arch(tables, pooling), threads=threads)
+    rng = np.random.default_rng(batch)
+    lengths = SPARSE_BATCHES[case](rng, len(tables), batch)
+    if case == "one_hot_but_one_empty_bag" and batch == 1:
+        lengths = np.zeros_like(lengths)
+    feeds = _sparse_feeds(tables, lengths, seed=batch)
+    got = run_session(session, feeds)["pooled"]
+    assert got.shape == (batch, len(tables), 16)
+    ref = _sparse_reference(tables, feeds)
+    atol = 1e-6 * max(1.0, float(np.abs(ref).max(initial=0.0)))  # float32 sums of up to 40 rows
+    compare_outputs(ref, got, atol, f"pooled/{case}")
+    assert not got.transpose(1, 0, 2)[lengths == 0].any()
+
+
+def test_sparse_arch_stacks_rowwise_tables_into_one_gather() -> None:
+    """One initializer and one Gather per row-wise bit width; a shared table is stored once; no
+    table initializer is consumed by anything but a Gather."""
+    from exporters.onnx_lookup import stacked_fused_rows, stacked_row_offsets
+
+    tables = _sparse_arch_features()
+    model = _build_sparse_arch(tables)
+    init = {t.name: t for t in model.graph.initializer}
+    assert list(init["emb.rowwise4.fused"].dims) == [50 + 30 + 1, 8 + 4]
+    assert list(init["emb.rowwise2.fused"].dims) == [20 + 1, 4 + 4]
+    tables_in_graph = {"emb.rowwise4.fused", "emb.rowwise2.fused", "emb.t32.weight"}
+    consumers = [
+        (n.op_type, pos)
+        for n in model.graph.node
+        for pos, x in enumerate(n.input)
+        if x in tables_in_graph
+    ]
+    assert consumers == [("Gather", 0)] * 3  # one per stacked group, one for the fp32 feature
+    offsets, zero_row = stacked_row_offsets([tables[0], tables[2], tables[3], tables[5]])
+    assert offsets == {"t4a": 0, "t4b": 50} and zero_row == 80
+    fused = stacked_fused_rows([tables[0], tables[2], tables[3]])
+    assert fused.shape == (81, 12) and not fused[80].any()
+    lo, hi = fused[50:80, 8:10].astype(np.uint16), fused[50:80, 10:12].astype(np.uint16)
+    expected = np.stack([tables[2].kind.scale, tables[2].kind.bias], 1)  # t4b's fp16 rows
+    np.testing.assert_array_equal((lo | hi << 8).view(np.float16), expected)
+    np.testing.assert_array_equal(fused[50:80, :8], tables[2].kind.packed)
