@@ -19,25 +19,19 @@ so it is clear where the time goes. Every variant runs ``--threads`` intra-op th
 ORT alike), ORT with worker spinning off; variants are timed round-robin with a pause between
 them (REFERENCE.md section 5) and the median time per batch is reported as samples/s.
 
-Measured here (2 shared vCPUs, ORT 1.31, torch 2.13; noisy, other jobs running), samples/s:
+The export gets the features that are one-hot in the benchmark's data as a layout hint (what the
+pipeline finds in ``--data``): they are looked up apart from the multi-hot ones.
 
-=====================  ============  ============  =====================
-variant                 multi-hot 2T  multi-hot 1T  one-hot 2T / 1T
-=====================  ============  ============  =====================
-ort int4 (mlp int4)     69-94k        62-64k        130k / 80k
-torchrec fbgemm int4    95-111k       70-73k        134k / 74k
-pytorch fp32            100-133k      69-72k        132k / 72k
-=====================  ============  ============  =====================
+Measured 2026-11-22 (2 vCPUs, ORT 1.31, torch 2.13; ratios from the same run, ``--rounds 8``):
 
-ORT's MLPs match or beat PyTorch's; its embedding part (gather + dequantize + exact float64
-cumsum pooling as standard ONNX ops, ~10 ms multi-hot, ~5 ms one-hot) is 4-8x slower than
-FBGEMM's fused kernel (~1.4 ms), which is what keeps ORT behind with multi-hot bags.
+* ORT INT4 vs PyTorch FP32: multi-hot 2T 0.98-1.06x over 5 runs (median 1.00x; one outlier run
+  at 0.71x with another job on the machine), multi-hot 1T 1.09x, one-hot 2T 1.18x.
+* ORT INT4 vs TorchRec FBGEMM INT4: multi-hot 2T 0.99-1.06x, multi-hot 1T 1.04x, one-hot 2T 1.13x.
 
-2026-11-22, stacked row-wise tables (one Gather per bit width, GatherElements fp16 decode, pooled
-straight into ``[B, F, D]``; ``exporters/onnx_lookup.py``): the lookup graph alone, multi-hot 2T,
-A/B in one process, round-robin: 8.6-8.9 ms before, 6.7-6.8 ms after (outputs identical). The
-full-model rows above were not re-measured cleanly: another job held both vCPUs (PyTorch FP32 from
-2.7k to 110k samples/s between runs), so ratios from that session are not reported here.
+At multi-hot 2T the time per batch is ~16-17 ms for all three; ORT's MLPs (folded FP32 GEMMs,
+~10 ms) beat PyTorch's, its lookups (~5-5.6 ms of standard ONNX ops: one stacked Gather a bit
+width, unpack, dequantize, chunked float32 pooling) are ~4x FBGEMM's fused kernel (~1.3-1.6 ms).
+Earlier in the day, before stacking and chunked pooling, ORT was at 0.65-0.80x (lookups ~9-17 ms).
 
 Run: ``.venv/bin/python benchmarks/bench_serving.py [--max-rows N] [--batch B] [--rounds R]
 [--threads T] [--json]``

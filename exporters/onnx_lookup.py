@@ -22,9 +22,11 @@ Ops per table kind (ids int64 ``[N]`` -> rows float32 ``[N, D]``):
 Pooling (``values`` ``[N]``, ``lengths`` ``[B]`` -> ``[B, D]``) never builds ``[N, B]`` or
 padding. Three ways, chosen with ``pooling``:
 
-* ``"cumsum"`` (default): float64 running sum of the rows (``Cast`` + ``CumSum``), a zero row in
-  front, then ``P[end_b] - P[start_b]`` with two ``Gather`` ops. Deterministic at any thread count
-  and at least as accurate as a sequential float32 sum.
+* ``"cumsum"`` (default): running sums. Per feature (:func:`add_sum_pool`): float64 running sum of
+  the rows (``Cast`` + ``CumSum``), a zero row in front, then ``P[end_b] - P[start_b]`` with two
+  ``Gather`` ops. In the batched full-model path, chunk-local float32 sums when no bag is longer
+  than :data:`POOL_CHUNK` (see below). Deterministic at any thread count and within float32
+  rounding of a sequential sum.
 * ``"scatter_nd"``: segment ids (``CumSum`` of ones scattered with ``ScatterElements`` add at the
   bag ends into ``N + 1`` zeros, whose extra slot absorbs trailing empty bags), then
   ``ScatterND(reduction="add")`` into ``[B, D]`` zeros. Fastest, but onnxruntime 1.31's CPU
@@ -42,30 +44,40 @@ table-batched kernels. Row-wise tables of one bit width (``rowwise_impl`` ``auto
 P + 4]`` holds every table of the group one after another (a table shared by several features
 once), each row ``[codes | fp16 scale, bias bytes]`` (FBGEMM's fused row), then one zero row.
 Each feature's ids are shifted by its table's first row (one ``Add`` by a scalar) and
-concatenated with the zero row's index, so ONE ``Gather`` fetches every row of the group. Then one
-unpack + dequantize in a transposed layout where per-row scales broadcast fast; the fp16 scale and
-bias are decoded from their bytes by ``GatherElements`` in a table of all 65536 fp16 values. The
-zero row makes the cumsum pooling one exclusive ``CumSum``; the bag ends and starts are put in
-batch-major order (small int64 Transposes) before the two ``Gather`` ops, which thus write
-``[B, F_g, D]`` directly (no Transpose of the pooled embeddings); an ``If`` skips pooling when
-every bag of the group holds one id. Other kinds (and row-wise with ``impl="gbq"``) are gathered
-per feature (:func:`add_gather`) and pooled the same way.
+concatenated, then padded with the zero row's index to a multiple of :data:`POOL_CHUNK`, so ONE
+``Gather`` fetches every row of the group. Then one unpack + dequantize in a transposed layout
+where per-row scales broadcast fast; the fp16 scale and bias are decoded from their bytes by
+``GatherElements`` in a table of all 65536 fp16 values. With ``cumsum`` pooling an ``If`` skips
+pooling when every bag of the group holds one id; otherwise bags of at most ``POOL_CHUNK`` ids are
+summed in float32 from chunk-local running sums (:func:`_chunked_pool`: three row Gathers, no
+float64), and a batch with a longer bag takes the float64 running sum (an ``If``). The bag ends and
+starts are put in batch-major order (small int64 Transposes) before the Gathers, which thus write
+``[B, F_g, D]`` directly. Features the data shows one-hot (``one_hot``, a layout hint the exporter
+takes from the training data) form groups of their own that gather their ids in batch-major order
+while a batch agrees (so their rows are ``[B, F_g, D]`` with no pooling at all), and take the
+general path when it does not. Other kinds (and row-wise with ``impl="gbq"``) are gathered per
+feature (:func:`add_gather`) and pooled the same way.
 
 Measured on the serving benchmark (26 INT4 tables of dim 16, 5.6M rows, batch 2048, 8 features
 with bags of 1..5 ids, 2 threads; ``benchmarks/bench_serving.py``, ORT profiler), lookup graph
-alone: 26 per-feature Gathers of fused rows ~8.6 ms, stacked ~6.8 ms (same machine, quiet). Where
-the time went and what did not help, at that shape:
+alone: 26 per-feature Gathers of fused rows ~8.6 ms; stacked, float64 cumsum pooling ~6.8 ms;
+chunked float32 pooling ~6.45 ms; one-hot features apart ~5.0-5.3 ms (FBGEMM's fused kernel:
+~1.4 ms). Where the time went and what did not help, at that shape:
 
 * 26 per-feature ``Gather`` ops of fused rows: ~2.5 ms; one Gather on the stacked table ~0.75 ms
-  (the same 86k rows: ORT's Gather pays per op and per index, ~5-10 ns an index).
+  (the same 86k rows: ORT's Gather pays per op and per index, ~5-10 ns an index; cold rows of a
+  66 MB table ~16 ns).
 * fp16 decode: ``Gather`` in the 65536-entry table ~0.75 ms, ``GatherElements`` ~0.1 ms. A second
   random-access Gather of a separate float16 ``[R, 2]`` initializer costs ~0.6 ms (a second cache
-  miss a row), so the bytes stay fused.
-* Pooling (float64 Cast + CumSum + two Gathers + Sub + Cast) is ~3 ms, the largest part left. A
-  padded ``[bags, maxL]`` index + ``Gather`` + ``ReduceSum`` was slower here: maxL = 5 makes 266k
-  row gathers for 86k ids (~7 ms at this shape), and ORT's Gather cost is per index.
+  miss a row), so the bytes stay fused. Reading them with opset 26's ``BitCast`` from a uint16
+  table measured the same (and needs a newer runtime), so the graphs stay at opset 21.
+* A padded ``[bags, maxL]`` index + ``Gather`` + ``ReduceSum`` was slower: maxL = 5 makes 266k row
+  gathers for 86k ids (~7 ms at this shape). Chunk-local running sums as one MatMul in the
+  transposed layout cost more in Transposes than they saved; so did a single 3-D Transpose of
+  ``[D, F, B]`` (3.6 ms: it moves single floats).
 * Dequantizing straight to float64 (to skip the Cast before the CumSum): +3 ms, because the
   float64 ``[D, N]`` Transpose is several times slower than the float32 one.
+* ``com.microsoft::GatherBlockQuantized`` on the stacked table: ~11 ms for the same 86k rows.
 
 Example::
 
@@ -468,32 +480,38 @@ def _unpack_transposed(gb: GraphBuilder, packed_t: str, bits: int, dim: int) -> 
     return gb.op("Reshape", [codes, gb.const("codes_t_shape", _int64([dim, -1]))], "codes_t")
 
 
-def _stacked_ids(
-    gb: GraphBuilder, features: list[FeatureInputs], offsets: dict[str, int], zero_row: int
-) -> tuple[str, str]:
-    """int64 ``[Npad]``: every feature's ids plus its table's first row in the stacked array
-    (feature-major), then the zero row's index ``1..K`` times (``K = POOL_CHUNK``) so that
-    ``Npad`` is a multiple of ``K``; and ``N`` (int64 ``[1]``)."""
+def _stacked_ids(gb: GraphBuilder, features: list[FeatureInputs], offsets: dict[str, int]) -> str:
+    """int64 ``[N]``: every feature's ids plus its table's first row in the stacked array,
+    feature-major."""
     parts = []
     for table, values, _ in features:
         offset = offsets[table.name]
         if offset:
             values = gb.op("Add", [values, gb.const("row_offset", offset, np.int64)], "ids_stacked")
         parts.append(values)
-    ids = _concat(gb, parts, "ids_cat")
-    num_ids = gb.op("Shape", [ids], "num_ids")
+    return _concat(gb, parts, "ids_cat")
+
+
+def _pad_ids(gb: GraphBuilder, ids: str, num_ids: str, zero_row: int) -> str:
+    """``ids`` then the zero row's index ``1..K`` times (``K = POOL_CHUNK``): ``[Npad]``, a
+    multiple of ``K`` (the chunked pooling's layout)."""
     chunk = gb.const("pool_chunk", _int64([POOL_CHUNK]))
     pad = gb.op("Sub", [chunk, gb.op("Mod", [num_ids, chunk], "ids_rem")], "ids_pad")
     value = helper.make_tensor("zero_row_id", TensorProto.INT64, [1], [zero_row])
     pad_ids = gb.op("ConstantOfShape", [pad], "zero_row_ids", value=value)
-    return gb.op("Concat", [ids, pad_ids], "ids_all", axis=0), num_ids
+    return gb.op("Concat", [ids, pad_ids], "ids_all", axis=0)
 
 
-def _rowwise_rows_batched(
-    gb: GraphBuilder, features: list[FeatureInputs], bits: int, dim: int
-) -> tuple[str, str]:
-    """Rows of several row-wise tables of ``bits``, *transposed*: ``[D, Npad]`` (the ids'
-    rows, then zero columns up to a multiple of :data:`POOL_CHUNK`), and ``N`` (int64 ``[1]``).
+def _stacked_table(gb: GraphBuilder, tables: list[TableLookup], bits: int) -> str:
+    """Add the stacked fused-row initializer of ``tables`` (:func:`stacked_fused_rows`)."""
+    name, k = f"emb.rowwise{bits}.fused", 1
+    while name in gb.initializers:  # another group of the same bit width: its own array
+        name, k = f"emb.rowwise{bits}.fused{k}", k + 1
+    return gb.initializer(name, stacked_fused_rows(tables))
+
+
+def _rowwise_rows_t(gb: GraphBuilder, table: str, ids: str, bits: int, dim: int) -> str:
+    """Rows of the stacked row-wise ``table`` at ``ids`` ``[M]``, *transposed*: ``[D, M]``.
 
     The group's tables are one stacked initializer ``emb.rowwise<bits>.fused``
     (:func:`stacked_fused_rows`), so one ``Gather`` fetches the fused rows of every id of every
@@ -504,16 +522,9 @@ def _rowwise_rows_batched(
     ``[N, 1]`` column broadcast ran 4x slower); the caller transposes the result back (pooling
     straight from ``[D, Npad]`` measured slower: its Transposes cost more than they saved).
     """
-    tables = [table for table, _, _ in features]
-    offsets, zero_row = stacked_row_offsets(tables)
-    name, k = f"emb.rowwise{bits}.fused", 1
-    while name in gb.initializers:  # another group of the same bit width: its own array
-        name, k = f"emb.rowwise{bits}.fused{k}", k + 1
-    gb.initializer(name, stacked_fused_rows(tables))
     nbytes = dim * bits // 8
-    ids, num_ids = _stacked_ids(gb, features, offsets, zero_row)
-    fused = gb.op("Gather", [name, ids], "fused_rows", axis=0)  # [N + 1, P + 4]
-    fused_t = gb.op("Transpose", [fused], "fused_t", perm=[1, 0])  # [P + 4, N + 1]
+    fused = gb.op("Gather", [table, ids], "fused_rows", axis=0)  # [M, P + 4]
+    fused_t = gb.op("Transpose", [fused], "fused_t", perm=[1, 0])  # [P + 4, M]
     axes = gb.const("axes0", _int64([0]))
 
     def rows(a: int, b: int, hint: str) -> str:
@@ -534,7 +545,7 @@ def _rowwise_rows_batched(
         "Slice", [sb, gb.const("row1", _int64([1])), gb.const("row2", _int64([2])), axes], "bias"
     )
     rows_t = gb.op("Add", [gb.op("Mul", [codes, scale], "rows_scaled"), bias], "rows_t")
-    return rows_t, num_ids
+    return rows_t
 
 
 def _generic_rows(
@@ -735,15 +746,65 @@ def _add_group(
 ) -> str:
     """Pooled embeddings ``[B, F_g, D]`` of one group of features."""
     lengths = _concat(gb, [ln for _, _, ln in features], "lengths_all")  # [F_g * B]
-    num_ids, padded = None, False
     if key[0] == "rowwise":
-        rows_t, num_ids = _rowwise_rows_batched(gb, features, key[1], dim)
-        rows = gb.op("Transpose", [rows_t], "rows", perm=[1, 0])
-        padded = True
-    else:
-        rows = _generic_rows(gb, features, dim, rowwise_impl)
+        return _add_rowwise_group(gb, features, lengths, key[1], dim, pooling, one_hot=key[-1])
+    rows = _generic_rows(gb, features, dim, rowwise_impl)
     ids = [v for _, v, _ in features]
-    return _pool_group(gb, rows, ids, lengths, dim, len(features), pooling, num_ids, padded)
+    return _pool_group(gb, rows, ids, lengths, dim, len(features), pooling)
+
+
+def _add_rowwise_group(
+    gb: GraphBuilder,
+    features: list[FeatureInputs],
+    lengths: str,
+    bits: int,
+    dim: int,
+    pooling: Pooling,
+    one_hot: bool,
+) -> str:
+    """Pooled embeddings ``[B, F_g, D]`` of stacked row-wise tables.
+
+    A group expected to be one-hot (``one_hot``, with ``cumsum`` pooling) branches *before* the
+    Gather: while every bag holds one id it gathers the ids in batch-major order, so the rows come
+    out as ``[B, F_g, D]`` with no pooling and no 3-D Transpose; otherwise it takes the general
+    path (gather feature-major, pool)."""
+    tables = [table for table, _, _ in features]
+    offsets, zero_row = stacked_row_offsets(tables)
+    table = _stacked_table(gb, tables, bits)
+    ids = _stacked_ids(gb, features, offsets)
+    num_ids = gb.op("Shape", [ids], "num_ids")
+    num_features = len(features)
+
+    def general(sub: GraphBuilder, known_multi: bool) -> str:
+        rows_t = _rowwise_rows_t(sub, table, _pad_ids(sub, ids, num_ids, zero_row), bits, dim)
+        rows = sub.op("Transpose", [rows_t], "rows", perm=[1, 0])  # [Npad, D]
+        if known_multi:
+            return _pool_multi(sub, rows, lengths, num_features, dim, padded=True)
+        values = [v for _, v, _ in features]
+        return _pool_group(
+            sub, rows, values, lengths, dim, num_features, pooling, num_ids, padded=True
+        )
+
+    if not (one_hot and pooling == "cumsum"):
+        return general(gb, known_multi=False)
+
+    def batch_major(sub: GraphBuilder) -> str:
+        fb = sub.op("Reshape", [ids, sub.const("feature_major", _int64([num_features, -1]))])
+        bf = sub.op("Transpose", [fb], "ids_bf", perm=[1, 0])
+        flat = sub.op("Reshape", [bf, sub.const("flat", _int64([-1]))], "ids_batch_major")
+        rows_t = _rowwise_rows_t(sub, table, flat, bits, dim)
+        rows = sub.op("Transpose", [rows_t], "rows", perm=[1, 0])  # [B * F_g, D]
+        shape = sub.const("bfd", _int64([-1, num_features, dim]))
+        return sub.op("Reshape", [rows, shape], "pooled_bfd")
+
+    cond = _one_hot_condition(gb, num_ids, lengths)
+    return gb.op(
+        "If",
+        [cond],
+        "pooled_group",
+        then_branch=_add_branch(gb, batch_major),
+        else_branch=_add_branch(gb, lambda sub: general(sub, known_multi=True)),
+    )
 
 
 def add_sparse_arch(

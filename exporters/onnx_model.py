@@ -168,7 +168,8 @@ def add_fast_interaction(gb: GraphBuilder, dense: str, sparse: str, spec: DLRMGr
     index_shape = gb.op(
         "Concat", [batch, gb.const("triu_count", np.asarray([triu.size], np.int64))], axis=0
     )
-    index = gb.op("Expand", [gb.const("triu_index", triu[None, :]), index_shape], "triu_index_b")
+    triu32 = triu[None, :].astype(np.int32)  # half the index bytes of int64
+    index = gb.op("Expand", [gb.const("triu_index", triu32), index_shape], "triu_index_b")
     picked = gb.op("GatherElements", [flat, index], "interactions_flat", axis=1)
     return gb.op("Concat", [dense, picked], "interaction_out", axis=1)
 

@@ -164,3 +164,32 @@ def test_graph_spec_from_model_equals_from_artifacts(tmp_path) -> None:
         for a, b in zip(getattr(from_model, part), getattr(from_arts, part), strict=True):
             assert np.array_equal(a.qweight, b.qweight) and np.array_equal(a.scales, b.scales)
             assert np.array_equal(a.bias, b.bias) and a.bits == b.bits
+
+
+def test_one_hot_layout_hint_from_data(tmp_path) -> None:
+    """The pipeline finds the features the data shows one-hot; ``export`` looks them up apart
+    (a layout hint) and records them; ORT still matches PyTorch on the 10k multi-hot samples,
+    which break the hint in every batch."""
+    from exporters.export import export
+
+    ckpt, train_path, valid_path, _ = tiny_world(tmp_path)
+    (tmp_path / "recipe.toml").write_text(RECIPES["r8t8r4t4"])
+    job = pipeline.load(ckpt)
+    plan = pipeline.plan(job, tmp_path / "recipe.toml")
+    result = pipeline.compress(job, plan, data=train_path, valid=valid_path)
+    assert result.one_hot_features == ("cat_0", "cat_2", "cat_3")  # cat_1 holds bags of 2
+    written = export(result, tmp_path / "out")
+    assert written.manifest["onnx"]["export"]["one_hot_features"] == ["cat_0", "cat_2", "cat_3"]
+    check_parity(tmp_path, job, result, written, "one-hot layout hint")
+
+
+def test_one_hot_hint_must_name_known_features(tmp_path) -> None:
+    from exporters.onnx_writer import OnnxExportConfig
+
+    job, result, _ = export_case(tmp_path, "DLRM", RECIPES["r8t8r4t4"])
+    config = OnnxExportConfig(one_hot_features=("cat_0", "nope"))
+    with pytest.raises(ValueError, match="nope"):
+        artifacts.save(
+            result, tmp_path / "out2", extra_writers=(onnx_writer(result.model, config),)
+        )
+    assert not (tmp_path / "out2").exists()

@@ -319,7 +319,14 @@ def _sparse_arch_features() -> list[TableLookup]:
     return [t4a, t2, t4b, t4a, t32, t4b]
 
 
-def _build_sparse_arch(tables: list[TableLookup], pooling: str = "cumsum") -> onnx.ModelProto:
+#: One-hot layout hints for f0..f5 (``add_sparse_arch(one_hot=...)``): a hinted and an unhinted
+#: INT4 group, as the exporter builds them from data in which f0, f2 and f3 are one-hot.
+HINT = (True, False, True, True, False, False)
+
+
+def _build_sparse_arch(
+    tables: list[TableLookup], pooling: str = "cumsum", one_hot: tuple[bool, ...] | None = None
+) -> onnx.ModelProto:
     from exporters.onnx_lookup import add_sparse_arch
 
     gb = GraphBuilder("sparse_arch")
@@ -328,7 +335,7 @@ def _build_sparse_arch(tables: list[TableLookup], pooling: str = "cumsum") -> on
         values = gb.add_input(f"f{i}__values", TensorProto.INT64, [f"n{i}"])
         lengths = gb.add_input(f"f{i}__lengths", TensorProto.INT64, ["batch"])
         features.append((table, values, lengths))
-    pooled = add_sparse_arch(gb, features, 16, pooling=pooling)
+    pooled = add_sparse_arch(gb, features, 16, pooling=pooling, one_hot=one_hot)
     gb.add_output(pooled, "pooled", TensorProto.FLOAT, ["batch", len(tables), 16])
     model = gb.make_model()
     onnx.checker.check_model(model, full_check=True)
@@ -363,21 +370,30 @@ SPARSE_BATCHES = {
     ),
     "all_empty": lambda rng, f, b: np.zeros((f, b), np.int64),
     "long_bags": lambda rng, f, b: rng.integers(0, 40, (f, b)),
+    "hinted_features_one_hot": lambda rng, f, b: np.where(
+        np.asarray(HINT)[:, None], 1, rng.integers(0, 6, (f, b))
+    ),
 }
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("pooling", POOLINGS)
+# ScatterND's add races at more than one thread (module docstring): single-threaded only
+POOLING_THREADS = [(p, t) for p in POOLINGS for t in (1, 2) if not (p == "scatter_nd" and t > 1)]
+
+
+@pytest.mark.parametrize("hinted", [False, True])
+@pytest.mark.parametrize(("pooling", "threads"), POOLING_THREADS)
 @pytest.mark.parametrize("batch", [1, 37])
 @pytest.mark.parametrize("case", list(SPARSE_BATCHES))
-def test_sparse_arch_matches_reference(case: str, batch: int, pooling: str, threads: int) -> None:
+def test_sparse_arch_matches_reference(
+    case: str, batch: int, pooling: str, threads: int, hinted: bool
+) -> None:
     """Stacked row-wise groups (a table shared by two features), a per-feature fp32 group, empty
-    bags, one-hot batches (the ``If`` that skips pooling) and batches of one, against a float64
-    numpy reference: within float32 rounding (1e-6, relative to the largest sum)."""
-    if pooling == "scatter_nd" and threads > 1:
-        pytest.skip("ScatterND add races at >1 thread (module docstring)")
+    bags, one-hot batches (the ``If`` that skips pooling), bags longer than a pooling chunk,
+    batches of one, and one-hot layout hints both kept and broken by the batch, against a
+    float64 numpy reference: within float32 rounding (1e-6, relative to the largest sum)."""
     tables = _sparse_arch_features()
-    session = ort_session(_build_sparse_arch(tables, pooling), threads=threads)
+    model = _build_sparse_arch(tables, pooling, HINT if hinted else None)
+    session = ort_session(model, threads=threads)
     rng = np.random.default_rng(batch)
     lengths = SPARSE_BATCHES[case](rng, len(tables), batch)
     if case == "one_hot_but_one_empty_bag" and batch == 1:
