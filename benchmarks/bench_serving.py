@@ -24,9 +24,10 @@ pipeline finds in ``--data``): they are looked up apart from the multi-hot ones.
 
 Measured 2026-11-22 (2 vCPUs, ORT 1.31, torch 2.13; ratios from the same run, ``--rounds 8``):
 
-* ORT INT4 vs PyTorch FP32: multi-hot 2T 0.98-1.06x over 5 runs (median 1.00x; one outlier run
-  at 0.71x with another job on the machine), multi-hot 1T 1.09x, one-hot 2T 1.18x.
-* ORT INT4 vs TorchRec FBGEMM INT4: multi-hot 2T 0.99-1.06x, multi-hot 1T 1.04x, one-hot 2T 1.13x.
+* ORT INT4 vs PyTorch FP32: multi-hot 2T 0.98-1.06x over 9 runs (median 1.00x; the last four,
+  after the interaction stopped reordering features, 0.99-1.02x; one more run at 0.71x had
+  another job on the machine), multi-hot 1T 1.09x, one-hot 2T 1.18x.
+* ORT INT4 vs TorchRec FBGEMM INT4: multi-hot 2T 0.98-1.06x, multi-hot 1T 1.04x, one-hot 2T 1.13x.
 
 At multi-hot 2T the time per batch is ~16-17 ms for all three; ORT's MLPs (folded FP32 GEMMs,
 ~10 ms) beat PyTorch's, its lookups (~5-5.6 ms of standard ONNX ops: one stacked Gather a bit

@@ -631,10 +631,18 @@ def _chunked_pool(
         rows = gb.op("Concat", [rows, zeros], "pool_padded", axis=0)  # [C * K, D]
     chunks = gb.op("Reshape", [rows, gb.const("chunk_shape", _int64([-1, k, dim]))], "chunks")
     axis1 = gb.const("axis1", 1, np.int64)
-    local = gb.op("CumSum", [chunks, axis1], "chunk_cumsum", exclusive=1)
-    local = gb.op("Reshape", [local, gb.const("flat_rows", _int64([-1, dim]))], "chunk_prefix")
+    local_3d = gb.op("CumSum", [chunks, axis1], "chunk_cumsum", exclusive=1)
+    local = gb.op("Reshape", [local_3d, gb.const("flat_rows", _int64([-1, dim]))], "chunk_prefix")
+
+    def last_row(x: str, hint: str) -> str:  # x[:, K-1, :] as [C, D]
+        bounds = [gb.const("last", _int64([k - 1])), gb.const("end", _int64([k]))]
+        sliced = gb.op("Slice", [x, *bounds, gb.const("axes1", _int64([1]))], hint)
+        return gb.op("Squeeze", [sliced, gb.const("axes1", _int64([1]))], f"{hint}_2d")
+
+    # a chunk's total: its exclusive running sum at the last row plus that row (cheaper than a
+    # ReduceSum over the chunk, which reads every row again)
     totals = gb.op(
-        "ReduceSum", [chunks, gb.const("axes1", _int64([1]))], "chunk_totals", keepdims=0
+        "Add", [last_row(local_3d, "prefix_last"), last_row(chunks, "row_last")], "chunk_totals"
     )
     zero_row = gb.const("zero_chunk", np.zeros((1, dim), np.float32))
     totals = gb.op("Concat", [totals, zero_row], "chunk_totals_z", axis=0)  # [C + 1, D]
@@ -807,16 +815,18 @@ def _add_rowwise_group(
     )
 
 
-def add_sparse_arch(
+def add_sparse_arch_parts(
     gb: GraphBuilder,
     features: list[FeatureInputs],
     dim: int,
     rowwise_impl: RowwiseImpl = "auto",
     pooling: Pooling = "cumsum",
     one_hot: Sequence[bool] | None = None,
-) -> str:
-    """Sum-pooled embeddings of every feature: float32 ``[B, F, D]`` in the order given (TorchRec
-    ``SparseArch``'s output).
+) -> tuple[list[str], list[int]]:
+    """Sum-pooled embeddings of every feature, group by group: float32 ``[B, F_g, D]`` values
+    and ``order`` (the feature index of each position when they are concatenated), for callers
+    that can use the features in group order (the DLRM interaction permutes its triangle
+    indices instead: no reordering copy).
 
     Features are grouped by how their rows are computed, and each group is gathered, dequantized
     and pooled with one chain of ops over all its ids (concatenated feature-major), like FBGEMM's
@@ -842,8 +852,22 @@ def add_sparse_arch(
         _add_group(gb, key, [f for _, f in members], dim, rowwise_impl, pooling)
         for key, members in groups.items()
     ]
-    stacked = _concat(gb, pooled, "pooled_groups", axis=1)  # [B, F, D] in group order
     order = [i for members in groups.values() for i, _ in members]
+    return pooled, order
+
+
+def add_sparse_arch(
+    gb: GraphBuilder,
+    features: list[FeatureInputs],
+    dim: int,
+    rowwise_impl: RowwiseImpl = "auto",
+    pooling: Pooling = "cumsum",
+    one_hot: Sequence[bool] | None = None,
+) -> str:
+    """Sum-pooled embeddings of every feature: float32 ``[B, F, D]`` in the order given (TorchRec
+    ``SparseArch``'s output). See :func:`add_sparse_arch_parts` for how they are computed."""
+    pooled, order = add_sparse_arch_parts(gb, features, dim, rowwise_impl, pooling, one_hot)
+    stacked = _concat(gb, pooled, "pooled_groups", axis=1)  # [B, F, D] in group order
     if order != list(range(len(features))):
         inverse = np.argsort(np.asarray(order, dtype=np.int64))
         stacked = gb.op(

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporters.onnx_lookup import Pooling, RowwiseImpl, add_sparse_arch
+from exporters.onnx_lookup import Pooling, RowwiseImpl, add_sparse_arch_parts
 from exporters.onnx_mlp import add_dense_arch, add_interaction, add_over_arch, triu_flat_indices
 from exporters.onnx_spec import (
     BATCH,
@@ -138,16 +138,37 @@ def dummy_inputs(
     return feeds
 
 
-def add_fast_interaction(gb: GraphBuilder, dense: str, sparse: str, spec: DLRMGraphSpec) -> str:
+def add_fast_interaction(
+    gb: GraphBuilder,
+    dense: str,
+    sparse: str | list[str],
+    spec: DLRMGraphSpec,
+    order: list[int] | None = None,
+) -> str:
     """:func:`~exporters.onnx_mlp.add_interaction`, with the dot interaction's strict upper
-    triangle taken by ``GatherElements`` (indices expanded to ``[B, T]``) instead of a ``Gather``
-    on axis 1, which ORT 1.31 runs element by element (8 ms vs 0.6 ms at batch 2048, F = 26).
-    Same values: both copy the Gram matrix entries."""
+    triangle taken by ``GatherElements`` (int32 indices expanded to ``[B, T]``) instead of a
+    ``Gather`` on axis 1, which ORT 1.31 runs element by element (8 ms vs 0.6 ms at batch 2048,
+    F = 26). Same values: both copy the Gram matrix entries.
+
+    ``sparse`` may be a list of ``[B, F_g, D]`` parts whose concatenation holds the features in
+    ``order`` (:func:`~exporters.onnx_lookup.add_sparse_arch_parts`): the parts are concatenated
+    with the dense vector in one op and the triangle indices permuted to match (the Gram matrix is
+    symmetric), so the output equals the one for features in model order.
+    """
+    parts = [sparse] if isinstance(sparse, str) else list(sparse)
+    num_sparse = len(spec.features)
+    order = list(range(num_sparse)) if order is None else list(order)
     if spec.model_class != "DLRM":
-        return add_interaction(gb, dense, sparse, spec)
-    n = len(spec.features) + 1
+        stacked = parts[0] if len(parts) == 1 else gb.op("Concat", parts, "pooled_groups", axis=1)
+        if order != list(range(num_sparse)):
+            inverse = np.argsort(np.asarray(order, dtype=np.int64))
+            stacked = gb.op(
+                "Gather", [stacked, gb.const("feature_order", inverse)], "pooled_ordered", axis=1
+            )
+        return add_interaction(gb, dense, stacked, spec)
+    n = num_sparse + 1
     dense_3d = gb.op("Unsqueeze", [dense, gb.const("axes1", np.asarray([1], np.int64))], "dense_3d")
-    combined = gb.op("Concat", [dense_3d, sparse], "combined", axis=1)  # [B, F+1, D]
+    combined = gb.op("Concat", [dense_3d, *parts], "combined", axis=1)  # [B, F+1, D]
     transposed = gb.op("Transpose", [combined], "combined_t", perm=[0, 2, 1])
     gram = gb.op("MatMul", [combined, transposed], "interactions")  # [B, F+1, F+1]
     flat = gb.op(
@@ -155,7 +176,13 @@ def add_fast_interaction(gb: GraphBuilder, dense: str, sparse: str, spec: DLRMGr
         [gram, gb.const("shape", np.asarray([0, n * n], np.int64))],
         "interactions_flat_all",
     )
-    triu = triu_flat_indices(n - 1)
+    # position in `combined` of model entry e (0: dense, f + 1: feature f)
+    position = np.empty(n, np.int64)
+    position[0] = 0
+    position[np.asarray(order, np.int64) + 1] = np.arange(1, n)
+    flat_model = triu_flat_indices(num_sparse)
+    rows, cols = np.divmod(flat_model, n)
+    triu = position[rows] * n + position[cols]
     batch = gb.op(
         "Slice",
         [
@@ -191,10 +218,10 @@ def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl, pooling: Pooli
     inputs = feature_input_names(spec)
     lookups = [(spec.table_of(f), v, ln) for f, (v, ln) in inputs.items()]
     one_hot = [f in spec.one_hot_features for f in inputs]
-    sparse = add_sparse_arch(
+    parts, order = add_sparse_arch_parts(
         gb, lookups, spec.embedding_dim, rowwise_impl, pooling, one_hot
-    )  # [B, F, D]
-    logits = add_over_arch(gb, add_fast_interaction(gb, dense, sparse, spec), spec)
+    )  # [B, F_g, D] each, features in `order`
+    logits = add_over_arch(gb, add_fast_interaction(gb, dense, parts, spec, order), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
     return gb
 

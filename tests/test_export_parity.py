@@ -166,14 +166,24 @@ def test_graph_spec_from_model_equals_from_artifacts(tmp_path) -> None:
             assert np.array_equal(a.bias, b.bias) and a.bits == b.bits
 
 
-def test_one_hot_layout_hint_from_data(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        RECIPES["r8t8r4t4"],
+        # all INT4 row-wise: the hinted features form one group, cat_1 another, so the full
+        # model sees its features in the order 0, 2, 3, 1 (the interaction permutes its indices)
+        "name = 'r4'\n" + _rule("*", 4, "row") + '[mlp]\nmethod = "ptq"\nbits = 8\n',
+    ],
+    ids=["mixed", "rowwise4"],
+)
+def test_one_hot_layout_hint_from_data(tmp_path, recipe: str) -> None:
     """The pipeline finds the features the data shows one-hot; ``export`` looks them up apart
     (a layout hint) and records them; ORT still matches PyTorch on the 10k multi-hot samples,
     which break the hint in every batch."""
     from exporters.export import export
 
     ckpt, train_path, valid_path, _ = tiny_world(tmp_path)
-    (tmp_path / "recipe.toml").write_text(RECIPES["r8t8r4t4"])
+    (tmp_path / "recipe.toml").write_text(recipe)
     job = pipeline.load(ckpt)
     plan = pipeline.plan(job, tmp_path / "recipe.toml")
     result = pipeline.compress(job, plan, data=train_path, valid=valid_path)
