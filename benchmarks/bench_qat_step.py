@@ -286,6 +286,16 @@ def bench_whole_table(args, batches, grads, sparse: bool) -> Result:
 # Profile
 # --------------------------------------------------------------------------------------------------
 
+
+def print_stages(label: str, times: dict[str, list[float]]) -> None:
+    """Median seconds of each stage, in ms and as a share of their sum."""
+    parts = {s: statistics.median(v) * 1e3 for s, v in times.items()}
+    total = sum(parts.values())
+    print(f"\n  {label}: stage medians (ms), sum {total:.3f}")
+    for s, v in parts.items():
+        print(f"    {s:<12} {v:8.3f}  {100 * v / total:5.1f}%")
+
+
 STAGES = ("kjt.to_dict", "gather", "fake quant", "pool", "KeyedTensor", "backward", "opt+zero")
 
 
@@ -295,6 +305,8 @@ def profile_qat(args, kjts, grads, quant: TableQuant, label: str) -> None:
     ebc.train()
     opt = torch.optim.SGD(ebc.parameters(), lr=LR)
     table = ebc.embedding_bags[TABLE]
+    if table.refreshes_scale and not args.no_track and track_scale_updates(ebc, opt):
+        table.refresh_scale()  # as bench_qat: build the summary; its upkeep is in opt+zero
     acc = {s: [] for s in STAGES}
 
     def step(i: int) -> dict[str, float]:
@@ -328,11 +340,7 @@ def profile_qat(args, kjts, grads, quant: TableQuant, label: str) -> None:
     for i in range(args.steps):
         for s, v in step(i).items():
             acc[s].append(v)
-    parts = {s: statistics.median(v) * 1e3 for s, v in acc.items()}
-    total = sum(parts.values())
-    print(f"\n  {label}: stage medians (ms), sum {total:.3f}")
-    for s, v in parts.items():
-        print(f"    {s:<12} {v:8.3f}  {100 * v / total:5.1f}%")
+    print_stages(label, acc)
 
     def module_step(i: int) -> None:
         out = ebc(kjts[i % N_BATCHES]).values()
@@ -369,11 +377,7 @@ def profile_fp32(args, batches, grads) -> None:
         if i >= args.warmup:
             for s, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 acc[s].append(v)
-    parts = {s: statistics.median(v) * 1e3 for s, v in acc.items()}
-    total = sum(parts.values())
-    print(f"\n  FP32: stage medians (ms), sum {total:.3f}")
-    for s, v in parts.items():
-        print(f"    {s:<12} {v:8.3f}  {100 * v / total:5.1f}%")
+    print_stages("FP32", acc)
 
 
 # --------------------------------------------------------------------------------------------------

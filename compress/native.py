@@ -169,7 +169,8 @@ def enabled() -> bool:
     return _kernels() is not None
 
 
-def _fits(w: torch.Tensor) -> bool:
+def accepts(w: torch.Tensor) -> bool:
+    """Whether the kernels can work on ``w`` in place: contiguous float32 on the CPU."""
     return w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
 
 
@@ -182,7 +183,7 @@ def _written(w: torch.Tensor) -> torch.Tensor:
 def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
     """:func:`compress.quant_math.fake_quantize_rowwise_` (float32 ``[R, D]``, in place)."""
     lib = _kernels()
-    if lib is None or not _fits(w) or w.dim() != 2 or w.shape[1] == 0:
+    if lib is None or not accepts(w) or w.dim() != 2 or w.shape[1] == 0:
         return qm.fake_quantize_rowwise_(w, bits)
     lib.dqrm_fq_rowwise(w.data_ptr(), w.shape[0], w.shape[1], bits)
     return _written(w)
@@ -191,14 +192,10 @@ def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
 def fake_quantize_tablewise_(w: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
     """:func:`compress.quant_math.fake_quantize_tablewise_` (float32, in place)."""
     lib = _kernels()
-    if lib is None or not _fits(w):
+    if lib is None or not accepts(w):
         return qm.fake_quantize_tablewise_(w, scale, bits)
     lib.dqrm_fq_tablewise(w.data_ptr(), w.numel(), scale, bits)
     return _written(w)
-
-
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
 
 
 def _require() -> ctypes.CDLL:
@@ -212,14 +209,20 @@ def blocks_build(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     """Block summary ``(bmax, barg, dirty)`` of ``max |w[r, :]|`` over blocks of ``block`` rows
     (see :mod:`compress.scale_tracking`). ``w``: contiguous float32 ``[R, D]``."""
     lib = _require()
-    if not _fits(w):
+    if not accepts(w):
         raise ValueError("blocks_build: needs a contiguous float32 CPU tensor")
     nblocks = -(-w.shape[0] // block)
     bmax = torch.empty(nblocks, dtype=torch.float32)
     barg = torch.empty(nblocks, dtype=torch.int32)
     dirty = torch.empty(nblocks, dtype=torch.uint8)
     lib.dqrm_blocks_build(
-        _ptr(w), w.shape[0], w.shape[1], block, _ptr(bmax), _ptr(barg), _ptr(dirty)
+        w.data_ptr(),
+        w.shape[0],
+        w.shape[1],
+        block,
+        bmax.data_ptr(),
+        barg.data_ptr(),
+        dirty.data_ptr(),
     )
     return bmax, barg, dirty
 
@@ -232,7 +235,14 @@ def blocks_update(
     ids = ids.to(torch.int64).contiguous()
     bmax, barg, dirty = summary
     lib.dqrm_blocks_update(
-        _ptr(w), w.shape[1], block, _ptr(ids), ids.numel(), _ptr(bmax), _ptr(barg), _ptr(dirty)
+        w.data_ptr(),
+        w.shape[1],
+        block,
+        ids.data_ptr(),
+        ids.numel(),
+        bmax.data_ptr(),
+        barg.data_ptr(),
+        dirty.data_ptr(),
     )
 
 
@@ -242,6 +252,12 @@ def blocks_rescan(w: torch.Tensor, block: int, summary: tuple[torch.Tensor, ...]
     bmax, barg, dirty = summary
     return int(
         lib.dqrm_blocks_rescan(
-            _ptr(w), w.shape[0], w.shape[1], block, _ptr(bmax), _ptr(barg), _ptr(dirty)
+            w.data_ptr(),
+            w.shape[0],
+            w.shape[1],
+            block,
+            bmax.data_ptr(),
+            barg.data_ptr(),
+            dirty.data_ptr(),
         )
     )

@@ -174,7 +174,8 @@ def track_scale_updates(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
 
     Returns:
         The number of tables tracked: 0 when the optimizer is not row-local, holds no table-wise
-        QAT table, or the compiled kernels are unavailable (refreshes then rescan the table).
+        QAT table, or the compiled kernels are unavailable; a table the kernels cannot take (not
+        contiguous float32 on the CPU) is left out too. Untracked tables rescan at each refresh.
     """
     if not updates_only_gradient_rows(optimizer) or not native.enabled():
         return 0
@@ -182,7 +183,10 @@ def track_scale_updates(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
     tables = [
         m
         for m in model.modules()
-        if isinstance(m, _Table) and m.refreshes_scale and id(m.weight) in params
+        if isinstance(m, _Table)
+        and m.refreshes_scale
+        and id(m.weight) in params
+        and native.accepts(m.weight)
     ]
     for t in tables:
         t._tracked = True

@@ -368,11 +368,6 @@ def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
     return w.mul_(scale).add_(bias)
 
 
-def fake_quantize_rowwise_fast(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`fake_quantize_rowwise_` on a copy of ``w`` (float32 ``[R, D]``)."""
-    return fake_quantize_rowwise_(w.clone(), bits)
-
-
 def _pack_into(q: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Pack uint8 codes ``[R, D]`` into ``out`` ``[R, D*bits/8]`` (may be a strided view)."""
     if bits == 8:

@@ -9,7 +9,7 @@ up to date with those rows gives the same maximum for far less reading:
   ``barg`` that holds it, and a ``dirty`` flag;
 - after a step, each changed row is folded in (:meth:`BlockAbsmax.update`): a row at least the
   block's maximum becomes it; the row that held the maximum, if now smaller, leaves ``bmax`` as an
-  upper bound and marks the block dirty. The summary is small (13 bytes a block: ~2 MB for 10M
+  upper bound and marks the block dirty. The summary is small (9 bytes a block: ~350 KB for 10M
   rows), so these updates hit the CPU cache, and the rows were just written by the optimizer;
 - :meth:`BlockAbsmax.maximum` rescans only the dirty blocks (a few percent of the table), then takes
   the maximum of ``bmax``. The result equals ``max|W|`` exactly (NaN when the table holds NaN).
@@ -28,7 +28,7 @@ from compress import native
 
 BLOCK_ROWS = 256
 """Rows a block: small enough that a dirty block is cheap to rescan, large enough that the summary
-(``R / 64`` entries) stays in the CPU cache."""
+(``R / 256`` entries) stays in the CPU cache."""
 
 
 @dataclass

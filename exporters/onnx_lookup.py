@@ -499,10 +499,8 @@ def _stacked_ids(gb: GraphBuilder, features: list[FeatureInputs], offsets: dict[
 def _pad_ids(gb: GraphBuilder, ids: str, num_ids: str, zero_row: int) -> str:
     """``ids`` then the zero row's index ``1..K`` times (``K = POOL_CHUNK``): ``[Npad]``, a
     multiple of ``K`` (the chunked pooling's layout)."""
-    chunk = gb.const("pool_chunk", _int64([POOL_CHUNK]))
-    pad = gb.op("Sub", [chunk, gb.op("Mod", [num_ids, chunk], "ids_rem")], "ids_pad")
     value = helper.make_tensor("zero_row_id", TensorProto.INT64, [1], [zero_row])
-    pad_ids = gb.op("ConstantOfShape", [pad], "zero_row_ids", value=value)
+    pad_ids = gb.op("ConstantOfShape", [_chunk_pad(gb, num_ids)], "zero_row_ids", value=value)
     return gb.op("Concat", [ids, pad_ids], "ids_all", axis=0)
 
 
@@ -582,6 +580,22 @@ def _batch_major(gb: GraphBuilder, x: str, num_features: int, hint: str) -> str:
     return gb.op("Transpose", [rank2], hint, perm=[1, 0])
 
 
+def _bag_bounds(gb: GraphBuilder, lengths: str, num_features: int) -> tuple[str, str]:
+    """Every bag's end and start row (int64 ``[B, F_g]``, batch-major) from feature-major
+    ``lengths`` ``[F_g * B]``: Gathers at these indices write ``[B, F_g, D]`` directly."""
+    ends = gb.op("CumSum", [lengths, gb.const("axis0", 0, np.int64)], "bag_ends")
+    starts = gb.op("Sub", [ends, lengths], "bag_starts")
+    ends_bf = _batch_major(gb, ends, num_features, "bag_ends_bf")
+    return ends_bf, _batch_major(gb, starts, num_features, "bag_starts_bf")
+
+
+def _chunk_pad(gb: GraphBuilder, n: str) -> str:
+    """int64 ``[1]``: ``K - n % K`` (``K = POOL_CHUNK``), between 1 and ``K``: what makes ``n``
+    a multiple of ``K`` with at least one more (zero) row."""
+    chunk = gb.const("pool_chunk", _int64([POOL_CHUNK]))
+    return gb.op("Sub", [chunk, gb.op("Mod", [n, chunk], "pool_rem")], "pool_pad")
+
+
 def _cumsum_pool_padded(gb: GraphBuilder, rows: str, lengths: str, num_features: int) -> str:
     """Bag sums ``[B, F_g, D]`` from rows ``[N + 1, D]`` whose last row is zero: an exclusive
     float64 running sum ``E`` (``E[N]`` is the total), gathered at every bag's end and start and
@@ -591,10 +605,7 @@ def _cumsum_pool_padded(gb: GraphBuilder, rows: str, lengths: str, num_features:
     axis0 = gb.const("axis0", 0, np.int64)
     wide = gb.op("Cast", [rows], "rows_f64", to=TensorProto.DOUBLE)
     running = gb.op("CumSum", [wide, axis0], "rows_cumsum", exclusive=1)  # [N + 1, D]
-    ends = gb.op("CumSum", [lengths, axis0], "bag_ends")
-    starts = gb.op("Sub", [ends, lengths], "bag_starts")
-    ends = _batch_major(gb, ends, num_features, "bag_ends_bf")
-    starts = _batch_major(gb, starts, num_features, "bag_starts_bf")
+    ends, starts = _bag_bounds(gb, lengths, num_features)
     upper = gb.op("Gather", [running, ends], "prefix_end", axis=0)
     lower = gb.op("Gather", [running, starts], "prefix_start", axis=0)
     total = gb.op("Sub", [upper, lower], "pooled_f64")
@@ -624,9 +635,7 @@ def _chunked_pool(
     """
     k = POOL_CHUNK
     if not padded:
-        n1 = gb.op("Shape", [rows], "pool_rows", end=1)  # N + 1
-        kk = gb.const("pool_chunk", _int64([k]))
-        pad = gb.op("Mod", [gb.op("Sub", [kk, gb.op("Mod", [n1, kk], "pool_rem")]), kk], "pool_pad")
+        pad = _chunk_pad(gb, gb.op("Shape", [rows], "pool_rows", end=1))
         shape = gb.op(
             "Concat", [pad, gb.const("pool_dim", _int64([dim]))], "pool_pad_shape", axis=0
         )
@@ -660,11 +669,7 @@ def _bag_sums(gb: GraphBuilder, local: str, totals: str, lengths: str, num_featu
     kk = gb.const("pool_chunk", _int64([POOL_CHUNK]))
     num_chunks = gb.op("Shape", [totals], "num_chunks_z", end=1)
     num_chunks = gb.op("Sub", [num_chunks, gb.const("one", _int64([1]))], "num_chunks")
-    axis0 = gb.const("axis0", 0, np.int64)
-    ends = gb.op("CumSum", [lengths, axis0], "bag_ends")
-    starts = gb.op("Sub", [ends, lengths], "bag_starts")
-    ends = _batch_major(gb, ends, num_features, "bag_ends_bf")  # [B, F_g]
-    starts = _batch_major(gb, starts, num_features, "bag_starts_bf")
+    ends, starts = _bag_bounds(gb, lengths, num_features)
     chunk_s = gb.op("Div", [starts, kk], "chunk_of_start")
     spans = gb.op("Greater", [gb.op("Div", [ends, kk], "chunk_of_end"), chunk_s], "bag_spans")
     total_idx = gb.op("Where", [spans, chunk_s, num_chunks], "chunk_total_idx")
@@ -870,9 +875,17 @@ def add_sparse_arch(
 ) -> str:
     """Sum-pooled embeddings of every feature: float32 ``[B, F, D]`` in the order given (TorchRec
     ``SparseArch``'s output). See :func:`add_sparse_arch_parts` for how they are computed."""
-    pooled, order = add_sparse_arch_parts(gb, features, dim, rowwise_impl, pooling, one_hot)
-    stacked = _concat(gb, pooled, "pooled_groups", axis=1)  # [B, F, D] in group order
-    if order != list(range(len(features))):
+    return concat_in_order(
+        gb, *add_sparse_arch_parts(gb, features, dim, rowwise_impl, pooling, one_hot)
+    )
+
+
+def concat_in_order(gb: GraphBuilder, parts: list[str], order: list[int]) -> str:
+    """Group outputs ``[B, F_g, D]`` (features in ``order``, as :func:`add_sparse_arch_parts`
+    returns them) as one ``[B, F, D]`` in feature order: a Concat, and a Gather on the feature
+    axis only when the groups interleave."""
+    stacked = _concat(gb, parts, "pooled_groups", axis=1)  # [B, F, D] in group order
+    if order != sorted(order):
         inverse = np.argsort(np.asarray(order, dtype=np.int64))
         stacked = gb.op(
             "Gather", [stacked, gb.const("feature_order", inverse)], "pooled_ordered", axis=1

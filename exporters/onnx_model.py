@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporters.onnx_lookup import Pooling, RowwiseImpl, add_sparse_arch_parts
+from exporters.onnx_lookup import Pooling, RowwiseImpl, add_sparse_arch_parts, concat_in_order
 from exporters.onnx_mlp import add_dense_arch, add_interaction, add_over_arch, triu_flat_indices
 from exporters.onnx_spec import (
     BATCH,
@@ -159,13 +159,7 @@ def add_fast_interaction(
     num_sparse = len(spec.features)
     order = list(range(num_sparse)) if order is None else list(order)
     if spec.model_class != "DLRM":
-        stacked = parts[0] if len(parts) == 1 else gb.op("Concat", parts, "pooled_groups", axis=1)
-        if order != list(range(num_sparse)):
-            inverse = np.argsort(np.asarray(order, dtype=np.int64))
-            stacked = gb.op(
-                "Gather", [stacked, gb.const("feature_order", inverse)], "pooled_ordered", axis=1
-            )
-        return add_interaction(gb, dense, stacked, spec)
+        return add_interaction(gb, dense, concat_in_order(gb, parts, order), spec)
     n = num_sparse + 1
     dense_3d = gb.op("Unsqueeze", [dense, gb.const("axes1", np.asarray([1], np.int64))], "dense_3d")
     combined = gb.op("Concat", [dense_3d, *parts], "combined", axis=1)  # [B, F+1, D]

@@ -126,3 +126,14 @@ def test_loading_a_state_dict_invalidates_the_summary():
     table = ebc.embedding_bags["t"]
     table.refresh_scale()
     assert float(table.scale) == qm.table_scale(table.weight.detach(), 4)
+
+
+def test_a_table_the_kernels_cannot_take_is_rescanned_instead():
+    spec = TableSpec("t", ROWS, DIM, ("f",))
+    weight = torch.randn(DIM, ROWS).t()  # a strided view: not contiguous
+    ebc = QATEmbeddingBagCollection([spec], {"t": weight}, {"t": TableQuant("qat", 4, "table", 3)})
+    ebc.train()
+    opt = torch.optim.SGD(ebc.parameters(), lr=0.5)
+    assert track_scale_updates(ebc, opt) == 0
+    scales = _train(ebc, opt, _batches(10))  # asserts every refresh equals a rescan
+    assert len(scales) == 10
