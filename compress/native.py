@@ -205,6 +205,11 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
+def _table_args(w: torch.Tensor, block: int, summary: tuple[torch.Tensor, ...]) -> tuple:
+    """``(w, rows, dim, block, bmax, barg, dirty)`` as the build and rescan kernels take them."""
+    return (w.data_ptr(), w.shape[0], w.shape[1], block, *(t.data_ptr() for t in summary))
+
+
 def blocks_build(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block summary ``(bmax, barg, dirty)`` of ``max |w[r, :]|`` over blocks of ``block`` rows
     (see :mod:`compress.scale_tracking`). ``w``: contiguous float32 ``[R, D]``."""
@@ -212,19 +217,13 @@ def blocks_build(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     if not accepts(w):
         raise ValueError("blocks_build: needs a contiguous float32 CPU tensor")
     nblocks = -(-w.shape[0] // block)
-    bmax = torch.empty(nblocks, dtype=torch.float32)
-    barg = torch.empty(nblocks, dtype=torch.int32)
-    dirty = torch.empty(nblocks, dtype=torch.uint8)
-    lib.dqrm_blocks_build(
-        w.data_ptr(),
-        w.shape[0],
-        w.shape[1],
-        block,
-        bmax.data_ptr(),
-        barg.data_ptr(),
-        dirty.data_ptr(),
+    summary = (
+        torch.empty(nblocks, dtype=torch.float32),  # bmax
+        torch.empty(nblocks, dtype=torch.int32),  # barg
+        torch.empty(nblocks, dtype=torch.uint8),  # dirty
     )
-    return bmax, barg, dirty
+    lib.dqrm_blocks_build(*_table_args(w, block, summary))
+    return summary
 
 
 def blocks_update(
@@ -233,31 +232,10 @@ def blocks_update(
     """Fold the rows ``ids`` (int64, they changed) into a block summary, in place."""
     lib = _require()
     ids = ids.to(torch.int64).contiguous()
-    bmax, barg, dirty = summary
-    lib.dqrm_blocks_update(
-        w.data_ptr(),
-        w.shape[1],
-        block,
-        ids.data_ptr(),
-        ids.numel(),
-        bmax.data_ptr(),
-        barg.data_ptr(),
-        dirty.data_ptr(),
-    )
+    ptrs = (t.data_ptr() for t in summary)
+    lib.dqrm_blocks_update(w.data_ptr(), w.shape[1], block, ids.data_ptr(), ids.numel(), *ptrs)
 
 
 def blocks_rescan(w: torch.Tensor, block: int, summary: tuple[torch.Tensor, ...]) -> int:
     """Rescan the dirty blocks of a summary in place; how many there were."""
-    lib = _require()
-    bmax, barg, dirty = summary
-    return int(
-        lib.dqrm_blocks_rescan(
-            w.data_ptr(),
-            w.shape[0],
-            w.shape[1],
-            block,
-            bmax.data_ptr(),
-            barg.data_ptr(),
-            dirty.data_ptr(),
-        )
-    )
+    return int(_require().dqrm_blocks_rescan(*_table_args(w, block, summary)))
