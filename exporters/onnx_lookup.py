@@ -82,6 +82,15 @@ chunked float32 pooling ~6.45 ms; one-hot features apart ~5.0-5.3 ms (FBGEMM's f
   ``Gather``'s per-row ``memcpy`` (1.3 vs 2.3 ms for 86k random rows), but building the
   ``[M, W]`` word indices (int64 Mul/Add or Expand) cost more than it saved (full model 0.90-0.93x
   of PyTorch against 0.99-1.02x with ``Gather``).
+* Unpacking planar codes (``x = 16 hi + lo`` per byte) with float ``Mul``/``Floor``/``Sub``
+  instead of ``BitShift``/``BitwiseAnd`` + interleaving ``Concat``: lookups 15-20% slower (more
+  mid-size ops; each float op on 400k elements still costs ~50-100 us at 2 threads).
+* Dequantizing in the row layout ``[M, D]`` with the scale and bias spread to ``[M, D]`` by a 0/1
+  ``MatMul`` (no Transposes): faster alone (1.54 vs 1.84 ms at 50k rows), 11-16% slower in the
+  lookup graph (strided column Slices of the gathered rows).
+* Cutting a group's dequantize chain into 2-8 pieces that fit in L2: slower (2.1 ms -> 2.4-2.9 ms).
+* ``BitCast`` (opset 26) cannot turn uint8 bytes into uint4 codes or fp16 pairs (equal bit widths
+  only); ``session.dynamic_block_base`` 2/4/8: no gain.
 
 Example::
 
