@@ -25,7 +25,7 @@ so it is clear where the time goes. Two ways of serving a 2-core machine are tim
   all run ``--stream-per-round`` batches of one variant together; a round's samples/s is all
   their samples over the slowest process's time, and the variants take turns within each round.
   This is how a CPU server gets the most samples/s out of its cores, for PyTorch as well: its FP32
-  model serves 128-134k samples/s this way against 117-128k with one 2-thread stream.
+  model serves 128-138k samples/s this way against 117-128k with one 2-thread stream.
 
 The export gets the features that are one-hot in the benchmark's data as a layout hint (what the
 pipeline finds in ``--data``): they are looked up apart from the multi-hot ones.
