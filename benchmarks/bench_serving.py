@@ -223,6 +223,19 @@ def build_lookup_graph(gspec: DLRMGraphSpec):
     return check_model(gb.make_model())
 
 
+def fbgemm_dlrm(model: DLRM, qebc: torch.nn.Module) -> DLRM:
+    """A copy of ``model`` whose sparse arch is TorchRec's quantized ``qebc`` (FBGEMM kernels)."""
+    out = copy.deepcopy(model)
+    out.sparse_arch.embedding_bag_collection = qebc
+    return out.eval()
+
+
+@torch.no_grad()
+def run_dlrm(model: DLRM, batch) -> torch.Tensor:  # noqa: ANN001 - compress.dataset Batch
+    """Logits of a TorchRec DLRM for one batch of :meth:`Dataset.to_batch`."""
+    return model(batch.dense, batch.sparse)
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing
 
@@ -285,18 +298,11 @@ def stream_variants(cfg: StreamConfig) -> dict[str, Callable[[int], object]]:
     feeds = [dataset_feeds(d, inputs) for d in data]
     batches = [d.to_batch(spec.feature_names) for d in data]
     session = serving_session(Path(cfg.artifacts) / "onnx" / "model.onnx", threads=cfg.threads)
-    fbgemm_model = copy.deepcopy(model)
-    fbgemm_model.sparse_arch.embedding_bag_collection = quantized_ebc_from_artifacts(arts)
-    fbgemm_model.eval()
-
-    @torch.no_grad()
-    def torch_full(m: DLRM, i: int) -> torch.Tensor:
-        return m(batches[i].dense, batches[i].sparse)
-
+    fbgemm_model = fbgemm_dlrm(model, quantized_ebc_from_artifacts(arts))
     return {
         "ort int4 (mlp int4)": lambda i: session.run(None, feeds[i]),
-        "torchrec fbgemm int4": lambda i: torch_full(fbgemm_model, i),
-        "pytorch fp32": lambda i: torch_full(model, i),
+        "torchrec fbgemm int4": lambda i: run_dlrm(fbgemm_model, batches[i]),
+        "pytorch fp32": lambda i: run_dlrm(model, batches[i]),
     }
 
 
@@ -409,17 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         ort_dense = serving_session(out / "onnx" / "dense_arch.onnx", threads=args.threads)
         ort_over = serving_session(out / "onnx" / "over_arch.onnx", threads=args.threads)
         qebc = quantized_ebc_from_artifacts(arts)
-        fbgemm_model = copy.deepcopy(model)
-        fbgemm_model.sparse_arch.embedding_bag_collection = qebc
-        fbgemm_model.eval()
+        fbgemm_model = fbgemm_dlrm(model, qebc)
 
         sparse_feeds = [{k: v for k, v in f.items() if k != "dense"} for f in feeds]
-        dense_emb = [ort_dense.run(None, {"dense": f["dense"]})[0] for f in feeds]
         pooled = [ort_lookups.run(None, s)[0] for s in sparse_feeds]
-
-        @torch.no_grad()
-        def torch_full(m, i):
-            return m(batches[i].dense, batches[i].sparse)
 
         @torch.no_grad()
         def torch_dense_over(m, i):
@@ -429,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         full = [
             Variant("ort int4 (mlp int4)", lambda i: ort_int4.run(None, feeds[i])),
             Variant("ort int4 (mlp fp32)", lambda i: ort_fp32_mlp.run(None, feeds[i])),
-            Variant("torchrec fbgemm int4", lambda i: torch_full(fbgemm_model, i)),
-            Variant("pytorch fp32", lambda i: torch_full(model, i)),
+            Variant("torchrec fbgemm int4", lambda i: run_dlrm(fbgemm_model, batches[i])),
+            Variant("pytorch fp32", lambda i: run_dlrm(model, batches[i])),
         ]
         parts = [
             Variant("lookups: ort int4", lambda i: ort_lookups.run(None, sparse_feeds[i])),
@@ -451,7 +450,6 @@ def main(argv: list[str] | None = None) -> int:
             ),
             Variant("dense+over: pytorch fp32", lambda i: torch_dense_over(model, i)),
         ]
-        del dense_emb
         with torch.no_grad():
             time_round_robin(full, len(data), args.rounds, args.per_round, args.warmup)
             time_round_robin(parts, len(data), args.rounds, args.per_round, args.warmup)

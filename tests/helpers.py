@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from compress.spec import DLRMSpec, TableSpec
 
 ROWS = (7, 50, 300, 1000)
 DIM = 8
@@ -89,3 +93,19 @@ def tiny_world(tmp_path, model_class: str = "DLRM", n: int = 6000, seed: int = 0
     train.save_npz(tmp_path / "train.npz")
     valid.save_npz(tmp_path / "valid.npz")
     return ckpt, tmp_path / "train.npz", tmp_path / "valid.npz", model
+
+
+def data_spec(rows: Mapping[str, int], dense: int) -> DLRMSpec:
+    """A small ``DLRM`` spec for reading data: one dim-4 table ``t_<f>`` of ``rows[f]`` rows per
+    sparse feature ``f`` (in that order) and ``dense`` dense features."""
+    tables = tuple(
+        TableSpec(name=f"t_{f}", num_embeddings=n, embedding_dim=4, feature_names=(f,))
+        for f, n in rows.items()
+    )
+    return DLRMSpec(
+        model_class="DLRM",
+        tables=tables,
+        dense_in_features=dense,
+        dense_arch_layer_sizes=(8, 4),
+        over_arch_layer_sizes=(4, 1),
+    )

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import data_spec
 
 from compress import criteo
 from compress.criteo import read_criteo
 from compress.datasets import detect_format, load_dataset, open_dataset
 from compress.errors import DataError
-from compress.spec import DLRMSpec, TableSpec
+from compress.spec import DLRMSpec
 
 DATA_DIR = Path(__file__).parents[2] / "shared" / "data"
 FEATURES = tuple(f"cat_{i}" for i in range(26))
@@ -214,17 +215,7 @@ def test_parses_fast_enough(sample, tmp_path):
 
 
 def criteo_spec() -> DLRMSpec:
-    tables = tuple(
-        TableSpec(name=f"t_{f}", num_embeddings=ROWS + i, embedding_dim=4, feature_names=(f,))
-        for i, f in enumerate(FEATURES)
-    )
-    return DLRMSpec(
-        model_class="DLRM",
-        tables=tables,
-        dense_in_features=13,
-        dense_arch_layer_sizes=(8, 4),
-        over_arch_layer_sizes=(4, 1),
-    )
+    return data_spec({f: ROWS + i for i, f in enumerate(FEATURES)}, 13)
 
 
 def test_open_dataset_reads_criteo_text_for_a_spec(sample, tmp_path):

@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import data_spec
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -17,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from compress.dataset import Dataset, concat_datasets
 from compress.datasets import detect_format, open_dataset
 from compress.errors import DataError
-from compress.spec import DLRMSpec, TableSpec
+from compress.spec import DLRMSpec
 
 # Sample i owns bags: a -> A_BAGS[i], b -> [10 + i]
 A_BAGS = [[1, 2], [], [3], [4, 5, 6], [7]]
@@ -271,17 +272,7 @@ def test_load_npz_rejects_non_archives(tmp_path):
 
 
 def spec_for(features: dict[str, int], dense: int = 2) -> DLRMSpec:
-    tables = tuple(
-        TableSpec(name=f"t_{f}", num_embeddings=n, embedding_dim=4, feature_names=(f,))
-        for f, n in features.items()
-    )
-    return DLRMSpec(
-        model_class="DLRM",
-        tables=tables,
-        dense_in_features=dense,
-        dense_arch_layer_sizes=(8, 4),
-        over_arch_layer_sizes=(4, 1),
-    )
+    return data_spec(features, dense)
 
 
 def test_open_dataset_npz_selects_spec_features_in_spec_order(tmp_path):

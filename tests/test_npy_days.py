@@ -6,11 +6,12 @@ import re
 
 import numpy as np
 import pytest
+from helpers import data_spec
 
 from compress.datasets import detect_format, open_dataset
 from compress.errors import DataError
 from compress.npy_days import find_days, read_npy_days
-from compress.spec import DLRMSpec, TableSpec
+from compress.spec import DLRMSpec
 
 FEATURES = ("cat_0", "cat_1", "cat_2")
 ROWS = (5, 100, 7)
@@ -96,17 +97,7 @@ def test_bad_shapes_name_the_file(tmp_path, part, array, message):
 
 
 def spec(num_dense: int = 4) -> DLRMSpec:
-    tables = tuple(
-        TableSpec(name=f"t_{f}", num_embeddings=r, embedding_dim=4, feature_names=(f,))
-        for f, r in zip(FEATURES, ROWS, strict=True)
-    )
-    return DLRMSpec(
-        model_class="DLRM",
-        tables=tables,
-        dense_in_features=num_dense,
-        dense_arch_layer_sizes=(8, 4),
-        over_arch_layer_sizes=(4, 1),
-    )
+    return data_spec(dict(zip(FEATURES, ROWS, strict=True)), num_dense)
 
 
 def test_open_dataset_detects_npy_days(tmp_path):
