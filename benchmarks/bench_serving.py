@@ -83,13 +83,12 @@ from compress.plan import make_plan  # noqa: E402
 from compress.quantize_model import convert_model, prepare_model  # noqa: E402
 from compress.recipe import parse_recipe  # noqa: E402
 from compress.spec import DLRMSpec  # noqa: E402
-from exporters import artifacts  # noqa: E402
+from exporters.export import export  # noqa: E402
 from exporters.graph_spec import graph_spec_from_artifacts  # noqa: E402
 from exporters.load import load_artifacts  # noqa: E402
 from exporters.onnx_lookup import add_sparse_arch  # noqa: E402
 from exporters.onnx_model import build_full_model, feature_input_names  # noqa: E402
 from exporters.onnx_spec import DLRMGraphSpec, GraphBuilder, Linear  # noqa: E402
-from exporters.onnx_writer import OnnxExportConfig, onnx_writer  # noqa: E402
 from exporters.predictor import (
     dataset_feeds,  # noqa: E402
     serving_session,  # noqa: E402
@@ -185,8 +184,7 @@ def compress_and_export(
         data={},
         one_hot_features=one_hot,
     )
-    config = OnnxExportConfig(one_hot_features=one_hot)
-    artifacts.save(result, out, extra_writers=(onnx_writer(converted, config),))
+    export(result, out)
     return result
 
 
@@ -402,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         compress_and_export(model, spec, out, one_hot)
         setup_s = time.perf_counter() - t0
         arts = load_artifacts(out)
-        gspec = dataclasses.replace(
-            graph_spec_from_artifacts(arts), one_hot_features=frozenset(one_hot)
-        )
+        gspec = graph_spec_from_artifacts(arts)  # with the one-hot hint the export recorded
         inputs = feature_input_names(gspec)
         feeds = [dataset_feeds(d, inputs) for d in data]
         batches = [d.to_batch(names) for d in data]

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from compress import __version__, progress
-from compress.errors import DqrmError
+from compress.errors import DqrmError, ModelConfigError
 from compress.summary import checkpoint_summary, format_bytes
 
 
@@ -203,6 +203,11 @@ def eval_cmd(
     if _is_artifact_dir(model_path):
         from exporters.predictor import Predictor
 
+        if model_config is not None:
+            raise ModelConfigError(
+                f"{model_config}: --model-config applies to checkpoints; the artifact directory "
+                f"{model_path} carries its own feature names in manifest.json"
+            )
         predictor = Predictor(model_path, batch_size=batch_size)
         t0 = time.perf_counter()
         metrics = {
@@ -252,10 +257,6 @@ def verify(artifacts_dir: Path, as_json: bool) -> None:
     raise_first(problems)
     if not as_json:
         click.echo(f"ok: {files} files verified")
-
-
-# --------------------------------------------------------------------------------------------
-# demo
 
 
 # --------------------------------------------------------------------------------------------

@@ -137,11 +137,6 @@ def compress(
                 resume=resume,
                 log=log,
             )
-            first = train_result.history[0] if train_result.history else None
-            if first is not None and first["step"] == 0:
-                metrics["before_finetune"] = first[
-                    "metrics"
-                ]  # quantized / projected, not yet fine-tuned
         else:
             from compress.distill import distill
 
@@ -159,9 +154,9 @@ def compress(
                 resume=resume,
                 log=log,
             )
-            first = train_result.history[0] if train_result.history else None
-            if first is not None and first["step"] == 0:
-                metrics["before_finetune"] = first["metrics"]
+        first = train_result.history[0] if train_result.history else None
+        if first is not None and first["step"] == 0:  # quantized / projected, not yet fine-tuned
+            metrics["before_finetune"] = first["metrics"]
     model = convert_model(model)
     if valid_ds is not None:
         metrics["compressed"] = evaluate_model(model, valid_ds, names)
@@ -193,7 +188,7 @@ def one_hot_features(data: Dataset | None, names: tuple[str, ...]) -> tuple[str,
     data): the exporter looks them up apart from multi-hot ones, so they skip pooling."""
     if data is None or len(data) == 0:
         return ()
-    return tuple(f for f in names if bool((np.diff(data.offsets[f]) == 1).all()))
+    return tuple(f for f in names if bool((data.lengths(f) == 1).all()))
 
 
 def row_counts(data: Dataset, spec: DLRMSpec) -> dict[str, torch.Tensor]:

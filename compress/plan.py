@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from compress.errors import RecipeError
 from compress.quant_math import can_pack, channel_weight_bytes, rowwise_bytes, tablewise_bytes
-from compress.recipe import Recipe, TableRule, pattern_matches
+from compress.recipe import DEFAULT_PROJECTION, Recipe, TableRule, pattern_matches
 from compress.robe_hash import array_size_for
 from compress.spec import DLRMSpec, TableSpec, dtype_size
 from compress.summary import format_bytes
@@ -89,7 +89,7 @@ class ShareGroupPlan:
     block_size: int
     array_dtype: str
     bytes: int
-    projection: str = "frequency"
+    projection: str = DEFAULT_PROJECTION
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,7 @@ def _share_groups(
             block_size=rule.block_size,
             array_dtype=rule.array_dtype,
             bytes=total,
-            projection=rule.projection or "frequency",
+            projection=rule.projection or DEFAULT_PROJECTION,
         )
         out[name] = (group, split_bytes(total, [(t.name, t.num_embeddings) for t, _ in tables]))
     return out

@@ -345,11 +345,6 @@ def fake_quantize_rowwise(w: torch.Tensor, bits: int) -> torch.Tensor:
     return out.add_(bias.unsqueeze(1))
 
 
-# --------------------------------------------------------------------------------------------------
-# Packing and FBGEMM row layouts
-# --------------------------------------------------------------------------------------------------
-
-
 def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
     """:func:`fake_quantize_rowwise` in place, for the QAT hot path: the same values for finite
     inputs, in fewer passes, no row-sized temporaries and no input checks (no inf/NaN test, no
@@ -364,8 +359,13 @@ def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
     scale = hi.sub_(bias).div_(float((1 << bits) - 1)).half().float()
     scale.masked_fill_(scale == 0, 1.0)
     inv = torch.reciprocal(scale)
-    w.sub_(bias).mul_(inv).round_().clamp_(0, (1 << bits) - 1)
+    _rowwise_codes_float(w, bias.squeeze(1), inv.squeeze(1), bits, w)
     return w.mul_(scale).add_(bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing and FBGEMM row layouts
+# --------------------------------------------------------------------------------------------------
 
 
 def _pack_into(q: torch.Tensor, bits: int, out: torch.Tensor) -> None:

@@ -36,10 +36,10 @@ from compress.robe import (
 from compress.robe_projection import ProjectionReport, project_module
 from compress.spec import DLRMSpec
 
+#: ROBE's public implementation: ``numpy.random.RandomState(1024)`` draws R1, R2, R3.
 SHARE_SEED = 1024
-DENSE_GRAD_MAX_CELLS = (
-    1 << 20
-)  # shared arrays up to 4 MB (fp32) take dense gradients  # ROBE's public implementation: numpy.random.RandomState(1024) draws R1, R2, R3
+#: Shared arrays up to 4 MB (fp32) take dense gradients.
+DENSE_GRAD_MAX_CELLS = 1 << 20
 
 
 @dataclass

@@ -121,6 +121,8 @@ _METHOD_KEYS: dict[str, tuple[str, ...]] = {
 }
 _SHARE_GROUP_KEYS = ("compression", "bytes", "block_size", "array_dtype", "projection")
 PROJECTIONS = ("frequency", "mean")
+#: How a shared array is initialised when the recipe does not say.
+DEFAULT_PROJECTION = PROJECTIONS[0]
 _CATCH_ALL = ("*", "re:.*")
 
 
@@ -483,7 +485,8 @@ def _parse_share(raw: dict, source: str, where: str) -> dict[str, Any]:
         "group": group,
         "array_dtype": _get_choice(raw, "array_dtype", ARRAY_DTYPES, source, where)
         or DEFAULT_ARRAY_DTYPE,
-        "projection": _get_choice(raw, "projection", PROJECTIONS, source, where) or "frequency",
+        "projection": _get_choice(raw, "projection", PROJECTIONS, source, where)
+        or DEFAULT_PROJECTION,
     }
 
 

@@ -51,6 +51,7 @@ from compress.recipe import recipe_to_toml
 from compress.robe import RobeEmbeddingBagCollection, quantize_array, table_offsets
 from compress.robe_hash import ROBE_PRIME
 
+FORMAT_NAME = "dqrm-compress-artifacts"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DENSE_TRANSFORM = "log3"  # see compress.criteo: log(max(x, -2) + 3), missing -> 0
@@ -138,7 +139,7 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
                 )
     spec = result.spec
     return {
-        "format": "dqrm-compress-artifacts",
+        "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "tool": "dqrm-compress",
         "tool_version": __version__,
@@ -209,7 +210,13 @@ def _write_shared(
     stage: Path, name: str, module: RobeEmbeddingBagCollection, projection: str
 ) -> dict:
     (stage / "shared").mkdir(exist_ok=True)
-    precision = module.quantization.precision if module.quantization is not None else "fp32"
+    quant = module.quantization
+    if quant is not None and quant.group_size is not None:
+        raise ArtifactError(
+            f"shared array {name}: int8 with a scale per {quant.group_size} cells cannot be "
+            "exported yet (the artifact format holds one scale per array)"
+        )
+    precision = quant.precision if quant is not None else "fp32"
     data, scale = quantize_array(module.weight.detach(), precision)
     files = {"data": _save_npy(stage, f"shared/{name}.npy", data)}
     if scale is not None:

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -353,8 +354,10 @@ def linear_from_artifacts(arts: Artifacts, path: str) -> Linear:
 
 
 def graph_spec_from_artifacts(artifacts: Artifacts | str | Path) -> DLRMGraphSpec:
-    """The graph spec of a loaded (or, given a path, freshly loaded and verified) artifact dir."""
+    """The graph spec of a loaded (or, given a path, freshly loaded and verified) artifact dir,
+    with the one-hot layout hint its ONNX export recorded (none without graphs)."""
     arts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
+    one_hot = frozenset(((arts.onnx or {}).get("export") or {}).get("one_hot_features") or ())
 
     def tensor(key: str) -> np.ndarray:
         if key not in arts.dense:
@@ -362,7 +365,8 @@ def graph_spec_from_artifacts(artifacts: Artifacts | str | Path) -> DLRMGraphSpe
         return arts.dense[key]
 
     try:
-        return _assemble(arts.spec, arts.tables, lambda p: linear_from_artifacts(arts, p), tensor)
+        gspec = _assemble(arts.spec, arts.tables, lambda p: linear_from_artifacts(arts, p), tensor)
+        return replace(gspec, one_hot_features=one_hot)
     except ArtifactError as e:
         msg = str(e)
         raise ArtifactError(

@@ -35,9 +35,7 @@ import numpy as np
 from compress.errors import ArtifactError
 from compress.robe_hash import ROBE_PRIME, robe_constants
 from compress.spec import DLRMSpec, TableSpec
-from exporters.artifacts import FORMAT_VERSION, MANIFEST, sha256_file
-
-FORMAT_NAME = "dqrm-compress-artifacts"
+from exporters.artifacts import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
 
 #: ``(numpy dtype name, shape)`` an array must have; ``None`` dtype: any float.
 ArraySpec = tuple[str | None, tuple[int, ...]]
@@ -143,10 +141,6 @@ class Artifacts:
     def file(self, rel: str) -> Path:
         return self.path / rel
 
-    @property
-    def num_files(self) -> int:
-        return len(self.manifest.get("files", {}))
-
 
 # ---------------------------------------------------------------------------------------------
 # Manifest
@@ -215,8 +209,12 @@ def check_shared_group(group: Any, where: str | Path) -> None:
         raise ArtifactError(
             f"{where}: shared array {name!r}: missing {', '.join(missing)} (hash parameters)"
         )
-    expected = list(robe_constants(int(group["seed"])))
-    if list(group["constants"]) != expected or int(group["prime"]) != ROBE_PRIME:
+    try:
+        expected = list(robe_constants(int(group["seed"])))
+        matches = list(group["constants"]) == expected and int(group["prime"]) == ROBE_PRIME
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{where}: shared array {name!r}: bad hash parameters ({e})") from None
+    if not matches:
         raise ArtifactError(
             f"{where}: shared array {name!r}: hash constants {group['constants']} (P={group['prime']}) "
             f"do not match seed {group['seed']} ({expected}, P={ROBE_PRIME})"
@@ -279,10 +277,14 @@ def _problems(root: Path, manifest: dict, checksums: bool) -> list[str]:
         if problem:
             problems.append(problem)
             bad.add(rel)
-    for rel in referenced_files(manifest):
+    try:
+        referenced, arrays = referenced_files(manifest), expected_arrays(manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        return [*problems, f"{root / MANIFEST}: malformed entry ({type(e).__name__}: {e})"]
+    for rel in referenced:
         if rel not in files:
             problems.append(f"{root / rel}: used by the manifest but has no checksum entry")
-    for rel, expected in expected_arrays(manifest).items():
+    for rel, expected in arrays.items():
         p = root / rel
         if rel not in bad and p.is_file():
             problem = check_npy(p, expected)

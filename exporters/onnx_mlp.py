@@ -7,8 +7,8 @@ Every builder appends to a :class:`~exporters.onnx_spec.GraphBuilder` and mirror
 * ``OverArch``: ``MLP`` over all but the last size (ReLU after each), then a plain ``nn.Linear``
   (no activation) giving the logits.
 * ``InteractionArch`` (``DLRM``): ``cat(dense[:, None], sparse)`` ``[B, F+1, D]``, batched Gram
-  matrix, the strict upper triangle (``torch.triu_indices(F+1, F+1, offset=1)``, row-major) as a
-  flat ``Gather``, then ``cat(dense, triu)``.
+  matrix, the strict upper triangle (``torch.triu_indices(F+1, F+1, offset=1)``, row-major) by
+  ``GatherElements``, then ``cat(dense, triu)``.
 * ``InteractionDCNArch`` (``DLRM_DCN``): ``LowRankCrossNet`` on the flattened ``[B, (F+1)*D]``:
   ``x_{l+1} = x_0 * (x_l @ V.T @ W.T + b) + x_l``.
 * ``InteractionProjectionArch``: ``bmm(branch1(x).reshape(B, F1, D), branch2(x).reshape(B, D, F2))``
@@ -85,10 +85,11 @@ def triu_flat_indices(num_sparse: int) -> np.ndarray:
     return (rows * n + cols).astype(np.int64)
 
 
-def _combined(gb: GraphBuilder, dense: str, sparse: str) -> str:
-    """``cat(dense.unsqueeze(1), sparse, dim=1)``: ``[B, F+1, D]``."""
+def _combined(gb: GraphBuilder, dense: str, sparse: str | list[str]) -> str:
+    """``cat(dense.unsqueeze(1), *sparse, dim=1)``: ``[B, F+1, D]``."""
+    parts = [sparse] if isinstance(sparse, str) else sparse
     dense_3d = gb.op("Unsqueeze", [dense, gb.const("axes1", _int64([1]))], "dense_3d")
-    return gb.op("Concat", [dense_3d, sparse], "combined", axis=1)
+    return gb.op("Concat", [dense_3d, *parts], "combined", axis=1)
 
 
 def _flatten(gb: GraphBuilder, x: str, width: int, hint: str) -> str:
@@ -96,15 +97,39 @@ def _flatten(gb: GraphBuilder, x: str, width: int, hint: str) -> str:
     return gb.op("Reshape", [x, gb.const("shape", _int64([0, width]))], hint)
 
 
-def add_dot_interaction(gb: GraphBuilder, dense: str, sparse: str, num_sparse: int) -> str:
-    """TorchRec ``InteractionArch``: ``[B, D + F + F*(F-1)/2]``."""
-    combined = _combined(gb, dense, sparse)
+def add_dot_interaction(
+    gb: GraphBuilder, dense: str, parts: list[str], num_sparse: int, order: list[int] | None = None
+) -> str:
+    """TorchRec ``InteractionArch``: ``[B, D + F + F*(F-1)/2]``.
+
+    ``parts``: pooled embeddings ``[B, F_g, D]`` whose concatenation holds the ``F`` features in
+    ``order`` (default: model order; :func:`~exporters.onnx_lookup.add_sparse_arch_parts`). They
+    are concatenated with the dense vector in one op and the triangle indices permuted to match
+    (the Gram matrix is symmetric), so the output equals the one for features in model order
+    with no reordering copy. The strict upper triangle is taken by ``GatherElements`` (int32
+    indices expanded to ``[B, T]``): a ``Gather`` on axis 1 runs element by element in ORT 1.31
+    (8 ms vs 0.6 ms at batch 2048, F = 26). Same values: both copy Gram matrix entries.
+    """
+    combined = _combined(gb, dense, parts)
     transposed = gb.op("Transpose", [combined], "combined_t", perm=[0, 2, 1])
     gram = gb.op("MatMul", [combined, transposed], "interactions")  # [B, F+1, F+1]
-    flat = _flatten(gb, gram, (num_sparse + 1) ** 2, "interactions_flat_all")
-    index = gb.const("triu_index", triu_flat_indices(num_sparse))
-    triu = gb.op("Gather", [flat, index], "interactions_flat", axis=1)
-    return gb.op("Concat", [dense, triu], "interaction_out", axis=1)
+    n = num_sparse + 1
+    flat = _flatten(gb, gram, n * n, "interactions_flat_all")
+    order = list(range(num_sparse)) if order is None else list(order)
+    position = np.empty(n, np.int64)  # position in `combined` of model entry e (0: dense)
+    position[0] = 0
+    position[np.asarray(order, np.int64) + 1] = np.arange(1, n)
+    rows, cols = np.divmod(triu_flat_indices(num_sparse), n)
+    triu = (position[rows] * n + position[cols]).astype(np.int32)  # half the bytes of int64
+    batch = gb.op(
+        "Slice",
+        [gb.op("Shape", [flat]), gb.const("start0", _int64([0])), gb.const("end1", _int64([1]))],
+        "batch_size",
+    )
+    index_shape = gb.op("Concat", [batch, gb.const("triu_count", _int64([triu.size]))], axis=0)
+    index = gb.op("Expand", [gb.const("triu_index", triu[None, :]), index_shape], "triu_index_b")
+    picked = gb.op("GatherElements", [flat, index], "interactions_flat", axis=1)
+    return gb.op("Concat", [dense, picked], "interaction_out", axis=1)
 
 
 def add_dcn_interaction(
@@ -146,7 +171,7 @@ def add_interaction(gb: GraphBuilder, dense: str, sparse: str, spec: DLRMGraphSp
     """The interaction of ``spec.model_class`` on ``dense`` ``[B, D]`` and ``sparse`` ``[B, F, D]``."""
     num_sparse = len(spec.features)
     if spec.model_class == "DLRM":
-        return add_dot_interaction(gb, dense, sparse, num_sparse)
+        return add_dot_interaction(gb, dense, [sparse], num_sparse)
     if spec.model_class == "DLRM_DCN":
         width = (num_sparse + 1) * spec.embedding_dim
         return add_dcn_interaction(gb, dense, sparse, spec.crossnet, width)

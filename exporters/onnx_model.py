@@ -42,7 +42,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporters.onnx_lookup import Pooling, RowwiseImpl, add_sparse_arch_parts, concat_in_order
-from exporters.onnx_mlp import add_dense_arch, add_interaction, add_over_arch, triu_flat_indices
+from exporters.onnx_mlp import (
+    add_dense_arch,
+    add_dot_interaction,
+    add_interaction,
+    add_over_arch,
+)
 from exporters.onnx_spec import (
     BATCH,
     DLRMGraphSpec,
@@ -138,61 +143,15 @@ def dummy_inputs(
     return feeds
 
 
-def add_fast_interaction(
-    gb: GraphBuilder,
-    dense: str,
-    sparse: str | list[str],
-    spec: DLRMGraphSpec,
-    order: list[int] | None = None,
+def add_interaction_parts(
+    gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
 ) -> str:
-    """:func:`~exporters.onnx_mlp.add_interaction`, with the dot interaction's strict upper
-    triangle taken by ``GatherElements`` (int32 indices expanded to ``[B, T]``) instead of a
-    ``Gather`` on axis 1, which ORT 1.31 runs element by element (8 ms vs 0.6 ms at batch 2048,
-    F = 26). Same values: both copy the Gram matrix entries.
-
-    ``sparse`` may be a list of ``[B, F_g, D]`` parts whose concatenation holds the features in
-    ``order`` (:func:`~exporters.onnx_lookup.add_sparse_arch_parts`): the parts are concatenated
-    with the dense vector in one op and the triangle indices permuted to match (the Gram matrix is
-    symmetric), so the output equals the one for features in model order.
-    """
-    parts = [sparse] if isinstance(sparse, str) else list(sparse)
-    num_sparse = len(spec.features)
-    order = list(range(num_sparse)) if order is None else list(order)
-    if spec.model_class != "DLRM":
-        return add_interaction(gb, dense, concat_in_order(gb, parts, order), spec)
-    n = num_sparse + 1
-    dense_3d = gb.op("Unsqueeze", [dense, gb.const("axes1", np.asarray([1], np.int64))], "dense_3d")
-    combined = gb.op("Concat", [dense_3d, *parts], "combined", axis=1)  # [B, F+1, D]
-    transposed = gb.op("Transpose", [combined], "combined_t", perm=[0, 2, 1])
-    gram = gb.op("MatMul", [combined, transposed], "interactions")  # [B, F+1, F+1]
-    flat = gb.op(
-        "Reshape",
-        [gram, gb.const("shape", np.asarray([0, n * n], np.int64))],
-        "interactions_flat_all",
-    )
-    # position in `combined` of model entry e (0: dense, f + 1: feature f)
-    position = np.empty(n, np.int64)
-    position[0] = 0
-    position[np.asarray(order, np.int64) + 1] = np.arange(1, n)
-    flat_model = triu_flat_indices(num_sparse)
-    rows, cols = np.divmod(flat_model, n)
-    triu = position[rows] * n + position[cols]
-    batch = gb.op(
-        "Slice",
-        [
-            gb.op("Shape", [flat]),
-            gb.const("start0", np.asarray([0], np.int64)),
-            gb.const("end1", np.asarray([1], np.int64)),
-        ],
-        "batch_size",
-    )
-    index_shape = gb.op(
-        "Concat", [batch, gb.const("triu_count", np.asarray([triu.size], np.int64))], axis=0
-    )
-    triu32 = triu[None, :].astype(np.int32)  # half the index bytes of int64
-    index = gb.op("Expand", [gb.const("triu_index", triu32), index_shape], "triu_index_b")
-    picked = gb.op("GatherElements", [flat, index], "interactions_flat", axis=1)
-    return gb.op("Concat", [dense, picked], "interaction_out", axis=1)
+    """The interaction of ``spec`` on pooled embeddings given as group ``parts`` in ``order``
+    (:func:`~exporters.onnx_lookup.add_sparse_arch_parts`): the dot interaction takes them as
+    they are (it permutes its triangle indices), the others see them in model order."""
+    if spec.model_class == "DLRM":
+        return add_dot_interaction(gb, dense, parts, len(spec.features), order)
+    return add_interaction(gb, dense, concat_in_order(gb, parts, order), spec)
 
 
 def _declare(gb: GraphBuilder, decls: list[TensorDecl]) -> list[str]:
@@ -215,7 +174,7 @@ def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl, pooling: Pooli
     parts, order = add_sparse_arch_parts(
         gb, lookups, spec.embedding_dim, rowwise_impl, pooling, one_hot
     )  # [B, F_g, D] each, features in `order`
-    logits = add_over_arch(gb, add_fast_interaction(gb, dense, parts, spec, order), spec)
+    logits = add_over_arch(gb, add_interaction_parts(gb, dense, parts, spec, order), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
     return gb
 
@@ -258,7 +217,7 @@ def build_over_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
     ins, outs = over_graph_io(spec)
     gb = GraphBuilder(f"{spec.model_class.lower()}_over")
     dense, sparse = _declare(gb, ins)
-    logits = add_over_arch(gb, add_fast_interaction(gb, dense, sparse, spec), spec)
+    logits = add_over_arch(gb, add_interaction(gb, dense, sparse, spec), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
     return check_model(gb.make_model())
 

@@ -35,7 +35,7 @@ from compress.errors import DataError
 from compress.metrics import evaluate as score_logits
 from exporters.load import Artifacts, load_artifacts
 from exporters.onnx_spec import SESSION_CONFIG
-from exporters.onnx_validate import make_session, run_session
+from exporters.onnx_validate import make_session
 
 DENSE_INPUT = "dense"
 LOGITS = "logits"
@@ -156,9 +156,7 @@ class Predictor:
         """Logits ``[B]`` of one batch: ``dense`` float32 ``[B, num_dense]`` (transformed), per
         feature int64 ids ``[sum(lengths)]`` and lengths ``[B]`` (0 for an empty bag)."""
         dense = np.ascontiguousarray(dense, dtype=np.float32)
-        values = {
-            f: np.ascontiguousarray(values_by_feature[f], dtype=np.int64) for f in values_by_feature
-        }
+        values = {f: _ids(f, v) for f, v in values_by_feature.items()}
         lengths = {
             f: np.ascontiguousarray(lengths_by_feature[f], dtype=np.int64)
             for f in lengths_by_feature
@@ -167,15 +165,16 @@ class Predictor:
         feeds = {DENSE_INPUT: dense}
         for f, (v_name, l_name) in self.feature_inputs.items():
             feeds[v_name], feeds[l_name] = values[f], lengths[f]
-        return run_session(self.session, feeds)[LOGITS].reshape(-1)
+        return self.session.run([LOGITS], feeds)[0].reshape(-1)
 
     def predict(self, dataset: Dataset) -> np.ndarray:
         """Logits ``[N]`` of every sample of ``dataset``, in order, ``batch_size`` at a time."""
         out = [np.zeros(0, np.float32)]
         for start in range(0, len(dataset), self.batch_size):
             part = dataset.slice(start, start + self.batch_size)
-            values = {f: part.values[f] for f in self.feature_names}
-            lengths = {f: part.lengths(f) for f in self.feature_names}
+            present = [f for f in self.feature_names if f in part.values]
+            values = {f: part.values[f] for f in present}
+            lengths = {f: part.lengths(f) for f in present}
             out.append(self.predict_tensors(part.dense, values, lengths))
         return np.concatenate(out)
 
@@ -188,3 +187,12 @@ class Predictor:
         if not isinstance(dataset, Dataset):
             dataset = self.open_data(dataset, on_bad_line)
         return score_logits(self.predict(dataset), dataset.labels)
+
+
+def _ids(feature: str, ids: np.ndarray) -> np.ndarray:
+    """``ids`` as contiguous int64; :class:`DataError` for ids that are not integers (a cast
+    would silently truncate 3.7 to 3)."""
+    arr = np.asarray(ids)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise DataError(f"feature {feature!r}: row ids must be integers, got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)

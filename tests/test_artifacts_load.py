@@ -17,6 +17,7 @@ from helpers import tiny_world
 
 from compress import pipeline
 from compress.cli import main
+from compress.dataset import Dataset
 from compress.errors import ArtifactError, DataError
 from compress.evaluate import evaluate_model
 from exporters import artifacts
@@ -127,6 +128,14 @@ def test_verify_catches_manifest_problems(copy_dir) -> None:
     ]
 
 
+def test_a_malformed_manifest_entry_is_a_problem_line(copy_dir) -> None:
+    _edit_manifest(copy_dir, lambda m: m["dense"][0].pop("file"))
+    (problem,) = verify_artifacts(copy_dir)
+    assert problem.startswith(f"{copy_dir / 'manifest.json'}: malformed entry (KeyError")
+    with pytest.raises(ArtifactError, match="malformed entry"):
+        load_artifacts(copy_dir)
+
+
 def test_verify_catches_an_unexpected_dtype_or_shape(copy_dir) -> None:
     rel = "tables/t_cat_3.scale.npy"
     np.save(copy_dir / rel, np.zeros(7, np.float32))  # right file, wrong dtype and shape
@@ -177,6 +186,16 @@ def test_predict_tensors_checks_inputs(exported) -> None:
         predictor.predict_tensors(dense, {**values, "cat_0": np.array([0, 1, 20])}, lengths)
     with pytest.raises(DataError, match="lengths sum to 2"):
         predictor.predict_tensors(dense, values, {**lengths, "cat_1": np.array([1, 1])})
+    with pytest.raises(DataError, match="feature 'cat_0': row ids must be integers, got float"):
+        predictor.predict_tensors(dense, {**values, "cat_0": np.array([0.0, 1.0, 2.7])}, lengths)
+    part = Dataset(
+        dense=dense,
+        labels=np.zeros(2, np.float32),
+        values={f: v for f, v in values.items() if f != "cat_1"},
+        offsets={f: np.array([0, 1, 3]) for f in values if f != "cat_1"},
+    )
+    with pytest.raises(DataError, match="no input for sparse feature 'cat_1'"):
+        predictor.predict(part)
 
 
 def test_predictor_reads_raw_criteo_text(exported, tmp_path) -> None:
@@ -244,6 +263,16 @@ def test_cli_eval_on_artifacts(exported, capsys) -> None:
     assert code == 0 and {"auc", "logloss", "accuracy", "n"} <= set(doc)
     assert doc["runtime"] == "onnxruntime" and doc["n"] == 1500
     assert doc["auc"] == pytest.approx(result.metrics["compressed"]["auc"], abs=1e-6)
+
+
+def test_cli_eval_on_artifacts_refuses_a_model_config(exported, tmp_path, capsys) -> None:
+    config = tmp_path / "model_config.json"
+    config.write_text("{}")
+    code, stdout, err = run(
+        capsys, "eval", exported[2], "--data", exported[3], "--model-config", config
+    )
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert "--model-config applies to checkpoints" in err and "Traceback" not in err
 
 
 def test_cli_verify(exported, copy_dir, capsys) -> None:

@@ -190,6 +190,10 @@ def test_one_hot_layout_hint_from_data(tmp_path, recipe: str) -> None:
     assert result.one_hot_features == ("cat_0", "cat_2", "cat_3")  # cat_1 holds bags of 2
     written = export(result, tmp_path / "out")
     assert written.manifest["onnx"]["export"]["one_hot_features"] == ["cat_0", "cat_2", "cat_3"]
+    from exporters.graph_spec import graph_spec_from_artifacts
+
+    hint = graph_spec_from_artifacts(written.path).one_hot_features
+    assert hint == {"cat_0", "cat_2", "cat_3"}  # read back from the manifest
     check_parity(tmp_path, job, result, written, "one-hot layout hint")
 
 

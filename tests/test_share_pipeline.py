@@ -9,9 +9,9 @@ from helpers import tiny_world
 
 from compress import pipeline
 from compress.dataset import Dataset
-from compress.errors import RecipeError
+from compress.errors import ArtifactError, RecipeError
 from compress.quantize_model import embedding_parts
-from compress.robe import RobeEmbeddingBagCollection
+from compress.robe import ArrayQuantization, RobeEmbeddingBagCollection
 from compress.robe_hash import robe_constants, robe_indices
 from exporters import artifacts
 
@@ -73,6 +73,11 @@ def test_shared_tables_compress_and_write(tmp_path, dtype):
         robe_constants(group["seed"]),
     )
     assert torch.equal(array[cells], robe[0].lookup_rows("t_cat_3", ids).detach())
+    if dtype == "int8":  # a scale per group of cells has no place in the format: refused
+        robe[0].set_quantization(ArrayQuantization("int8", group_size=4))
+        with pytest.raises(ArtifactError, match="scale per 4 cells cannot be exported yet"):
+            artifacts.save(result, tmp_path / "grouped")
+        assert not (tmp_path / "grouped").exists()
 
 
 def test_shared_resume_equals_uninterrupted(tmp_path):
