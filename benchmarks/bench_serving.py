@@ -33,10 +33,10 @@ pipeline finds in ``--data``): they are looked up apart from the multi-hot ones.
 Measured 2026-11-22 (2 vCPUs, ORT 1.31, torch 2.13; ratios from the same run, ``--rounds 8``;
 8 multi-hot features unless said):
 
-* Throughput (2 processes x 1 thread), ORT INT4 vs PyTorch FP32: 1.04-1.06x over 6 runs (ORT
-  134-144k samples/s; round by round 0.90-1.24x, 42 of 48 rounds above 1); vs TorchRec FBGEMM
-  INT4: 1.01-1.06x. One-hot bags (``--multi-hot 0``): 1.14x and 1.12x.
-* Latency (1 process x 2 threads), ORT INT4 vs PyTorch FP32: 0.98-1.07x over 15 runs (a tie;
+* Throughput (2 processes x 1 thread), ORT INT4 vs PyTorch FP32: 1.03-1.06x over 7 runs (ORT
+  134-144k samples/s; round by round 0.90-1.38x, 48 of 56 rounds above 1); vs TorchRec FBGEMM
+  INT4: 1.01-1.07x. One-hot bags (``--multi-hot 0``): 1.14x and 1.12x.
+* Latency (1 process x 2 threads), ORT INT4 vs PyTorch FP32: 0.98-1.07x over 16 runs (a tie;
   median ~1.02x), 1 thread 1.09x, one-hot bags 1.18x; vs FBGEMM: 0.97-1.26x.
 
 Per batch at 2 threads: ~16-17 ms for all three. ORT's MLPs (folded FP32 GEMMs at ~80% of this
