@@ -1,5 +1,7 @@
 """Quality of the built-in recipes on the demo: AUC of FP32, after quantization/projection, after
 fine-tuning, with a paired bootstrap interval for each recipe's AUC difference to a reference.
+Every number is on the report slice of the demo's valid file (its last 80%; the first 20% only
+chooses the kept fine-tuning step, see compress.validation), as the main job reports them.
 
     .venv/bin/python benchmarks/bench_demo_quality.py [--recipes int4_ptq int4_qat ...] [--demo demo]
 
@@ -22,6 +24,7 @@ from compress.demo import build_demo, demo_paths  # noqa: E402
 from compress.evaluate import predict_logits  # noqa: E402
 from compress.metrics import auc  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
+from compress.validation import split_validation  # noqa: E402
 
 DEFAULT = ["int8_ptq", "int4_ptq", "int4_rowwise_ptq", "int4_qat", "robe_100x", "robe_1000x"]
 
@@ -50,17 +53,18 @@ def main() -> None:
     if not paths.complete():
         build_demo(args.demo)
     valid = Dataset.load_npz(paths.valid)
+    report = split_validation(valid, str(paths.valid)).report
     train = Dataset.load_npz(paths.train)
     job = pipeline.load(paths.checkpoint)
     names = job.spec.feature_names
-    logits = {"fp32": predict_logits(lambda b: job.module(b.dense, b.sparse), valid, names)}
-    rows = [("fp32", auc(logits["fp32"], valid.labels), None, job.spec.total_bytes, 0.0)]
+    logits = {"fp32": predict_logits(lambda b: job.module(b.dense, b.sparse), report, names)}
+    rows = [("fp32", auc(logits["fp32"], report.labels), None, job.spec.total_bytes, 0.0)]
     for recipe in args.recipes:
         t0 = time.perf_counter()
         plan = pipeline.plan(job, recipe)
         result = pipeline.compress(job, plan, data=train, valid=valid)
         model = result.model
-        logits[recipe] = predict_logits(lambda b, m=model: m(b.dense, b.sparse), valid, names)
+        logits[recipe] = predict_logits(lambda b, m=model: m(b.dense, b.sparse), report, names)
         before = result.metrics["before_finetune"]
         rows.append(
             (
@@ -72,7 +76,10 @@ def main() -> None:
             )
         )
     fp32_auc = rows[0][1]
-    print(f"demo: {len(train):,} train / {len(valid):,} valid samples; FP32 AUC {fp32_auc:.4f}")
+    print(
+        f"demo: {len(train):,} train / {len(valid):,} valid samples ({len(report):,} reported); "
+        f"FP32 AUC {fp32_auc:.4f}"
+    )
     print(
         f"{'recipe':<18}{'AUC':>8}{'vs FP32':>9}{'before FT':>11}{'bytes':>11}{'x smaller':>10}"
         f"{'secs':>7}   AUC - {args.reference} [95% paired bootstrap]"
@@ -80,7 +87,7 @@ def main() -> None:
     for name, a, before, size, secs in rows:
         ref = ""
         if args.reference in logits and name not in ("fp32", args.reference):
-            mean, lo, hi = paired_bootstrap(logits[args.reference], logits[name], valid.labels)
+            mean, lo, hi = paired_bootstrap(logits[args.reference], logits[name], report.labels)
             ref = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
         b = f"{before:.4f}" if before is not None else "-"
         print(

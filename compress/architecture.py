@@ -3,9 +3,13 @@
 Only tensor names and shapes are read, so this works on memory-mapped or ``meta`` tensors.
 
 - Tables: ``sparse_arch.embedding_bag_collection.embedding_bags.<table>.weight``, in the order the
-  state dict lists them. A ``torch.distributed.checkpoint`` directory does not keep that order; its
-  tables are sorted naturally by name (``t_cat_2`` before ``t_cat_10``), which matches TorchRec's
-  Criteo naming. A model config's table list overrides either order.
+  state dict lists them, which is the order the model declared them (and so the order of its
+  features in the interaction). A ``torch.distributed.checkpoint`` directory keeps that order for
+  what rank 0 wrote (see :mod:`compress.checkpoint`); when some tables were written only by other
+  ranks their order is unknown and a model config must give it (several tables) or the model is
+  refused, never rebuilt in a guessed order. A model config's table list overrides any order.
+- Weights are float32, float16 or bfloat16 (the latter two are read as float32); other dtypes are
+  refused, naming the key.
 - Bottom MLP: ``dense_arch.model._mlp.<i>._linear.weight``; top MLP: ``over_arch.model.0._mlp.<i>``
   then ``over_arch.model.1``.
 - Interaction: ``inter_arch.crossnet.*`` means ``DLRM_DCN``, ``inter_arch.interaction_branch1.*``
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -50,22 +55,36 @@ def infer_spec(
     *,
     source: str,
     model_config: dict | None = None,
-    natural_table_order: bool = False,
+    unordered_keys: Collection[str] = frozenset(),
+    config_searched: Sequence[str | Path] = (),
+    lenient: bool = False,
 ) -> DLRMSpec:
     """Architecture of the DLRM whose state dict is ``tensors``.
 
-    ``source`` names the checkpoint in error messages. Raises :class:`CheckpointError` when the
-    tensors are not a TorchRec DLRM, :class:`ModelConfigError` when ``model_config`` disagrees.
+    ``source`` names the checkpoint in error messages. ``unordered_keys`` are keys whose position
+    in ``tensors`` is not the saved order (:attr:`compress.checkpoint.Checkpoint.unordered_keys`);
+    ``config_searched`` lists where a model config was looked for, for the error that asks for one.
+    ``lenient`` (for writing a config template) keeps an unknown table order as listed and gives
+    every table one default feature even when the interaction takes another number.
+
+    Raises :class:`CheckpointError` when the tensors are not a TorchRec DLRM,
+    :class:`ModelConfigError` when ``model_config`` disagrees or is needed and missing.
     """
     prefix = _find_prefix(tensors, source)
     sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     stray = [k for k in tensors if not k.startswith(prefix)]
     if stray:
         raise CheckpointError(
-            f"{source}: keys outside the DLRM ({prefix or 'no prefix'}): {stray[:3]}"
+            f"{source}: {len(stray)} key(s) outside the DLRM ({prefix or 'no prefix'}): "
+            f"{_preview(stray)}"
         )
+    _check_dtypes(sd, prefix, source)
 
-    tables = _tables(sd, source, natural_table_order)
+    tables = _tables(sd, source)
+    config_order = [t["name"] for t in (model_config or {}).get("tables", []) if "name" in t]
+    unordered = [n for n, _, _ in tables if f"{prefix}{EBC_PREFIX}{n}.weight" in unordered_keys]
+    if unordered and len(tables) > 1 and not config_order and not lenient:
+        raise ModelConfigError(_order_unknown_message(source, len(tables), config_searched))
     dim = tables[0][2]
     if any(d != dim for _, _, d in tables):
         raise CheckpointError(
@@ -120,13 +139,12 @@ def infer_spec(
         num_features = _features_from_dot_width(over_in - dim, source)
 
     names = [n for n, _, _ in tables]
-    feature_names = _feature_names(names, num_features, model_config, source)
+    feature_names = _feature_names(names, num_features, model_config, source, lenient)
     if model_config is not None:
         _check_config(model_config, model_class, tables, dense_in, source)
-        order = [t["name"] for t in model_config.get("tables", []) if "name" in t]
-        if order:
+        if config_order:
             by_name = {t[0]: t for t in tables}
-            tables = [by_name[n] for n in order]
+            tables = [by_name[n] for n in config_order]
     dense_bytes = sum(
         t.numel() * t.element_size() for k, t in sd.items() if not k.startswith(EBC_PREFIX)
     )
@@ -206,11 +224,6 @@ def default_feature_name(table_name: str) -> str:
     return table_name[2:] if table_name.startswith("t_") and len(table_name) > 2 else table_name
 
 
-def natural_key(name: str) -> list:
-    """Sort key that orders embedded numbers by value (``t_2`` before ``t_10``)."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
 # --------------------------------------------------------------------------------------------
 
 
@@ -226,7 +239,7 @@ def _find_prefix(tensors: dict[str, torch.Tensor], source: str) -> str:
     )
 
 
-def _tables(sd: dict[str, torch.Tensor], source: str, natural: bool) -> list[tuple[str, int, int]]:
+def _tables(sd: dict[str, torch.Tensor], source: str) -> list[tuple[str, int, int]]:
     out = []
     for key, t in sd.items():
         m = _TABLE_RE.match(key)
@@ -236,9 +249,32 @@ def _tables(sd: dict[str, torch.Tensor], source: str, natural: bool) -> list[tup
                     f"{source}: table {m['table']} has shape {tuple(t.shape)}, expected 2-D"
                 )
             out.append((m["table"], int(t.shape[0]), int(t.shape[1])))
-    if natural:
-        out.sort(key=lambda x: natural_key(x[0]))
     return out
+
+
+def _order_unknown_message(source: str, n_tables: int, searched: Sequence[str | Path]) -> str:
+    where = f" (looked for {', '.join(map(str, searched))})" if searched else ""
+    return (
+        f"{source}: this distributed checkpoint was written by several ranks and does not record "
+        f"the order in which the model declared its {n_tables} tables, which fixes the order of "
+        "its features; write a model config listing the tables in that order: run "
+        f"`dqrm-compress inspect {source} --write-config {Path(source) / 'model_config.json'}` "
+        f"and edit its table order{where}"
+    )
+
+
+READ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(sd: dict[str, torch.Tensor], prefix: str, source: str) -> None:
+    for key, t in sd.items():
+        if t.dtype not in READ_DTYPES:
+            m = _TABLE_RE.match(key)
+            what = f"table {m['table']}" if m else f"{prefix}{key}"
+            raise CheckpointError(
+                f"{source}: {what} has dtype {_dtype_name(t)}; float32, float16 and bfloat16 "
+                "weights are read (convert the state dict with `v.float()` and save it again)"
+            )
 
 
 def _mlp_weights(sd: dict, pattern: re.Pattern, source: str, what: str) -> list[torch.Tensor]:
@@ -277,7 +313,7 @@ def _exact_div(a: int, b: int, source: str, what: str) -> int:
 
 
 def _feature_names(
-    names: list[str], num_features: int, cfg: dict | None, source: str
+    names: list[str], num_features: int, cfg: dict | None, source: str, lenient: bool = False
 ) -> dict[str, list[str]]:
     if cfg is not None and cfg.get("tables"):
         given = {t["name"]: t.get("feature_names") for t in cfg["tables"]}
@@ -303,7 +339,7 @@ def _feature_names(
                 f"{where}: config names {total} features but {source}'s interaction takes {num_features}"
             )
         return out
-    if num_features != len(names):
+    if num_features != len(names) and not lenient:
         raise ModelConfigError(
             f"{source}: the model's interaction takes {num_features} features over {len(names)} tables; "
             "some tables serve several features: give --model-config with each table's feature_names"
@@ -333,3 +369,8 @@ def _check_config(cfg: dict, model_class: str, tables: list, dense_in: int, sour
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
+
+
+def _preview(items: Sequence[str], limit: int = 4) -> str:
+    head = ", ".join(map(repr, items[:limit]))
+    return head + (f", ... ({len(items)} in all)" if len(items) > limit else "")

@@ -6,27 +6,54 @@ Forms understood:
   or of ``DLRMTrain`` (every key under ``model.``);
 - a dictionary holding such a state dict under ``state_dict``, ``model_state_dict`` or ``model``
   (other entries, such as optimizer state, are ignored);
-- a ``torch.distributed.checkpoint`` directory (``.metadata`` plus ``*.distcp`` files).
+- a ``torch.distributed.checkpoint`` (DCP) directory (``.metadata`` plus ``*.distcp`` files) of such
+  a state dict, or of a dictionary holding one under those keys.
 
 Files are opened with ``weights_only=True`` and memory-mapped, so reading shapes does not read the
-tables. The DCP ``.metadata`` file is a plain pickle: it is read with an unpickler that only admits
-DCP's own metadata classes and torch's dtype/layout/size objects, never arbitrary code.
+tables. The DCP ``.metadata`` file is a plain pickle. It is read by :class:`_RestrictedUnpickler`,
+which resolves only an explicit list of (module, name) pairs (DCP's metadata classes, torch's
+``Size``, dtypes and layout lookup, and paths), builds only instances of those classes, and refuses
+anything else before it is constructed; the result is then checked field by field (chunks cover
+each tensor, storage files are plain names inside the directory and hold the bytes they claim).
+
+Key order. A torch.save state dict keeps the order in which the model declared its modules. DCP
+writes ``Metadata.state_dict_metadata`` in the order the saving ranks' plans list the items, rank 0
+first, each rank in its own state-dict order; items written by rank 0 go to ``__0_*.distcp``
+files. So the keys that have a chunk in a ``__0_`` file are listed in the saved state-dict order;
+the rest (items that only other ranks wrote) are not, and are reported in
+:attr:`Checkpoint.unordered_keys`.
 """
 
 from __future__ import annotations
 
-import io
+import pathlib
 import pickle
+import re
+import struct
+import warnings
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.serialization
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
-from compress.errors import CheckpointError
+from compress.errors import CheckpointError, DqrmError
 
 STATE_DICT_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -36,16 +63,25 @@ class Checkpoint:
     """A checkpoint opened for reading.
 
     ``tensors`` maps every state-dict key to a tensor: memory-mapped for files, on the ``meta``
-    device for DCP directories until :func:`load_tensors` reads them.
+    device for DCP directories until :func:`load_tensors` reads them. ``unordered_keys`` are the
+    keys whose position in ``tensors`` is not known to be the order of the saved state dict (only a
+    DCP directory written by several ranks has any).
     """
 
     path: Path
-    format: str  # "file" | "file:<container key>" | "dcp"
+    format: str  # "file" | "file:<container key>" | "dcp" | "dcp:<container key>"
     tensors: dict[str, torch.Tensor]
+    unordered_keys: frozenset[str] = frozenset()
+    dcp_metadata: Metadata | None = field(default=None, repr=False)
 
     @property
     def is_lazy(self) -> bool:
         return any(t.is_meta for t in self.tensors.values())
+
+    @property
+    def dcp_prefix(self) -> str:
+        """What DCP keys carry before :attr:`tensors`' keys (``"model."`` for ``dcp:model``)."""
+        return self.format.removeprefix("dcp:") + "." if self.format.startswith("dcp:") else ""
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -62,18 +98,57 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return _open_file(path)
 
 
+# What reading a DCP checkpoint's data raises when the files are corrupt, truncated or missing:
+# OS errors, torch.load's RuntimeError/UnpicklingError on a damaged slice, and the ValueError,
+# KeyError, IndexError and AssertionError with which DCP reports data that disagrees with its
+# metadata. Anything else (MemoryError, KeyboardInterrupt, a TypeError from a bug) propagates.
+_DCP_DATA_ERRORS = (
+    OSError,
+    EOFError,
+    RuntimeError,
+    pickle.UnpicklingError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AssertionError,
+    zipfile.BadZipFile,
+)
+
+
 def load_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """Every tensor of ``ckpt`` with real data (memory-mapped where the format allows)."""
     if not ckpt.is_lazy:
         return ckpt.tensors
-    state = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in ckpt.tensors.items()}
+    prefix = ckpt.dcp_prefix
+    state = {prefix + k: torch.empty(t.shape, dtype=t.dtype) for k, t in ckpt.tensors.items()}
+    reader = _SafeFileSystemReader(str(ckpt.path), ckpt.dcp_metadata)
     try:
-        dcp.load(state, storage_reader=_SafeFileSystemReader(str(ckpt.path)), no_dist=True)
-    except Exception as e:  # DCP raises a CheckpointException wrapping per-rank failures
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": we read locally
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except CheckpointException as e:  # DCP wraps every failure, even KeyboardInterrupt, in this
+        cause = _input_failure(e)
+        what = (
+            "a tensor slice is not tensor data (corrupt, or it holds other objects)"
+            if isinstance(cause, pickle.UnpicklingError)
+            else _first_line(cause)
+        )
         raise CheckpointError(
-            f"{ckpt.path}: cannot read distributed checkpoint data: {_first_line(e)}"
-        ) from e
-    return state
+            f"{ckpt.path}: cannot read distributed checkpoint data: {what}"
+        ) from cause
+    return {k[len(prefix) :]: v for k, v in state.items()}
+
+
+def _input_failure(e: CheckpointException) -> BaseException:
+    """The first failure inside ``e`` if every failure is one that input can cause; else re-raise
+    the failure that is not (a bug, MemoryError or KeyboardInterrupt must not read as bad input)."""
+    failures = [exc for exc, _trace in e.failures.values()]
+    for exc in failures:
+        if isinstance(exc, DqrmError):
+            raise exc
+        if not isinstance(exc, _DCP_DATA_ERRORS):
+            raise exc
+    return failures[0] if failures else e
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,67 +206,286 @@ def _open_dcp(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"{path}: not a torch.distributed.checkpoint directory (no .metadata file; {what})"
         )
-    metadata = _read_dcp_metadata(meta_path)
-
+    metadata = read_dcp_metadata(meta_path)
+    items = metadata.state_dict_metadata
+    prefix, fmt = _dcp_container(items)
     tensors: dict[str, torch.Tensor] = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata):
-            tensors[key] = torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+    for key, item in items.items():
+        if isinstance(item, TensorStorageMetadata) and key.startswith(prefix):
+            tensors[key[len(prefix) :]] = torch.empty(
+                item.size, dtype=item.properties.dtype, device="meta"
+            )
     if not tensors:
         raise CheckpointError(f"{path}: distributed checkpoint holds no tensors")
-    return Checkpoint(path=path, format="dcp", tensors=tensors)
+    ordered = rank0_keys(metadata)
+    unordered = frozenset(k for k in tensors if prefix + k not in ordered)
+    return Checkpoint(
+        path=path, format=fmt, tensors=tensors, unordered_keys=unordered, dcp_metadata=metadata
+    )
 
 
-def _read_dcp_metadata(meta_path: Path) -> Metadata:
-    data = meta_path.read_bytes()
+def _dcp_container(items: Mapping[str, object]) -> tuple[str, str]:
+    """``("model.", "dcp:model")`` when the saved dict held the state dict under a container key
+    beside other entries (DCP flattens ``{"model": sd, "epoch": 3}`` to ``model.<key>`` and
+    ``epoch``); ``("", "dcp")`` when every key belongs to the state dict."""
+    for key in STATE_DICT_CONTAINER_KEYS:
+        inside = [
+            k
+            for k, v in items.items()
+            if k.startswith(key + ".") and isinstance(v, TensorStorageMetadata)
+        ]
+        if inside and any(not k.startswith(key + ".") for k in items):
+            return key + ".", f"dcp:{key}"
+    return "", "dcp"
+
+
+_RANK0_FILE = re.compile(r"__0_\d+\.distcp$")
+
+
+def rank0_keys(metadata: Metadata) -> frozenset[str]:
+    """Keys with a chunk stored in a ``__0_*.distcp`` file: the ones rank 0's save plan wrote,
+    which DCP lists in rank 0's state-dict order before any other rank's (see module docstring)."""
+    storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    return frozenset(
+        index.fqn
+        for index, info in storage.items()
+        if isinstance(info, dcp_filesystem._StorageInfo)
+        and _RANK0_FILE.fullmatch(str(info.relative_path))
+    )
+
+
+# What a damaged or hostile pickle makes the pure-Python unpickler raise. MemoryError and
+# RecursionError are not here: they propagate as themselves.
+_PICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,  # includes UnicodeDecodeError
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    struct.error,
+    OverflowError,
+)
+
+
+def read_dcp_metadata(meta_path: Path) -> Metadata:
+    """The checked :class:`Metadata` of a DCP directory's ``.metadata`` file (see module docstring).
+
+    Raises :class:`CheckpointError` naming ``meta_path`` for a refused, corrupt or inconsistent file.
+    """
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        with open(meta_path, "rb") as f:
+            metadata = _RestrictedUnpickler(f).load()
     except CheckpointError as e:
         raise CheckpointError(f"{meta_path}: {e}") from e
-    except Exception as e:  # any unpickling failure of a corrupt file
+    except OSError as e:
+        raise CheckpointError(f"{meta_path}: cannot read: {e.strerror or e}") from e
+    except _PICKLE_ERRORS as e:
         raise CheckpointError(f"{meta_path}: corrupt DCP metadata: {_first_line(e)}") from e
+    _check_metadata(metadata, meta_path)
+    return metadata
 
 
-_DCP_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """Every (module, name) a ``.metadata`` pickle written by DCP's FileSystemWriter references,
+    mapped to the object it stands for. Enumerated from ``dcp.save`` of TorchRec DLRM, DLRM_DCN,
+    DLRM_Projection and DLRMTrain state dicts (fp32/fp16/bf16, with non-tensor entries)."""
+    metadata_classes = (
+        Metadata,
+        StorageMeta,
+        MetadataIndex,
+        TensorStorageMetadata,
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        TensorProperties,
+        dcp_metadata._MEM_FORMAT_ENCODING,
+    )
+    allowed: dict[tuple[str, str], object] = {
+        ("torch.distributed.checkpoint.metadata", c.__name__): c for c in metadata_classes
+    }
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = (
+        dcp_filesystem._StorageInfo
+    )
+    allowed[("torch", "Size")] = torch.Size
+    # A dtype pickles as its bare name in module torch (torch.float32 -> "float32").
+    for value in vars(torch).values():
+        if isinstance(value, torch.dtype):
+            allowed[("torch", str(value).removeprefix("torch."))] = value
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    # StorageMeta.checkpoint_id may be a path; keep it as a pure path (no file-system access).
+    for module in ("pathlib", "pathlib._local"):
+        for name in ("PosixPath", "PurePosixPath", "Path"):
+            allowed[(module, name)] = pathlib.PurePosixPath
+        for name in ("WindowsPath", "PureWindowsPath"):
+            allowed[(module, name)] = pathlib.PureWindowsPath
+    return allowed
+
+
+_ALLOWED_GLOBALS = _allowed_globals()
+_CALLABLES = frozenset(id(v) for v in _ALLOWED_GLOBALS.values() if callable(v))
+_BUILDABLE = (
+    Metadata,
+    StorageMeta,
+    MetadataIndex,
+    TensorStorageMetadata,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    TensorProperties,
+    dcp_filesystem._StorageInfo,
 )
-_BUILTINS = {"set", "frozenset", "slice", "complex"}
-_PATHS = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only DCP metadata classes, paths, OrderedDict, and torch dtypes/layouts/Size."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """A pickle reader that constructs only DCP metadata.
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
-        if module in _DCP_MODULES:
-            obj = super().find_class(module, name)
-            if isinstance(obj, type):
-                return obj
-        elif (
-            module == "collections"
-            and name == "OrderedDict"
-            or (module == "builtins" and name in _BUILTINS)
-            or (module == "pathlib" and name in _PATHS)
-        ):
-            return super().find_class(module, name)
-        elif module == "torch":
-            obj = getattr(torch, name, None)
-            if obj is torch.Size or isinstance(
-                obj, torch.dtype | torch.layout | torch.memory_format
-            ):
-                return obj
-        elif module == "torch.serialization" and name == "_get_layout":
-            return super().find_class(module, name)
-        raise CheckpointError(f"refused: metadata pickle references {module}.{name}")
+    ``find_class`` answers from :data:`_ALLOWED_GLOBALS` by exact (module, name): no import, no
+    dotted names, nothing reached through a module's globals. The pure-Python unpickler is used so
+    that its calls can be checked too: REDUCE and NEWOBJ only call allowed classes/functions, and
+    BUILD only sets the state of instances of DCP's metadata dataclasses (never of a class).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def find_class(self, module: str, name: str) -> object:
+        obj = _ALLOWED_GLOBALS.get((module, name))
+        if obj is None:
+            raise CheckpointError(
+                f"refused: the metadata pickle references {_clean(module)}.{_clean(name)}, "
+                "which is not a DCP metadata class (loading it could run code); nothing was run"
+            )
+        return obj
+
+    def _load_reduce(self) -> None:
+        _check_callable(self.stack[-2])
+        pickle._Unpickler.load_reduce(self)
+
+    def _load_newobj(self) -> None:
+        _check_callable(self.stack[-2])
+        pickle._Unpickler.load_newobj(self)
+
+    def _load_newobj_ex(self) -> None:
+        _check_callable(self.stack[-3])
+        pickle._Unpickler.load_newobj_ex(self)
+
+    def _load_build(self) -> None:
+        target = self.stack[-2]
+        if type(target) not in _BUILDABLE:
+            raise CheckpointError(
+                f"refused: the metadata pickle sets the state of a {_clean(type(target).__name__)}"
+            )
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    dispatch[pickle.NEWOBJ[0]] = _load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+    dispatch[pickle.BUILD[0]] = _load_build
+
+
+def _check_callable(obj: object) -> None:
+    if id(obj) not in _CALLABLES:
+        raise CheckpointError(f"refused: the metadata pickle calls a {_clean(type(obj).__name__)}")
+
+
+# ---- checking what was unpickled
+
+
+def _check_metadata(md: object, meta_path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``md`` is DCP metadata whose tensors are fully
+    covered by chunks stored in readable files of the directory."""
+
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{meta_path}: not valid DCP metadata: {what}")
+
+    if type(md) is not Metadata:
+        raise fail(f"holds a {type(md).__name__}")
+    items = md.state_dict_metadata
+    if not isinstance(items, dict):
+        raise fail("state_dict_metadata is not a dict")
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        raise fail("no storage_data (only FileSystemWriter checkpoints are read)")
+    file_sizes: dict[str, int] = {}
+    for key, item in items.items():
+        if not isinstance(key, str):
+            raise fail(f"key {key!r} is not a string")
+        if isinstance(item, BytesStorageMetadata):
+            continue
+        if not isinstance(item, TensorStorageMetadata):
+            raise fail(f"{key!r}: entry is a {type(item).__name__}")
+        _check_tensor_entry(key, item, fail)
+        for chunk in item.chunks:
+            info = storage.get(MetadataIndex(key, chunk.offsets))
+            _check_storage(key, info, meta_path.parent, file_sizes, fail)
+
+
+def _check_tensor_entry(
+    key: str, item: TensorStorageMetadata, fail: Callable[[str], CheckpointError]
+) -> None:
+    props, size, chunks = item.properties, item.size, item.chunks
+    if not isinstance(props, TensorProperties) or not isinstance(props.dtype, torch.dtype):
+        raise fail(f"{key!r}: no tensor dtype")
+    if not _is_shape(size):
+        raise fail(f"{key!r}: size {size!r} is not a shape")
+    if not isinstance(chunks, list) or not all(isinstance(c, ChunkStorageMetadata) for c in chunks):
+        raise fail(f"{key!r}: chunks are not a list of ChunkStorageMetadata")
+    covered = 0
+    for c in chunks:
+        if not (_is_shape(c.offsets) and _is_shape(c.sizes)):
+            raise fail(f"{key!r}: chunk offsets/sizes are not shapes")
+        if len(c.offsets) != len(size) or len(c.sizes) != len(size):
+            raise fail(f"{key!r}: a chunk has {len(c.sizes)} dims, the tensor {len(size)}")
+        if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size, strict=True)):
+            raise fail(f"{key!r}: chunk at {tuple(c.offsets)} runs past size {tuple(size)}")
+        covered += torch.Size(c.sizes).numel()
+    if covered != size.numel():
+        raise fail(
+            f"{key!r}: chunks hold {covered} elements but the tensor has {size.numel()} "
+            "(missing or overlapping shards)"
+        )
+
+
+def _check_storage(
+    key: str,
+    info: object,
+    root: Path,
+    file_sizes: dict[str, int],
+    fail: Callable[[str], CheckpointError],
+) -> None:
+    if not isinstance(info, dcp_filesystem._StorageInfo):
+        raise fail(f"{key!r}: a chunk has no storage entry")
+    name = info.relative_path
+    if not isinstance(name, str) or not name or name in (".", "..") or re.search(r"[/\\]", name):
+        raise fail(f"{key!r}: storage file {name!r} is not a plain file name in the directory")
+    for field_name in ("offset", "length"):
+        value = getattr(info, field_name)
+        if type(value) is not int or value < 0:
+            raise fail(f"{key!r}: storage {field_name} {value!r} is not a byte count")
+    if name not in file_sizes:
+        file = root / name
+        if not file.is_file():
+            raise fail(f"{key!r}: data file {name} is missing")
+        file_sizes[name] = file.stat().st_size
+    if info.offset + info.length > file_sizes[name]:
+        raise fail(
+            f"{key!r}: {name} has {file_sizes[name]} bytes, the chunk ends at "
+            f"{info.offset + info.length} (truncated?)"
+        )
+
+
+def _is_shape(value: object) -> bool:
+    return isinstance(value, torch.Size) and all(type(n) is int and n >= 0 for n in value)
 
 
 class _SafeFileSystemReader(FileSystemReader):
     """DCP's FileSystemReader with its ``.metadata`` read by the restricted unpickler."""
 
+    def __init__(self, path: str, metadata: Metadata | None = None) -> None:
+        super().__init__(path)
+        self._checked_metadata = metadata
+
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        metadata = _read_dcp_metadata(Path(self.path) / ".metadata")
+        metadata = self._checked_metadata or read_dcp_metadata(Path(self.path) / ".metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -199,6 +493,12 @@ class _SafeFileSystemReader(FileSystemReader):
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _clean(text: str) -> str:
+    """``text`` fit for a one-line message (escaped if not printable, at most 100 chars)."""
+    text = str(text)
+    return (text if text.isprintable() else ascii(text))[:100]
 
 
 def _first_line(e: BaseException) -> str:

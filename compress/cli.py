@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -62,12 +64,25 @@ def cli(ctx: click.Context, debug: bool, no_progress: bool) -> None:
         progress.set_enabled(False)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs (partial
+    output removed, fine-tuning state kept); ``main`` then exits with 143 (128 + SIGTERM)."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: maps :class:`DqrmError` to one line on stderr and exit code 2."""
+    """Console-script entry point: maps :class:`DqrmError` to one line on stderr and exit code 2;
+    Ctrl-C to "interrupted" and 130, SIGTERM to "terminated" and 143, both after cleaning up."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     # torch.fx logs a deprecation notice on every TorchRec forward; it says nothing to our users
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         cli.main(args=argv, prog_name="dqrm-compress", standalone_mode=False)
     except DqrmError as e:
@@ -75,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {e}", err=True)
         return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C into Abort
+        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+            click.echo("terminated", err=True)
+            return 143
         click.echo("interrupted", err=True)
         return 130
     except click.ClickException as e:
         e.show()
         return e.exit_code
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 
@@ -106,12 +127,28 @@ json_option = click.option(
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @model_config_option
+@click.option(
+    "--write-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a model-config template (tables in order, their features and shapes) to this "
+    "new file; edit it, then put it beside the checkpoint or pass it with --model-config.",
+)
 @json_option
-def inspect(checkpoint: Path, model_config: Path | None, as_json: bool) -> None:
+def inspect(
+    checkpoint: Path, model_config: Path | None, write_config: Path | None, as_json: bool
+) -> None:
     """Show a checkpoint's model class, tables, MLP layers and sizes (reads shapes only)."""
-    from compress.model import read_spec
+    from compress.model import read_spec, read_spec_for_template, write_model_config
 
-    ckpt, spec = read_spec(checkpoint, _config_or_sidecar(checkpoint, model_config))
+    config = _config_or_sidecar(checkpoint, model_config)
+    if write_config is None:
+        ckpt, spec = read_spec(checkpoint, config)
+    else:
+        ckpt, spec, problem = read_spec_for_template(checkpoint, config)
+        write_model_config(write_config, spec)
+        fix = f"; edit it before use: {problem}" if problem else ""
+        click.echo(f"wrote model config {write_config}{fix}", err=True)
     summary = checkpoint_summary(ckpt, spec)
     if as_json:
         _emit_json(summary)
@@ -147,19 +184,25 @@ def inspect(checkpoint: Path, model_config: Path | None, as_json: bool) -> None:
 
 
 def _config_or_sidecar(checkpoint: Path, model_config: Path | None) -> Path | None:
-    """An explicit --model-config, else ``model_config.json`` beside the checkpoint if present."""
-    if model_config is not None:
-        return model_config
-    sidecar = (
-        checkpoint.parent / "model_config.json"
-        if checkpoint.is_file()
-        else checkpoint / "model_config.json"
-    )
-    return sidecar if sidecar.is_file() else None
+    """An explicit --model-config, else ``model_config.json`` inside a DCP directory or beside the
+    checkpoint if present (:func:`compress.model.find_model_config`)."""
+    from compress.model import find_model_config
+
+    return model_config if model_config is not None else find_model_config(checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
 # eval
+
+
+dense_transform_option = click.option(
+    "--dense-transform",
+    type=click.Choice(["log3", "none"]),
+    default=None,
+    help="How raw Criteo text's dense counts become model inputs: log3 = log(max(x, -2) + 3), none "
+    "= as is. Default: an artifact directory's recorded transform, else log3. Stored formats "
+    "(.npz, npy days) keep their own and must agree.",
+)
 
 
 def data_options(f):
@@ -170,7 +213,7 @@ def data_options(f):
         show_default=True,
         help="What to do with a malformed line of Criteo text data.",
     )(f)
-    f = click.option("--batch-size", type=int, default=4096, show_default=True)(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True)(f)
     return f
 
 
@@ -185,6 +228,15 @@ def data_options(f):
 )
 @model_config_option
 @data_options
+@click.option(
+    "--out-of-range",
+    type=click.Choice(["error", "row0"]),
+    default="error",
+    show_default=True,
+    help="Artifact directories: what to do with a row id outside its table: refuse it, or read "
+    "row 0 of that table (what the ONNX graph and FBGEMM's bounds check do).",
+)
+@dense_transform_option
 @json_option
 def eval_cmd(
     model_path: Path,
@@ -193,6 +245,8 @@ def eval_cmd(
     on_bad_line: str,
     batch_size: int,
     as_json: bool,
+    out_of_range: str = "error",
+    dense_transform: str | None = None,
 ) -> None:
     """Score a checkpoint, or an artifact directory with ONNX Runtime (after checking every
     checksum), on labelled data: AUC, log loss, accuracy."""
@@ -208,7 +262,12 @@ def eval_cmd(
                 f"{model_config}: --model-config applies to checkpoints; the artifact directory "
                 f"{model_path} carries its own feature names in manifest.json"
             )
-        predictor = Predictor(model_path, batch_size=batch_size)
+        predictor = Predictor(
+            model_path,
+            batch_size=batch_size,
+            out_of_range=out_of_range,
+            dense_transform=dense_transform,
+        )
         t0 = time.perf_counter()
         metrics = {
             **predictor.evaluate(data_path, on_bad_line=on_bad_line),
@@ -217,7 +276,9 @@ def eval_cmd(
     else:
         loaded = load_model(model_path, _config_or_sidecar(model_path, model_config))
         t0 = time.perf_counter()
-        data = open_dataset(data_path, loaded.spec, on_bad_line=on_bad_line)
+        data = open_dataset(
+            data_path, loaded.spec, on_bad_line=on_bad_line, dense_transform=dense_transform
+        )
         metrics = evaluate_model(loaded.module, data, loaded.spec.feature_names, batch_size)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     if as_json:
@@ -242,21 +303,51 @@ def _is_artifact_dir(path: Path) -> bool:
 
 @cli.command()
 @click.argument("artifacts_dir", metavar="ARTIFACTS", type=click.Path(path_type=Path))
+@click.option(
+    "--parity",
+    is_flag=True,
+    help="Also re-run the ONNX Runtime parity check here (this host's ORT version) on the inputs "
+    "and reference logits stored at export; fails above the manifest's tolerance.",
+)
 @json_option
-def verify(artifacts_dir: Path, as_json: bool) -> None:
-    """Check an artifact directory: its manifest, the sha256 of every file, every array's dtype and
-    shape. Exit code 2 and one line naming the file when it is not intact."""
-    from exporters.load import raise_first, read_manifest, verify_artifacts
+def verify(artifacts_dir: Path, parity: bool, as_json: bool) -> None:
+    """Check an artifact directory: its manifest (digest, schema, paths inside the directory), the
+    sha256 of every file and no file it does not list, every array's dtype and shape. Exit code 2
+    and one line naming the file when it is not intact (--json lists every problem)."""
+    from exporters.load import inspect_artifacts, raise_first
 
-    problems = verify_artifacts(artifacts_dir)
-    files = len(read_manifest(artifacts_dir)["files"]) if not problems else None
+    checked = inspect_artifacts(artifacts_dir)
+    problems = checked.problems
+    files = len(checked.manifest.files) if not problems else None
+    for warning in checked.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    report = None
+    if parity and not problems:
+        from exporters.onnx_validate import ParityError, parity_report
+
+        report = parity_report(artifacts_dir)
     if as_json:
-        _emit_json(
-            {"ok": not problems, "path": str(artifacts_dir), "files": files, "problems": problems}
-        )
+        doc = {
+            "ok": not problems,
+            "path": str(artifacts_dir),
+            "files": files,
+            "problems": problems,
+            "warnings": checked.warnings,
+        }
+        if report is not None:
+            doc.update(ok=report["ok"], parity=report)
+        _emit_json(doc)
     raise_first(problems)
+    if report is not None and not report["ok"]:
+        raise ParityError(report["problem"])
     if not as_json:
         click.echo(f"ok: {files} files verified")
+        if report is not None:
+            click.echo(
+                f"parity: max |diff| {report['max_abs_diff']:.3g} <= {report['atol']:g} "
+                f"(onnxruntime {report['runtime']}, {len(report['sets'])} sets, plain and serving "
+                "sessions)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +416,8 @@ def plan(recipe: str, checkpoint: Path, model_config: Path | None, as_json: bool
     "valid_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="Validation data; default: the last 10% of --data.",
+    help="Validation data; default: the last 20% of --data. Its first 20% chooses the kept "
+    "fine-tuning step; every reported metric is on the other 80%.",
 )
 @click.option(
     "--out",
@@ -336,7 +428,7 @@ def plan(recipe: str, checkpoint: Path, model_config: Path | None, as_json: bool
 )
 @click.option(
     "--steps",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=2**63 - 1),
     default=None,
     help="Fine-tuning steps (overrides the recipe).",
 )
@@ -351,6 +443,20 @@ def plan(recipe: str, checkpoint: Path, model_config: Path | None, as_json: bool
     show_default=True,
     help="What to do with a malformed line of Criteo text data.",
 )
+@click.option(
+    "--max-auc-drop",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="X",
+    help="Fail (exit code 3, nothing written) when the compressed AUC is more than X below the "
+    "baseline.",
+)
+@click.option(
+    "--keep-failed",
+    is_flag=True,
+    help="With --max-auc-drop: write the artifacts even when the check fails (still exit 3).",
+)
+@dense_transform_option
 @model_config_option
 @json_option
 def compress_cmd(
@@ -365,22 +471,35 @@ def compress_cmd(
     on_bad_line: str,
     model_config: Path | None,
     as_json: bool,
+    max_auc_drop: float | None = None,
+    keep_failed: bool = False,
+    dense_transform: str | None = None,
 ) -> None:
     """Compress CHECKPOINT following a recipe: plan, quantize, fine-tune, evaluate, write artifacts."""
+    started = time.perf_counter()
     from compress import pipeline
-    from compress.errors import ArtifactError, DataError
+    from compress.errors import ArtifactError, CheckpointError, DataError, QualityGateError
     from compress.plan import format_plan
+    from compress.timings import StageTimer
     from exporters.export import export
 
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
     for path in (data_path, valid_path):
         if path is not None and not path.exists():
             raise DataError(f"{path}: no such file or directory")
-    job = pipeline.load(checkpoint, _config_or_sidecar(checkpoint, model_config))
-    the_plan = pipeline.plan(job, recipe)
-    out_dir = (
-        out_dir or checkpoint.parent / f"{checkpoint.name.split('.')[0]}.{the_plan.recipe_name}"
-    )
+    if not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint}: no such file or directory")
+    out_dir = out_dir or _default_out_dir(checkpoint, recipe)
+    if max_auc_drop is not None and data_path is None and valid_path is None:
+        raise DataError(
+            "--max-auc-drop needs validation data to measure AUC: give --valid or --data"
+        )
+    _hold_output(out_dir, say)  # before loading anything: a second run on --out stops here
+    timer = StageTimer()
+    with timer("load"):
+        job = pipeline.load(checkpoint, _config_or_sidecar(checkpoint, model_config))
+    with timer("plan"):
+        the_plan = pipeline.plan(job, recipe)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir}: already exists (use --force to replace it, or --out)")
     state_path = out_dir.parent / f".{out_dir.name}.train-state.pt"
@@ -389,7 +508,7 @@ def compress_cmd(
 
     def log(entry: dict) -> None:
         m = entry.get("metrics")
-        scores = f"  valid auc {m['auc']:.4f} logloss {m['logloss']:.4f}" if m else ""
+        scores = f"  selection auc {m['auc']:.4f} logloss {m['logloss']:.4f}" if m else ""
         loss = f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "(before fine-tuning)"
         say(
             f"step {entry['step']:>6}  {loss}{scores}  {entry['samples_per_second']:,.0f} samples/s"
@@ -405,8 +524,14 @@ def compress_cmd(
         resume=resume,
         log=log,
         on_bad_line=on_bad_line,
+        dense_transform=dense_transform,
     )
-    written = export(result, out_dir, force=force)
+    failure = auc_drop_failure(result.metrics, max_auc_drop)
+    if failure is not None and not keep_failed:
+        raise QualityGateError(f"{failure}; nothing written to {out_dir} (--keep-failed writes it)")
+    export_started = time.perf_counter()
+    written = export(result, out_dir, force=force, timer=timer)
+    timer.add("export", time.perf_counter() - export_started - timer.seconds.get("parity", 0.0))
     state_path.unlink(missing_ok=True)
     summary = {
         "out": str(written.path),
@@ -416,6 +541,10 @@ def compress_cmd(
         "bytes_planned": the_plan.bytes_after,
         "ratio": the_plan.bytes_before / the_plan.bytes_after,
         "metrics": result.metrics,
+        "metrics_on": None
+        if result.data.get("report") is None
+        else {"slice": result.data["report"], "rows": result.metrics["baseline"]["n"]},
+        "max_auc_drop": max_auc_drop,
         "notes": result.notes,
         "onnx_max_abs_diff": (written.manifest.get("onnx") or {})
         .get("parity", {})
@@ -424,17 +553,86 @@ def compress_cmd(
         if result.train is None
         else {
             **written.manifest["train"],
+            "resumed_from": result.train.resumed_from,  # not in the manifest (reproducibility)
             "seconds": round(result.train.seconds, 3),
             "samples_per_second": round(result.train.samples_per_second, 1),
         },
-        "seconds": round(result.seconds, 3),
+        "timings": stage_timings({**timer.seconds, **result.timings}),
+        "seconds": round(time.perf_counter() - started, 3),
     }
     if as_json:
         _emit_json(summary)
-        return
-    for note in result.notes:
-        say(f"note: {note}")
-    click.echo(_format_before_after(summary))
+    else:
+        for note in result.notes:
+            say(note if note.startswith("warning: ") else f"note: {note}")
+        click.echo(_format_before_after(summary))
+    if failure is not None:
+        raise QualityGateError(f"{failure}; artifacts kept in {written.path} (--keep-failed)")
+
+
+#: The stages of the main job, in the order ``timings`` lists them.
+STAGES = ("load", "plan", "data", "evaluate", "quantize", "finetune", "convert", "export", "parity")
+
+
+def stage_timings(seconds: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage in :data:`STAGES` order, in whole milliseconds rounded down (so that they
+    never add up to more than the command's ``seconds``)."""
+    from compress.timings import StageTimer
+
+    ordered = sorted(seconds, key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
+    return StageTimer({k: seconds[k] for k in ordered}).rounded()
+
+
+def auc_drop_failure(metrics: dict, max_auc_drop: float | None) -> str | None:
+    """The one-line reason ``--max-auc-drop`` fails (``None`` when it passes or is not set): the
+    compressed AUC more than ``max_auc_drop`` below the baseline's, both on the report slice."""
+    if max_auc_drop is None:
+        return None
+    baseline, compressed = metrics.get("baseline"), metrics.get("compressed")
+    if baseline is None or compressed is None:
+        return "--max-auc-drop: no validation data, AUC not measured"
+    drop = baseline["auc"] - compressed["auc"]
+    if drop <= max_auc_drop:
+        return None
+    return (
+        f"compressed AUC {compressed['auc']:.4f} is {drop:.4f} below the baseline "
+        f"{baseline['auc']:.4f}, more than --max-auc-drop {max_auc_drop:g}"
+    )
+
+
+def _default_out_dir(checkpoint: Path, recipe: str) -> Path:
+    """``<checkpoint dir>/<checkpoint name>.<recipe name>``."""
+    from compress.recipe import load_recipe
+
+    return checkpoint.parent / f"{checkpoint.name.split('.')[0]}.{load_recipe(recipe).name}"
+
+
+def _hold_output(out_dir: Path, say) -> None:
+    """Hold ``.<out>.lock`` until this command ends (a second run on the same ``--out`` is refused
+    at its start, not after training), then tidy what a killed run on ``out`` left behind
+    (:mod:`exporters.atomic_dir`)."""
+    from exporters import atomic_dir
+
+    lock = atomic_dir.output_lock(out_dir)
+    click.get_current_context().call_on_close(lock.release)
+    if atomic_dir.recover(out_dir).restored is not None:
+        say(f"note: {out_dir}: put back the previous output that a killed run was replacing")
+
+
+def _slice_lines(s: dict) -> list[str]:
+    """Which validation rows the metrics are on and which chose the kept fine-tuning step."""
+    lines = []
+    if s.get("metrics_on"):
+        on = s["metrics_on"]
+        lines.append(f"metrics on {on['slice']} ({on['rows']:,} rows, never used for selection)")
+    train = s.get("train") or {}
+    if train.get("selected_on"):
+        sel = train["selected_on"]
+        lines.append(
+            f"kept fine-tuning step {train['best_step']} of {train['steps']}: best {sel['metric']} "
+            f"on {sel['slice']} ({sel['rows']:,} rows)"
+        )
+    return lines
 
 
 def _format_before_after(s: dict) -> str:
@@ -453,6 +651,7 @@ def _format_before_after(s: dict) -> str:
                 f"{name:<32}{m['auc']:>8.4f}{m['logloss']:>9.4f}{m['accuracy']:>10.4f}"
                 f"{format_bytes(size):>13}"
             )
+    lines += _slice_lines(s)
     lines.append(f"ratio {s['ratio']:.2f}x   artifacts: {s['out']}")
     if s.get("onnx_max_abs_diff"):
         worst = max(s["onnx_max_abs_diff"].values())
@@ -522,4 +721,6 @@ def demo(demo_dir: Path, recipe: str, rebuild: bool, as_json: bool) -> None:
         on_bad_line="error",
         model_config=None,
         as_json=as_json,
+        max_auc_drop=None,
+        keep_failed=False,
     )

@@ -17,7 +17,10 @@ Conversion, following TorchRec's ``BinaryCriteoUtils.tsv_to_npys``:
   optional ``-`` and at most 18 decimal digits.
 - a line with the wrong number of fields, a label other than ``0``/``1``, a non-integer dense field
   or a non-hex categorical field is a :class:`DataError` naming ``file:line`` (1-based), or with
-  ``on_bad_line="skip"`` it is dropped and counted. An empty line is a bad line too.
+  ``on_bad_line="skip"`` it is dropped and counted. An empty line is a bad line too, and so is a
+  line longer than the longest valid one (:attr:`CriteoLayout.max_line_bytes`; its bytes are
+  dropped unread). A file that cannot be read to its end (truncated or corrupt gzip) is a
+  :class:`DataError` naming the last line read, whatever ``on_bad_line`` says.
 
 Parsing is vectorized over blocks of ~8 MiB: field boundaries come from the positions of tabs and
 newlines, and every column is decoded with numpy lookup tables, with no Python object per field.
@@ -36,11 +39,10 @@ from typing import BinaryIO, Literal
 import numpy as np
 
 from compress.dataset import Dataset
+from compress.dense_transform import DENSE_TRANSFORMS, DenseTransform
 from compress.errors import DataError
 
-DenseTransform = Literal["log3", "none"]
 OnBadLine = Literal["error", "skip"]
-DENSE_TRANSFORMS = ("log3", "none")
 ON_BAD_LINE = ("error", "skip")
 
 CHUNK_BYTES = 8 << 20
@@ -76,6 +78,13 @@ class CriteoLayout:
     @property
     def num_columns(self) -> int:
         return 1 + self.num_dense + self.num_sparse
+
+    @property
+    def max_line_bytes(self) -> int:
+        """Length of the longest valid line: every field at its widest (``-`` and 18 digits, 16
+        hex digits), the tabs and a ``\\r``. Any longer line is malformed whatever it holds."""
+        dense = self.num_dense * (MAX_DEC_DIGITS + 1)
+        return 1 + dense + self.num_sparse * MAX_HEX_DIGITS + (self.num_columns - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,7 @@ def read_criteo(
         labels=np.concatenate(labels).astype(np.float32),
         values={f: np.ascontiguousarray(rows[:, j]) for j, f in enumerate(feature_names)},
         offsets={f: offsets for f in feature_names},
+        dense_transform=dense_transform,
     )
     return CriteoRead(dataset=dataset, files=tuple(files), skipped_lines=skipped)
 
@@ -190,9 +200,28 @@ def is_gzip(path: Path) -> bool:
 
 
 def _parse_file(path: Path, layout: CriteoLayout, *, skip: bool) -> Iterator[ParsedBlock]:
-    """Parsed blocks of one file; raises :class:`DataError` at the first bad line unless ``skip``."""
+    """Parsed blocks of one file; raises :class:`DataError` at the first bad line unless ``skip``.
+
+    A file that cannot be read to its end (a truncated or corrupt ``.gz``) is a :class:`DataError`
+    naming the last line read, also with ``skip``: its remaining lines are unknown.
+    """
     first_line = 1
-    for block in _read_blocks(path):
+    blocks = _read_blocks(path, layout.max_line_bytes)
+    while True:
+        try:
+            block = next(blocks, None)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(
+                f"{path}: cannot be read after line {first_line - 1} ({e or type(e).__name__})"
+            ) from None
+        if block is None:
+            return
+        if isinstance(block, _OverlongLine):
+            if not skip:
+                raise DataError(f"{path}:{first_line}: {_overlong_message(layout)}")
+            first_line += 1
+            yield _skipped_line(layout)
+            continue
         parsed = parse_block(block, layout)
         if parsed.bad_lines.size and not skip:
             index = int(parsed.bad_lines[0])
@@ -202,24 +231,46 @@ def _parse_file(path: Path, layout: CriteoLayout, *, skip: bool) -> Iterator[Par
         yield parsed
 
 
-def _read_blocks(path: Path) -> Iterator[bytes]:
-    """Blocks of whole lines (each ends with a newline; one is added at the end of the file)."""
-    try:
-        with _open(path) as fh:
-            rest = b""
-            while True:
-                data = fh.read(CHUNK_BYTES)
-                if not data:
-                    break
-                data = rest + data
-                cut = data.rfind(b"\n") + 1
-                rest = data[cut:]
-                if cut:
-                    yield data[:cut]
-            if rest:
-                yield rest + b"\n"
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot be read ({e})") from None
+@dataclass(frozen=True)
+class _OverlongLine:
+    """Stands, in :func:`_read_blocks`' output, for one line too long to be valid (its bytes are
+    dropped unread, so a huge line without a newline never fills memory)."""
+
+
+def _read_blocks(path: Path, max_line_bytes: int) -> Iterator[bytes | _OverlongLine]:
+    """Blocks of whole lines (each ends with a newline; one is added at the end of the file), and
+    an :class:`_OverlongLine` for each line found longer than ``max_line_bytes``. Read errors
+    propagate (:func:`_parse_file` names the line)."""
+    with _open(path) as fh:
+        rest = b""
+        dropping = False  # inside an over-long line: discard up to its newline
+        while data := fh.read(CHUNK_BYTES):
+            if dropping:
+                cut = data.find(b"\n") + 1
+                if not cut:
+                    continue
+                data, dropping = data[cut:], False
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield data[:cut]
+            if len(rest) > max_line_bytes:
+                rest, dropping = b"", True
+                yield _OverlongLine()
+        if rest:
+            yield rest + b"\n"
+
+
+def _skipped_line(layout: CriteoLayout) -> ParsedBlock:
+    """The :class:`ParsedBlock` of one line that was rejected before parsing."""
+    return ParsedBlock(
+        labels=np.zeros(0, np.uint8),
+        dense=np.zeros((0, layout.num_dense), np.int64),
+        sparse=np.zeros((0, layout.num_sparse), np.uint64),
+        bad_lines=np.zeros(1, np.int64),
+        num_lines=1,
+    )
 
 
 def _open(path: Path) -> BinaryIO:
@@ -299,16 +350,21 @@ def _parse_labels(
 def _parse_decimal(
     padded: np.ndarray, ends: np.ndarray, lengths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(ok, value)`` of optionally negative decimal fields ending at ``ends``; empty -> 0."""
+    """``(ok, value)`` of optionally negative decimal fields ending at ``ends``; empty -> 0.
+
+    A field longer than the window (``-`` plus 18 digits) is rejected by its length alone: its
+    first byte lies outside the window, so only fields that fit are looked at for a sign.
+    """
     width = _width(lengths, MAX_DEC_DIGITS + 1)
     chars = _right_windows(padded, ends, width)
     digits = _DEC[chars]
+    fits = lengths <= width
     inside = np.arange(width, dtype=np.int64) >= (width - lengths)[..., None]
     first = np.clip(width - lengths, 0, width - 1)[..., None]
-    neg = (np.take_along_axis(chars, first, axis=-1)[..., 0] == _MINUS) & (lengths > 0)
+    neg = (np.take_along_axis(chars, first, axis=-1)[..., 0] == _MINUS) & (lengths > 0) & fits
     bad = inside & (digits == _BAD)
     bad[neg, width - lengths[neg]] = False  # the sign is not a digit
-    ok = ~_any_last(bad) & ~(neg & (lengths == 1)) & (lengths - neg <= MAX_DEC_DIGITS)
+    ok = fits & ~_any_last(bad) & ~(neg & (lengths == 1)) & (lengths - neg <= MAX_DEC_DIGITS)
     digits[~inside | (digits == _BAD)] = 0  # also clears the sign
     value = digits.astype(np.int64) @ _POW10[width - 1 :: -1]
     return ok, np.where(ok, np.where(neg, -value, value), 0)
@@ -339,6 +395,8 @@ def _nth_line(block: bytes, index: int) -> bytes:
 
 def diagnose_line(line: bytes, layout: CriteoLayout) -> str:
     """Why one line is malformed, in words (used for the error message of a bad line)."""
+    if len(line) > layout.max_line_bytes:
+        return _overlong_message(layout)
     text = line.decode("utf-8", errors="replace").removesuffix("\r")
     fields = text.split("\t")
     if len(fields) != layout.num_columns:
@@ -350,12 +408,29 @@ def diagnose_line(line: bytes, layout: CriteoLayout) -> str:
         return f"label must be 0 or 1, got {_show(fields[0])}"
     for j, field in enumerate(fields[1 : 1 + layout.num_dense]):
         if field and not re.fullmatch(rf"-?[0-9]{{1,{MAX_DEC_DIGITS}}}", field):
-            return f"integer field {j + 1} (column {j + 2}) is not an integer: {_show(field)}"
+            what = (
+                f"has more than {MAX_DEC_DIGITS} digits"
+                if re.fullmatch(r"-?[0-9]+", field)
+                else "is not an integer"
+            )
+            return f"integer field {j + 1} (column {j + 2}) {what}: {_show(field)}"
     for j, field in enumerate(fields[1 + layout.num_dense :]):
         if field and not re.fullmatch(rf"[0-9a-fA-F]{{1,{MAX_HEX_DIGITS}}}", field):
             column = j + 2 + layout.num_dense
-            return f"categorical field {j + 1} (column {column}) is not hexadecimal: {_show(field)}"
+            what = (
+                f"has more than {MAX_HEX_DIGITS} hex digits (64 bits)"
+                if re.fullmatch(r"[0-9a-fA-F]+", field)
+                else "is not hexadecimal"
+            )
+            return f"categorical field {j + 1} (column {column}) {what}: {_show(field)}"
     return "malformed line"
+
+
+def _overlong_message(layout: CriteoLayout) -> str:
+    return (
+        f"line longer than {layout.max_line_bytes:,} bytes, the most {layout.num_columns} valid "
+        "fields can take"
+    )
 
 
 def _show(field: str, limit: int = 40) -> str:

@@ -7,7 +7,9 @@ A :class:`Dataset` holds plain numpy arrays for ``N`` samples:
 - per sparse feature a jagged pair ``values[f]`` (int64, flat table rows of every bag in sample
   order) and ``offsets[f]`` (int64 ``[N + 1]``; sample ``i`` owns
   ``values[f][offsets[f][i]:offsets[f][i + 1]]``),
-- optionally ``click_prob``: float64 ``[N]``, the true click probability of generated data.
+- optionally ``click_prob``: float64 ``[N]``, the true click probability of generated data,
+- ``dense_transform``: the name of the transform that made ``dense`` from raw counts (``"log3"``,
+  ``"none"``; see :mod:`compress.dense_transform`), ``None`` when not known.
 
 Every reader (:mod:`compress.criteo`, :mod:`compress.npy_days`, :mod:`compress.synthetic`) returns
 one, and :meth:`Dataset.batches` turns it into :class:`~compress.batches.Batch` objects whose
@@ -21,7 +23,8 @@ arrays, read back with ``allow_pickle=False``:
 key                    array
 =====================  ==========================================================================
 ``meta``               0-d unicode string: JSON ``{"format": "dqrm-compress-dataset", "version": 1,
-                       "feature_names": [...]}`` (the feature order)
+                       "feature_names": [...], "dense_transform": "log3"}`` (the feature order;
+                       ``dense_transform`` only when known, absent in files written before it)
 ``dense``              float32 ``[N, num_dense]``
 ``labels``             float32 ``[N]``
 ``click_prob``         float64 ``[N]`` (only for generated data)
@@ -50,6 +53,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress.batches import Batch
+from compress.dense_transform import DENSE_TRANSFORMS, check_transform
 from compress.errors import DataError
 
 FORMAT_NAME = "dqrm-compress-dataset"
@@ -71,8 +75,14 @@ class Dataset:
     values: dict[str, np.ndarray]
     offsets: dict[str, np.ndarray]
     click_prob: np.ndarray | None = None
+    dense_transform: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dense_transform is not None and self.dense_transform not in DENSE_TRANSFORMS:
+            raise ValueError(
+                f"dense_transform must be one of {DENSE_TRANSFORMS} or None, "
+                f"got {self.dense_transform!r}"
+            )
         self.dense = np.asarray(self.dense, dtype=np.float32)
         self.labels = np.asarray(self.labels, dtype=np.float32)
         self.values = {f: _as_int64(v, f"values[{f!r}]") for f, v in self.values.items()}
@@ -123,6 +133,7 @@ class Dataset:
             values=values,
             offsets=offsets,
             click_prob=None if self.click_prob is None else self.click_prob[idx],
+            dense_transform=self.dense_transform,
         )
 
     def slice(self, start: int, stop: int) -> Dataset:
@@ -140,6 +151,7 @@ class Dataset:
             values=values,
             offsets=offsets,
             click_prob=None if self.click_prob is None else self.click_prob[start:stop],
+            dense_transform=self.dense_transform,
         )
 
     def split_tail(self, fraction: float) -> tuple[Dataset, Dataset]:
@@ -214,6 +226,7 @@ class Dataset:
             values={f: self.values[f] for f in keys},
             offsets={f: self.offsets[f] for f in keys},
             click_prob=self.click_prob,
+            dense_transform=self.dense_transform,
         )
 
     def equals(self, other: Dataset) -> bool:
@@ -236,6 +249,8 @@ class Dataset:
             "version": FORMAT_VERSION,
             "feature_names": list(self.feature_names),
         }
+        if self.dense_transform is not None:
+            meta["dense_transform"] = self.dense_transform
         arrays: dict[str, np.ndarray] = {
             "meta": np.array(json.dumps(meta)),
             "dense": self.dense,
@@ -251,7 +266,9 @@ class Dataset:
 
     @classmethod
     def load_npz(cls, path: str | Path) -> Dataset:
-        """Read a file written by :meth:`save_npz`; any deviation is a :class:`DataError`."""
+        """Read a file written by :meth:`save_npz`; any deviation is a :class:`DataError` naming the
+        key: a missing or extra key, a wrong dtype or shape, a NaN/inf dense value, a label other
+        than 0/1, a negative row id (object arrays are never unpickled)."""
         try:
             archive = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -260,10 +277,11 @@ class Dataset:
             raise DataError(f"{path}: a single .npy array, not a dqrm-compress .npz dataset")
         with archive:
             arrays = _read_archive(archive, path)
-        feature_names = _parse_meta(arrays.pop("meta"), path)
+        feature_names, transform = _parse_meta(arrays.pop("meta"), path)
         _check_keys(set(arrays), feature_names, "click_prob" in arrays, path)
         for key, arr in arrays.items():
             _check_dtype(key, arr, path)
+        _check_contents(arrays, path)
         try:
             return cls(
                 dense=arrays["dense"],
@@ -271,6 +289,7 @@ class Dataset:
                 values={f: arrays[f"values/{f}"] for f in feature_names},
                 offsets={f: arrays[f"offsets/{f}"] for f in feature_names},
                 click_prob=arrays.get("click_prob"),
+                dense_transform=transform,
             )
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
@@ -315,6 +334,8 @@ def concat_datasets(parts: Sequence[Dataset]) -> Dataset:
             raise ValueError("datasets to concatenate differ in features or dense width")
         if (p.click_prob is None) != (first.click_prob is None):
             raise ValueError("datasets to concatenate differ in having click_prob")
+        if p.dense_transform != first.dense_transform:
+            raise ValueError("datasets to concatenate differ in their dense transform")
     if len(parts) == 1:
         return first
     values, offsets = {}, {}
@@ -333,6 +354,7 @@ def concat_datasets(parts: Sequence[Dataset]) -> Dataset:
         click_prob=(
             None if first.click_prob is None else np.concatenate([p.click_prob for p in parts])
         ),
+        dense_transform=first.dense_transform,
     )
 
 
@@ -396,7 +418,8 @@ def _read_archive(archive: np.lib.npyio.NpzFile, path: str | Path) -> dict[str, 
     return arrays
 
 
-def _parse_meta(meta: np.ndarray, path: str | Path) -> tuple[str, ...]:
+def _parse_meta(meta: np.ndarray, path: str | Path) -> tuple[tuple[str, ...], str | None]:
+    """``(feature names, dense transform or None)`` from the ``meta`` key."""
     if meta.dtype.kind != "U" or meta.shape != ():
         raise DataError(f"{path}: key 'meta' must be a JSON string, got {meta.dtype} {meta.shape}")
     try:
@@ -418,7 +441,10 @@ def _parse_meta(meta: np.ndarray, path: str | Path) -> tuple[str, ...]:
         raise DataError(f"{path}: key 'meta' needs 'feature_names', a list of non-empty strings")
     if len(set(names)) != len(names):
         raise DataError(f"{path}: key 'meta' lists a feature name twice")
-    return tuple(names)
+    transform = info.get("dense_transform")
+    if transform is not None:
+        check_transform(transform, f"{path}: key 'meta' dense_transform")
+    return tuple(names), transform
 
 
 def _check_keys(
@@ -436,6 +462,53 @@ def _check_keys(
 
 
 _DTYPES = {"dense": np.float32, "labels": np.float32, "click_prob": np.float64}
+
+
+def _check_contents(arrays: dict[str, np.ndarray], path: str | Path) -> None:
+    """Raise :class:`DataError` naming the key and position of a NaN/inf dense value, a label that
+    is not 0/1, or a ``click_prob`` outside [0, 1]."""
+    problems = (
+        ("dense", find_nonfinite(arrays["dense"])),
+        ("labels", find_nonbinary(arrays["labels"])),
+    )
+    if "click_prob" in arrays:
+        prob = arrays["click_prob"]
+        outside = ~((prob >= 0) & (prob <= 1))  # NaN too
+        problems += (
+            ("click_prob", describe_first(prob, outside, "is not a probability in [0, 1]")),
+        )
+    for key, problem in problems:
+        if problem is not None:
+            raise DataError(f"{path}: key {key!r}: {problem}")
+
+
+def find_nonfinite(arr: np.ndarray) -> str | None:
+    """Where ``arr`` (float) first holds NaN or +-inf, in words (``"value nan at sample 3, column 1
+    is not finite"``), or None when every value is finite."""
+    return describe_first(arr, ~np.isfinite(arr), "is not finite")
+
+
+def find_nonbinary(arr: np.ndarray) -> str | None:
+    """Where ``arr`` first holds a label other than 0 or 1 (NaN included), in words, or None."""
+    return describe_first(arr, (arr != 0) & (arr != 1), "is not a label (0 or 1)")
+
+
+def describe_first(arr: np.ndarray, bad: np.ndarray, what: str) -> str | None:
+    """``"value <v> at sample i[, column j] <what>"`` for the first True of ``bad`` (``v`` read
+    from ``arr``), or None when ``bad`` holds no True."""
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"value {arr[index].item()!r} at {describe_position(index)} {what}"
+
+
+def describe_position(index: tuple[int, ...]) -> str:
+    """``(3,)`` -> ``"sample 3"``, ``(3, 1)`` -> ``"sample 3, column 1"`` (0-based, as numpy)."""
+    if len(index) == 1:
+        return f"sample {index[0]}"
+    if len(index) == 2:
+        return f"sample {index[0]}, column {index[1]}"
+    return f"index {index}"
 
 
 def _check_dtype(key: str, arr: np.ndarray, path: str | Path) -> None:

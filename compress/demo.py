@@ -29,9 +29,9 @@ from compress.spec import DLRMSpec, TableSpec
 from compress.synthetic import bayes_auc, demo_synthetic_config, generate
 from compress.train import fit
 from compress.train_config import TrainConfig
+from compress.validation import HOLDOUT_FRACTION
 
 DEMO_DIM = 16
-VALID_FRACTION = 0.2
 DEMO_TRAINING = TrainConfig(
     epochs=1.0,
     batch_size=2048,
@@ -100,7 +100,7 @@ def build_demo(root: str | Path, seed: int = 0) -> dict:
     root = Path(root)
     config = demo_synthetic_config(seed)
     data = generate(config)
-    train, valid = data.split_tail(VALID_FRACTION)
+    train, valid = data.split_tail(HOLDOUT_FRACTION)  # the tail the main job holds out of --data
     spec = demo_spec(config.table_sizes)
     torch.manual_seed(seed)
     model = build_model(spec)

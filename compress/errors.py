@@ -33,3 +33,29 @@ class RecipeError(DqrmError):
 
 class ArtifactError(DqrmError):
     """An exported artifact directory that is missing, corrupt or from a newer format."""
+
+
+class QualityGateError(DqrmError):
+    """The compressed model lost more AUC than ``--max-auc-drop`` allows (exit code 3)."""
+
+    exit_code = 3
+
+
+def os_error_reason(error: OSError) -> str:
+    """The operating system's reason for ``error`` in lower case, e.g. ``no space left on
+    device``: what a one-line message about a file that cannot be written ends with."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return reason[:1].lower() + reason[1:]
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """``error`` itself when it is an ``OSError``, else the first ``OSError`` it was raised from or
+    while handling (torch reports a failed write as a ``RuntimeError`` raised during the
+    ``OSError``); ``None`` when no OS error is behind it."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

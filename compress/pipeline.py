@@ -8,7 +8,9 @@
 
 ``exporters.export.export(result, out_dir)`` then writes the artifact directory (the CLI does both).
 
-Validation data: ``valid`` when given, else the last 10% of ``data`` (held out from training).
+Validation data: ``valid`` when given, else the last 20% of ``data`` (held out from training). Its
+first 20% chooses the kept fine-tuning step, and every reported metric is measured on the rest
+(:mod:`compress.validation`).
 Without ``data``, a recipe that fine-tunes distils from the original model on inputs sampled from
 its own tables (:mod:`compress.distill`) and says so in ``result.notes``; PTQ recipes need no data.
 """
@@ -26,15 +28,16 @@ from torch import nn
 
 from compress.dataset import Dataset
 from compress.datasets import open_dataset
+from compress.dense_transform import agreed_transform
 from compress.evaluate import evaluate_model
 from compress.model import LoadedModel, load_model
 from compress.plan import Plan, make_plan
 from compress.quantize_model import SharedGroup, convert_model, prepare_model
 from compress.recipe import Recipe, load_recipe
 from compress.spec import DLRMSpec
+from compress.timings import StageTimer
 from compress.train import TrainConfig, TrainResult, fit
-
-VALID_FRACTION = 0.1
+from compress.validation import HOLDOUT_FRACTION, ValidationSlices, split_validation
 
 
 @dataclass
@@ -54,6 +57,11 @@ class CompressionResult:
     data: dict[str, str | None] = field(default_factory=dict)
     #: features whose every bag held exactly one id in the data (a serving layout hint)
     one_hot_features: tuple[str, ...] = ()
+    #: wall seconds per stage of :func:`compress` (data, evaluate, quantize, finetune, convert)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: the dense transform of the data fine-tuned and evaluated on (``None``: no data, or data that
+    #: does not record it; see :mod:`compress.dense_transform`)
+    dense_transform: str | None = None
 
 
 def load(checkpoint: str | Path, model_config: str | Path | dict | None = None) -> LoadedModel:
@@ -77,8 +85,23 @@ def load_data(
     train_ds = _dataset(job, data, **kwargs)
     valid_ds = _dataset(job, valid, **kwargs)
     if train_ds is not None and valid_ds is None:
-        train_ds, valid_ds = train_ds.split_tail(VALID_FRACTION)
+        train_ds, valid_ds = train_ds.split_tail(HOLDOUT_FRACTION)
     return train_ds, valid_ds
+
+
+def validation_slices(
+    data: str | Path | Dataset | None,
+    valid: str | Path | Dataset | None,
+    train_ds: Dataset | None,
+    valid_ds: Dataset | None,
+) -> ValidationSlices | None:
+    """The selection and report slices of the validation set :func:`load_data` returned (``None``
+    without one), named after the file they come from."""
+    if valid_ds is None:
+        return None
+    if valid is not None:
+        return split_validation(valid_ds, _name(valid))
+    return split_validation(valid_ds, _name(data), offset=len(train_ds) if train_ds else 0)
 
 
 def compress(
@@ -92,22 +115,44 @@ def compress(
     resume: bool = False,
     log: Callable[[dict], None] | None = None,
     on_bad_line: str = "error",
+    dense_transform: str | None = None,
 ) -> CompressionResult:
-    """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval."""
+    """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval.
+
+    Every metric is measured on the report slice of the validation data; fine-tuning evaluates and
+    chooses its kept step on the selection slice only (:mod:`compress.validation`).
+    ``dense_transform`` is what raw text is read with (default ``log3``); the transform the data
+    holds is recorded in the result (two files with different ones are a :class:`DataError`).
+    """
     t0 = time.perf_counter()
-    train_ds, valid_ds = load_data(job, data, valid, on_bad_line=on_bad_line)
+    timer = StageTimer()
+    with timer("data"):
+        train_ds, valid_ds = load_data(
+            job, data, valid, on_bad_line=on_bad_line, dense_transform=dense_transform
+        )
+        transform = agreed_transform(
+            (ds.dense_transform, _name(src))
+            for ds, src in ((train_ds, data), (valid_ds, valid if valid is not None else data))
+            if ds is not None
+        )
+        slices = validation_slices(data, valid, train_ds, valid_ds)
+    report = slices.report if slices is not None else None
     names = job.spec.feature_names
-    notes: list[str] = []
+    notes: list[str] = [f"warning: {w}" for w in plan.warnings]
     metrics: dict[str, dict | None] = {
         "baseline": None,
         "before_finetune": None,
         "compressed": None,
     }
-    if valid_ds is not None:
-        metrics["baseline"] = evaluate_model(job.module, valid_ds, names)
+    if report is not None:
+        with timer("evaluate"):
+            metrics["baseline"] = evaluate_model(job.module, report, names)
 
-    counts = row_counts(train_ds, job.spec) if train_ds is not None and plan.share_groups else None
-    model, shared = prepare_model(job.module, job.spec, plan, counts)
+    with timer("quantize"):
+        counts = (
+            row_counts(train_ds, job.spec) if train_ds is not None and plan.share_groups else None
+        )
+        model, shared = prepare_model(job.module, job.spec, plan, counts)
     for g in shared:
         weighted = "row-frequency weighted " if g.projection == "frequency" else ""
         notes.append(
@@ -126,11 +171,16 @@ def compress(
         config = plan.recipe.finetune or TrainConfig()
         if steps is not None:
             config = replace(config, steps=steps)
+        if report is not None:  # quantized / projected, not yet fine-tuned
+            with timer("evaluate"):
+                metrics["before_finetune"] = evaluate_model(model, report, names)
+        select = slices.select if slices is not None else None
+        finetune_start = time.perf_counter()
         if train_ds is not None:
             train_result = fit(
                 model,
                 train_ds,
-                valid_ds,
+                select,
                 names,
                 config,
                 state_path=state_path,
@@ -149,17 +199,28 @@ def compress(
                 model,
                 job.spec,
                 config,
-                valid=valid_ds,
+                valid=select,
                 state_path=state_path,
                 resume=resume,
                 log=log,
             )
-        first = train_result.history[0] if train_result.history else None
-        if first is not None and first["step"] == 0:  # quantized / projected, not yet fine-tuned
-            metrics["before_finetune"] = first["metrics"]
-    model = convert_model(model)
-    if valid_ds is not None:
-        metrics["compressed"] = evaluate_model(model, valid_ds, names)
+        timer.add("finetune", time.perf_counter() - finetune_start)
+        if slices is not None and config.keep_best:
+            train_result.selected_on = {
+                "slice": slices.select_name,
+                "rows": len(slices.select),
+                "metric": config.select_on,
+            }
+        if train_result.best_step == 0:
+            notes.append(
+                f"fine-tuning did not improve {config.select_on} on the selection slice at any "
+                "evaluation: the model before fine-tuning is kept"
+            )
+    with timer("convert"):
+        model = convert_model(model)
+    if report is not None:
+        with timer("evaluate"):
+            metrics["compressed"] = evaluate_model(model, report, names)
     else:
         notes.append("no validation data: AUC before/after not measured")
     return CompressionResult(
@@ -174,12 +235,16 @@ def compress(
         seconds=time.perf_counter() - t0,
         source=str(job.checkpoint.path),
         one_hot_features=one_hot_features(train_ds if train_ds is not None else valid_ds, names),
+        dense_transform=transform,
         data={
             "train": _name(data),
             "valid": _name(valid)
             if valid is not None
-            else (f"last {VALID_FRACTION:.0%} of {_name(data)}" if data is not None else None),
+            else (f"last {HOLDOUT_FRACTION:.0%} of {_name(data)}" if data is not None else None),
+            "select": slices.select_name if slices is not None else None,
+            "report": slices.report_name if slices is not None else None,
         },
+        timings=dict(timer.seconds),
     )
 
 

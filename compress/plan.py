@@ -13,7 +13,11 @@ kept exactly as it is (``method="keep"``, ``rule_index=None``).
 Every pattern of every rule must select at least one table name of the model, otherwise the recipe
 is rejected (a typo would otherwise silently keep tables in FP32). A rule whose patterns match but
 whose row bounds, or earlier rules, leave it no table is allowed (built-in recipes use size classes
-that a given model may not have); :attr:`Plan.unused_rules` lists such rules.
+that a given model may not have); :attr:`Plan.unused_rules` lists such rules, and
+:attr:`Plan.warnings` says why for each one that would have changed its tables (any method but
+``keep``). A recipe that changes nothing at all in the model (every table and the MLP kept as they
+are, e.g. ``robe_100x`` on a model whose tables are all under its ``min_rows``) is rejected: it
+would report a 1.0x "compression" after fine-tuning for nothing.
 
 Bytes
 -----
@@ -115,7 +119,8 @@ class MLPPlan:
 @dataclass(frozen=True)
 class Plan:
     """A recipe resolved against a model. Totals are embedding + dense; ``ratio`` is
-    ``bytes_before / bytes_after``. ``unused_rules``: rules that decided no table."""
+    ``bytes_before / bytes_after``. ``unused_rules``: rules that decided no table. ``warnings``:
+    one line for each such rule whose method would have changed a table, saying why."""
 
     recipe_name: str
     tables: tuple[TablePlan, ...]
@@ -131,6 +136,7 @@ class Plan:
     unused_rules: tuple[int, ...] = ()
     share_groups: tuple[ShareGroupPlan, ...] = ()
     recipe: Recipe | None = field(default=None, compare=False, repr=False)
+    warnings: tuple[str, ...] = ()
 
     def table(self, name: str) -> TablePlan:
         for t in self.tables:
@@ -182,6 +188,7 @@ class Plan:
                 for g in self.share_groups
             ],
             "unused_rules": list(self.unused_rules),
+            "warnings": list(self.warnings),
             "needs_finetune": self.needs_finetune,
             "embedding_bytes_before": self.embedding_bytes_before,
             "embedding_bytes_after": self.embedding_bytes_after,
@@ -213,6 +220,15 @@ def make_plan(recipe: Recipe, spec: DLRMSpec) -> Plan:
     dense_before = mlp.bytes_before + other_dense
     dense_after = mlp.bytes_after + other_dense
     before, after = emb_before + dense_before, emb_after + dense_after
+    unused = tuple(i for i in range(len(recipe.rules)) if i not in deciding)
+    warnings = tuple(unused_rule_warning(recipe, spec, deciding, i) for i in unused)
+    warnings = tuple(w for w in warnings if w is not None)
+    if mlp.method == "keep" and all(t.method == "keep" for t in tables):
+        why = f": {warnings[0]}" if warnings else ""
+        raise RecipeError(
+            f"{recipe.source}: the recipe changes nothing in this model (every table and the MLP "
+            f"would be kept as they are){why}"
+        )
     return Plan(
         recipe_name=recipe.name,
         tables=tables,
@@ -225,10 +241,44 @@ def make_plan(recipe: Recipe, spec: DLRMSpec) -> Plan:
         bytes_after=after,
         ratio=before / after,
         needs_finetune=recipe.needs_finetune,
-        unused_rules=tuple(i for i in range(len(recipe.rules)) if i not in deciding),
+        unused_rules=unused,
         share_groups=tuple(g for g, _ in groups.values()),
         recipe=recipe,
+        warnings=warnings,
     )
+
+
+MAX_LISTED_TABLES = 6
+
+
+def unused_rule_warning(
+    recipe: Recipe, spec: DLRMSpec, deciding: Sequence[int | None], index: int
+) -> str | None:
+    """Why rule ``index``, which decides no table, changes nothing (``None`` for a ``keep`` rule,
+    which would not have changed its tables anyway)."""
+    rule = recipe.rules[index]
+    if rule.method == "keep":
+        return None
+    matched = [t for t in spec.tables if rule.matches_name(t.name)]
+    in_bounds = [t for t in matched if rule.fits_rows(t.num_embeddings)]
+    if not in_bounds:
+        listed = ", ".join(
+            f"{t.name} ({t.num_embeddings:,} rows)" for t in matched[:MAX_LISTED_TABLES]
+        )
+        more = (
+            f" and {len(matched) - MAX_LISTED_TABLES} more"
+            if len(matched) > MAX_LISTED_TABLES
+            else ""
+        )
+        why = f"its row bounds leave out every table it matches: {listed}{more}"
+    else:
+        taken = sorted({deciding[spec.tables.index(t)] for t in in_bounds})
+        why = (
+            "earlier rules decide the tables it matches ("
+            + ", ".join(f"tables[{j}]" for j in taken)
+            + ")"
+        )
+    return f"{recipe.source}: tables[{index}] ({rule.describe()}) changes no table: {why}"
 
 
 def decide(rules: Sequence[TableRule], table: TableSpec) -> int | None:
@@ -497,6 +547,7 @@ def format_plan(plan: Plan) -> str:
         out.append(f"rule {i}: {rules[i]}")
     if plan.unused_rules:
         out.append("rules that decide no table: " + ", ".join(map(str, plan.unused_rules)))
+    out += [f"warning: {w}" for w in plan.warnings]
     for g in plan.share_groups:
         out.append(
             f"shared array {g.name}: {len(g.tables)} tables, {g.cells:,} {g.array_dtype} "

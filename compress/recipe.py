@@ -45,7 +45,11 @@ Schema (every key; "required" keys have no default)::
     [finetune]                       # keys are exactly compress.train_config.TrainConfig's fields; a
     epochs = 1.0                     #   missing key takes TrainConfig's default. Required when a
     batch_size = 2048                #   rule uses qat or share or the MLP uses qat, and an error
-    ...                              #   when nothing is trained.
+    ...                              #   when nothing is trained. Integers (seed, steps, sizes)
+                                     #   must fit int64, learning rates float32.
+    select_on = "logloss"            # str, default "logloss": keep_best keeps the evaluation with
+                                     #   the lowest log loss ("logloss") or highest AUC ("auc") on
+                                     #   the selection slice (compress.validation)
 
 Keys that do not apply to a rule's method (``bits`` on a ``keep`` rule, ``scale_refresh`` on a
 row-wise rule) are errors, not ignored. A rule placed after a catch-all rule (``match = ["*"]`` or
@@ -78,7 +82,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from compress.errors import RecipeError
-from compress.train_config import OPTIMIZERS, TrainConfig
+from compress.train_config import OPTIMIZERS, SELECT_METRICS, TrainConfig
 
 TABLE_METHODS = ("keep", "fp16", "ptq", "qat", "share")
 MLP_METHODS = ("keep", "ptq", "qat")
@@ -523,6 +527,13 @@ _FINETUNE_LIMITS: dict[str, tuple[str, float]] = {
 }
 
 
+#: Upper bounds: learning rates become float32 tensors, every integer (seed, steps, sizes) an
+#: int64 (``torch.manual_seed`` and numpy overflow beyond it).
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+_FINETUNE_MAX: dict[str, float] = {"lr_embedding": FLOAT32_MAX, "lr_dense": FLOAT32_MAX}
+
+
 def _parse_finetune(raw: dict, source: str) -> TrainConfig:
     where = "finetune"
     _check_keys(raw, FINETUNE_KEYS, source, where)
@@ -535,12 +546,21 @@ def _parse_finetune(raw: dict, source: str) -> TrainConfig:
             ok = values[key] > bound if op == ">" else values[key] >= bound
             if not ok:
                 _fail(source, where, f"{key} must be {op} {bound:g}, got {_show(value)}")
-    for key in ("optimizer", "dense_optimizer"):
-        if key in values and values[key] not in OPTIMIZERS:
+        is_int = isinstance(values[key], int) and not isinstance(values[key], bool)
+        upper = _FINETUNE_MAX.get(key, INT64_MAX if is_int else None)
+        if upper is not None and values[key] > upper:
+            kind = "int64" if is_int else "float32"
+            _fail(source, where, f"{key} must be <= {upper!r} ({kind} range), got {_show(value)}")
+    for key, choices in (
+        ("optimizer", OPTIMIZERS),
+        ("dense_optimizer", OPTIMIZERS),
+        ("select_on", SELECT_METRICS),
+    ):
+        if key in values and values[key] not in choices:
             _fail(
                 source,
                 where,
-                f"{key} must be one of {_choices(OPTIMIZERS)}, got {_show(values[key])}",
+                f"{key} must be one of {_choices(choices)}, got {_show(values[key])}",
             )
     return TrainConfig(**values)
 

@@ -165,7 +165,14 @@ def generate(config: SyntheticConfig) -> Dataset:
         logit[start:stop] = true_logits(world, config, dense[start:stop], bags, start, stop)
     prob = 1.0 / (1.0 + np.exp(-logit))
     labels = (_rng(config.seed, _LABELS).random(n) < prob).astype(np.float32)
-    return Dataset(dense=dense, labels=labels, values=values, offsets=offsets, click_prob=prob)
+    return Dataset(
+        dense=dense,
+        labels=labels,
+        values=values,
+        offsets=offsets,
+        click_prob=prob,
+        dense_transform="none",  # drawn as model inputs: no transform made them
+    )
 
 
 def true_logits(

@@ -26,24 +26,30 @@ from torch import nn
 
 from compress.batches import Batch
 from compress.dataset import Dataset
-from compress.errors import DqrmError
+from compress.errors import DqrmError, os_error_in, os_error_reason
 from compress.evaluate import predict_logits
 from compress.metrics import evaluate
 from compress.progress import enabled as progress_enabled
 from compress.qat_embedding import track_scale_updates
-from compress.train_config import OPTIMIZERS, TrainConfig
+from compress.train_config import OPTIMIZERS, SELECT_METRICS, TrainConfig
 
 
 @dataclass
 class TrainResult:
+    """``best_step``: the evaluation with the best ``config.select_on`` metric on the validation
+    rows given to :func:`fit` (``None`` when none was given: nothing was selected).
+    ``selected_on``: which rows and metric chose the kept weights, filled in by the pipeline
+    (JSON-ready; ``None`` when nothing was selected: no validation rows, or ``keep_best`` off)."""
+
     steps: int
-    best_step: int
+    best_step: int | None
     best_metrics: dict | None
     final_metrics: dict | None
     seconds: float
     samples_per_second: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    selected_on: dict | None = None
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -53,6 +59,17 @@ ScoreFn = Callable[[nn.Module, Batch], torch.Tensor]
 def default_score(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Logits ``[B]`` of a TorchRec DLRM."""
     return model(batch.dense, batch.sparse).reshape(-1)
+
+
+def is_better(metric: str, new: dict, old: dict) -> bool:
+    """Whether evaluation ``new`` beats ``old`` on ``metric``: lower log loss or higher AUC."""
+    if metric == "logloss":
+        return new["logloss"] < old["logloss"]
+    if metric == "auc":
+        return new["auc"] > old["auc"]
+    raise ValueError(
+        f"unknown selection metric {metric!r} (choose from {', '.join(SELECT_METRICS)})"
+    )
 
 
 def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -116,8 +133,9 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` in place for ``config.total_steps(len(train))`` steps.
 
-    With ``config.keep_best`` and a validation set, the weights of the best-AUC evaluation are
-    restored at the end. ``log`` receives one dict per evaluation (step, loss, metrics,
+    With ``config.keep_best`` and a validation set, the weights of the evaluation with the best
+    ``config.select_on`` metric are restored at the end; that set is only for selection (report
+    metrics on other rows). ``log`` receives one dict per evaluation (step, loss, metrics,
     samples/s). ``stop_after`` ends the run early after that many steps (as an interruption
     would), leaving the resumable state at ``state_path``.
     """
@@ -137,21 +155,29 @@ def fit(
         # table-wise QAT scales refresh from a summary kept up to date after each step (exact)
         track_scale_updates(model, opt_emb)
 
-    step, best_step, best_metrics, best_state, history = 0, 0, None, None, []
+    step, best_step, best_metrics, best_state, history = 0, None, None, None, []
     running = 0.0  # exponential moving average of the training loss, as logged
     state_path = Path(state_path) if state_path else None
+    if state_path is not None:  # a run killed while saving left its temporary file
+        state_tmp(state_path).unlink(missing_ok=True)
     resumed_from = 0
     if resume:
         if state_path is None or not state_path.exists():
             raise DqrmError(f"--resume: no saved training state at {state_path}")
-        saved = torch.load(state_path, weights_only=True)
+        saved = load_state(state_path)
         if saved["config"] != asdict(config) or saved["total"] != total:
             raise DqrmError(
                 f"{state_path}: saved training state was made with different settings; start afresh"
             )
-        model.load_state_dict(saved["model"])
-        for opt, s in zip(optimizers, saved["optimizers"], strict=True):
-            opt.load_state_dict(s)
+        try:
+            model.load_state_dict(saved["model"])
+            for opt, s in zip(optimizers, saved["optimizers"], strict=True):
+                opt.load_state_dict(s)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise DqrmError(
+                f"{state_path}: saved training state does not fit this model ({_first_line(e)}); "
+                "run without --resume to start afresh"
+            ) from e
         step, best_step, best_metrics, history = (
             saved["step"],
             saved["best_step"],
@@ -189,14 +215,12 @@ def fit(
             "torch_rng": torch.get_rng_state(),
             "running_loss": running,
         }
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, state_path)
+        write_state(state, state_path)
 
     if step == 0 and valid is not None and config.keep_best:
         # step 0 competes too: fine-tuning never returns a model worse than it started from
         metrics = evaluate_now()
-        best_metrics, best_state = metrics, copy.deepcopy(model.state_dict())
+        best_step, best_metrics, best_state = 0, metrics, copy.deepcopy(model.state_dict())
         entry = {"step": 0, "loss": None, "metrics": metrics, "samples_per_second": 0.0}
         history.append(entry)
         if log is not None:
@@ -243,7 +267,7 @@ def fit(
             if log is not None:
                 log(entry)
             if metrics is not None and (
-                best_metrics is None or metrics["auc"] > best_metrics["auc"]
+                best_metrics is None or is_better(config.select_on, metrics, best_metrics)
             ):
                 best_step, best_metrics = step, metrics
                 if config.keep_best and step != total:
@@ -269,6 +293,59 @@ def fit(
         history=history,
         resumed_from=resumed_from,
     )
+
+
+STATE_KEYS = frozenset(
+    {"config", "total", "step", "model", "optimizers", "best_step", "best_metrics", "history"}
+    | {"torch_rng", "running_loss"}
+)
+
+
+def state_tmp(state_path: Path) -> Path:
+    """Where :func:`write_state` writes before renaming onto ``state_path``."""
+    return state_path.with_suffix(".tmp")
+
+
+def write_state(state: dict, state_path: Path) -> None:
+    """Save ``state`` to ``state_path`` atomically (a temporary file, flushed, then renamed): a
+    kill leaves the previous state. An OS error (a full disk) is one :class:`DqrmError` naming
+    ``state_path``, with the temporary file removed."""
+    tmp = state_tmp(state_path)
+    try:
+        with open(tmp, "wb") as f:  # to a path, torch reports ENOSPC as a bare RuntimeError
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = os_error_in(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise DqrmError(f"{state_path}: {os_error_reason(cause)}") from e
+        raise
+
+
+def load_state(state_path: Path) -> dict:
+    """The training state saved at ``state_path`` (``weights_only``); one-line :class:`DqrmError`
+    naming the file when it is truncated, corrupt or not a training state."""
+    afresh = "run without --resume to start afresh"
+    try:
+        saved = torch.load(state_path, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, refused global: all the file's fault
+        raise DqrmError(
+            f"{state_path}: truncated or corrupt training state ({_first_line(e)}); {afresh}"
+        ) from e
+    missing = STATE_KEYS - saved.keys() if isinstance(saved, dict) else STATE_KEYS
+    if missing:
+        raise DqrmError(
+            f"{state_path}: not a training state (no {', '.join(sorted(missing))}); {afresh}"
+        )
+    return saved
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _bar(total: int, initial: int):

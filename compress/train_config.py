@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass
 
 OPTIMIZERS = ("adagrad", "sgd", "adam")
+#: What picks the kept step (``select_on``): lower log loss, or higher AUC, on the selection slice.
+SELECT_METRICS = ("logloss", "auc")
+DEFAULT_SELECT_ON = SELECT_METRICS[0]
 
 
 @dataclass
@@ -15,6 +18,9 @@ class TrainConfig:
     ``steps`` wins over ``epochs`` when both are set. ``eval_every=0`` evaluates only at the end.
     ``optimizer`` steps the embedding parameters and must accept sparse gradients (adagrad or sgd)
     when tables train; ``dense_optimizer`` steps everything else (default: the same kind).
+    ``keep_best`` keeps the weights of the evaluation with the best ``select_on`` metric
+    (``"logloss"``, lower is better and also catches calibration damage; or ``"auc"``) on the
+    validation rows the loop is given (the pipeline gives it the selection slice only).
     """
 
     steps: int | None = None
@@ -27,6 +33,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 8192
     keep_best: bool = True
+    select_on: str = DEFAULT_SELECT_ON
     seed: int = 0
     checkpoint_every: int = 200
 

@@ -1,9 +1,11 @@
 """The artifact directory: packed tables, dense weights, manifest with checksums; written atomically.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
     out/
-      manifest.json            everything needed to read the rest, sha256 of every file
+      manifest.json            everything needed to read the rest, sha256 of every file, the dense
+                               transform the data was read with, and the sha256 of its own
+                               canonical content (schema and checks: exporters.manifest)
       tables/<table>.npy       row-wise: uint8 [R, D*bits/8] packed codes (FBGEMM order, low bits
                                first); table-wise: uint8 [R, D*bits/8] packed codes q + 2^(bits-1);
                                fp16: float16 [R, D]; keep: float32 [R, D]
@@ -20,18 +22,15 @@ Layout (format version 1)::
       train_log.jsonl          one line per fine-tuning evaluation: step, loss, metrics
 
 Every array is a ``.npy`` file (no pickle; ``numpy.load(..., mmap_mode="r")`` maps it). The
-directory is built under a temporary name beside ``out`` and renamed when complete, so a failure or
-Ctrl-C leaves no partial output. No timestamps are recorded: the same inputs and seed give
-byte-identical artifacts.
+directory is built under a temporary name beside ``out`` and swapped in when complete, holding a
+lock on ``out`` (:mod:`exporters.atomic_dir`), so a failure, Ctrl-C or kill leaves either the old
+or the new directory and nothing partial once the next run on ``out`` has tidied up. No timestamps
+are recorded: the same inputs and seed give byte-identical artifacts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from compress import __version__
 from compress import quant_math as qm
 from compress.architecture import spec_to_model_config
+from compress.dense_transform import FORMULAS
 from compress.errors import ArtifactError
 from compress.pipeline import CompressionResult
 from compress.qat_embedding import QuantizedEmbeddingBagCollection, QuantizedTable
@@ -50,11 +50,16 @@ from compress.quantize_model import embedding_parts
 from compress.recipe import recipe_to_toml
 from compress.robe import RobeEmbeddingBagCollection, quantize_array, table_offsets
 from compress.robe_hash import ROBE_PRIME
-
-FORMAT_NAME = "dqrm-compress-artifacts"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DENSE_TRANSFORM = "log3"  # see compress.criteo: log(max(x, -2) + 3), missing -> 0
+from exporters import atomic_dir
+from exporters.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    UNKNOWN_TRANSFORM,
+    dump_manifest,
+    seal,
+    sha256_file,
+)
 
 Writer = Callable[[Path, dict], None]  # extra step: (staging directory, manifest) -> None
 
@@ -78,21 +83,25 @@ def save(
     in the manifest before checksums are taken. An existing ``out_dir`` is an error unless ``force``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ArtifactError(f"{out_dir}: already exists (use --force to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    stage.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual mode
-    try:
+    with atomic_dir.output_lock(out_dir):  # re-entrant: the CLI holds it from its start
+        atomic_dir.recover(out_dir)
+        if out_dir.exists() and not force:
+            raise ArtifactError(f"{out_dir}: already exists (use --force to replace it)")
+        return _save_staged(result, out_dir, extra_writers)
+
+
+def _save_staged(
+    result: CompressionResult, out_dir: Path, extra_writers: tuple[Writer, ...]
+) -> WrittenArtifacts:
+    """Build the directory in a stage beside ``out_dir`` and swap it in (exporters.atomic_dir);
+    an OS error (full disk, permissions) is one ArtifactError naming the path, stage removed."""
+    with atomic_dir.staging(out_dir) as stage:
         manifest = _write_contents(result, stage)
         for writer in extra_writers:
             writer(stage, manifest)
         manifest["files"] = checksums(stage)
         _write_json(stage / MANIFEST, manifest)
-        _replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        atomic_dir.swap_in(stage, out_dir)
     return WrittenArtifacts(out_dir, manifest)
 
 
@@ -158,7 +167,7 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
             "dense": {
                 "dtype": "float32",
                 "shape": ["batch", spec.dense_in_features],
-                "transform": DENSE_TRANSFORM,
+                "transform": dense_transform_record(result.dense_transform),
             },
             "sparse": {
                 f: {"table": spec.table_of_feature(f).name, "dtype": "int64", "jagged": True}
@@ -181,7 +190,8 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
         else {
             "steps": result.train.steps,
             "best_step": result.train.best_step,
-            "resumed_from": result.train.resumed_from,
+            "selected_on": result.train.selected_on,
+            # no resumed_from: a resumed run's artifacts are byte-identical to an uninterrupted one
         },
     }
 
@@ -299,8 +309,8 @@ def pack_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def _save_npy(stage: Path, rel: str, tensor: torch.Tensor) -> str:
-    path = stage / rel
-    np.save(path, tensor.detach().contiguous().numpy(), allow_pickle=False)
+    with open(stage / rel, "wb") as f:
+        np.save(atomic_dir.PlainWriter(f), tensor.detach().contiguous().numpy(), allow_pickle=False)
     return rel
 
 
@@ -309,31 +319,16 @@ def _opt_list(x) -> list | None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write the manifest sealed with its digest, in the one spelling readers accept."""
+    path.write_text(dump_manifest(seal(obj)), encoding="utf-8")
 
 
-def _replace_dir(stage: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "x")
-        os.replace(stage, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, out_dir)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def dense_transform_record(name: str | None) -> dict:
+    """``inputs.dense.transform``: the transform the data was read with and its formula
+    (:mod:`compress.dense_transform`), or ``unknown`` when no data was read."""
+    if name is None:
+        return {"name": UNKNOWN_TRANSFORM, "formula": None}
+    return {"name": name, "formula": FORMULAS[name]}
 
 
 def checksums(root: Path) -> dict[str, dict]:

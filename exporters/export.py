@@ -13,14 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress.pipeline import CompressionResult
+from compress.timings import StageTimer
 from exporters.artifacts import WrittenArtifacts, save
 from exporters.onnx_writer import OnnxExportConfig, onnx_writer
 
 
 def export(
-    result: CompressionResult, out_dir: str | Path, *, force: bool = False, onnx: bool = True
+    result: CompressionResult,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    onnx: bool = True,
+    timer: StageTimer | None = None,
 ) -> WrittenArtifacts:
-    """Write ``result`` to ``out_dir`` atomically, with ONNX graphs unless ``onnx=False``."""
+    """Write ``result`` to ``out_dir`` atomically, with ONNX graphs unless ``onnx=False``;
+    ``timer`` (optional) receives the seconds of the ONNX parity check as stage ``parity``."""
     config = OnnxExportConfig(one_hot_features=result.one_hot_features)
-    writers = (onnx_writer(result.model, config),) if onnx else ()
+    writers = (onnx_writer(result.model, config, timer),) if onnx else ()
     return save(result, out_dir, force=force, extra_writers=writers)

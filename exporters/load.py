@@ -2,14 +2,20 @@
 
 The runtime side of :mod:`exporters.artifacts`. Nothing here trusts the directory:
 
-* :func:`verify_artifacts` lists every problem it finds, one line each, naming the file: a missing
-  or broken ``manifest.json``, a ``format_version`` newer than this tool reads, a missing file, a
-  size or sha256 that differs from the manifest, an array whose dtype or shape is not what the
-  manifest says (read from the ``.npy`` header, no data loaded), a truncated ``.npy``.
+* :func:`load_manifest` reads ``manifest.json`` through :mod:`exporters.manifest`: a format this
+  tool reads, its digest and byte form first, then the typed schema (every malformed entry named by
+  its JSON path).
+* :func:`inspect_artifacts` / :func:`verify_artifacts` list every problem, one line each, naming the
+  file: the manifest's, then every listed file (a path that leaves the directory, a missing file, a
+  size or sha256 that differs from the manifest), a file in the directory the manifest does not
+  list, an array whose dtype or shape is not what the manifest says (read from the ``.npy`` header,
+  no data loaded), a truncated ``.npy``, an ONNX graph that reads external data the manifest does
+  not list, and last (``verify`` only) a directory the runtime could not assemble into a model.
 * :func:`load_artifacts` runs those checks (``verify=True``, the default, includes the checksums
   of every file) and raises :class:`~compress.errors.ArtifactError` with the first problem, then maps
   every array with ``np.load(mmap_mode="r", allow_pickle=False)``: opening a multi-GB directory
-  reads only headers, and pages are read when rows are used.
+  reads only headers, and pages are read when rows are used. Every file is opened through
+  :func:`~exporters.manifest.confined_path`.
 
 Callers that hand the arrays to ONNX Runtime or FBGEMM must load with ``verify=True``: a flipped
 byte in a packed table is caught here, not as a crash inside a kernel.
@@ -23,30 +29,45 @@ Example::
 
 from __future__ import annotations
 
-import json
+import logging
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from compress.errors import ArtifactError
-from compress.robe_hash import ROBE_PRIME, robe_constants
-from compress.spec import DLRMSpec, TableSpec
-from exporters.artifacts import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
+from compress.spec import DLRMSpec
+from exporters.manifest import (
+    MANIFEST,
+    SHARED_ARRAY_DTYPES,
+    DenseEntry,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    SharedGroupEntry,
+    TableEntry,
+    confined_path,
+    parse_manifest,
+    read_manifest_bytes,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
 
 #: ``(numpy dtype name, shape)`` an array must have; ``None`` dtype: any float.
 ArraySpec = tuple[str | None, tuple[int, ...]]
 
 
-def _packed_width(entry: Mapping[str, Any]) -> int:
-    return int(entry["embedding_dim"]) * int(entry["bits"]) // 8
+def _packed_width(entry: TableEntry) -> int:
+    return entry.embedding_dim * int(entry.bits) // 8
 
 
-def _rowwise_arrays(entry: Mapping[str, Any]) -> dict[str, ArraySpec]:
-    rows = int(entry["num_embeddings"])
+def _rowwise_arrays(entry: TableEntry) -> dict[str, ArraySpec]:
+    rows = entry.num_embeddings
     return {
         "data": ("uint8", (rows, _packed_width(entry))),
         "scale": ("float16", (rows,)),
@@ -54,23 +75,25 @@ def _rowwise_arrays(entry: Mapping[str, Any]) -> dict[str, ArraySpec]:
     }
 
 
-def _tablewise_arrays(entry: Mapping[str, Any]) -> dict[str, ArraySpec]:
-    rows = int(entry["num_embeddings"])
-    return {"data": ("uint8", (rows, _packed_width(entry))), "scale": ("float32", ())}
+def _tablewise_arrays(entry: TableEntry) -> dict[str, ArraySpec]:
+    return {
+        "data": ("uint8", (entry.num_embeddings, _packed_width(entry))),
+        "scale": ("float32", ()),
+    }
 
 
-def _float_arrays(dtype: str) -> Callable[[Mapping[str, Any]], dict[str, ArraySpec]]:
-    def arrays(entry: Mapping[str, Any]) -> dict[str, ArraySpec]:
-        return {"data": (dtype, (int(entry["num_embeddings"]), int(entry["embedding_dim"])))}
+def _float_arrays(dtype: str) -> Callable[[TableEntry], dict[str, ArraySpec]]:
+    def arrays(entry: TableEntry) -> dict[str, ArraySpec]:
+        return {"data": (dtype, (entry.num_embeddings, entry.embedding_dim))}
 
     return arrays
 
 
 #: The arrays each table layout stores (manifest ``tables[i].files`` roles), by layout name. A new
-#: layout adds one entry here (and a graph builder in :mod:`exporters.graph_spec`); a layout missing
-#: here is still loaded and checksummed, only its dtypes and shapes go unchecked. ``robe`` tables
-#: store nothing of their own: they read their group's shared array.
-TABLE_LAYOUT_ARRAYS: dict[str, Callable[[Mapping[str, Any]], dict[str, ArraySpec]]] = {
+#: layout adds one entry here, its roles in :data:`exporters.manifest.LAYOUT_ROLES` and a graph
+#: builder in :mod:`exporters.graph_spec`. ``robe`` tables store nothing of their own: they read
+#: their group's shared array.
+TABLE_LAYOUT_ARRAYS: dict[str, Callable[[TableEntry], dict[str, ArraySpec]]] = {
     "fp32": _float_arrays("float32"),
     "fp16": _float_arrays("float16"),
     "rowwise": _rowwise_arrays,
@@ -78,30 +101,25 @@ TABLE_LAYOUT_ARRAYS: dict[str, Callable[[Mapping[str, Any]], dict[str, ArraySpec
     "robe": lambda entry: {},
 }
 
-#: numpy dtype of a shared (ROBE-Z) array by its manifest ``dtype``.
-SHARED_ARRAY_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 #: Role prefix under which a table's :attr:`TableArrays.arrays` holds its group's shared arrays.
 SHARED_ROLE = "shared."
 
 
-def _shared_arrays(group: Mapping[str, Any]) -> dict[str, ArraySpec]:
-    out: dict[str, ArraySpec] = {
-        "data": (SHARED_ARRAY_DTYPES[group["dtype"]], (int(group["cells"]),))
-    }
-    if group["dtype"] == "int8":
+def shared_array_specs(group: SharedGroupEntry) -> dict[str, ArraySpec]:
+    """What a shared array's files hold: the cells at the group's dtype (and one int8 scale)."""
+    out: dict[str, ArraySpec] = {"data": (SHARED_ARRAY_DTYPES[group.dtype], (group.cells,))}
+    if group.dtype == "int8":
         out["scale"] = ("float32", (1,))
     return out
 
 
-def dense_array_spec(entry: Mapping[str, Any]) -> ArraySpec:
+def dense_array_spec(entry: DenseEntry) -> ArraySpec:
     """What a ``dense`` entry's file holds: INT8 codes, packed INT4 codes, or a float tensor."""
-    shape = tuple(int(s) for s in entry["shape"])
-    layout = entry.get("layout")
-    if layout == "int8":
-        return "int8", shape
-    if layout == "int4_offset_packed":
-        return "uint8", (shape[0], math.ceil(shape[1] / 2))
-    return None, shape
+    if entry.layout == "int8":
+        return "int8", entry.shape
+    if entry.layout == "int4_offset_packed":
+        return "uint8", (entry.shape[0], math.ceil(entry.shape[1] / 2))
+    return None, entry.shape
 
 
 @dataclass(frozen=True)
@@ -124,7 +142,8 @@ class TableArrays:
 
 @dataclass(frozen=True)
 class Artifacts:
-    """A loaded artifact directory (arrays memory-mapped, read-only)."""
+    """A loaded artifact directory (arrays memory-mapped, read-only). ``manifest`` is the JSON
+    object, ``parsed`` the checked :class:`~exporters.manifest.Manifest` it was read as."""
 
     path: Path
     manifest: dict
@@ -132,6 +151,7 @@ class Artifacts:
     tables: dict[str, TableArrays]  # in the model's table order
     dense: dict[str, np.ndarray]  # state-dict key -> array as stored
     dense_entries: dict[str, dict]  # state-dict key -> manifest entry
+    parsed: Manifest
 
     @property
     def onnx(self) -> dict | None:
@@ -139,208 +159,231 @@ class Artifacts:
         return self.manifest.get("onnx")
 
     def file(self, rel: str) -> Path:
-        return self.path / rel
+        """The path of the directory's file ``rel``, refused when it would leave the directory."""
+        return confined_path(self.path, rel)
 
 
 # ---------------------------------------------------------------------------------------------
 # Manifest
 
 
-def read_manifest(path: str | Path) -> dict:
-    """``manifest.json`` of the directory ``path``, checked for format and version."""
+@dataclass(frozen=True)
+class ManifestRead:
+    """A checked manifest and the warnings reading it gave (a format 1 manifest has no digest)."""
+
+    manifest: Manifest
+    warnings: tuple[str, ...] = ()
+
+
+def load_manifest(path: str | Path) -> ManifestRead:
+    """``manifest.json`` of the directory ``path``: format and version, digest and byte form, then
+    the typed schema; :class:`ArtifactError` (a :class:`ManifestError` listing every schema
+    problem) when any of them fails."""
     root = Path(path)
     mpath = root / MANIFEST
     if not root.is_dir():
         raise ArtifactError(f"{root}: no such artifact directory")
     if not mpath.is_file():
         raise ArtifactError(f"{mpath}: missing (not an artifact directory)")
+    if mpath.is_symlink():
+        raise ArtifactError(f"{mpath}: a symbolic link, refused (the manifest must be a file)")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mpath}:{e.lineno}: broken JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
+        data = mpath.read_bytes()
+    except OSError as e:
         raise ArtifactError(f"{mpath}: unreadable ({e})") from None
-    check_manifest(manifest, mpath)
-    return manifest
+    manifest, warnings = read_manifest_bytes(data, mpath)
+    return ManifestRead(manifest, tuple(warnings))
 
 
-def check_manifest(manifest: Any, where: str | Path) -> None:
-    """Raise :class:`ArtifactError` unless ``manifest`` is a manifest this tool can read."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(
-            f"{where}: not a dqrm-compress manifest (format is not {FORMAT_NAME!r})"
-        )
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise ArtifactError(f"{where}: format_version missing or not an integer")
-    if version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{where}: made by a newer dqrm-compress (format_version {version}, this tool reads up "
-            f"to {FORMAT_VERSION}): upgrade dqrm-compress to read it"
-        )
-    for key, kind in (("model", dict), ("tables", list), ("dense", list), ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ArtifactError(f"{where}: key {key!r} missing or not a {kind.__name__}")
-    for group in manifest.get("shared_arrays") or []:
-        check_shared_group(group, where)
+def read_manifest(path: str | Path) -> dict:
+    """The JSON object of the directory's ``manifest.json``, fully checked (:func:`load_manifest`)."""
+    return dict(load_manifest(path).manifest.raw)
 
 
-SHARED_GROUP_KEYS = (
-    "name",
-    "tables",
-    "cells",
-    "block_size",
-    "seed",
-    "constants",
-    "prime",
-    "dtype",
-    "files",
-)
-
-
-def check_shared_group(group: Any, where: str | Path) -> None:
-    """A shared-array entry must carry every hash parameter, and its constants must be the ones
-    its seed draws (so a lookup can never silently use different hash functions)."""
-    name = group.get("name", "?") if isinstance(group, dict) else "?"
-    if not isinstance(group, dict):
-        raise ArtifactError(f"{where}: shared_arrays entry is not an object")
-    missing = [k for k in SHARED_GROUP_KEYS if k not in group]
-    if missing:
-        raise ArtifactError(
-            f"{where}: shared array {name!r}: missing {', '.join(missing)} (hash parameters)"
-        )
-    try:
-        expected = list(robe_constants(int(group["seed"])))
-        matches = list(group["constants"]) == expected and int(group["prime"]) == ROBE_PRIME
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{where}: shared array {name!r}: bad hash parameters ({e})") from None
-    if not matches:
-        raise ArtifactError(
-            f"{where}: shared array {name!r}: hash constants {group['constants']} (P={group['prime']}) "
-            f"do not match seed {group['seed']} ({expected}, P={ROBE_PRIME})"
-        )
-
-
-def spec_from_manifest(manifest: Mapping[str, Any]) -> DLRMSpec:
+def spec_from_manifest(manifest: Mapping[str, Any] | Manifest) -> DLRMSpec:
     """The :class:`DLRMSpec` recorded in the manifest's ``model`` section."""
-    m = manifest["model"]
-    try:
-        tables = tuple(
-            TableSpec(
-                name=t["name"],
-                num_embeddings=int(t["num_embeddings"]),
-                embedding_dim=int(t["embedding_dim"]),
-                feature_names=tuple(t["feature_names"]),
-            )
-            for t in m["tables"]
-        )
-        return DLRMSpec(
-            model_class=m["model_class"],
-            tables=tables,
-            dense_in_features=int(m["dense_in_features"]),
-            dense_arch_layer_sizes=tuple(m["dense_arch_layer_sizes"]),
-            over_arch_layer_sizes=tuple(m["over_arch_layer_sizes"]),
-            dcn_num_layers=m.get("dcn_num_layers"),
-            dcn_low_rank_dim=m.get("dcn_low_rank_dim"),
-            interaction_branch1_layer_sizes=_opt_tuple(m.get("interaction_branch1_layer_sizes")),
-            interaction_branch2_layer_sizes=_opt_tuple(m.get("interaction_branch2_layer_sizes")),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{MANIFEST}: model section is incomplete ({e!r})") from None
-
-
-def _opt_tuple(x: list | None) -> tuple | None:
-    return tuple(x) if x is not None else None
+    if isinstance(manifest, Manifest):
+        return manifest.spec
+    return parse_manifest(manifest, MANIFEST, complete=False).spec
 
 
 # ---------------------------------------------------------------------------------------------
 # Verification
 
 
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`inspect_artifacts` found: problem lines (none: intact), warnings, and the
+    manifest when it could be read."""
+
+    problems: list[str]
+    warnings: list[str]
+    manifest: Manifest | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def inspect_artifacts(path: str | Path, checksums: bool = True) -> Verification:
+    """Every problem and warning of the artifact directory ``path`` (see the module docstring).
+    ``checksums=False`` skips hashing (structure, sizes and headers only)."""
+    root = Path(path)
+    try:
+        read = load_manifest(root)
+    except ManifestError as e:
+        return Verification(e.problems, [], None)
+    except ArtifactError as e:
+        return Verification([str(e)], [], None)
+    problems = _problems(root, read.manifest, checksums)
+    if not problems:
+        problems = servable_problems(root, read.manifest)
+    return Verification(problems, list(read.warnings), read.manifest)
+
+
 def verify_artifacts(path: str | Path, checksums: bool = True) -> list[str]:
     """Every problem of the artifact directory ``path``, one line each naming the file; ``[]``
     when intact. ``checksums=False`` skips hashing (structure, sizes and headers only)."""
-    root = Path(path)
-    try:
-        manifest = read_manifest(root)
-    except ArtifactError as e:
-        return [str(e)]
-    return _problems(root, manifest, checksums)
+    return inspect_artifacts(path, checksums).problems
 
 
-def _problems(root: Path, manifest: dict, checksums: bool) -> list[str]:
+def _problems(root: Path, manifest: Manifest, checksums: bool) -> list[str]:
     problems: list[str] = []
     bad: set[str] = set()
-    files = manifest["files"]
-    for rel, meta in files.items():
-        problem = _file_problem(root / rel, meta, checksums)
+    for rel, meta in manifest.files.items():
+        try:
+            problem = _file_problem(confined_path(root, rel), meta, checksums)
+        except ArtifactError as e:
+            problem = str(e)
         if problem:
             problems.append(problem)
             bad.add(rel)
-    try:
-        referenced, arrays = referenced_files(manifest), expected_arrays(manifest)
-    except (KeyError, TypeError, AttributeError) as e:
-        return [*problems, f"{root / MANIFEST}: malformed entry ({type(e).__name__}: {e})"]
-    for rel in referenced:
-        if rel not in files:
-            problems.append(f"{root / rel}: used by the manifest but has no checksum entry")
-    for rel, expected in arrays.items():
-        p = root / rel
-        if rel not in bad and p.is_file():
-            problem = check_npy(p, expected)
+    problems += unlisted_entries(root, manifest.files)
+    for rel, expected in expected_arrays(manifest).items():
+        if rel not in bad:
+            problem = check_npy(root / rel, expected)
             if problem:
                 problems.append(problem)
+    if checksums and manifest.onnx is not None:
+        graphs = [g for g in manifest.onnx.graphs.values() if g.file not in bad]
+        problems += onnx_external_data_problems(root, graphs)
     return problems
 
 
-def _file_problem(p: Path, meta: Mapping[str, Any], checksums: bool) -> str | None:
+def _file_problem(p: Path, meta: FileEntry, checksums: bool) -> str | None:
+    if p.is_symlink() and not p.exists():
+        return f"{p}: a broken symbolic link"
     if not p.is_file():
-        return f"{p}: missing"
+        return f"{p}: missing" if not p.exists() else f"{p}: not a regular file"
     size = p.stat().st_size
-    if size != meta.get("bytes"):
-        return f"{p}: {size} bytes, the manifest says {meta.get('bytes')}"
-    if checksums and sha256_file(p) != meta.get("sha256"):
+    if size != meta.bytes:
+        return f"{p}: {size} bytes, the manifest says {meta.bytes}"
+    if checksums and sha256_file(p) != meta.sha256:
         return f"{p}: checksum mismatch (changed or corrupted after export)"
     return None
 
 
-def referenced_files(manifest: Mapping[str, Any]) -> list[str]:
-    """Every file the manifest's sections point at (tables, dense weights, ONNX graphs)."""
-    out = [rel for t in manifest["tables"] for rel in t.get("files", {}).values()]
-    out += [d["file"] for d in manifest["dense"]]
-    out += [rel for g in manifest.get("shared_arrays") or () for rel in g.get("files", {}).values()]
-    for graph in (manifest.get("onnx") or {}).get("graphs", {}).values():
-        out.append(graph["file"])
-        if graph.get("external_data"):
-            out.append(graph["external_data"])
+def unlisted_entries(root: Path, files: Mapping[str, FileEntry]) -> list[str]:
+    """A line for every file of ``root`` (but the manifest) that ``files`` does not list, and for
+    every symbolic link to a directory (nothing is read through one)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames.sort()
+        for name in list(dirnames):
+            if (here / name).is_symlink():
+                out.append(f"{here / name}: a symbolic link to a directory, refused")
+                dirnames.remove(name)
+        for name in sorted(filenames):
+            rel = (here / name).relative_to(root).as_posix()
+            if rel != MANIFEST and rel not in files:
+                out.append(f"{here / name}: not listed in the manifest (added after export?)")
     return out
 
 
-def expected_arrays(manifest: Mapping[str, Any]) -> dict[str, ArraySpec]:
-    """``{file: (dtype, shape)}`` for every ``.npy`` whose layout this tool knows."""
+def expected_arrays(manifest: Manifest) -> dict[str, ArraySpec]:
+    """``{file: (dtype, shape)}`` for every ``.npy`` the manifest uses."""
     out: dict[str, ArraySpec] = {}
-    for t in manifest["tables"]:
-        layout_arrays = TABLE_LAYOUT_ARRAYS.get(t.get("layout"))
-        if layout_arrays is None:
-            continue
-        try:
-            wanted = layout_arrays(t)
-        except (KeyError, TypeError, ValueError):
-            continue
-        for role, rel in t.get("files", {}).items():
-            if role in wanted:
-                out[rel] = wanted[role]
-    for d in manifest["dense"]:
-        out[d["file"]] = dense_array_spec(d)
-    for g in manifest.get("shared_arrays") or ():
-        try:
-            wanted = _shared_arrays(g)
-        except (KeyError, TypeError, ValueError):
-            continue
-        out.update(
-            {rel: wanted[role] for role, rel in g.get("files", {}).items() if role in wanted}
-        )
+    for t in manifest.tables:
+        wanted = TABLE_LAYOUT_ARRAYS[t.layout](t)
+        out.update({rel: wanted[role] for role, rel in t.files.items()})
+    for g in manifest.shared_arrays:
+        wanted = shared_array_specs(g)
+        out.update({rel: wanted[role] for role, rel in g.files.items()})
+    for d in manifest.dense:
+        out[d.file] = dense_array_spec(d)
     return out
+
+
+def onnx_external_data_problems(root: Path, graphs: list) -> list[str]:
+    """A line for every tensor of the ``graphs`` (:class:`~exporters.manifest.OnnxGraphEntry`)
+    whose external data is not the file the manifest lists beside the graph: ONNX Runtime reads
+    that location from the graph itself, so it must be held to the manifest too."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    out = []
+    for graph in graphs:
+        path = root / graph.file
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, ValueError, OSError) as e:
+            out.append(f"{path}: not a readable ONNX model ({e})")
+            continue
+        folder = PurePosixPath(graph.file).parent
+        allowed = (
+            None
+            if graph.external_data is None
+            else PurePosixPath(graph.external_data).relative_to(folder).as_posix()
+            if PurePosixPath(graph.external_data).is_relative_to(folder)
+            else ""
+        )
+        for location in sorted(_external_locations(model.graph)):
+            if location != allowed:
+                listed = repr(graph.external_data) if graph.external_data else "none"
+                out.append(
+                    f"{path}: reads external data from {location!r}; the manifest lists {listed}"
+                )
+    return out
+
+
+def _external_locations(graph) -> set[str]:
+    """``location`` of every externally stored tensor of an ONNX graph and its subgraphs."""
+    import onnx
+
+    tensors = list(graph.initializer)
+    tensors += [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
+    subgraphs = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+            tensors.extend(attr.tensors)
+            if attr.HasField("g"):
+                subgraphs.append(attr.g)
+            subgraphs.extend(attr.graphs)
+    out = {
+        e.value
+        for t in tensors
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    for sub in subgraphs:
+        out |= _external_locations(sub)
+    return out
+
+
+def servable_problems(root: Path, manifest: Manifest) -> list[str]:
+    """``[problem]`` when the runtime cannot assemble the directory into a model (a dense weight
+    the architecture needs is not stored, shapes that do not chain), else ``[]``."""
+    from exporters.graph_spec import graph_spec_from_artifacts
+
+    try:
+        graph_spec_from_artifacts(artifacts_from_manifest(root, manifest))
+    except ArtifactError as e:
+        return [str(e)]
+    return []
 
 
 def read_npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -384,12 +427,15 @@ def load_artifacts(path: str | Path, verify: bool = True) -> Artifacts:
     """Open the artifact directory ``path``: checks (see the module docstring), then maps arrays.
 
     Raises :class:`ArtifactError` with the first problem (and how many more there are).
-    ``verify=False`` skips the sha256 of every file but still checks sizes and array headers.
+    ``verify=False`` skips the sha256 of every file but still checks the manifest, sizes and array
+    headers. A format 1 manifest is read with a logged warning (it has no digest of itself).
     """
     root = Path(path)
-    manifest = read_manifest(root)
-    raise_first(_problems(root, manifest, checksums=verify))
-    return artifacts_from_manifest(root, manifest)
+    read = load_manifest(root)
+    for warning in read.warnings:
+        log.warning("%s", warning)
+    raise_first(_problems(root, read.manifest, checksums=verify))
+    return artifacts_from_manifest(root, read.manifest)
 
 
 def raise_first(problems: list[str]) -> None:
@@ -400,48 +446,41 @@ def raise_first(problems: list[str]) -> None:
         raise ArtifactError(problems[0] + more)
 
 
-def artifacts_from_manifest(root: str | Path, manifest: dict) -> Artifacts:
-    """Map the arrays of a directory whose manifest is ``manifest`` (already read and checked;
-    ``manifest.json`` itself need not exist yet, as in :func:`exporters.artifacts.save`'s staging
-    directory)."""
+def artifacts_from_manifest(root: str | Path, manifest: Manifest | dict) -> Artifacts:
+    """Map the arrays of a directory whose manifest is ``manifest`` (a checked :class:`Manifest`,
+    or a JSON object, parsed here as an unfinished one: ``manifest.json`` itself need not exist
+    yet, as in :func:`exporters.artifacts.save`'s staging directory)."""
     root = Path(root)
-    spec = spec_from_manifest(manifest)
-    groups = {g["name"]: g for g in manifest.get("shared_arrays") or ()}
+    if not isinstance(manifest, Manifest):
+        manifest = parse_manifest(manifest, root / MANIFEST, complete=False)
+    groups = {g.name: g for g in manifest.shared_arrays}
     group_arrays = {
-        name: {SHARED_ROLE + role: map_npy(root / rel) for role, rel in g.get("files", {}).items()}
-        for name, g in groups.items()
+        g.name: {
+            SHARED_ROLE + role: map_npy(confined_path(root, rel)) for role, rel in g.files.items()
+        }
+        for g in manifest.shared_arrays
     }
     tables: dict[str, TableArrays] = {}
-    for entry in manifest["tables"]:
-        try:
-            arrays = {role: map_npy(root / rel) for role, rel in entry["files"].items()}
-            if entry.get("group") is not None:
-                if entry["group"] not in groups:
-                    raise ArtifactError(
-                        f"{root / MANIFEST}: table {entry['name']!r} reads shared array "
-                        f"{entry['group']!r}, which the manifest does not list"
-                    )
-                arrays.update(group_arrays[entry["group"]])
-                entry = {**entry, "shared": groups[entry["group"]]}
-            tables[entry["name"]] = TableArrays(
-                name=entry["name"],
-                layout=entry["layout"],
-                num_embeddings=int(entry["num_embeddings"]),
-                embedding_dim=int(entry["embedding_dim"]),
-                bits=entry.get("bits"),
-                feature_names=tuple(entry.get("feature_names", ())),
-                arrays=arrays,
-                entry=entry,
-            )
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(f"{root / MANIFEST}: table entry is incomplete ({e!r})") from None
-    missing = [t.name for t in spec.tables if t.name not in tables]
-    if missing:
-        raise ArtifactError(f"{root / MANIFEST}: no stored table for {missing}")
-    tables = {t.name: tables[t.name] for t in spec.tables}
-    dense = {d["key"]: map_npy(root / d["file"]) for d in manifest["dense"]}
-    entries = {d["key"]: d for d in manifest["dense"]}
-    return Artifacts(root, manifest, spec, tables, dense, entries)
+    for t in manifest.tables:
+        arrays = {role: map_npy(confined_path(root, rel)) for role, rel in t.files.items()}
+        entry = dict(t.raw)
+        if t.group is not None:
+            arrays.update(group_arrays[t.group])
+            entry["shared"] = dict(groups[t.group].raw)
+        tables[t.name] = TableArrays(
+            name=t.name,
+            layout=t.layout,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            bits=t.bits,
+            feature_names=t.feature_names,
+            arrays=arrays,
+            entry=entry,
+        )
+    tables = {t.name: tables[t.name] for t in manifest.spec.tables}
+    dense = {d.key: map_npy(confined_path(root, d.file)) for d in manifest.dense}
+    entries = {d.key: dict(d.raw) for d in manifest.dense}
+    return Artifacts(root, manifest.raw, manifest.spec, tables, dense, entries, manifest)
 
 
 def map_npy(path: Path) -> np.ndarray:

@@ -16,9 +16,18 @@ Every builder appends to a :class:`~exporters.onnx_spec.GraphBuilder` and mirror
 
 Linear layers are ``MatMul`` + ``Add`` (never ``Gemm``, which ORT's quantization tools skip) with
 the weight stored transposed ``[in, out]``. Quantized layers keep their codes at their width
-(``INT8``, or ``INT4`` packed by ONNX) and dequantize with per-axis ``DequantizeLinear``
-(``axis=1``, the output channel of the transposed weight); the result equals
-``qweight.float() * scales[:, None]`` exactly.
+(``INT8``, or ``INT4`` packed by ONNX) and dequantize them with ``Cast`` to float32 and ``Mul`` by
+the per-output-channel scales (broadcast over the last axis of the transposed weight): one float32
+rounding, so the result equals ``qweight.float() * scales[:, None]`` exactly, the same value a
+per-axis ``DequantizeLinear`` gives.
+
+Why not ``DequantizeLinear``: ONNX Runtime (1.31, default session options) rewrites
+``DequantizeLinear -> MatMul`` into ``com.microsoft::MatMulNBits`` with ``accuracy_level=4``, which
+quantizes the *activations* to int8 as well (logits off by up to ~2e-2 on a small model). That
+made exact results depend on a session option. ``Cast`` + ``Mul`` of two initializers matches no
+quantization fusion; ORT's constant folding turns it into a float32 weight once when the session
+is created, so a plain ``InferenceSession(path)`` computes float32 ``MatMul`` (as fast as the
+folded form, and exact).
 """
 
 from __future__ import annotations
@@ -49,8 +58,9 @@ def add_linear(gb: GraphBuilder, x: str, layer: Linear, name: str) -> str:
     """``x @ W.T + bias`` for float32 ``x`` ``[..., in]``; initializers are named ``name.*``."""
     if layer.is_quantized:
         codes = gb.initializer(f"{name}.qweight_t", quantized_weight_tensor(layer))
-        scales = gb.initializer(f"{name}.scales", layer.scales)
-        weight = gb.op("DequantizeLinear", [codes, scales], f"{name}.weight_t", axis=1)
+        scales = gb.initializer(f"{name}.scales", layer.scales)  # [out]: the last axis of [in, out]
+        codes_f32 = gb.op("Cast", [codes], f"{name}.codes_f32", to=TensorProto.FLOAT)
+        weight = gb.op("Mul", [codes_f32, scales], f"{name}.weight_t")
     else:
         weight = gb.initializer(f"{name}.weight_t", np.ascontiguousarray(layer.weight.T))
     y = gb.op("MatMul", [x, weight], f"{name}.matmul")

@@ -7,7 +7,11 @@ the number of ids of one feature in the batch):
   feature ``f`` in ``spec.features`` order, ``<f>__values`` int64 ``[n_<f>]`` (row ids of all bags,
   concatenated) and ``<f>__lengths`` int64 ``[batch]`` (ids per bag, zeros allowed); output
   ``logits`` float32 ``[batch, 1]``. ``<f>`` is :func:`~exporters.onnx_spec.sanitize_name` of the
-  feature name (``"cat-1"`` -> ``cat_1``); :func:`feature_input_names` gives the mapping.
+  feature name (``"cat-1"`` -> ``cat_1``); :func:`feature_input_names` gives the mapping. An id
+  outside ``[0, rows)`` reads row 0 of its own table (FBGEMM's bounds check,
+  :data:`~exporters.onnx_lookup.OUT_OF_RANGE_IDS`); ``sum(lengths)`` must equal the number of ids
+  (the :class:`~exporters.predictor.Predictor` checks it). The graph needs no session option: a
+  plain ``onnxruntime.InferenceSession(path)`` computes the same logits.
 * :func:`build_dense_graph` -- ``dense`` ``[batch, dense_in]`` -> ``dense_embedding``
   ``[batch, D]`` (TorchRec ``DenseArch``).
 * :func:`build_over_graph` -- ``dense_embedding`` ``[batch, D]`` and ``sparse_embedding``

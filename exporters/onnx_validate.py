@@ -3,15 +3,21 @@
 A parity proof fails hard: :func:`compare_outputs` raises :class:`ParityError` naming the output,
 the largest difference and where it is, instead of warning. :func:`compare_all` checks names first,
 then shapes, then values for every output. :func:`ort_session` opens a CPU session with worker
-spinning off, so ORT's idle threads do not slow other work in the same process, and with
-quantized MatMuls computed in float32.
+spinning off, so ORT's idle threads do not slow other work in the same process;
+:func:`plain_session` opens one with no option at all, as a user would.
+
+:func:`verify_parity` re-runs the export's parity check on the host it is called on (its ONNX
+Runtime version, its CPU): the feeds and reference logits stored under ``onnx/parity/`` at export
+go through ``model.onnx`` in a plain session and in the serving session, and a difference above
+the manifest's ``atol`` is a :class:`ParityError` (``dqrm-compress verify --parity``).
 
 ORT pitfall (1.31): at its default optimization level ORT rewrites ``DequantizeLinear`` (int8 or
 int4 weight) -> ``MatMul`` into ``com.microsoft::MatMulNBits`` with ``accuracy_level=4``, which
-quantizes the *activations* to int8 too (about 6e-3 absolute error on a small dense arch, far
-beyond a 1e-5 parity budget). Session option ``session.qdq_matmulnbits_accuracy_level=1`` keeps
-float32 activations (bit-identical to the unfused graph here); :func:`ort_session` sets it unless
-told otherwise (``matmul_accuracy_level=4`` for ORT's faster default).
+quantizes the *activations* to int8 too (up to ~2e-2 absolute error on a small model's logits, far
+beyond a 1e-5 parity budget). The exported graphs therefore dequantize MLP weights with ``Cast`` +
+``Mul`` (:mod:`exporters.onnx_mlp`), which no fusion matches, and need no session option.
+``session.qdq_matmulnbits_accuracy_level`` (set by :func:`ort_session`) only matters for other
+graphs that use ``DequantizeLinear`` weights.
 
 Example::
 
@@ -29,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compress.errors import DqrmError
+from compress.errors import ArtifactError, DqrmError
 from exporters.onnx_spec import SESSION_CONFIG
 
 
@@ -117,6 +123,22 @@ def ort_session(
     return make_session(model, config, threads)
 
 
+def plain_session(
+    model: str | Path | onnx.ModelProto | bytes, threads: int | None = None
+) -> ort.InferenceSession:
+    """``InferenceSession(model)`` on the CPU with no session config entry (ORT's defaults, all
+    its graph optimizations): what a user who ignores the manifest's ``session_config`` gets.
+    ``threads`` sets ``intra_op_num_threads`` only (``None``: ORT's default)."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def make_session(
     model: str | Path | bytes | onnx.ModelProto,
     config: Mapping[str, str],
@@ -141,3 +163,83 @@ def run_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) 
     """Run ``session`` and return ``{output name: array}``."""
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-proving parity on the serving host
+
+
+def _parity_reference(manifest: Mapping, where: Path) -> tuple[dict, float]:
+    """The manifest's stored parity sets and tolerance; :class:`ArtifactError` when absent."""
+    parity = (manifest.get("onnx") or {}).get("parity") or {}
+    sets, atol = parity.get("reference_data"), parity.get("atol")
+    if not isinstance(sets, dict) or not sets or not isinstance(atol, (int, float)):
+        raise ArtifactError(
+            f"{where}: no ONNX parity reference (exported without graphs or by an older "
+            "dqrm-compress): re-export to use --parity"
+        )
+    for set_name, entry in sets.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("inputs"), dict)
+            and isinstance(entry.get("logits"), str)
+        ):
+            raise ArtifactError(f"{where}: onnx.parity.reference_data.{set_name} is malformed")
+    return sets, float(atol)
+
+
+def parity_report(path: str | Path, threads: int | None = None) -> dict:
+    """Re-run the export's ONNX Runtime parity check of the artifact directory ``path`` here.
+
+    Verifies every checksum first, then scores the stored feeds of each parity set with
+    ``model.onnx`` in a plain session and in the serving session and compares with the stored
+    reference logits. Returns ``{"ok", "runtime", "atol", "max_abs_diff", "sets": {set:
+    {session: max_abs_diff}}, "problem"}``: ``problem`` is ``None``, or one line naming the set,
+    the session and the largest difference above the manifest's ``atol``. Raises
+    :class:`ArtifactError` when the directory is corrupt or holds no parity reference.
+    """
+    from exporters.load import load_artifacts, map_npy
+    from exporters.predictor import serving_session
+
+    arts = load_artifacts(path, verify=True)
+    sets, atol = _parity_reference(arts.manifest, arts.path / "manifest.json")
+    model = arts.file(arts.onnx["graphs"]["model"]["file"])
+    sessions = {
+        "plain": plain_session(model, threads=threads),
+        "serving": serving_session(model, threads=threads),
+    }
+    report: dict = {"ok": True, "runtime": ort.__version__, "atol": atol, "max_abs_diff": 0.0}
+    report["sets"], report["problem"] = {}, None
+    for set_name, entry in sets.items():
+        feeds = {name: np.asarray(map_npy(arts.file(rel))) for name, rel in entry["inputs"].items()}
+        expected = np.asarray(map_npy(arts.file(entry["logits"])))
+        report["sets"][set_name] = {}
+        for kind, session in sessions.items():
+            got = run_session(session, feeds)["logits"]
+            what = f"model.onnx logits (parity set {set_name}, {kind} session)"
+            try:
+                diff = compare_outputs(expected, got, atol, what)["max_abs_diff"]
+            except ParityError as e:
+                diff = _max_abs_diff(expected, got)
+                report["ok"] = False
+                report["problem"] = report["problem"] or (
+                    f"{arts.path}: parity fails on onnxruntime {ort.__version__}: {e}"
+                )
+            report["sets"][set_name][kind] = diff
+            report["max_abs_diff"] = max(report["max_abs_diff"], diff)
+    return report
+
+
+def verify_parity(path: str | Path, threads: int | None = None) -> dict:
+    """:func:`parity_report`, raising :class:`ParityError` with its ``problem`` when not ok."""
+    report = parity_report(path, threads)
+    if not report["ok"]:
+        raise ParityError(report["problem"])
+    return report
+
+
+def _max_abs_diff(expected: np.ndarray, got: np.ndarray) -> float:
+    if np.shape(expected) != np.shape(got):
+        return float("inf")
+    diff = np.abs(np.asarray(expected, np.float64) - np.asarray(got, np.float64))
+    return float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))

@@ -11,6 +11,9 @@ so a large table is never held twice. The state dict then holds those rows as
 ``embedding_bags.<table>.weight`` (wrapped in ``UInt4Tensor``/``UInt2Tensor`` at INT4/INT2, like
 ``from_float``'s).
 
+Given a path, the directory is read with :func:`exporters.load.load_artifacts` (manifest digest and
+schema, every checksum, every path confined to the directory) before any row reaches FBGEMM.
+
 Only row-wise tables (recipe ``granularity = "row"``) have FBGEMM's format; any other table is an
 :class:`~compress.errors.ArtifactError`. Pooled outputs equal the ONNX graph's and the PyTorch
 converted model's (the dequantization ``q * scale + bias`` is exact in both).

@@ -70,7 +70,7 @@ def test_distributed_checkpoint_directory(tmp_path):
     ckpt = open_checkpoint(tmp_path / "dcp")
     assert ckpt.format == "dcp" and ckpt.is_lazy  # shapes only, nothing read yet
     loaded = load_model(tmp_path / "dcp")
-    # natural order: t_cat_2 before t_cat_10, as the model had them
+    # the saved order (t_cat_2 before t_cat_10), as the model declared them
     assert [t.name for t in loaded.spec.tables] == [f"t_cat_{i}" for i in range(11)]
     _assert_same_outputs(model, loaded)
 

@@ -53,7 +53,13 @@ def test_criteo_rows_through_checkpoint_compression_and_onnx(criteo, tmp_path, c
     assert scored["n"] == 200
     out = tmp_path / "out"
     summary = _run(capsys, "--recipe", "int8_ptq", ckpt, "--valid", data, "--out", out, "--json")
-    assert summary["metrics"]["baseline"]["auc"] == pytest.approx(scored["auc"])
-    served = _run(capsys, "eval", out, "--data", data, "--json")
-    assert served["runtime"] == "onnxruntime" and served["n"] == 200
+    # metrics are on the report slice: the last 80% of the --valid rows
+    assert summary["metrics_on"] == {"slice": f"{data}[40:200]", "rows": 160}
+    report = tmp_path / "report.tsv"
+    report.write_text("".join(data.read_text().splitlines(keepends=True)[40:]))
+    assert summary["metrics"]["baseline"]["auc"] == pytest.approx(
+        _run(capsys, "eval", ckpt, "--data", report, "--json")["auc"]
+    )
+    served = _run(capsys, "eval", out, "--data", report, "--json")
+    assert served["runtime"] == "onnxruntime" and served["n"] == 160
     assert round(served["auc"], 4) == round(summary["metrics"]["compressed"]["auc"], 4)

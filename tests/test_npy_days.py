@@ -85,7 +85,11 @@ def test_missing_file_is_named(tmp_path, part):
         ("sparse", np.zeros((3, 2), np.int64), r"day_0_sparse.npy: expected integer \[N, 3\]"),
         ("sparse", np.zeros((3, 3), np.float32), r"day_0_sparse.npy: expected integer"),
         ("dense", np.zeros(3, np.float32), r"day_0_dense.npy: expected float \[N, num_dense\]"),
-        ("labels", np.full((3, 1), -1, np.int32), r"day_0_labels.npy: labels must be 0 or 1"),
+        (
+            "labels",
+            np.full((3, 1), -1, np.int32),
+            r"labels.npy: value -1 at sample 0 is not a label",
+        ),
         ("labels", np.array([None] * 3, dtype=object), r"day_0_labels.npy: cannot be read"),
     ],
 )

@@ -415,8 +415,9 @@ def test_sparse_arch_stacks_rowwise_tables_into_one_gather() -> None:
     tables = _sparse_arch_features()
     model = _build_sparse_arch(tables)
     init = {t.name: t for t in model.graph.initializer}
-    assert list(init["emb.rowwise4.fused"].dims) == [50 + 30 + 1, 8 + 4]
-    assert list(init["emb.rowwise2.fused"].dims) == [20 + 1, 4 + 4]
+    # every table, then a copy of its row 0 (out-of-range ids land there), then one zero row
+    assert list(init["emb.rowwise4.fused"].dims) == [50 + 1 + 30 + 1 + 1, 8 + 4]
+    assert list(init["emb.rowwise2.fused"].dims) == [20 + 1 + 1, 4 + 4]
     tables_in_graph = {"emb.rowwise4.fused", "emb.rowwise2.fused", "emb.t32.weight"}
     consumers = [
         (n.op_type, pos)
@@ -426,10 +427,12 @@ def test_sparse_arch_stacks_rowwise_tables_into_one_gather() -> None:
     ]
     assert consumers == [("Gather", 0)] * 3  # one per stacked group, one for the fp32 feature
     offsets, zero_row = stacked_row_offsets([tables[0], tables[2], tables[3], tables[5]])
-    assert offsets == {"t4a": 0, "t4b": 50} and zero_row == 80
+    assert offsets == {"t4a": 0, "t4b": 51} and zero_row == 82
     fused = stacked_fused_rows([tables[0], tables[2], tables[3]])
-    assert fused.shape == (81, 12) and not fused[80].any()
-    lo, hi = fused[50:80, 8:10].astype(np.uint16), fused[50:80, 10:12].astype(np.uint16)
+    assert fused.shape == (83, 12) and not fused[82].any()
+    lo, hi = fused[51:81, 8:10].astype(np.uint16), fused[51:81, 10:12].astype(np.uint16)
     expected = np.stack([tables[2].kind.scale, tables[2].kind.bias], 1)  # t4b's fp16 rows
     np.testing.assert_array_equal((lo | hi << 8).view(np.float16), expected)
-    np.testing.assert_array_equal(fused[50:80, :8], tables[2].kind.packed)
+    np.testing.assert_array_equal(fused[51:81, :8], tables[2].kind.packed)
+    np.testing.assert_array_equal(fused[50], fused[0])  # t4a's row 0 again
+    np.testing.assert_array_equal(fused[81], fused[51])  # t4b's

@@ -203,7 +203,8 @@ def test_table_serving_two_features_and_batch_of_one() -> None:
     stacked = [t for t in onnx_model.graph.initializer if t.name == "emb.rowwise4.fused"]
     rowwise = [t for t in spec.tables if t.kind.KIND == "rowwise"]
     assert [t.name for t in rowwise] == ["t_cat_0", "t_cat_3"]
-    assert len(stacked) == 1 and stacked[0].dims[0] == sum(t.num_rows for t in rowwise) + 1
+    # each table and a copy of its row 0, then the zero row
+    assert len(stacked) == 1 and stacked[0].dims[0] == sum(t.num_rows + 1 for t in rowwise) + 1
     session = ort_session(onnx_model, threads=1)
     for batch, force_empty in ((24, True), (1, False), (1, True)):
         feeds, dense, kjt = make_batch(spec, batch=batch, seed=batch, force_empty=force_empty)

@@ -121,6 +121,7 @@ def test_manifest_without_hash_seed_is_refused(tmp_path):
 
     from compress.errors import ArtifactError
     from exporters.load import load_artifacts
+    from exporters.manifest import dump_manifest, seal
 
     ckpt, train, valid, _ = tiny_world(tmp_path)
     job = pipeline.load(ckpt)
@@ -129,11 +130,11 @@ def test_manifest_without_hash_seed_is_refused(tmp_path):
     manifest_path = tmp_path / "out" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     del manifest["shared_arrays"][0]["seed"]
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_text(dump_manifest(seal(manifest)))  # sealed: only the entry is wrong
     with pytest.raises(ArtifactError, match="missing seed"):
         load_artifacts(tmp_path / "out")
     manifest["shared_arrays"][0]["seed"] = 7  # constants no longer match the seed
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_text(dump_manifest(seal(manifest)))
     with pytest.raises(ArtifactError, match="do not match seed 7"):
         load_artifacts(tmp_path / "out")
 
