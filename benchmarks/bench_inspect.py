@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import KAGGLE_ROWS, cache_dir, python_child  # noqa: E402
+from compress.atomic_file import replacing  # noqa: E402
 from compress.model import build_model  # noqa: E402
 from compress.spec import DLRMSpec, TableSpec  # noqa: E402
 
@@ -35,9 +36,8 @@ def write_checkpoint(path: Path) -> None:
         k: (torch.zeros(v.shape) if "embedding_bags" in k else torch.randn(v.shape, generator=g))
         for k, v in meta.items()
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with replacing(path, path.with_suffix(".tmp")) as tmp:
+        torch.save(state, tmp)
 
 
 def main() -> None:

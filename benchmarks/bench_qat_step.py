@@ -73,12 +73,13 @@ from compress.qat_embedding import (  # noqa: E402
     track_scale_updates,
 )
 from compress.spec import TableSpec  # noqa: E402
+from compress.train_config import DEFAULT_SCALE_REFRESH  # noqa: E402
 
 TABLE = "t0"
 FEATURE = "f0"
 LR = 0.01
 BITS = 4
-SCALE_REFRESH = 200  # DQRM's P on Criteo Kaggle
+SCALE_REFRESH = DEFAULT_SCALE_REFRESH  # DQRM's P on Criteo Kaggle
 N_BATCHES = 16  # distinct batches cycled through the steps
 WITHIN_FP32 = 1.5
 FASTER_THAN_WHOLE = 10.0

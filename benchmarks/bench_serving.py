@@ -19,7 +19,10 @@ so it is clear where the time goes. Two ways of serving a 2-core machine are tim
 
 * *Latency* (one stream): one process runs one batch at a time with ``--threads`` intra-op threads
   (torch and ORT alike, ORT with worker spinning off); variants are timed round-robin with a pause
-  between them (REFERENCE.md section 5) and the median time per batch is reported as samples/s.
+  between them (ORT's idle workers otherwise spin on, slowing the next variant: see
+  ``session.intra_op.allow_spinning`` in ONNX Runtime's threading docs,
+  https://onnxruntime.ai/docs/performance/tune-performance/threading.html) and the median time
+  per batch is reported as samples/s.
 * *Throughput* (``--streams`` processes at once, ``--stream-threads`` threads each; default 2 x 1):
   every process rebuilds the same seeded models and batches (``spawn``, nothing inherited), then
   all run ``--stream-per-round`` batches of one variant together; a round's samples/s is all
@@ -89,10 +92,8 @@ from exporters.load import load_artifacts  # noqa: E402
 from exporters.onnx_lookup import add_sparse_arch  # noqa: E402
 from exporters.onnx_model import build_full_model, feature_input_names  # noqa: E402
 from exporters.onnx_spec import DLRMGraphSpec, GraphBuilder, Linear  # noqa: E402
-from exporters.predictor import (
-    dataset_feeds,  # noqa: E402
-    serving_session,  # noqa: E402
-)
+from exporters.onnx_validate import serving_session  # noqa: E402
+from exporters.predictor import dataset_feeds  # noqa: E402
 from exporters.torchrec_quant import quantized_ebc_from_artifacts  # noqa: E402
 
 DIM = 16

@@ -685,8 +685,18 @@ def _format_before_after(s: dict) -> str:
 @click.option(
     "--rebuild", is_flag=True, help="Build the demo model and data again even if they exist."
 )
+@click.option(
+    "--samples",
+    type=click.IntRange(min=3000),  # training needs one batch of 2048 after the 20% holdout
+    default=None,
+    hidden=True,
+    help="When building: a shrunken demo of this many samples, tables of at most as many rows "
+    "(a smoke run; the tests use it).",
+)
 @json_option
-def demo(demo_dir: Path, recipe: str, rebuild: bool, as_json: bool) -> None:
+def demo(
+    demo_dir: Path, recipe: str, rebuild: bool, as_json: bool, samples: int | None = None
+) -> None:
     """Build the demo DLRM if missing (synthetic data, ~1 min of FP32 training), then run the
     main job on it: `dqrm-compress --recipe int4_qat demo/dlrm.pt --data demo/train.npz ...`."""
     from compress.demo import build_demo, demo_paths
@@ -696,7 +706,7 @@ def demo(demo_dir: Path, recipe: str, rebuild: bool, as_json: bool) -> None:
         click.echo(
             f"building the demo in {demo_dir}/ (synthetic data, FP32 training) ...", err=True
         )
-        report = build_demo(demo_dir)
+        report = build_demo(demo_dir, num_samples=samples)
         click.echo(
             f"demo built: valid AUC {report['valid_auc']:.4f}, Bayes AUC {report['bayes_auc']:.4f} "
             f"(the best reachable), trained in {report['train_seconds']:.0f}s",

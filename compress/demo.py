@@ -10,23 +10,26 @@ epoch, and writes, atomically:
 - ``train.npz``, ``valid.npz``: the data in the project's ``.npz`` format;
 - ``demo.json``: Bayes AUC of each split (the best reachable score), the trained model's AUC and
   the training time.
+
+``build_demo(dir, num_samples=N)`` builds the same demo shrunk for a smoke run (the tests use it):
+N samples, every table cut to at most N rows.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from compress.architecture import spec_to_model_config
+from compress.atomic_file import temp_dir_beside
 from compress.evaluate import evaluate_model
 from compress.model import build_model
 from compress.spec import DLRMSpec, TableSpec
-from compress.synthetic import bayes_auc, demo_synthetic_config, generate
+from compress.synthetic import SyntheticConfig, bayes_auc, demo_synthetic_config, generate
 from compress.train import fit
 from compress.train_config import TrainConfig
 from compress.validation import HOLDOUT_FRACTION
@@ -95,10 +98,21 @@ def demo_spec(table_sizes: tuple[int, ...]) -> DLRMSpec:
     )
 
 
-def build_demo(root: str | Path, seed: int = 0) -> dict:
-    """Generate, train and write the demo into ``root`` (replacing it); returns the report."""
-    root = Path(root)
+def demo_config(seed: int = 0, num_samples: int | None = None) -> SyntheticConfig:
+    """The demo's data: :func:`~compress.synthetic.demo_synthetic_config`, or with ``num_samples``
+    a shrunken one of that many samples whose tables have at most that many rows."""
     config = demo_synthetic_config(seed)
+    if num_samples is None:
+        return config
+    sizes = tuple(min(rows, num_samples) for rows in config.table_sizes)
+    return replace(config, num_samples=num_samples, table_sizes=sizes)
+
+
+def build_demo(root: str | Path, seed: int = 0, num_samples: int | None = None) -> dict:
+    """Generate, train and write the demo into ``root`` (replacing it); returns the report.
+    ``num_samples`` shrinks it (:func:`demo_config`)."""
+    root = Path(root)
+    config = demo_config(seed, num_samples)
     data = generate(config)
     train, valid = data.split_tail(HOLDOUT_FRACTION)  # the tail the main job holds out of --data
     spec = demo_spec(config.table_sizes)
@@ -118,9 +132,7 @@ def build_demo(root: str | Path, seed: int = 0) -> dict:
         "table_sizes": list(config.table_sizes),
         "seed": seed,
     }
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with temp_dir_beside(root) as tmp:
         paths = demo_paths(tmp)
         torch.save(model.state_dict(), paths.checkpoint)
         paths.model_config.write_text(json.dumps(spec_to_model_config(spec), indent=2) + "\n")
@@ -130,7 +142,4 @@ def build_demo(root: str | Path, seed: int = 0) -> dict:
         if root.exists():
             shutil.rmtree(root)
         tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -54,8 +54,12 @@ def distill(
 ) -> TrainResult:
     """Train ``student`` towards ``teacher``'s click probabilities on :func:`sample_inputs`."""
     inputs = sample_inputs(spec, samples, config.seed)
+    was_training = teacher.training  # the teacher may be the caller's live module: restore it
     teacher.eval()
-    logits = predict_logits(lambda b: teacher(b.dense, b.sparse), inputs, spec.feature_names)
+    try:
+        logits = predict_logits(lambda b: teacher(b.dense, b.sparse), inputs, spec.feature_names)
+    finally:
+        teacher.train(was_training)
     soft = Dataset(
         dense=inputs.dense,
         labels=torch.sigmoid(torch.from_numpy(logits)).numpy(),

@@ -40,11 +40,21 @@ from compress.spec import DLRMSpec, TableSpec
 
 @dataclass
 class LoadedModel:
-    """A checkpoint, its inferred architecture, and the rebuilt TorchRec module (eval mode)."""
+    """A checkpoint, its inferred architecture, and the rebuilt TorchRec module (eval mode).
 
-    checkpoint: Checkpoint
+    A live module given to ``pipeline.load`` (:mod:`compress.live_model`) has no ``checkpoint``;
+    ``origin`` then describes it, and the module is the caller's own, in the mode it was in.
+    """
+
+    checkpoint: Checkpoint | None
     spec: DLRMSpec
     module: nn.Module
+    origin: str = ""
+
+    @property
+    def source(self) -> str:
+        """Where the model came from: the checkpoint's path, or :attr:`origin`."""
+        return str(self.checkpoint.path) if self.checkpoint is not None else self.origin
 
 
 MODEL_CONFIG_NAME = "model_config.json"

@@ -22,8 +22,8 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
-import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from compress import quant_math as qm
+from compress.atomic_file import replacing
 
 SOURCE = Path(__file__).with_name("fake_quant_kernels.c")
 #: IEEE float32 arithmetic, no FMA contraction: the values must equal PyTorch's op by op.
@@ -63,6 +64,12 @@ def cache_dir() -> Path:
 
 def _compiler() -> str:
     return os.environ.get("CC") or "cc"
+
+
+def find_compiler() -> str | None:
+    """The C compiler's executable (``$CC``, default ``cc``, looked up on ``PATH`` unless it is a
+    path), or ``None`` when there is none: then the kernels cannot be built here."""
+    return shutil.which(_compiler())
 
 
 def _cpu_flags() -> set[str]:
@@ -106,11 +113,12 @@ def build() -> Path:
     out = library_path()
     if out.exists():
         return out
+    if find_compiler() is None:
+        raise NativeUnavailable(f"no C compiler found ({_compiler()!r}; set CC or install one)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [_compiler(), *_flags(), "-o", tmp, str(SOURCE)]
+    # atomic: a concurrent build replaces it with identical bytes
+    with replacing(out) as tmp:
+        cmd = [_compiler(), *_flags(), "-o", str(tmp), str(SOURCE)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except OSError as exc:
@@ -120,10 +128,6 @@ def build() -> Path:
             raise NativeUnavailable(
                 f"{cmd[0]} failed on {SOURCE.name}: " + (detail[-1] if detail else "no output")
             )
-        os.replace(tmp, out)  # atomic: a concurrent build replaces it with identical bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

@@ -30,6 +30,7 @@ from compress.dataset import Dataset
 from compress.datasets import open_dataset
 from compress.dense_transform import agreed_transform
 from compress.evaluate import evaluate_model
+from compress.live_model import load_module
 from compress.model import LoadedModel, load_model
 from compress.plan import Plan, make_plan
 from compress.quantize_model import SharedGroup, convert_model, prepare_model
@@ -64,8 +65,14 @@ class CompressionResult:
     dense_transform: str | None = None
 
 
-def load(checkpoint: str | Path, model_config: str | Path | dict | None = None) -> LoadedModel:
-    """Step 1: open a checkpoint and rebuild its TorchRec model (memory-mapped)."""
+def load(
+    checkpoint: str | Path | nn.Module, model_config: str | Path | dict | None = None
+) -> LoadedModel:
+    """Step 1: open a checkpoint and rebuild its TorchRec model (memory-mapped), or take a live
+    TorchRec ``DLRM``/``DLRM_DCN``/``DLRM_Projection`` (or ``DLRMTrain``) module as it is, its
+    tables, features and order read from its EBC configs (:mod:`compress.live_model`)."""
+    if isinstance(checkpoint, nn.Module):
+        return load_module(checkpoint, model_config)
     return load_model(checkpoint, model_config)
 
 
@@ -233,7 +240,7 @@ def compress(
         shared=shared,
         notes=notes,
         seconds=time.perf_counter() - t0,
-        source=str(job.checkpoint.path),
+        source=job.source,
         one_hot_features=one_hot_features(train_ds if train_ds is not None else valid_ds, names),
         dense_transform=transform,
         data={

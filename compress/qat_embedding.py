@@ -9,9 +9,11 @@ Two modules with TorchRec's ``EmbeddingBagCollection`` interface (``forward(kjt)
   scale depends on the row alone). Table-wise tables keep ``scale`` as a buffer, refreshed from
   ``max|W|`` every ``scale_refresh`` training steps (DQRM technique 2); between refreshes values
   beyond the range clip, exactly as whole-table fake quantization at that scale would.
-- :class:`QuantizedEmbeddingBagCollection` (convert): integer codes and scales only, dequantizing
-  the gathered rows. :meth:`QuantizedEmbeddingBagCollection.from_qat` uses the same quantizers, so
-  its outputs equal the QAT module's outputs exactly (tested with ``atol=0``).
+- :class:`QuantizedEmbeddingBagCollection` (convert): integer codes and scales only, held as
+  registered buffers (:class:`ConvertedTable`: they are in ``state_dict()`` and move with
+  ``.to()``), dequantizing the gathered rows. :meth:`QuantizedEmbeddingBagCollection.from_qat`
+  uses the same quantizers, so its outputs equal the QAT module's outputs exactly (tested with
+  ``atol=0``).
 
 Per-table methods: ``keep`` (FP32, trainable), ``fp16`` (rounded to fp16 in the forward),
 ``ptq`` (quantized once, frozen), ``qat`` (fake-quantized, trainable).
@@ -33,6 +35,7 @@ from compress import quant_math as qm
 from compress.model import embedding_bag_configs
 from compress.scale_tracking import BlockAbsmax
 from compress.spec import TableSpec
+from compress.train_config import DEFAULT_SCALE_REFRESH
 
 TABLE_METHODS = ("keep", "fp16", "ptq", "qat")
 
@@ -44,7 +47,7 @@ class TableQuant:
     method: str = "keep"
     bits: int | None = None
     granularity: str | None = None
-    scale_refresh: int = 200
+    scale_refresh: int = DEFAULT_SCALE_REFRESH
 
     @property
     def quantized(self) -> bool:
@@ -314,7 +317,7 @@ def quantize_table(
         q, s, b = qm.rowwise_quantize(w, quant.bits)
         return QuantizedTable(name, rows, dim, quant, qm.pack_nbit(q, quant.bits), s, b)
     q, s = qm.tablewise_quantize(w, quant.bits, scale)
-    codes = (q.to(torch.int16) + (1 << (quant.bits - 1))).to(torch.uint8)
+    codes = (q.to(torch.int16) + qm.signed_offset(quant.bits)).to(torch.uint8)
     return QuantizedTable(
         name, rows, dim, quant, qm.pack_nbit(codes, quant.bits), torch.tensor(float(s))
     )
@@ -333,16 +336,63 @@ def dequantize_rows(table: QuantizedTable, ids: torch.Tensor) -> torch.Tensor:
         return qm.rowwise_dequantize(
             codes, table.scale.index_select(0, ids), table.bias.index_select(0, ids)
         )
-    q = codes.to(torch.int16) - (1 << (quant.bits - 1))
+    q = codes.to(torch.int16) - qm.signed_offset(quant.bits)
     return qm.tablewise_dequantize(q.to(torch.int8), float(table.scale))
 
 
+class ConvertedTable(nn.Module):
+    """One converted table as module state: ``data``, ``scale`` and ``bias`` are registered buffers
+    (``scale``/``bias`` are ``None``, and not in the state dict, where the layout has none), so
+    ``state_dict()`` holds them and ``.to()`` moves them."""
+
+    def __init__(self, table: QuantizedTable) -> None:
+        super().__init__()
+        self.name = table.name
+        self.num_embeddings = table.num_embeddings
+        self.embedding_dim = table.embedding_dim
+        self.quant = table.quant
+        self.register_buffer("data", table.data)
+        self.register_buffer("scale", table.scale)
+        self.register_buffer("bias", table.bias)
+
+    def table(self) -> QuantizedTable:
+        """The :class:`QuantizedTable` of this module's current buffers (no copy)."""
+        return QuantizedTable(
+            self.name,
+            self.num_embeddings,
+            self.embedding_dim,
+            self.quant,
+            self.data,
+            self.scale,
+            self.bias,
+        )
+
+    def extra_repr(self) -> str:
+        q = self.quant
+        return (
+            f"{self.name!r}, {self.num_embeddings}x{self.embedding_dim}, {q.method} {q.bits or ''}"
+        )
+
+
 class QuantizedEmbeddingBagCollection(_CollectionBase):
-    """Inference drop-in for TorchRec's ``EmbeddingBagCollection`` holding only converted tables."""
+    """Inference drop-in for TorchRec's ``EmbeddingBagCollection`` holding only converted tables.
+
+    Each table is a :class:`ConvertedTable` under ``embedding_bags.<table>``: its packed codes,
+    scales and biases are buffers (state-dict keys ``embedding_bags.<table>.data``, ``.scale``,
+    ``.bias``), so ``torch.save(model.state_dict())`` keeps them, ``load_state_dict`` restores
+    them into a module of the same tables and methods, and ``.to(device)`` moves them.
+    """
 
     def __init__(self, tables: list[TableSpec], quantized: dict[str, QuantizedTable]) -> None:
         super().__init__(tables)
-        self.quantized = quantized
+        self.embedding_bags = nn.ModuleDict(
+            {t.name: ConvertedTable(quantized[t.name]) for t in self.tables}
+        )
+
+    @property
+    def quantized(self) -> dict[str, QuantizedTable]:
+        """Every table as a :class:`QuantizedTable` over this module's buffers, in table order."""
+        return {name: mod.table() for name, mod in self.embedding_bags.items()}
 
     @classmethod
     def from_qat(cls, qat: QATEmbeddingBagCollection) -> QuantizedEmbeddingBagCollection:
@@ -358,4 +408,4 @@ class QuantizedEmbeddingBagCollection(_CollectionBase):
         return self._pooled(features)
 
     def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_rows(self.quantized[table], ids)
+        return dequantize_rows(self.embedding_bags[table].table(), ids)

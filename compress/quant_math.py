@@ -82,6 +82,8 @@ __all__ = [
     "ste_fake_quantize_rowwise",
     "ste_fake_quantize_tablewise",
     "scale_from_absmax",
+    "signed_offset",
+    "symmetric_range",
     "table_scale",
     "tablewise_bytes",
     "tablewise_dequantize",
@@ -708,8 +710,16 @@ def fused8bit_dequantize(rows: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _qmax_symmetric(bits: int) -> int:
-    return (1 << (bits - 1)) - 1
+def signed_offset(bits: int) -> int:
+    """``2^(bits-1)`` (8 at INT4, 128 at INT8): ``bits``-bit symmetric codes ``q`` lie in
+    ``[-2^(bits-1), 2^(bits-1) - 1]`` and are stored unsigned as ``q + 2^(bits-1)`` (the zero point
+    of the packed table-wise codes)."""
+    return 1 << (bits - 1)
+
+
+def symmetric_range(bits: int) -> tuple[int, int]:
+    """The smallest and largest ``bits``-bit symmetric code: ``(-2^(bits-1), 2^(bits-1) - 1)``."""
+    return -signed_offset(bits), signed_offset(bits) - 1
 
 
 def _fp16_ceil(v: float) -> float:
@@ -751,7 +761,7 @@ def scale_from_absmax(amax: float, bits: int) -> float:
         raise ValueError("table-wise scale: the table holds inf or NaN")
     if amax == 0.0:
         return 1.0
-    s = amax / _qmax_symmetric(bits)
+    s = amax / symmetric_range(bits)[1]
     if s > FP16_MAX:
         raise ValueError(
             f"table-wise scale {s:g} (max|W| = {amax:g}) exceeds fp16's largest value {FP16_MAX:g}"
@@ -785,7 +795,7 @@ def _tablewise_codes(w: torch.Tensor, bits: int, scale: float | None) -> tuple[t
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"table-wise scale must be positive and finite, got {scale!r}")
-    lo, hi = -(1 << (bits - 1)), _qmax_symmetric(bits)
+    lo, hi = symmetric_range(bits)
     return torch.div(w.detach().to(torch.float32), scale).round_().clamp_(lo, hi), scale
 
 
@@ -808,7 +818,7 @@ def fake_quantize_tablewise_(w: torch.Tensor, scale: float, bits: int) -> torch.
     """:func:`fake_quantize_tablewise` in place, for the QAT hot path: float32 ``w`` is overwritten
     with ``clamp(rint(w / s), -2^(b-1), 2^(b-1) - 1) * s`` and returned (no checks: ``scale`` is a
     positive finite value from :func:`table_scale`)."""
-    lo, hi = -(1 << (bits - 1)), _qmax_symmetric(bits)
+    lo, hi = symmetric_range(bits)
     return w.div_(scale).round_().clamp_(lo, hi).mul_(scale)
 
 
@@ -824,7 +834,7 @@ def tablewise_scale_fits_fbgemm(scale: float, bits: int) -> bool:
         return False
     if float(np.float16(s)) != s:
         return False
-    return (1 << (bits - 1)) * s <= FP16_MAX
+    return signed_offset(bits) * s <= FP16_MAX
 
 
 def tablewise_to_rowwise(
@@ -854,16 +864,16 @@ def tablewise_to_rowwise(
     if not tablewise_scale_fits_fbgemm(scale, bits):
         raise ValueError(
             f"table-wise scale {float(scale)!r} cannot become FBGEMM rows at {bits} bits: it must "
-            f"be an fp16 value in [2^-24, {FP16_MAX / (1 << (bits - 1)):g}] so that the bias "
-            f"-{1 << (bits - 1)}*s is a finite fp16 number (use table_scale())"
+            f"be an fp16 value in [2^-24, {FP16_MAX / signed_offset(bits):g}] so that the bias "
+            f"-{signed_offset(bits)}*s is a finite fp16 number (use table_scale())"
         )
-    lo, hi = -(1 << (bits - 1)), _qmax_symmetric(bits)
+    lo, hi = symmetric_range(bits)
     if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
         raise ValueError(f"table-wise codes must lie in [{lo}, {hi}] at {bits} bits")
-    codes = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    codes = (q.to(torch.int16) + signed_offset(bits)).to(torch.uint8)
     rows = q.shape[0]
     s16 = torch.full((rows,), float(scale), dtype=torch.float16)
-    b16 = torch.full((rows,), -float(1 << (bits - 1)) * float(scale), dtype=torch.float16)
+    b16 = torch.full((rows,), -float(signed_offset(bits)) * float(scale), dtype=torch.float16)
     return codes, s16, b16
 
 
@@ -889,7 +899,7 @@ def channel_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
     amax = x.reshape(x.shape[0], -1).abs().amax(dim=1)
     if not bool(torch.isfinite(amax).all()):
         raise ValueError("per-channel scale: the weight holds inf or NaN")
-    s = amax / float(_qmax_symmetric(bits))
+    s = amax / float(symmetric_range(bits)[1])
     return torch.where(amax == 0, torch.ones_like(s), s)
 
 
@@ -910,7 +920,7 @@ def channel_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     """
     bits = _check_bits(bits)
     scales = channel_scales(w, bits)
-    lo, hi = -(1 << (bits - 1)), _qmax_symmetric(bits)
+    lo, hi = symmetric_range(bits)
     x = w.detach().to(torch.float32)
     q = torch.div(x, _channel_view(scales, x.dim())).round_().clamp_(lo, hi)
     return q.to(torch.int8), scales

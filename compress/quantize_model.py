@@ -33,11 +33,11 @@ from compress.robe import (
     RobeConfig,
     RobeEmbeddingBagCollection,
 )
+from compress.robe_hash import DEFAULT_SEED
 from compress.robe_projection import ProjectionReport, project_module
 from compress.spec import DLRMSpec
+from compress.train_config import DEFAULT_SCALE_REFRESH
 
-#: ROBE's public implementation: ``numpy.random.RandomState(1024)`` draws R1, R2, R3.
-SHARE_SEED = 1024
 #: Shared arrays up to 4 MB (fp32) take dense gradients.
 DENSE_GRAD_MAX_CELLS = 1 << 20
 
@@ -55,7 +55,9 @@ class SharedGroup:
 def table_quants(plan: Plan) -> dict[str, TableQuant]:
     """The per-table settings of ``plan`` for the embedding modules."""
     return {
-        t.name: TableQuant(t.method, t.bits, t.granularity, t.scale_refresh or 200)
+        t.name: TableQuant(
+            t.method, t.bits, t.granularity, t.scale_refresh or DEFAULT_SCALE_REFRESH
+        )
         for t in plan.tables
         if t.method != "share"
     }
@@ -103,7 +105,7 @@ def _prepare_group(group, spec: DLRMSpec, ebc: nn.Module, row_counts) -> SharedG
     weighted = group.projection == "frequency" and row_counts is not None
     pairs = [(t, ebc.embedding_bags[t.name].weight.detach()) for t in tables]
     weights = [row_counts[t.name].double() for t in tables] if weighted else None
-    config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=SHARE_SEED)
+    config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=DEFAULT_SEED)
     # A small array trains faster with dense gradients (the optimizer step over every cell costs
     # less than sparse bookkeeping; the updates are the same): benchmarks/bench_robe.py
     sparse = group.cells > DENSE_GRAD_MAX_CELLS

@@ -82,7 +82,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from compress.errors import RecipeError
-from compress.train_config import OPTIMIZERS, SELECT_METRICS, TrainConfig
+from compress.train_config import (
+    DEFAULT_SCALE_REFRESH,
+    OPTIMIZERS,
+    SELECT_METRICS,
+    TrainConfig,
+)
 
 TABLE_METHODS = ("keep", "fp16", "ptq", "qat", "share")
 MLP_METHODS = ("keep", "ptq", "qat")
@@ -91,7 +96,6 @@ MLP_BITS = (8, 4)
 GRANULARITIES = ("row", "table")
 ARRAY_DTYPES = ("fp32", "fp16", "int8")
 DEFAULT_GRANULARITY = "row"
-DEFAULT_SCALE_REFRESH = 200
 DEFAULT_ARRAY_DTYPE = "fp32"
 REGEX_PREFIX = "re:"
 SPARSE_OPTIMIZERS = ("adagrad", "sgd")

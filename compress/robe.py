@@ -1,7 +1,7 @@
 """ROBE-Z parameter sharing as TorchRec-compatible modules.
 
 :class:`RobeEmbeddingBagCollection` replaces a TorchRec ``EmbeddingBagCollection`` for a group of
-tables that share one flat float32 array ``weight`` of ``|M|`` cells (REFERENCE.md section 1; the
+tables that share one flat float32 array ``weight`` of ``|M|`` cells (ROBE-Z, arXiv 2207.10731; the
 hash lives in :mod:`compress.robe_hash`). Its forward takes a ``KeyedJaggedTensor`` and returns a
 ``KeyedTensor`` of sum-pooled bags, like TorchRec's EBC; gradients w.r.t. ``weight`` are sparse, so
 ``torch.optim.Adagrad``/``SGD``/``SparseAdam`` update only the cells a batch touched.
@@ -411,8 +411,15 @@ class RobeEmbeddingBagCollection(nn.Module):
         self._offsets = dict(zip((t.name for t in tables), table_offsets(tables), strict=True))
         pairs = [(t, f) for t in tables for f in t.feature_names]
         self._input_features = [f for _, f in pairs]
-        self._feature_offsets = torch.tensor([self._offsets[t.name] for t, _ in pairs])
-        self._feature_rows = torch.tensor([t.num_embeddings for t, _ in pairs])
+        # per-feature row offset and row count: buffers (not saved) so that .to() moves them
+        self.register_buffer(
+            "_feature_offsets",
+            torch.tensor([self._offsets[t.name] for t, _ in pairs]),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_feature_rows", torch.tensor([t.num_embeddings for t, _ in pairs]), persistent=False
+        )
         self._permute_cache: dict[tuple[str, ...], list[int] | None] = {}
         self._array_cache: tuple[tuple, torch.Tensor] | None = None
         self._coalesced = _CoalescedGrad()
@@ -590,7 +597,9 @@ class RobeEmbeddingBagCollection(nn.Module):
             starts = starts.view(n_feat, batch, n_blocks).transpose(0, 1)
             out = self._gather(starts.reshape(batch * n_feat, n_blocks))
         else:
-            bag = torch.repeat_interleave(torch.arange(n_feat * batch), lengths, output_size=n_ids)
+            bag = torch.repeat_interleave(
+                torch.arange(n_feat * batch, device=values.device), lengths, output_size=n_ids
+            )
             # feature-major bag f * B + b  ->  batch-major row b * F + f
             row = torch.remainder(bag, batch) * n_feat + torch.div(
                 bag, batch, rounding_mode="floor"

@@ -1,7 +1,8 @@
 """ROBE-Z universal hash: where each virtual embedding element lives in a shared flat array.
 
-PSS / ROBE-Z (REFERENCE.md section 1) stores all selected tables in one flat float array ``M`` of
-``|M|`` cells. Element ``(table t, row i, dim d)`` reads exactly one cell::
+PSS / ROBE-Z (Desai et al., arXiv 2207.10731, after ROBE, arXiv 2108.02191) stores all selected
+tables in one flat float array ``M`` of ``|M|`` cells. Element ``(table t, row i, dim d)`` reads
+exactly one cell::
 
     key = ((i + O_t) * R3 + floor(d / Z) * R2 + R1) mod P
     idx = key mod (|M| - Z + 1) + (d mod Z)

@@ -2,8 +2,9 @@
 
 Each virtual element ``(t, i, d)`` reads exactly one cell ``M[h(t, i, d)]``, so the (weighted)
 squared reconstruction error ``sum w_ti * (W_t[i, d] - M[h(t, i, d)])**2`` separates by cell and is
-minimized by setting each cell to the (weighted) mean of the trained values that hash to it
-(REFERENCE.md section 1). Cells no value hits, or only values of weight 0, get 0.
+minimized by setting each cell to the (weighted) mean of the trained values that hash to it. (The
+ROBE-Z papers, arXiv 2207.10731 and 2108.02191, train the array from scratch; converting trained
+tables is this project's addition.) Cells no value hits, or only values of weight 0, get 0.
 
 Rows are processed in chunks (``chunk_rows``, default 262,144) so a 10M x 16 table never builds
 an index tensor for all its elements at once; sums accumulate in float64 with ``index_add_``.

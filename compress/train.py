@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.atomic_file import atomic_open
 from compress.batches import Batch
 from compress.dataset import Dataset
 from compress.errors import DqrmError, os_error_in, os_error_reason
@@ -310,16 +310,12 @@ def write_state(state: dict, state_path: Path) -> None:
     """Save ``state`` to ``state_path`` atomically (a temporary file, flushed, then renamed): a
     kill leaves the previous state. An OS error (a full disk) is one :class:`DqrmError` naming
     ``state_path``, with the temporary file removed."""
-    tmp = state_tmp(state_path)
     try:
-        with open(tmp, "wb") as f:  # to a path, torch reports ENOSPC as a bare RuntimeError
+        # to a file, not a path: to a path, torch reports ENOSPC as a bare RuntimeError
+        with atomic_open(state_path, state_tmp(state_path)) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        cause = os_error_in(e) if isinstance(e, Exception) else None
+    except Exception as e:
+        cause = os_error_in(e)
         if cause is not None:
             raise DqrmError(f"{state_path}: {os_error_reason(cause)}") from e
         raise

@@ -9,6 +9,10 @@ OPTIMIZERS = ("adagrad", "sgd", "adam")
 #: What picks the kept step (``select_on``): lower log loss, or higher AUC, on the selection slice.
 SELECT_METRICS = ("logloss", "auc")
 DEFAULT_SELECT_ON = SELECT_METRICS[0]
+#: Training steps between the table-wide ``max|W|`` scans that set a table-wise QAT table's scale
+#: (a recipe rule's ``scale_refresh``): DQRM's ``P``, 200 in its Criteo Kaggle runs (Yang et al.,
+#: arXiv 2410.20046). Row-wise scales depend on the row alone and need no refresh.
+DEFAULT_SCALE_REFRESH = 200
 
 
 @dataclass

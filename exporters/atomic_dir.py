@@ -37,13 +37,13 @@ import fcntl
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from compress.atomic_file import temp_dir_beside
 from compress.errors import ArtifactError, DqrmError, os_error_in, os_error_reason
 
 _PARTIAL = "partial-"
@@ -232,21 +232,20 @@ def staging(out_dir: Path) -> Iterator[Path]:
     An ``OSError`` in the block becomes one :class:`ArtifactError` naming the path."""
     out_dir = Path(out_dir)
     _mkdir_parent(out_dir)
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{_PARTIAL}", dir=out_dir.parent))
-    except OSError as e:
-        raise ArtifactError(f"{out_dir.parent}: {os_error_reason(e)}") from e
-    try:
-        stage.chmod(0o777 & ~umask())  # mkdtemp makes it private; the output gets the usual mode
-        yield stage
-    except Exception as e:
-        cause = None if isinstance(e, DqrmError) else os_error_in(e)
-        if cause is None:
-            raise
-        where = _user_path(cause, stage, out_dir)
-        raise ArtifactError(f"{where}: {_reason(cause, stage)}") from e
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with ExitStack() as removal:
+        try:
+            stage = removal.enter_context(temp_dir_beside(out_dir, _PARTIAL))
+        except OSError as e:
+            raise ArtifactError(f"{out_dir.parent}: {os_error_reason(e)}") from e
+        try:
+            stage.chmod(0o777 & ~umask())  # mkdtemp makes it private; the output: the usual mode
+            yield stage
+        except Exception as e:
+            cause = None if isinstance(e, DqrmError) else os_error_in(e)
+            if cause is None:
+                raise
+            where = _user_path(cause, stage, out_dir)
+            raise ArtifactError(f"{where}: {_reason(cause, stage)}") from e
 
 
 _LOW_SPACE = 1 << 20

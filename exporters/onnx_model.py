@@ -34,8 +34,6 @@ Example::
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from compress.atomic_file import temp_dir_beside
 from exporters.onnx_lookup import Pooling, RowwiseImpl, add_sparse_arch_parts, concat_in_order
 from exporters.onnx_mlp import (
     add_dense_arch,
@@ -320,10 +319,8 @@ def _atomic_save(path: Path, write: Callable[[Path, BinaryIO], None]) -> Path:
     """Run ``write(model_path, data_handle)`` in a temporary folder beside ``path``, check the
     result by path, then move the data file and the model into place (model last)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     location = external_data_location(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with temp_dir_beside(path) as tmp:
         tmp_model, tmp_data = tmp / path.name, tmp / location
         with open(tmp_data, "wb") as handle:
             write(tmp_model, handle)
@@ -337,8 +334,6 @@ def _atomic_save(path: Path, write: Callable[[Path, BinaryIO], None]) -> Path:
         elif final_data.exists():
             final_data.unlink()  # a stale table file from an earlier save of this model
         os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -2,7 +2,9 @@
 
 The dataclasses here are the only input of :mod:`exporters.onnx_lookup`, :mod:`exporters.onnx_mlp`
 and :mod:`exporters.onnx_model`. They hold finished arrays (packed codes, scales, float weights),
-not modules, and import nothing from the rest of the project, so any converter can fill them.
+not modules, and take from the rest of the project only the conventions of the formats (the ROBE-Z
+hash constants of :mod:`compress.robe_hash`, the code offset of
+:func:`compress.quant_math.signed_offset`), so any converter can fill them.
 
 Table kinds (``TableLookup.kind``), for a table of ``R`` rows of ``D`` values:
 
@@ -35,6 +37,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from compress.quant_math import signed_offset, symmetric_range
+from compress.robe_hash import DEFAULT_SEED, ROBE_PRIME, robe_constants
+
 #: ONNX IR version of every graph: onnxruntime 1.31 loads 3..13 (onnx 1.23 writes 14 by default);
 #: INT4 initializers need at least 10.
 IR_VERSION = 10
@@ -42,10 +47,8 @@ IR_VERSION = 10
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
-#: The prime of the ROBE hash (Desai et al.).
-ROBE_PRIME = 2038074743
-#: R1, R2, R3 drawn by the public ROBE code with ``np.random.RandomState(1024).randint(0, P)``.
-ROBE_SEEDS = (634329019, 1825252241, 871205356)
+#: R1, R2, R3 of the public ROBE-Z code's seed (:func:`compress.robe_hash.robe_constants`).
+ROBE_SEEDS = tuple(robe_constants(DEFAULT_SEED))
 #: Symbolic name of the batch dimension in every graph.
 BATCH = "batch"
 #: ORT session config entries the graphs are meant to run with; stored in every model's
@@ -148,7 +151,7 @@ class TablewiseTable:
     @property
     def offset(self) -> int:
         """The code of zero, ``2^(bits-1)``."""
-        return 1 << (self.bits - 1)
+        return signed_offset(self.bits)
 
     def validate(self, dim: int, what: str) -> None:
         _check_bits(self.bits, dim, self.packed, what)
@@ -251,7 +254,7 @@ class Linear:
             raise ValueError(f"{what}: quantized bits must be 4 or 8, got {self.bits}")
         if self.qweight.dtype != np.int8 or self.qweight.ndim != 2:
             raise ValueError(f"{what}: qweight must be int8 [out, in]")
-        lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        lo, hi = symmetric_range(self.bits)
         if self.qweight.size and (self.qweight.min() < lo or self.qweight.max() > hi):
             raise ValueError(f"{what}: qweight outside the signed {self.bits}-bit range")
         if self.scales is None or self.scales.dtype != np.float32 or self.scales.shape != (out,):

@@ -4,7 +4,9 @@ A parity proof fails hard: :func:`compare_outputs` raises :class:`ParityError` n
 the largest difference and where it is, instead of warning. :func:`compare_all` checks names first,
 then shapes, then values for every output. :func:`ort_session` opens a CPU session with worker
 spinning off, so ORT's idle threads do not slow other work in the same process;
-:func:`plain_session` opens one with no option at all, as a user would.
+:func:`plain_session` opens one with no option at all, as a user would, and :func:`serving_session`
+one with the settings :class:`~exporters.predictor.Predictor` serves with; all three go through
+:func:`make_session`.
 
 :func:`verify_parity` re-runs the export's parity check on the host it is called on (its ONNX
 Runtime version, its CPU): the feeds and reference logits stored under ``onnx/parity/`` at export
@@ -37,6 +39,13 @@ import onnxruntime as ort
 
 from compress.errors import ArtifactError, DqrmError
 from exporters.onnx_spec import SESSION_CONFIG
+
+#: ORT session entries the artifacts are served with (parity is proven with them and without any,
+#: see :mod:`exporters.onnx_writer`): the graphs' own :data:`~exporters.onnx_spec.SESSION_CONFIG`
+#: (worker threads do not spin) plus ``session.disable_quant_qdq``. Current graphs are exact
+#: without any of them (MLP weights are ``Cast`` + ``Mul``, folded at load); the QDQ entries keep
+#: graphs exported before that (``DequantizeLinear`` weights) exact and their weights folded.
+SERVING_SESSION_CONFIG = {**SESSION_CONFIG, "session.disable_quant_qdq": "1"}
 
 
 class ParityError(DqrmError):
@@ -129,27 +138,30 @@ def plain_session(
     """``InferenceSession(model)`` on the CPU with no session config entry (ORT's defaults, all
     its graph optimizations): what a user who ignores the manifest's ``session_config`` gets.
     ``threads`` sets ``intra_op_num_threads`` only (``None``: ORT's default)."""
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif isinstance(model, Path):
-        model = str(model)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return make_session(model, None, threads)
+
+
+def serving_session(
+    model: str | Path | bytes | onnx.ModelProto, threads: int | None = None
+) -> ort.InferenceSession:
+    """A CPU ``InferenceSession`` with :data:`SERVING_SESSION_CONFIG`; ``threads`` sets
+    ``intra_op_num_threads`` (``None``: ORT's default). Models with external data: by path."""
+    return make_session(model, SERVING_SESSION_CONFIG, threads)
 
 
 def make_session(
     model: str | Path | bytes | onnx.ModelProto,
-    config: Mapping[str, str],
+    config: Mapping[str, str] | None,
     threads: int | None = None,
 ) -> ort.InferenceSession:
-    """A CPU ``InferenceSession`` with the session ``config`` entries, one inter-op thread and
-    ``threads`` intra-op threads (``None``: ORT's default). Models with external data: by path."""
+    """A CPU ``InferenceSession`` with the session ``config`` entries and one inter-op thread, or,
+    with ``config=None``, a plain one (no entry, ORT's default inter-op threads); ``threads``
+    intra-op threads (``None``: ORT's default). Models with external data: by path."""
     options = ort.SessionOptions()
-    for key, value in config.items():
-        options.add_session_config_entry(key, value)
-    options.inter_op_num_threads = 1
+    if config is not None:
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        options.inter_op_num_threads = 1
     if threads is not None:
         options.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
@@ -199,7 +211,6 @@ def parity_report(path: str | Path, threads: int | None = None) -> dict:
     :class:`ArtifactError` when the directory is corrupt or holds no parity reference.
     """
     from exporters.load import load_artifacts, map_npy
-    from exporters.predictor import serving_session
 
     arts = load_artifacts(path, verify=True)
     sets, atol = _parity_reference(arts.manifest, arts.path / "manifest.json")

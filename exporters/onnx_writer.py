@@ -11,9 +11,9 @@ staging directory after the tables and dense weights are written, it
    (each passes ``onnx.checker``);
 3. runs ONNX Runtime, both in a plain ``InferenceSession(path)`` (no session option: the graphs
    must not depend on any) and with the session settings the Predictor serves with
-   (:data:`~exporters.predictor.SERVING_SESSION_CONFIG`), on a few hundred sampled inputs of each
-   set (one id a bag from :func:`compress.distill.sample_inputs`; multi-hot bags of 0..3 ids from
-   :func:`sample_multihot`; the same with a quarter of the ids out of range,
+   (:data:`~exporters.onnx_validate.SERVING_SESSION_CONFIG`), on a few hundred sampled inputs of
+   each set (one id a bag from :func:`compress.distill.sample_inputs`; multi-hot bags of 0..3 ids
+   from :func:`sample_multihot`; the same with a quarter of the ids out of range,
    :func:`sample_out_of_range`, against the PyTorch model fed those ids mapped to 0) against the
    PyTorch converted model and raises :class:`~exporters.onnx_validate.ParityError` above
    ``atol`` (1e-5), which aborts the atomic write: no artifact directory is left behind with
@@ -64,8 +64,14 @@ from exporters.onnx_model import (
     save_model,
 )
 from exporters.onnx_spec import IR_VERSION, DLRMGraphSpec
-from exporters.onnx_validate import compare_outputs, plain_session, run_session
-from exporters.predictor import SERVING_SESSION_CONFIG, dataset_feeds, serving_session
+from exporters.onnx_validate import (
+    SERVING_SESSION_CONFIG,
+    compare_outputs,
+    plain_session,
+    run_session,
+    serving_session,
+)
+from exporters.predictor import dataset_feeds
 
 ONNX_DIR = "onnx"
 GRAPH_FILES = {

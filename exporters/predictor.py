@@ -4,9 +4,9 @@
 :mod:`exporters.load`), so a corrupt artifact is an :class:`~compress.errors.ArtifactError` naming
 the file, never a crash inside ONNX Runtime, and no path in the manifest reaches outside the
 directory. It then opens ``onnx/model.onnx`` with the session settings the manifest records
-(:data:`SERVING_SESSION_CONFIG`: worker spinning off; the graphs are exact without any session
-option). A directory exported without graphs is served from a graph built in memory from its
-arrays.
+(:data:`~exporters.onnx_validate.SERVING_SESSION_CONFIG`: worker spinning off; the graphs are
+exact without any session option). A directory exported without graphs is served from a graph
+built in memory from its arrays.
 
 Inputs are what the model was trained on: dense features already transformed (the manifest's
 ``inputs.dense.transform``, the one the data it was fine-tuned and evaluated on was read with, e.g.
@@ -31,8 +31,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 from compress.dataset import Dataset
 from compress.datasets import detect_format, open_dataset
@@ -40,8 +38,7 @@ from compress.dense_transform import check_transform
 from compress.errors import DataError
 from compress.metrics import evaluate as score_logits
 from exporters.load import Artifacts, load_artifacts
-from exporters.onnx_spec import SESSION_CONFIG
-from exporters.onnx_validate import make_session
+from exporters.onnx_validate import serving_session
 
 DENSE_INPUT = "dense"
 LOGITS = "logits"
@@ -53,22 +50,6 @@ OUT_OF_RANGE_MODES = ("error", "row0")
 class OutOfRangeIdError(DataError):
     """A row id outside ``[0, rows)`` of its feature's table (refused unless
     ``out_of_range="row0"``)."""
-
-
-#: ORT session entries the artifacts are served with (parity is proven with them and without any,
-#: see :mod:`exporters.onnx_writer`): the graphs' own :data:`~exporters.onnx_spec.SESSION_CONFIG`
-#: (worker threads do not spin) plus ``session.disable_quant_qdq``. Current graphs are exact
-#: without any of them (MLP weights are ``Cast`` + ``Mul``, folded at load); the QDQ entries keep
-#: graphs exported before that (``DequantizeLinear`` weights) exact and their weights folded.
-SERVING_SESSION_CONFIG = {**SESSION_CONFIG, "session.disable_quant_qdq": "1"}
-
-
-def serving_session(
-    model: str | Path | bytes | onnx.ModelProto, threads: int | None = None
-) -> ort.InferenceSession:
-    """A CPU ``InferenceSession`` with :data:`SERVING_SESSION_CONFIG`; ``threads`` sets
-    ``intra_op_num_threads`` (``None``: ORT's default). Models with external data: by path."""
-    return make_session(model, SERVING_SESSION_CONFIG, threads)
 
 
 def dataset_feeds(

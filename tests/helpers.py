@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pytest
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -109,3 +110,16 @@ def data_spec(rows: Mapping[str, int], dense: int) -> DLRMSpec:
         dense_arch_layer_sizes=(8, 4),
         over_arch_layer_sizes=(4, 1),
     )
+
+
+def require_c_compiler() -> None:
+    """Skip the calling test where no C compiler is found: the compiled kernels
+    (:mod:`compress.native`) cannot be built, and QAT runs the PyTorch path, which the README
+    supports. Where a compiler exists the kernels must build (a broken kernel fails, not skips)."""
+    from compress import native
+
+    if native.find_compiler() is None:
+        pytest.skip(
+            "no C compiler found ($CC, default cc, on PATH): the compiled fake-quant kernels "
+            "cannot be built here; QAT uses the PyTorch path"
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import zipfile
 
 import numpy as np
@@ -182,19 +181,29 @@ def test_batch_feeds_a_torchrec_dlrm():
     assert model(batch.dense, batch.sparse).shape == (4, 1)
 
 
-def test_building_a_2048_batch_is_cheap():
-    rng = np.random.default_rng(0)
-    n, feats = 20_000, [f"cat_{i}" for i in range(26)]
+def test_shuffled_2048_batches_of_26_features_hold_each_sample_once():
+    # sample i: dense[i, 0] = i, label i % 2, feature k holds the one id (i * 7 + k) % 1000
+    n, feats = 20_000, [f"cat_{k}" for k in range(26)]
+    ids = np.arange(n)
     ds = Dataset(
-        dense=rng.random((n, 13), dtype=np.float32),
-        labels=np.zeros(n, np.float32),
-        values={f: rng.integers(0, 1000, n) for f in feats},
+        dense=np.stack([ids, -ids], axis=1).astype(np.float32),
+        labels=(ids % 2).astype(np.float32),
+        values={f: (ids * 7 + k) % 1000 for k, f in enumerate(feats)},
         offsets={f: np.arange(n + 1) for f in feats},
     )
-    t0 = time.perf_counter()
-    count = sum(1 for _ in ds.batches(2048, feature_names=feats, shuffle=True))
-    per_batch = (time.perf_counter() - t0) / count
-    assert per_batch < 0.05, f"{per_batch * 1e3:.1f} ms per batch"
+    batches = list(ds.batches(2048, feature_names=feats, shuffle=True, seed=5))
+    assert [len(b) for b in batches] == [2048] * 9 + [n - 9 * 2048]
+    seen = np.concatenate([b.dense[:, 0].numpy() for b in batches]).astype(np.int64)
+    assert np.array_equal(seen, np.random.default_rng(5).permutation(n))  # each sample once
+    for b in batches:
+        rows = b.dense[:, 0].to(torch.int64)
+        assert torch.equal(b.dense[:, 1], -b.dense[:, 0])
+        assert torch.equal(b.labels, (rows % 2).float())
+        assert b.sparse.keys() == feats
+        jagged = b.sparse.to_dict()
+        for k, f in enumerate(feats):
+            assert torch.equal(jagged[f].lengths(), torch.ones(len(b), dtype=torch.int64))
+            assert torch.equal(jagged[f].values(), (rows * 7 + k) % 1000)
 
 
 def test_concat_rebases_offsets():

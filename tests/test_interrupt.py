@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import tiny_world
 
 RECIPE = """
@@ -19,9 +20,9 @@ method = "qat"
 bits = 4
 granularity = "row"
 [finetune]
-steps = 600
+steps = 150
 batch_size = 256
-eval_every = 200
+eval_every = 50
 checkpoint_every = 10
 """
 
@@ -30,6 +31,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "compress", "--no-progress", *args]
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume(tmp_path):
     ckpt, train, valid, _ = tiny_world(tmp_path)
     recipe = tmp_path / "slow.toml"

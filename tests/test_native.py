@@ -1,5 +1,6 @@
 """The compiled fake-quant kernels: bit-exact with FBGEMM and with the PyTorch reference, and an
-unbuildable kernel falls back loudly to the same values."""
+unbuildable kernel falls back loudly to the same values. Without a C compiler the tests that need
+the kernels skip (naming the reason) and the rest check the PyTorch path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import warnings
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import pytest
 import torch
+from helpers import require_c_compiler
 
 from compress import native
 from compress import quant_math as qm
@@ -32,7 +34,8 @@ def _fbgemm_round_trip(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def test_kernels_build_here():
-    # the machine this project targets has a C compiler: the fast path must be the one tested
+    # where there is a C compiler the kernels must build: the fast path is the one tested
+    require_c_compiler()
     assert native.enabled()
     assert native.library_path().exists()
 
@@ -74,6 +77,7 @@ def test_kernel_write_is_seen_by_autograd():
 
 
 def test_unbuildable_kernels_warn_and_fall_back(monkeypatch, tmp_path):
+    require_c_compiler()  # it ends by checking that the real kernels load again
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     native._kernels.cache_clear()
@@ -102,6 +106,7 @@ def test_switch_off(monkeypatch):
 
 
 def test_compiler_error_names_the_file(monkeypatch, tmp_path):
+    require_c_compiler()
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
@@ -109,3 +114,32 @@ def test_compiler_error_names_the_file(monkeypatch, tmp_path):
     with pytest.raises(native.NativeUnavailable, match="broken.c"):
         native.build()
     assert not any((tmp_path / "cache").iterdir())
+
+
+def test_without_a_c_compiler_kernel_tests_skip_and_qat_falls_back(monkeypatch, tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no cc anywhere
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))  # no library built before
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    assert native.find_compiler() is None
+    with pytest.raises(pytest.skip.Exception, match="no C compiler found"):
+        require_c_compiler()
+    with pytest.raises(native.NativeUnavailable, match=r"no C compiler found \('cc'"):
+        native.build()
+    assert not (tmp_path / "cache").exists()  # nothing half-built
+    native._kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler found"):
+            assert not native.enabled()
+        w = _hard_rows()
+        for bits in (8, 4, 2):  # QAT's quantizers give FBGEMM's values on the PyTorch path
+            assert torch.equal(
+                native.fake_quantize_rowwise_(w.clone(), bits), _fbgemm_round_trip(w, bits)
+            )
+        with pytest.raises(native.NativeUnavailable, match="off or could not be built"):
+            native.blocks_build(w, 16)  # the scale tracker is simply not used
+    finally:
+        monkeypatch.undo()
+        native._kernels.cache_clear()

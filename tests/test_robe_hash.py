@@ -21,7 +21,8 @@ CONSTANTS = robe_constants(DEFAULT_SEED)
 
 
 def reference_index(row: int, offset: int, d: int, z: int, m: int, consts) -> int:
-    """REFERENCE.md section 1, with Python's unbounded integers."""
+    """The ROBE-Z hash (arXiv 2207.10731) as :mod:`compress.robe_hash` states it, with Python's
+    unbounded integers."""
     r1, r2, r3 = consts
     key = ((row + offset) * r3 + (d // z) * r2 + r1) % ROBE_PRIME
     return key % (m - z + 1) + (d % z)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import require_c_compiler
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compress import native
 from compress import quant_math as qm
 from compress.qat_embedding import (
     QATEmbeddingBagCollection,
@@ -21,6 +23,7 @@ ROWS, DIM = 1000, 8
 
 @pytest.mark.parametrize(("rows", "dim", "block"), [(1, 1, 4), (257, 3, 16), (1000, 16, 64)])
 def test_summary_stays_exact_under_row_updates(rows, dim, block):
+    require_c_compiler()
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(rows, dim, generator=gen)
     summary = BlockAbsmax.build(w, block)
@@ -34,6 +37,7 @@ def test_summary_stays_exact_under_row_updates(rows, dim, block):
 
 
 def test_summary_reports_nan_until_the_row_is_fixed():
+    require_c_compiler()
     w = torch.randn(100, 16)
     summary = BlockAbsmax.build(w, 8)
     w[3, 5] = float("nan")
@@ -84,6 +88,7 @@ def _train(ebc, opt, batches, tamper_at: int | None = None) -> list[float]:
 
 @pytest.mark.parametrize("tamper_at", [None, 7])
 def test_tracked_training_equals_rescanning_training(tamper_at):
+    require_c_compiler()
     batches = _batches(40)
     runs = []
     for track in (False, True):
@@ -109,7 +114,9 @@ def test_only_row_local_optimizers_are_tracked():
     assert not updates_only_gradient_rows(torch.optim.SGD(params, lr=0.1, momentum=0.9))
     assert not updates_only_gradient_rows(torch.optim.Adam(params, lr=0.1))
     assert track_scale_updates(ebc, torch.optim.SGD(params, lr=0.1, momentum=0.9)) == 0
-    assert track_scale_updates(ebc, torch.optim.Adagrad(params, lr=0.1)) == 1
+    # without the compiled kernels (no C compiler) nothing is tracked: refreshes rescan
+    tracked = 1 if native.enabled() else 0
+    assert track_scale_updates(ebc, torch.optim.Adagrad(params, lr=0.1)) == tracked
 
 
 def test_loading_a_state_dict_invalidates_the_summary():

@@ -499,9 +499,9 @@ method = "qat"
 bits = 4
 granularity = "row"
 [finetune]
-steps = 300
+steps = 150
 batch_size = 256
-eval_every = 100
+eval_every = 50
 checkpoint_every = 10
 """
 
