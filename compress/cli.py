@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from compress import __version__, progress
-from compress.errors import DqrmError, ModelConfigError
+from compress.errors import ArtifactError, DqrmError, ModelConfigError
 from compress.summary import checkpoint_summary, format_bytes
 
 
@@ -502,6 +502,8 @@ def compress_cmd(
         the_plan = pipeline.plan(job, recipe)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir}: already exists (use --force to replace it, or --out)")
+    if out_dir.exists():
+        _check_replaceable(out_dir, [checkpoint, data_path, valid_path, model_config])
     state_path = out_dir.parent / f".{out_dir.name}.train-state.pt"
     say(format_plan(the_plan))
     say()
@@ -633,6 +635,27 @@ def _slice_lines(s: dict) -> list[str]:
             f"on {sel['slice']} ({sel['rows']:,} rows)"
         )
     return lines
+
+
+def _check_replaceable(out_dir: Path, inputs: list) -> None:
+    """``--force`` replaces only an artifact directory (or an empty one), never one that holds an
+    input of this run: anything else at ``--out`` would be deleted with it."""
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ArtifactError(
+            f"{out_dir}: not a directory; --force replaces only artifact directories"
+        )
+    out = out_dir.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).resolve()
+        if src == out or out in src.parents:
+            raise ArtifactError(f"{out_dir}: holds the input {item}; choose another --out")
+    if any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise ArtifactError(
+            f"{out_dir}: not an artifact directory (no manifest.json); --force replaces only "
+            "artifact directories, so move it or choose another --out"
+        )
 
 
 def _format_before_after(s: dict) -> str:

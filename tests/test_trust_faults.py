@@ -227,7 +227,7 @@ def test_next_run_restores_an_output_a_killed_force_run_was_replacing(tmp_path, 
 def test_force_replaces_and_tidies(tmp_path, capsys):
     world = tiny_world(tmp_path)
     out = tmp_path / "out"
-    _write_tree(out, OLD)
+    _write_tree(out, {**OLD, "manifest.json": b"{}"})  # an (old) artifact directory
     _write_tree(tmp_path / ".out.old-q1w2e3", OLD)  # leftovers of killed runs (out present)
     _write_tree(tmp_path / ".out.partial-q1w2e3", NEW)
     code, _, err = run(capsys, *_ptq_args(world, out), "--force")
@@ -539,3 +539,24 @@ def test_sigterm_cleans_up_like_ctrl_c_and_resume_is_byte_identical(tmp_path):
     assert straight.returncode == 0, straight.stderr
     assert _tree(out) == _tree(tmp_path / "straight")  # every file, manifest.json included
     assert _hidden(tmp_path, "out") == []
+
+
+def test_force_never_deletes_a_directory_holding_inputs_or_other_files(tmp_path):
+    """``--force`` onto a directory that is not an artifact directory, or that holds an input,
+    is refused and leaves every file in place."""
+    from compress.cli import main
+    from tests.helpers import tiny_world
+
+    ckpt = tiny_world(tmp_path)[0]
+    keep = tmp_path / "notes.txt"
+    keep.write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc = main(["--recipe", "int8_ptq", str(ckpt), "--out", str(tmp_path), "--force"])
+    assert rc == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.bin").write_text("y")
+    rc = main(["--recipe", "int8_ptq", str(ckpt), "--out", str(other), "--force"])
+    assert rc == 2
+    assert (other / "data.bin").read_text() == "y"
