@@ -26,6 +26,7 @@ the rest (items that only other ranks wrote) are not, and are reported in
 
 from __future__ import annotations
 
+import io
 import pathlib
 import pickle
 import re
@@ -275,8 +276,9 @@ def read_dcp_metadata(meta_path: Path) -> Metadata:
     Raises :class:`CheckpointError` naming ``meta_path`` for a refused, corrupt or inconsistent file.
     """
     try:
-        with open(meta_path, "rb") as f:
-            metadata = _RestrictedUnpickler(f).load()
+        # From memory, not the file: a length field in the pickle (BINBYTES8 of 2^62) then reads
+        # what the file holds instead of allocating what the field claims.
+        metadata = _RestrictedUnpickler(io.BytesIO(meta_path.read_bytes())).load()
     except CheckpointError as e:
         raise CheckpointError(f"{meta_path}: {e}") from e
     except OSError as e:
@@ -287,20 +289,23 @@ def read_dcp_metadata(meta_path: Path) -> Metadata:
     return metadata
 
 
+# The dataclasses of torch.distributed.checkpoint.metadata that a .metadata pickle builds.
+_DCP_METADATA_CLASSES = (
+    Metadata,
+    StorageMeta,
+    MetadataIndex,
+    TensorStorageMetadata,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    TensorProperties,
+)
+
+
 def _allowed_globals() -> dict[tuple[str, str], object]:
     """Every (module, name) a ``.metadata`` pickle written by DCP's FileSystemWriter references,
     mapped to the object it stands for. Enumerated from ``dcp.save`` of TorchRec DLRM, DLRM_DCN,
     DLRM_Projection and DLRMTrain state dicts (fp32/fp16/bf16, with non-tensor entries)."""
-    metadata_classes = (
-        Metadata,
-        StorageMeta,
-        MetadataIndex,
-        TensorStorageMetadata,
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        TensorProperties,
-        dcp_metadata._MEM_FORMAT_ENCODING,
-    )
+    metadata_classes = (*_DCP_METADATA_CLASSES, dcp_metadata._MEM_FORMAT_ENCODING)
     allowed: dict[tuple[str, str], object] = {
         ("torch.distributed.checkpoint.metadata", c.__name__): c for c in metadata_classes
     }
@@ -324,16 +329,7 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 
 _ALLOWED_GLOBALS = _allowed_globals()
 _CALLABLES = frozenset(id(v) for v in _ALLOWED_GLOBALS.values() if callable(v))
-_BUILDABLE = (
-    Metadata,
-    StorageMeta,
-    MetadataIndex,
-    TensorStorageMetadata,
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    TensorProperties,
-    dcp_filesystem._StorageInfo,
-)
+_BUILDABLE = (*_DCP_METADATA_CLASSES, dcp_filesystem._StorageInfo)
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -463,6 +459,10 @@ def _check_storage(
             raise fail(f"{key!r}: storage {field_name} {value!r} is not a byte count")
     if name not in file_sizes:
         file = root / name
+        if file.is_symlink():
+            raise fail(
+                f"{key!r}: data file {name} is a symbolic link (refused: it may lead outside)"
+            )
         if not file.is_file():
             raise fail(f"{key!r}: data file {name} is missing")
         file_sizes[name] = file.stat().st_size

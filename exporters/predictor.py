@@ -177,6 +177,9 @@ class Predictor:
                 raise DataError(f"feature {f!r}: negative bag length {int(ln.min())}")
             if v.ndim != 1:
                 raise DataError(f"feature {f!r}: ids must be [n], got {list(v.shape)}")
+            # a bag longer than all ids first: the int64 sum of huge lengths could wrap to n
+            if ln.size and int(ln.max()) > v.shape[0]:
+                raise DataError(f"feature {f!r}: a bag of {int(ln.max())} ids but {v.shape[0]} ids")
             if v.shape[0] != int(ln.sum()):
                 raise DataError(
                     f"feature {f!r}: {v.shape[0]} ids but lengths sum to {int(ln.sum())}"
@@ -211,10 +214,7 @@ class Predictor:
         feature int64 ids ``[sum(lengths)]`` and lengths ``[B]`` (0 for an empty bag)."""
         dense = np.ascontiguousarray(dense, dtype=np.float32)
         values = {f: _ids(f, v) for f, v in values_by_feature.items()}
-        lengths = {
-            f: np.ascontiguousarray(lengths_by_feature[f], dtype=np.int64)
-            for f in lengths_by_feature
-        }
+        lengths = {f: _ids(f, ln, "bag lengths") for f, ln in lengths_by_feature.items()}
         values = self._check(dense, values, lengths)
         feeds = {DENSE_INPUT: dense}
         for f, (v_name, l_name) in self.feature_inputs.items():
@@ -250,10 +250,10 @@ class Predictor:
         return score_logits(self.predict(dataset), dataset.labels)
 
 
-def _ids(feature: str, ids: np.ndarray) -> np.ndarray:
-    """``ids`` as contiguous int64; :class:`DataError` for ids that are not integers (a cast
-    would silently truncate 3.7 to 3)."""
+def _ids(feature: str, ids: np.ndarray, what: str = "row ids") -> np.ndarray:
+    """``ids`` (or bag lengths) as contiguous int64; :class:`DataError` for values that are not
+    integers (a cast would silently truncate 3.7 to 3)."""
     arr = np.asarray(ids)
     if arr.size and arr.dtype.kind not in "iu":
-        raise DataError(f"feature {feature!r}: row ids must be integers, got {arr.dtype}")
+        raise DataError(f"feature {feature!r}: {what} must be integers, got {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.int64)

@@ -513,3 +513,22 @@ def test_wrong_bias_shape_is_named(tmp_path):
         CheckpointError, match=r"dense_arch\.model\._mlp\.0\._linear\.bias has shape \(15,\)"
     ):
         load_model(tmp_path / "c.pt")
+
+
+def test_a_huge_length_field_in_the_metadata_is_corrupt_not_a_memory_error(tmp_path, capsys):
+    """BINBYTES8 claiming 2^62 bytes in a 9-byte file: read as what the file holds, never
+    allocated (a file read of that length raised MemoryError)."""
+    d = _dcp_dir_with(tmp_path, b"\x8e" + (2**62).to_bytes(8, "little") + b".")
+    rc, err = _run_cli(["inspect", str(d)], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert ".metadata" in err and "Traceback" not in err
+
+
+def test_a_data_file_symlinked_out_of_the_directory_is_refused(tmp_path):
+    dcp.save(make_dlrm().state_dict(), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    data = next((tmp_path / "dcp").glob("*.distcp"))
+    elsewhere = tmp_path / "elsewhere.distcp"
+    shutil.move(data, elsewhere)
+    data.symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_model(tmp_path / "dcp")

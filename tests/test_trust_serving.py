@@ -290,6 +290,12 @@ def test_predictor_refuses_malformed_bags(exported) -> None:
         predictor.predict_tensors(dense, values, {**lengths, "cat_2": np.array([4, -1])})
     with pytest.raises(DataError, match=r"feature 'cat_0': ids must be \[n\]"):
         predictor.predict_tensors(dense, {**values, "cat_0": np.array([[0, 1, 2]])}, lengths)
+    # lengths of 2^62 overflow an int64 sum: still refused, before ONNX Runtime
+    wrap = {**values, "cat_1": np.array([], dtype=np.int64)}
+    with pytest.raises(DataError, match="feature 'cat_1': a bag of 4611686018427387904 ids"):
+        predictor.predict_tensors(dense, wrap, {**lengths, "cat_1": np.array([2**62, 2**62])})
+    with pytest.raises(DataError, match="feature 'cat_1': bag lengths must be integers"):
+        predictor.predict_tensors(dense, values, {**lengths, "cat_1": np.array([1.5, 1.5])})
 
 
 def run_cli(capsys, *argv):
