@@ -1,7 +1,7 @@
 """Quality of the built-in recipes on the demo: AUC of FP32, after quantization/projection, after
 fine-tuning, with a paired bootstrap interval for each recipe's AUC difference to a reference.
 Every number is on the report slice of the demo's valid file (its last 80%; the first 20% only
-chooses the kept fine-tuning step, see compress.validation), as the main job reports them.
+chooses the kept fine-tuning step, see compress.train.validation), as the main job reports them.
 
     .venv/bin/python benchmarks/bench_demo_quality.py [--recipes int4_ptq int4_qat ...] [--demo demo]
 
@@ -19,12 +19,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import pipeline  # noqa: E402
-from compress.dataset import Dataset  # noqa: E402
+from compress.data.dataset import Dataset  # noqa: E402
 from compress.demo import build_demo, demo_paths  # noqa: E402
-from compress.evaluate import predict_logits  # noqa: E402
-from compress.metrics import auc  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
-from compress.validation import split_validation  # noqa: E402
+from compress.train.evaluate import predict_logits  # noqa: E402
+from compress.train.metrics import auc  # noqa: E402
+from compress.train.validation import split_validation  # noqa: E402
 
 DEFAULT = ["int8_ptq", "int4_ptq", "int4_rowwise_ptq", "int4_qat", "robe_100x", "robe_1000x"]
 

@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import KAGGLE_ROWS, cache_dir, python_child  # noqa: E402
-from compress.atomic_file import replacing  # noqa: E402
-from compress.model import build_model  # noqa: E402
-from compress.spec import DLRMSpec, TableSpec  # noqa: E402
+from compress.io.atomic_file import replacing  # noqa: E402
+from compress.io.model import build_model  # noqa: E402
+from compress.io.model_spec import DLRMSpec, TableSpec  # noqa: E402
 
 
 def kaggle_spec() -> DLRMSpec:
@@ -58,12 +58,12 @@ def main() -> None:
         f"f = open({str(path)!r}, 'rb')\nwhile f.read(1 << 24): pass\n"
     )
     insp_wall, insp_peak, out = python_child(
-        f"from compress.cli import main\nassert main(['--no-progress', 'inspect', {str(path)!r}, '--json']) == 0\n"
+        f"from compress.cli.main import main\nassert main(['--no-progress', 'inspect', {str(path)!r}, '--json']) == 0\n"
     )
     load_wall, load_peak, _ = python_child(
-        f"from compress.model import load_model\nm = load_model({str(path)!r})\n"
+        f"from compress.io.model import load_model\nm = load_model({str(path)!r})\n"
     )
-    base_wall, base_peak, _ = python_child("import compress.cli, compress.model\n")
+    base_wall, base_peak, _ = python_child("import compress.cli.main, compress.io.model\n")
     gb = size / 1e9
     print(f"checkpoint: {gb:.3f} GB ({path.name})")
     print(f"{'step':<28}{'wall s':>9}{'peak RSS MB':>13}{'RSS/file':>10}")

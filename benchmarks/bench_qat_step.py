@@ -6,13 +6,13 @@ One ``rows x dim`` table (default 10M x 16), batch 2048, one id a bag (uniform i
 the backward seeds the pooled ``[B, D]`` output with a fixed random gradient. Variants:
 
 - ``FP32``: ``nn.EmbeddingBag(rows, dim, mode="sum", sparse=True)`` (the baseline);
-- ``QAT keep``: :class:`compress.qat_embedding.QATEmbeddingBagCollection` with the table kept in FP32
+- ``QAT keep``: :class:`compress.methods.qat_embedding.QATEmbeddingBagCollection` with the table kept in FP32
   (no fake quant): the cost of the collection itself (KeyedJaggedTensor, pooling, KeyedTensor);
 - ``QAT INT4 row`` / ``QAT INT4 table``: the same collection fake-quantizing the gathered rows at
-  INT4 (the compiled kernels of :mod:`compress.native`), row-wise or table-wise, driven with a
+  INT4 (the compiled kernels of :mod:`compress.quant.native`), row-wise or table-wise, driven with a
   ``KeyedJaggedTensor``. The table-wise scale is refreshed from ``max|W|`` every
   ``scale_refresh = P = 200`` training forwards (DQRM's Kaggle setting), as the training loop does
-  it: :func:`~compress.qat_embedding.track_scale_updates` keeps a block summary of ``max|W|`` up to
+  it: :func:`~compress.methods.qat_embedding.track_scale_updates` keeps a block summary of ``max|W|`` up to
   date after each optimizer step (its cost is inside every step time) and the refresh reads it.
   The median step never contains a refresh, so the module's own refreshes, which fire twice inside
   the run (warm-up + timed >= 2P + 1), are timed where they happen and the slower one / P is added:
@@ -64,16 +64,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
 
-from compress import native  # noqa: E402
-from compress import quant_math as qm  # noqa: E402
-from compress.qat_embedding import (  # noqa: E402
+from compress.io.model_spec import TableSpec  # noqa: E402
+from compress.methods.qat_embedding import (  # noqa: E402
     QATEmbeddingBagCollection,
     TableQuant,
     pool_bags,
     track_scale_updates,
 )
-from compress.spec import TableSpec  # noqa: E402
-from compress.train_config import DEFAULT_SCALE_REFRESH  # noqa: E402
+from compress.quant import math as qm  # noqa: E402
+from compress.quant import native  # noqa: E402
+from compress.train.config import DEFAULT_SCALE_REFRESH  # noqa: E402
 
 TABLE = "t0"
 FEATURE = "f0"

@@ -2,7 +2,7 @@
 
 Quantizes a ``rows x dim`` float32 table (default 2M x 16) into FBGEMM fused rows with
 ``torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf`` and with
-:func:`compress.quant_math.quantize_rows_chunked` (writing into a preallocated buffer), prints
+:func:`compress.quant.math.quantize_rows_chunked` (writing into a preallocated buffer), prints
 throughput in GB/s of float32 input and the ratio ours/FBGEMM, and asserts the bytes are equal.
 
 Run: ``.venv/bin/python benchmarks/bench_quantize_pack.py [--rows N] [--dim D] [--bits B]``
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fbgemm_gpu  # noqa: E402,F401  (registers torch.ops.fbgemm)
 
-from compress.quant_math import quantize_rows_chunked, rowwise_bytes  # noqa: E402
+from compress.quant.math import quantize_rows_chunked, rowwise_bytes  # noqa: E402
 
 
 def _best_of(fn, repeats: int) -> float:

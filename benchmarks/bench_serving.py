@@ -79,22 +79,22 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 
 from benchmarks.common import KAGGLE_ROWS  # noqa: E402
-from compress.architecture import infer_spec  # noqa: E402
-from compress.dataset import Dataset  # noqa: E402
+from compress.data.dataset import Dataset  # noqa: E402
+from compress.io.architecture import infer_spec  # noqa: E402
+from compress.io.model_spec import DLRMSpec  # noqa: E402
+from compress.methods.apply_plan import convert_model, prepare_model  # noqa: E402
 from compress.pipeline import CompressionResult, one_hot_features  # noqa: E402
 from compress.plan import make_plan  # noqa: E402
-from compress.quantize_model import convert_model, prepare_model  # noqa: E402
-from compress.recipe import parse_recipe  # noqa: E402
-from compress.spec import DLRMSpec  # noqa: E402
+from compress.recipe.parse import parse_recipe  # noqa: E402
+from exporters.artifacts.read import load_artifacts  # noqa: E402
 from exporters.export import export  # noqa: E402
-from exporters.graph_spec import graph_spec_from_artifacts  # noqa: E402
-from exporters.load import load_artifacts  # noqa: E402
-from exporters.onnx_lookup import add_sparse_arch  # noqa: E402
-from exporters.onnx_model import build_full_model, feature_input_names  # noqa: E402
-from exporters.onnx_spec import DLRMGraphSpec, GraphBuilder, Linear  # noqa: E402
-from exporters.onnx_validate import serving_session  # noqa: E402
-from exporters.predictor import dataset_feeds  # noqa: E402
-from exporters.torchrec_quant import quantized_ebc_from_artifacts  # noqa: E402
+from exporters.onnx.from_model import graph_spec_from_artifacts  # noqa: E402
+from exporters.onnx.lookup import add_sparse_arch  # noqa: E402
+from exporters.onnx.model import build_full_model, feature_input_names  # noqa: E402
+from exporters.onnx.parity import serving_session  # noqa: E402
+from exporters.onnx.spec import DLRMGraphSpec, GraphBuilder, Linear  # noqa: E402
+from exporters.runtime.predictor import dataset_feeds  # noqa: E402
+from exporters.runtime.torchrec_ebc import quantized_ebc_from_artifacts  # noqa: E402
 
 DIM = 16
 DENSE_IN = 13
@@ -204,7 +204,7 @@ def build_lookup_graph(gspec: DLRMGraphSpec):
     """ORT graph of the embedding part alone: jagged inputs -> pooled ``[B, F*D]``."""
     from onnx import TensorProto
 
-    from exporters.onnx_model import check_model
+    from exporters.onnx.model import check_model
 
     gb = GraphBuilder("lookups")
     lookups = []
@@ -230,7 +230,7 @@ def fbgemm_dlrm(model: DLRM, qebc: torch.nn.Module) -> DLRM:
 
 
 @torch.no_grad()
-def run_dlrm(model: DLRM, batch) -> torch.Tensor:  # noqa: ANN001 - compress.dataset Batch
+def run_dlrm(model: DLRM, batch) -> torch.Tensor:  # noqa: ANN001 - compress.data.dataset Batch
     """Logits of a TorchRec DLRM for one batch of :meth:`Dataset.to_batch`."""
     return model(batch.dense, batch.sparse)
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from compress.cli import main
+from compress.cli.main import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """The built-in demo: a small TorchRec DLRM trained in FP32 on synthetic data with a planted signal.
 
-``build_demo(dir)`` generates 1,500,000 samples (:func:`compress.synthetic.demo_synthetic_config`:
+``build_demo(dir)`` generates 1,500,000 samples (:func:`compress.data.synthetic.demo_synthetic_config`:
 7 tables of 20 to 100,000 rows, one multi-hot feature, 13 dense features), keeps the last 20% for
 validation, trains a ``torchrec.models.dlrm.DLRM`` (dim 16, bottom 13-64-16, top 64-32-1) for one
 epoch, and writes, atomically:
@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from compress.architecture import spec_to_model_config
-from compress.atomic_file import temp_dir_beside
-from compress.evaluate import evaluate_model
-from compress.model import build_model
-from compress.spec import DLRMSpec, TableSpec
-from compress.synthetic import SyntheticConfig, bayes_auc, demo_synthetic_config, generate
-from compress.train import fit
-from compress.train_config import TrainConfig
-from compress.validation import HOLDOUT_FRACTION
+from compress.data.synthetic import SyntheticConfig, bayes_auc, demo_synthetic_config, generate
+from compress.io.architecture import spec_to_model_config
+from compress.io.atomic_file import temp_dir_beside
+from compress.io.model import build_model
+from compress.io.model_spec import DLRMSpec, TableSpec
+from compress.train.config import TrainConfig
+from compress.train.evaluate import evaluate_model
+from compress.train.loop import fit
+from compress.train.validation import HOLDOUT_FRACTION
 
 DEMO_DIM = 16
 DEMO_TRAINING = TrainConfig(
@@ -99,7 +99,7 @@ def demo_spec(table_sizes: tuple[int, ...]) -> DLRMSpec:
 
 
 def demo_config(seed: int = 0, num_samples: int | None = None) -> SyntheticConfig:
-    """The demo's data: :func:`~compress.synthetic.demo_synthetic_config`, or with ``num_samples``
+    """The demo's data: :func:`~compress.data.synthetic.demo_synthetic_config`, or with ``num_samples``
     a shrunken one of that many samples whose tables have at most that many rows."""
     config = demo_synthetic_config(seed)
     if num_samples is None:

@@ -10,9 +10,9 @@
 
 Validation data: ``valid`` when given, else the last 20% of ``data`` (held out from training). Its
 first 20% chooses the kept fine-tuning step, and every reported metric is measured on the rest
-(:mod:`compress.validation`).
+(:mod:`compress.train.validation`).
 Without ``data``, a recipe that fine-tunes distils from the original model on inputs sampled from
-its own tables (:mod:`compress.distill`) and says so in ``result.notes``; PTQ recipes need no data.
+its own tables (:mod:`compress.train.distill`) and says so in ``result.notes``; PTQ recipes need no data.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.dataset import Dataset
-from compress.datasets import open_dataset
-from compress.dense_transform import agreed_transform
-from compress.evaluate import evaluate_model
-from compress.live_model import load_module
-from compress.model import LoadedModel, load_model
+from compress.data.dataset import Dataset
+from compress.data.dense_transform import agreed_transform
+from compress.data.formats import open_dataset
+from compress.io.live_model import load_module
+from compress.io.model import LoadedModel, load_model
+from compress.io.model_spec import DLRMSpec
+from compress.methods.apply_plan import SharedGroup, convert_model, prepare_model
 from compress.plan import Plan, make_plan
-from compress.quantize_model import SharedGroup, convert_model, prepare_model
-from compress.recipe import Recipe, load_recipe
-from compress.spec import DLRMSpec
+from compress.recipe.parse import Recipe, load_recipe
 from compress.timings import StageTimer
-from compress.train import TrainConfig, TrainResult, fit
-from compress.validation import HOLDOUT_FRACTION, ValidationSlices, split_validation
+from compress.train.evaluate import evaluate_model
+from compress.train.loop import TrainConfig, TrainResult, fit
+from compress.train.validation import HOLDOUT_FRACTION, ValidationSlices, split_validation
 
 
 @dataclass
@@ -61,7 +61,7 @@ class CompressionResult:
     #: wall seconds per stage of :func:`compress` (data, evaluate, quantize, finetune, convert)
     timings: dict[str, float] = field(default_factory=dict)
     #: the dense transform of the data fine-tuned and evaluated on (``None``: no data, or data that
-    #: does not record it; see :mod:`compress.dense_transform`)
+    #: does not record it; see :mod:`compress.data.dense_transform`)
     dense_transform: str | None = None
 
 
@@ -70,7 +70,7 @@ def load(
 ) -> LoadedModel:
     """Step 1: open a checkpoint and rebuild its TorchRec model (memory-mapped), or take a live
     TorchRec ``DLRM``/``DLRM_DCN``/``DLRM_Projection`` (or ``DLRMTrain``) module as it is, its
-    tables, features and order read from its EBC configs (:mod:`compress.live_model`)."""
+    tables, features and order read from its EBC configs (:mod:`compress.io.live_model`)."""
     if isinstance(checkpoint, nn.Module):
         return load_module(checkpoint, model_config)
     return load_model(checkpoint, model_config)
@@ -127,7 +127,7 @@ def compress(
     """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval.
 
     Every metric is measured on the report slice of the validation data; fine-tuning evaluates and
-    chooses its kept step on the selection slice only (:mod:`compress.validation`).
+    chooses its kept step on the selection slice only (:mod:`compress.train.validation`).
     ``dense_transform`` is what raw text is read with (default ``log3``); the transform the data
     holds is recorded in the result (two files with different ones are a :class:`DataError`).
     """
@@ -195,7 +195,7 @@ def compress(
                 log=log,
             )
         else:
-            from compress.distill import distill
+            from compress.train.distill import distill
 
             notes.append(
                 "no --data given: fine-tuned by distillation from the original model on inputs sampled "

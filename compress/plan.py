@@ -21,13 +21,13 @@ would report a 1.0x "compression" after fine-tuning for nothing.
 
 Bytes
 -----
-* ``keep``: the table's stored bytes (:attr:`~compress.spec.TableSpec.bytes`); ``fp16``:
+* ``keep``: the table's stored bytes (:attr:`~compress.io.model_spec.TableSpec.bytes`); ``fp16``:
   ``rows*dim*2``.
 * ``ptq``/``qat`` with ``granularity="row"``: FBGEMM fused rows,
-  :func:`~compress.quant_math.rowwise_bytes` (``rows*(dim*bits/8 + 4)``); with ``"table"``:
-  :func:`~compress.quant_math.tablewise_bytes` (packed codes plus one 4-byte scale).
+  :func:`~compress.quant.math.rowwise_bytes` (``rows*(dim*bits/8 + 4)``); with ``"table"``:
+  :func:`~compress.quant.math.tablewise_bytes` (packed codes plus one 4-byte scale).
 * ``share``: the tables of one group (a rule's ``group`` name, else the rule alone) share one flat
-  array of :func:`~compress.robe_hash.array_size_for` cells at 4 (fp32), 2 (fp16) or 1 (int8, plus
+  array of :func:`~compress.methods.robe_hash.array_size_for` cells at 4 (fp32), 2 (fp16) or 1 (int8, plus
   one 4-byte scale) bytes a cell; the array's bytes are split over its tables in proportion to
   ``rows*dim`` (the first table takes the rounding remainder), so the sums stay exact.
 * MLP: every ``nn.Linear`` of the dense arch, the projection branches and the over arch, sized from
@@ -49,11 +49,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from compress.errors import RecipeError
-from compress.quant_math import can_pack, channel_weight_bytes, rowwise_bytes, tablewise_bytes
-from compress.recipe import DEFAULT_PROJECTION, Recipe, TableRule, pattern_matches
-from compress.robe_hash import array_size_for
-from compress.spec import DLRMSpec, TableSpec, dtype_size
-from compress.summary import format_bytes
+from compress.io.model_spec import DLRMSpec, TableSpec, dtype_size
+from compress.io.summary import format_bytes
+from compress.methods.robe_hash import array_size_for
+from compress.quant.math import can_pack, channel_weight_bytes, rowwise_bytes, tablewise_bytes
+from compress.recipe.parse import DEFAULT_PROJECTION, Recipe, TableRule, pattern_matches
 
 ARRAY_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 INT8_ARRAY_SCALE_BYTES = 4

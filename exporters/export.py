@@ -4,8 +4,8 @@
     >>> written = export(result, "demo/dlrm.int4_qat")   # tables, dense weights, ONNX, manifest
 
 ``onnx=False`` writes only the packed tables, dense weights and manifest
-(:func:`exporters.artifacts.save`); the default adds the ONNX graphs with their parity proof
-(:func:`exporters.onnx_writer.onnx_writer`).
+(:func:`exporters.artifacts.write.save`); the default adds the ONNX graphs with their parity proof
+(:func:`exporters.onnx.writer.onnx_writer`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from compress.pipeline import CompressionResult
 from compress.timings import StageTimer
-from exporters.artifacts import WrittenArtifacts, save
-from exporters.onnx_writer import OnnxExportConfig, onnx_writer
+from exporters.artifacts.write import WrittenArtifacts, save
+from exporters.onnx.writer import OnnxExportConfig, onnx_writer
 
 
 def export(

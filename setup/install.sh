@@ -30,7 +30,7 @@ import torch, fbgemm_gpu, torchrec  # noqa: F401  (import check: fbgemm ops must
 assert "+cpu" in torch.__version__, f"expected a CPU torch, got {torch.__version__}"
 assert hasattr(torch.ops.fbgemm, "FloatToFusedNBitRowwiseQuantizedSBHalf")
 print(f"setup: torch {torch.__version__}, torchrec {torchrec.__version__} ready")
-from compress import native
+from compress.quant import native
 try:
     print(f"setup: QAT fake-quant kernels built: {native.build()}")
 except native.NativeUnavailable as exc:  # QAT still works, on the slower PyTorch path

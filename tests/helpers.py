@@ -11,7 +11,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compress.spec import DLRMSpec, TableSpec
+from compress.io.model_spec import DLRMSpec, TableSpec
 
 ROWS = (7, 50, 300, 1000)
 DIM = 8
@@ -80,7 +80,7 @@ def random_inputs(model, batch: int = 32, max_bag: int = 3, seed: int = 1):
 def tiny_world(tmp_path, model_class: str = "DLRM", n: int = 6000, seed: int = 0):
     """A small synthetic dataset (train/valid .npz) and an untrained TorchRec model checkpoint
     whose tables fit it. Returns (checkpoint path, train path, valid path, model)."""
-    from compress.synthetic import SyntheticConfig, generate
+    from compress.data.synthetic import SyntheticConfig, generate
 
     rows = (20, 300, 2000, 5000)
     cfg = SyntheticConfig(
@@ -114,9 +114,9 @@ def data_spec(rows: Mapping[str, int], dense: int) -> DLRMSpec:
 
 def require_c_compiler() -> None:
     """Skip the calling test where no C compiler is found: the compiled kernels
-    (:mod:`compress.native`) cannot be built, and QAT runs the PyTorch path, which the README
+    (:mod:`compress.quant.native`) cannot be built, and QAT runs the PyTorch path, which the README
     supports. Where a compiler exists the kernels must build (a broken kernel fails, not skips)."""
-    from compress import native
+    from compress.quant import native
 
     if native.find_compiler() is None:
         pytest.skip(

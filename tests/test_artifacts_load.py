@@ -16,17 +16,17 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.cli import main
-from compress.dataset import Dataset
+from compress.cli.main import main
+from compress.data.dataset import Dataset
 from compress.errors import ArtifactError, DataError
-from compress.evaluate import evaluate_model
-from exporters import artifacts
-from exporters.graph_spec import graph_spec_from_artifacts
-from exporters.load import load_artifacts, verify_artifacts
-from exporters.manifest import dump_manifest, seal
-from exporters.onnx_validate import ParityError
-from exporters.onnx_writer import OnnxExportConfig, onnx_writer
-from exporters.predictor import Predictor
+from compress.train.evaluate import evaluate_model
+from exporters.artifacts import write as artifacts
+from exporters.artifacts.manifest import dump_manifest, seal
+from exporters.artifacts.read import load_artifacts, verify_artifacts
+from exporters.onnx.from_model import graph_spec_from_artifacts
+from exporters.onnx.parity import ParityError
+from exporters.onnx.writer import OnnxExportConfig, onnx_writer
+from exporters.runtime.predictor import Predictor
 
 RECIPE = """
 name = "rows_int4"

@@ -12,9 +12,9 @@ import torch.distributed.checkpoint as dcp
 from helpers import make_dlrm, random_inputs
 from torchrec.models.dlrm import DLRMTrain
 
-from compress.checkpoint import open_checkpoint
 from compress.errors import CheckpointError, ModelConfigError
-from compress.model import load_model, read_spec
+from compress.io.checkpoint import open_checkpoint
+from compress.io.model import load_model, read_spec
 
 MODEL_CLASSES = ["DLRM", "DLRM_DCN", "DLRM_Projection"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_dlrm, tiny_world
 
-from compress.cli import main
+from compress.cli.main import main
 
 
 def run(capsys, *argv):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from helpers import data_spec
 
-from compress import criteo
-from compress.criteo import read_criteo
-from compress.dataset import concat_datasets
-from compress.datasets import detect_format, load_dataset, open_dataset
+from compress.data import criteo_text as criteo
+from compress.data.criteo_text import read_criteo
+from compress.data.dataset import concat_datasets
+from compress.data.formats import detect_format, load_dataset, open_dataset
 from compress.errors import DataError
-from compress.spec import DLRMSpec
+from compress.io.model_spec import DLRMSpec
 
 DATA_DIR = Path(__file__).parents[2] / "shared" / "data"
 FEATURES = tuple(f"cat_{i}" for i in range(26))

@@ -13,7 +13,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from compress.cli import main
+from compress.cli.main import main
 
 SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "criteo_sample.tsv"
 

@@ -14,10 +14,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compress.dataset import Dataset, concat_datasets
-from compress.datasets import detect_format, open_dataset
+from compress.data.dataset import Dataset, concat_datasets
+from compress.data.formats import detect_format, open_dataset
 from compress.errors import DataError
-from compress.spec import DLRMSpec
+from compress.io.model_spec import DLRMSpec
 
 # Sample i owns bags: a -> A_BAGS[i], b -> [10 + i]
 A_BAGS = [[1, 2], [], [3], [4, 5, 6], [7]]

@@ -19,10 +19,10 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from compress.cli import main
-from compress.dataset import Dataset
-from compress.synthetic import SyntheticConfig, generate
-from exporters.predictor import Predictor
+from compress.cli.main import main
+from compress.data.dataset import Dataset
+from compress.data.synthetic import SyntheticConfig, generate
+from exporters.runtime.predictor import Predictor
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 BUILTINS = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))

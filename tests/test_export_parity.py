@@ -3,7 +3,7 @@
 
 Each case compresses a small TorchRec model with :func:`compress.pipeline.compress`, writes the
 artifact directory with the ONNX writer (which proves parity on its own samples while writing), then
-scores the same 10k samples with the :class:`~exporters.predictor.Predictor` (ORT) and with the
+scores the same 10k samples with the :class:`~exporters.runtime.predictor.Predictor` (ORT) and with the
 PyTorch converted model: logits within 1e-5, AUC equal to 4 decimals.
 """
 
@@ -16,14 +16,14 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.dataset import Dataset
-from compress.evaluate import predict_logits
-from compress.metrics import auc
-from exporters import artifacts
-from exporters.graph_spec import graph_spec_from_model
-from exporters.load import load_artifacts
-from exporters.onnx_writer import GRAPH_FILES, onnx_writer, sample_multihot
-from exporters.predictor import Predictor
+from compress.data.dataset import Dataset
+from compress.train.evaluate import predict_logits
+from compress.train.metrics import auc
+from exporters.artifacts import write as artifacts
+from exporters.artifacts.read import load_artifacts
+from exporters.onnx.from_model import graph_spec_from_model
+from exporters.onnx.writer import GRAPH_FILES, onnx_writer, sample_multihot
+from exporters.runtime.predictor import Predictor
 
 ATOL = 1e-5
 N_SAMPLES = 10_000
@@ -141,7 +141,7 @@ def test_graph_spec_from_model_equals_from_artifacts(tmp_path) -> None:
     from_model = graph_spec_from_model(result.model, job.spec)
     from_files = load_artifacts(written.path).spec
     assert from_files.feature_names == job.spec.feature_names
-    from exporters.graph_spec import graph_spec_from_artifacts
+    from exporters.onnx.from_model import graph_spec_from_artifacts
 
     from_arts = graph_spec_from_artifacts(written.path)
     assert (
@@ -190,7 +190,7 @@ def test_one_hot_layout_hint_from_data(tmp_path, recipe: str) -> None:
     assert result.one_hot_features == ("cat_0", "cat_2", "cat_3")  # cat_1 holds bags of 2
     written = export(result, tmp_path / "out")
     assert written.manifest["onnx"]["export"]["one_hot_features"] == ["cat_0", "cat_2", "cat_3"]
-    from exporters.graph_spec import graph_spec_from_artifacts
+    from exporters.onnx.from_model import graph_spec_from_artifacts
 
     hint = graph_spec_from_artifacts(written.path).one_hot_features
     assert hint == {"cat_0", "cat_2", "cat_3"}  # read back from the manifest
@@ -198,7 +198,7 @@ def test_one_hot_layout_hint_from_data(tmp_path, recipe: str) -> None:
 
 
 def test_one_hot_hint_must_name_known_features(tmp_path) -> None:
-    from exporters.onnx_writer import OnnxExportConfig
+    from exporters.onnx.writer import OnnxExportConfig
 
     job, result, _ = export_case(tmp_path, "DLRM", RECIPES["r8t8r4t4"])
     config = OnnxExportConfig(one_hot_features=("cat_0", "nope"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compress.errors import DataError
-from compress.metrics import accuracy, auc, average_ranks, evaluate, logloss, sigmoid
+from compress.train.metrics import accuracy, auc, average_ranks, evaluate, logloss, sigmoid
 
 
 def brute_force_auc(scores, labels) -> float:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import require_c_compiler
 
-from compress import native
-from compress import quant_math as qm
+from compress.quant import math as qm
+from compress.quant import native
 
 
 def _hard_rows(rows: int = 512, dim: int = 16, seed: int = 0) -> torch.Tensor:

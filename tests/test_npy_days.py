@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import data_spec
 
-from compress.datasets import detect_format, open_dataset
+from compress.data.criteo_npy import find_days, read_npy_days
+from compress.data.formats import detect_format, open_dataset
 from compress.errors import DataError
-from compress.npy_days import find_days, read_npy_days
-from compress.spec import DLRMSpec
+from compress.io.model_spec import DLRMSpec
 
 FEATURES = ("cat_0", "cat_1", "cat_2")
 ROWS = (5, 100, 7)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from compress.atomic_file import atomic_open, replacing, temp_dir_beside
+from compress.io.atomic_file import atomic_open, replacing, temp_dir_beside
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("compress", "exporters", "benchmarks")
@@ -77,30 +77,30 @@ def _calls(name: str) -> Callable[[ast.AST, str], bool]:
 
 
 def test_robe_hash_constants_live_in_robe_hash():
-    assert set(_where(_is_robe_number)) == {"compress/robe_hash.py"}
+    assert set(_where(_is_robe_number)) == {"compress/methods/robe_hash.py"}
 
 
 def test_the_signed_code_offset_lives_in_quant_math():
-    assert _where(_is_signed_offset) == {"compress/quant_math.py": 1}
+    assert _where(_is_signed_offset) == {"compress/quant/math.py": 1}
 
 
 def test_the_default_scale_refresh_lives_in_train_config():
-    assert _where(_is_refresh_default) == {"compress/train_config.py": 1}
+    assert _where(_is_refresh_default) == {"compress/train/config.py": 1}
 
 
 def test_one_onnx_runtime_session_factory():
-    assert _where(_calls("InferenceSession")) == {"exporters/onnx_validate.py": 1}
+    assert _where(_calls("InferenceSession")) == {"exporters/onnx/parity.py": 1}
 
 
 def test_temporary_files_beside_a_target_are_made_in_one_place():
     made = _where(_calls("mkstemp"))
     for name, n in _where(_calls("mkdtemp")).items():
         made[name] = made.get(name, 0) + n
-    assert made == {"compress/atomic_file.py": 2}
+    assert made == {"compress/io/atomic_file.py": 2}
 
 
 # --------------------------------------------------------------------------------------------
-# compress.atomic_file
+# compress.io.atomic_file
 
 
 def _hidden(directory: Path) -> list[str]:

@@ -9,14 +9,15 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from exporters.onnx_lookup import (
+from exporters.onnx.lookup import (
     POOLINGS,
     build_gather_model,
     build_pool_model,
     gbq_block_size,
     resolve_rowwise_impl,
 )
-from exporters.onnx_spec import (
+from exporters.onnx.parity import compare_outputs, ort_session, run_session
+from exporters.onnx.spec import (
     Fp16Table,
     Fp32Table,
     GraphBuilder,
@@ -25,7 +26,6 @@ from exporters.onnx_spec import (
     TableLookup,
     TablewiseTable,
 )
-from exporters.onnx_validate import compare_outputs, ort_session, run_session
 
 ROWS = 40
 DIMS = (8, 16, 12)
@@ -283,7 +283,7 @@ def test_pooling_dynamic_batch() -> None:
 
 
 def test_shared_robe_array_is_stored_once() -> None:
-    from exporters.onnx_lookup import add_gather
+    from exporters.onnx.lookup import add_gather
 
     array = np.random.default_rng(0).standard_normal(64, dtype=np.float32)
     t1 = TableLookup("a", ("fa",), 8, RobeTable(array, 10, 2, 0))
@@ -327,7 +327,7 @@ HINT = (True, False, True, True, False, False)
 def _build_sparse_arch(
     tables: list[TableLookup], pooling: str = "cumsum", one_hot: tuple[bool, ...] | None = None
 ) -> onnx.ModelProto:
-    from exporters.onnx_lookup import add_sparse_arch
+    from exporters.onnx.lookup import add_sparse_arch
 
     gb = GraphBuilder("sparse_arch")
     features = []
@@ -410,7 +410,7 @@ def test_sparse_arch_matches_reference(
 def test_sparse_arch_stacks_rowwise_tables_into_one_gather() -> None:
     """One initializer and one Gather per row-wise bit width; a shared table is stored once; no
     table initializer is consumed by anything but a Gather."""
-    from exporters.onnx_lookup import stacked_fused_rows, stacked_row_offsets
+    from exporters.onnx.lookup import stacked_fused_rows, stacked_row_offsets
 
     tables = _sparse_arch_features()
     model = _build_sparse_arch(tables)

@@ -13,7 +13,7 @@ from helpers import make_dlrm
 from test_onnx_lookup import fbgemm_rowwise, pack_codes
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from exporters.onnx_model import (
+from exporters.onnx.model import (
     PROTOBUF_SAFE_BYTES,
     build_dense_graph,
     build_full_model,
@@ -27,7 +27,14 @@ from exporters.onnx_model import (
     plan_external_data,
     save_model,
 )
-from exporters.onnx_spec import (
+from exporters.onnx.parity import (
+    ParityError,
+    compare_all,
+    compare_outputs,
+    ort_session,
+    run_session,
+)
+from exporters.onnx.spec import (
     CrossLayer,
     DLRMGraphSpec,
     Fp16Table,
@@ -36,13 +43,6 @@ from exporters.onnx_spec import (
     RobeTable,
     TableLookup,
     TablewiseTable,
-)
-from exporters.onnx_validate import (
-    ParityError,
-    compare_all,
-    compare_outputs,
-    ort_session,
-    run_session,
 )
 
 ATOL = 1e-5
@@ -294,8 +294,8 @@ def test_table_over_2gb_is_routed_without_allocating_it() -> None:
     assert huge.nbytes == 2**31
     tables = (*spec.tables[:3], TableLookup("huge", ("cat_3",), 8, Fp32Table(huge)))
     big = DLRMGraphSpec(**{**spec.__dict__, "tables": tables})
-    from exporters.onnx_lookup import add_gather
-    from exporters.onnx_spec import GraphBuilder
+    from exporters.onnx.lookup import add_gather
+    from exporters.onnx.spec import GraphBuilder
 
     gb = GraphBuilder()
     add_gather(gb, tables[3], gb.add_input("ids", onnx.TensorProto.INT64, ["n"]))

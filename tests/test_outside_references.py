@@ -27,10 +27,10 @@ import torch
 from helpers import make_dlrm
 
 from compress import pipeline
-from compress import quant_math as qm
+from compress.quant import math as qm
 from exporters.export import export
-from exporters.onnx_writer import sample_multihot
-from exporters.predictor import Predictor
+from exporters.onnx.writer import sample_multihot
+from exporters.runtime.predictor import Predictor
 
 ROWS = (20, 300, 2000, 5000)
 DIM = 8  # FBGEMM rows need dim % 4 == 0 at INT4, % 8 at INT2

@@ -10,11 +10,11 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.dataset import Dataset
+from compress.data.dataset import Dataset
 from compress.errors import ArtifactError
-from compress.evaluate import evaluate_model
-from compress.validation import split_validation
-from exporters import artifacts
+from compress.train.evaluate import evaluate_model
+from compress.train.validation import split_validation
+from exporters.artifacts import write as artifacts
 
 RECIPE = """
 name = "tiny_mix"

@@ -7,11 +7,11 @@ import json
 import pytest
 from helpers import make_dlrm
 
-from compress.architecture import infer_spec
 from compress.errors import RecipeError
+from compress.io.architecture import infer_spec
+from compress.io.model_spec import DLRMSpec, TableSpec
 from compress.plan import crossnet_bytes, format_plan, linear_layers, make_plan, split_bytes
-from compress.recipe import load_recipe, parse_recipe
-from compress.spec import DLRMSpec, TableSpec
+from compress.recipe.parse import load_recipe, parse_recipe
 
 KAGGLE_ROWS = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,

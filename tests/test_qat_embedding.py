@@ -8,14 +8,14 @@ import torch
 from helpers import make_dlrm, random_inputs
 from torch.nn import functional as F  # noqa: N812
 
-from compress import quant_math as qm
-from compress.qat_embedding import (
+from compress.io.model_spec import TableSpec
+from compress.methods.qat_embedding import (
     QATEmbeddingBagCollection,
     QuantizedEmbeddingBagCollection,
     TableQuant,
     pool_bags,
 )
-from compress.spec import TableSpec
+from compress.quant import math as qm
 
 QUANTS = [
     TableQuant("keep"),
@@ -121,7 +121,7 @@ def test_drop_in_for_torchrec_ebc():
     model = make_dlrm().eval()
     dense, kjt = random_inputs(model)
     ebc = model.sparse_arch.embedding_bag_collection
-    from compress.spec import TableSpec as TS
+    from compress.io.model_spec import TableSpec as TS
 
     tables = [
         TS(c.name, c.num_embeddings, c.embedding_dim, tuple(c.feature_names))

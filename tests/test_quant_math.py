@@ -1,4 +1,4 @@
-"""Tests of compress.quant_math: bit-exact against FBGEMM's CPU ops and TorchRec's quantized EBC."""
+"""Tests of compress.quant.math: bit-exact against FBGEMM's CPU ops and TorchRec's quantized EBC."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress import quant_math as qm
+from compress.quant import math as qm
 
 fbgemm_gpu = pytest.importorskip("fbgemm_gpu")
 OPS = torch.ops.fbgemm

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from compress.errors import RecipeError
-from compress.recipe import (
+from compress.recipe.parse import (
     MLPSettings,
     Recipe,
     TableRule,
@@ -18,7 +18,7 @@ from compress.recipe import (
     pattern_matches,
     recipe_to_toml,
 )
-from compress.train import TrainConfig
+from compress.train.loop import TrainConfig
 
 BUILTINS = (
     "int4_ptq",

@@ -1,4 +1,4 @@
-"""Tests for compress.robe: the shared-array EBC, its combination with TorchRec, array quantization."""
+"""Tests for compress.methods.robe: the shared-array EBC, its combination with TorchRec, array quantization."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress.errors import RecipeError
-from compress.robe import (
+from compress.io.model_spec import TableSpec
+from compress.methods.robe import (
     ArrayQuantization,
     CombinedEmbeddingBagCollection,
     RobeConfig,
@@ -23,9 +24,8 @@ from compress.robe import (
     quantize_array,
     table_spec_from_config,
 )
-from compress.robe_hash import block_cells, robe_indices
-from compress.robe_projection import project_module
-from compress.spec import TableSpec
+from compress.methods.robe_hash import block_cells, robe_indices
+from compress.methods.robe_projection import project_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 

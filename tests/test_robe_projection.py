@@ -1,4 +1,4 @@
-"""Tests for compress.robe_projection: least-squares projection of trained tables onto an array."""
+"""Tests for compress.methods.robe_projection: least-squares projection of trained tables onto an array."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from compress.errors import RecipeError
-from compress.robe import RobeConfig
-from compress.robe_hash import robe_constants, robe_indices
-from compress.robe_projection import project_module, project_tables
-from compress.spec import TableSpec
+from compress.io.model_spec import TableSpec
+from compress.methods.robe import RobeConfig
+from compress.methods.robe_hash import robe_constants, robe_indices
+from compress.methods.robe_projection import project_module, project_tables
 
 CONSTANTS = robe_constants()
 DIM = 4

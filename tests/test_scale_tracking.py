@@ -7,16 +7,16 @@ import torch
 from helpers import require_c_compiler
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compress import native
-from compress import quant_math as qm
-from compress.qat_embedding import (
+from compress.io.model_spec import TableSpec
+from compress.methods.qat_embedding import (
     QATEmbeddingBagCollection,
     TableQuant,
     track_scale_updates,
     updates_only_gradient_rows,
 )
-from compress.scale_tracking import BlockAbsmax
-from compress.spec import TableSpec
+from compress.methods.scale_tracking import BlockAbsmax
+from compress.quant import math as qm
+from compress.quant import native
 
 ROWS, DIM = 1000, 8
 

@@ -8,12 +8,12 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.dataset import Dataset
+from compress.data.dataset import Dataset
 from compress.errors import ArtifactError, RecipeError
-from compress.quantize_model import embedding_parts
-from compress.robe import ArrayQuantization, RobeEmbeddingBagCollection
-from compress.robe_hash import robe_constants, robe_indices
-from exporters import artifacts
+from compress.methods.apply_plan import embedding_parts
+from compress.methods.robe import ArrayQuantization, RobeEmbeddingBagCollection
+from compress.methods.robe_hash import robe_constants, robe_indices
+from exporters.artifacts import write as artifacts
 
 RECIPE = """
 name = "share_test"
@@ -86,8 +86,8 @@ def test_shared_resume_equals_uninterrupted(tmp_path):
     job = pipeline.load(ckpt)
     straight = pipeline.compress(job, pipeline.plan(job, recipe), data=train, valid=valid)
 
-    from compress.quantize_model import prepare_model
-    from compress.train import fit
+    from compress.methods.apply_plan import prepare_model
+    from compress.train.loop import fit
 
     plan = pipeline.plan(job, recipe)
     tr, va = Dataset.load_npz(train), Dataset.load_npz(valid)
@@ -120,8 +120,8 @@ def test_manifest_without_hash_seed_is_refused(tmp_path):
     import json
 
     from compress.errors import ArtifactError
-    from exporters.load import load_artifacts
-    from exporters.manifest import dump_manifest, seal
+    from exporters.artifacts.manifest import dump_manifest, seal
+    from exporters.artifacts.read import load_artifacts
 
     ckpt, train, valid, _ = tiny_world(tmp_path)
     job = pipeline.load(ckpt)
@@ -140,7 +140,7 @@ def test_manifest_without_hash_seed_is_refused(tmp_path):
 
 
 def test_sparse_and_dense_array_gradients_train_alike(tmp_path, monkeypatch):
-    import compress.quantize_model as qmodel
+    import compress.methods.apply_plan as qmodel
 
     ckpt, train, valid, _ = tiny_world(tmp_path)
     recipe = _recipe(tmp_path)

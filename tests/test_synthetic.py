@@ -7,11 +7,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from compress import synthetic
-from compress.dataset import Dataset
-from compress.errors import DataError
-from compress.metrics import auc
-from compress.synthetic import (
+from compress.data import synthetic
+from compress.data.dataset import Dataset
+from compress.data.synthetic import (
     SyntheticConfig,
     bayes_auc,
     demo_synthetic_config,
@@ -20,6 +18,8 @@ from compress.synthetic import (
     popularity_scale,
     zipf_cdf,
 )
+from compress.errors import DataError
+from compress.train.metrics import auc
 
 SMALL = SyntheticConfig(
     table_sizes=(10, 500, 5000), bag_sizes=(1, 4, 1), num_dense=3, num_samples=20_000, seed=7

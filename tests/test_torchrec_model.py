@@ -22,15 +22,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress import pipeline
 from compress.errors import CheckpointError, ModelConfigError
-from compress.qat_embedding import QuantizedEmbeddingBagCollection
-from compress.robe import CombinedEmbeddingBagCollection, RobeEmbeddingBagCollection
-from exporters import artifacts, load_torchrec_model
+from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
+from compress.methods.robe import CombinedEmbeddingBagCollection, RobeEmbeddingBagCollection
+from exporters import load_torchrec_model
+from exporters.artifacts import write as artifacts
+from exporters.artifacts.read import load_artifacts
 from exporters.export import export
-from exporters.graph_spec import graph_spec_from_artifacts
-from exporters.load import load_artifacts
-from exporters.onnx_model import feature_input_names
-from exporters.onnx_validate import plain_session, run_session
-from exporters.torchrec_model import FBGEMM, OURS, SHARED, table_placement
+from exporters.onnx.from_model import graph_spec_from_artifacts
+from exporters.onnx.model import feature_input_names
+from exporters.onnx.parity import plain_session, run_session
+from exporters.runtime.torchrec_model import FBGEMM, OURS, SHARED, table_placement
 
 ATOL = 1e-5
 ROWS = (20, 300, 2000, 5000)  # tiny_world's tables

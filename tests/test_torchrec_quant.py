@@ -9,12 +9,12 @@ from helpers import tiny_world
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 from compress import pipeline
-from compress import quant_math as qm
 from compress.errors import ArtifactError
-from exporters import artifacts
-from exporters.load import load_artifacts
-from exporters.onnx_writer import sample_multihot
-from exporters.torchrec_quant import quantized_ebc_from_artifacts
+from compress.quant import math as qm
+from exporters.artifacts import write as artifacts
+from exporters.artifacts.read import load_artifacts
+from exporters.onnx.writer import sample_multihot
+from exporters.runtime.torchrec_ebc import quantized_ebc_from_artifacts
 
 
 def _export(tmp_path, recipe: str):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import tiny_world
 
-from compress.dataset import Dataset
+from compress.data.dataset import Dataset
 from compress.errors import DqrmError
-from compress.model import load_model
-from compress.train import TrainConfig, batch_stream, bce_loss, fit
+from compress.io.model import load_model
+from compress.train.loop import TrainConfig, batch_stream, bce_loss, fit
 
 CONFIG = TrainConfig(
     steps=12,

@@ -19,14 +19,13 @@ import pytest
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.cli import main
-from compress.criteo import read_criteo
-from compress.dataset import Dataset
+from compress.cli.main import main
+from compress.data.criteo_text import read_criteo
+from compress.data.dataset import Dataset
 from compress.errors import ArtifactError, DataError
-from compress.evaluate import evaluate_model
-from exporters import artifacts
-from exporters.load import inspect_artifacts, load_artifacts, verify_artifacts
-from exporters.manifest import (
+from compress.train.evaluate import evaluate_model
+from exporters.artifacts import write as artifacts
+from exporters.artifacts.manifest import (
     DIGEST_KEY,
     MANIFEST,
     confined_path,
@@ -35,9 +34,10 @@ from exporters.manifest import (
     read_manifest_bytes,
     seal,
 )
-from exporters.onnx_writer import OnnxExportConfig, onnx_writer
-from exporters.predictor import Predictor
-from exporters.torchrec_quant import quantized_ebc_from_artifacts
+from exporters.artifacts.read import inspect_artifacts, load_artifacts, verify_artifacts
+from exporters.onnx.writer import OnnxExportConfig, onnx_writer
+from exporters.runtime.predictor import Predictor
+from exporters.runtime.torchrec_ebc import quantized_ebc_from_artifacts
 
 RECIPE = """
 name = "rows_int4"
@@ -562,8 +562,8 @@ def test_an_export_without_data_records_an_unknown_transform(world, tmp_path, ca
 
 
 def test_datasets_carry_their_transform(tmp_path) -> None:
-    from compress.dataset import concat_datasets
-    from compress.npy_days import read_npy_days
+    from compress.data.criteo_npy import read_npy_days
+    from compress.data.dataset import concat_datasets
 
     data = Dataset(
         dense=np.zeros((3, 1), np.float32),

@@ -21,12 +21,12 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from compress import checkpoint as checkpoint_module
-from compress import model as model_module
-from compress.checkpoint import load_tensors, open_checkpoint
-from compress.cli import main
+from compress.cli.main import main
 from compress.errors import CheckpointError, ModelConfigError
-from compress.model import load_model, read_spec
+from compress.io import checkpoint as checkpoint_module
+from compress.io import model as model_module
+from compress.io.checkpoint import load_tensors, open_checkpoint
+from compress.io.model import load_model, read_spec
 
 META_MODULE = "torch.distributed.checkpoint.metadata"
 TABLE = "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"

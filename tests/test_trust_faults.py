@@ -21,10 +21,10 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress import train as train_module
-from compress.cli import main
+from compress.cli.main import main
 from compress.errors import ArtifactError
-from exporters import atomic_dir
+from compress.train import loop as train_module
+from exporters.artifacts import atomic_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def _subprocess_env() -> dict[str, str]:
 KILL_SCRIPT = r"""
 import os, shutil, signal, sys
 from pathlib import Path
-from exporters import atomic_dir
+from exporters.artifacts import atomic_dir
 
 mode, kill_at, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 if mode == "renames":
@@ -242,7 +242,7 @@ def test_force_replaces_and_tidies(tmp_path, capsys):
 HOLD_SCRIPT = r"""
 import sys, time
 from pathlib import Path
-from exporters import atomic_dir
+from exporters.artifacts import atomic_dir
 
 lock = atomic_dir.output_lock(Path(sys.argv[1]))
 print("locked", flush=True)
@@ -544,7 +544,7 @@ def test_sigterm_cleans_up_like_ctrl_c_and_resume_is_byte_identical(tmp_path):
 def test_force_never_deletes_a_directory_holding_inputs_or_other_files(tmp_path):
     """``--force`` onto a directory that is not an artifact directory, or that holds an input,
     is refused and leaves every file in place."""
-    from compress.cli import main
+    from compress.cli.main import main
     from tests.helpers import tiny_world
 
     ckpt = tiny_world(tmp_path)[0]

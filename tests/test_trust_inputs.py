@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from helpers import tiny_world
 
-from compress import criteo
-from compress.cli import main
-from compress.criteo import MAX_DEC_DIGITS, MAX_HEX_DIGITS, CriteoLayout, parse_block
-from compress.dataset import Dataset
+from compress.cli.main import main
+from compress.data import criteo_text as criteo
+from compress.data.criteo_text import MAX_DEC_DIGITS, MAX_HEX_DIGITS, CriteoLayout, parse_block
+from compress.data.dataset import Dataset
 from compress.errors import DataError, RecipeError
-from compress.recipe import parse_recipe
+from compress.recipe.parse import parse_recipe
 
 NUM_DENSE = 5  # tiny_world's model: 5 dense features, sparse features cat_0..cat_3
 NUM_SPARSE = 4

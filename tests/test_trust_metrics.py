@@ -11,17 +11,17 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress import train as train_module
-from compress.cli import auc_drop_failure, main
-from compress.dataset import Dataset
+from compress.cli.main import auc_drop_failure, main
+from compress.data.dataset import Dataset
 from compress.errors import DataError, RecipeError
-from compress.evaluate import evaluate_model
-from compress.model import load_model
+from compress.io.model import load_model
 from compress.plan import format_plan, make_plan
-from compress.recipe import load_recipe, parse_recipe, recipe_to_toml
-from compress.train import fit, is_better
-from compress.train_config import TrainConfig
-from compress.validation import HOLDOUT_FRACTION, SELECT_FRACTION, split_validation
+from compress.recipe.parse import load_recipe, parse_recipe, recipe_to_toml
+from compress.train import loop as train_module
+from compress.train.config import TrainConfig
+from compress.train.evaluate import evaluate_model
+from compress.train.loop import fit, is_better
+from compress.train.validation import HOLDOUT_FRACTION, SELECT_FRACTION, split_validation
 
 QAT = """
 name = "tiny_qat"
@@ -78,7 +78,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_selection_slice_is_the_head_of_the_validation_rows_and_report_the_rest() -> None:
-    from compress.synthetic import SyntheticConfig, generate
+    from compress.data.synthetic import SyntheticConfig, generate
 
     data = generate(SyntheticConfig(table_sizes=(10,), num_samples=1000, num_dense=2, seed=0))
     slices = split_validation(data, "v.npz", offset=4000)

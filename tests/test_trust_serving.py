@@ -2,7 +2,7 @@
 
 * An id outside ``[0, rows)`` never reads another table's row: every lookup graph (every table
   layout, stacked or not, one-hot or pooled) reads row 0 of the id's own table, as FBGEMM's bounds
-  check does, and the :class:`~exporters.predictor.Predictor` refuses such ids unless asked to
+  check does, and the :class:`~exporters.runtime.predictor.Predictor` refuses such ids unless asked to
   serve them like the graph.
 * Malformed jagged inputs (ids that do not match the lengths, negative lengths) are errors.
 * Exported graphs are exact in a plain ``onnxruntime.InferenceSession(path)``, with no session
@@ -32,16 +32,16 @@ from test_onnx_lookup import (
 )
 
 from compress import pipeline
-from compress.cli import main
-from compress.dataset import Dataset
+from compress.cli.main import main
+from compress.data.dataset import Dataset
 from compress.errors import DataError, DqrmError
-from exporters import artifacts
-from exporters.manifest import dump_manifest, seal
-from exporters.onnx_lookup import OUT_OF_RANGE_IDS, build_gather_model, build_pool_model
-from exporters.onnx_spec import GraphBuilder
-from exporters.onnx_validate import ParityError, ort_session, run_session
-from exporters.onnx_writer import OnnxExportConfig, onnx_writer, sample_multihot
-from exporters.predictor import OutOfRangeIdError, Predictor, dataset_feeds
+from exporters.artifacts import write as artifacts
+from exporters.artifacts.manifest import dump_manifest, seal
+from exporters.onnx.lookup import OUT_OF_RANGE_IDS, build_gather_model, build_pool_model
+from exporters.onnx.parity import ParityError, ort_session, run_session
+from exporters.onnx.spec import GraphBuilder
+from exporters.onnx.writer import OnnxExportConfig, onnx_writer, sample_multihot
+from exporters.runtime.predictor import OutOfRangeIdError, Predictor, dataset_feeds
 
 ROWS = 40
 
@@ -102,7 +102,7 @@ def test_stacked_tables_never_serve_a_neighbours_row(hinted: bool, bags: str) ->
 def test_id_guard_is_cheap() -> None:
     """Stacked row-wise features pay one ``Clip`` each (their table's row 0 is stored again after
     its last row); other kinds a ``Cast``, a ``Less`` and a ``Where`` on their ids only."""
-    from exporters.onnx_lookup import add_valid_ids
+    from exporters.onnx.lookup import add_valid_ids
 
     gb = GraphBuilder("guard")
     ids = gb.add_input("ids", TensorProto.INT64, ["n"])
@@ -396,7 +396,7 @@ def test_cli_verify_parity(exported, tmp_path, capsys) -> None:
 
 
 def test_verify_parity_without_stored_reference_is_one_line(exported, tmp_path, capsys) -> None:
-    from exporters.onnx_validate import verify_parity
+    from exporters.onnx.parity import verify_parity
 
     plain = artifacts.save(exported[1], tmp_path / "plain")  # exported without graphs
     with pytest.raises(DqrmError, match="no ONNX parity reference"):
@@ -406,7 +406,7 @@ def test_verify_parity_without_stored_reference_is_one_line(exported, tmp_path, 
 
 
 def test_verify_parity_raises_parity_error(exported, tmp_path) -> None:
-    from exporters.onnx_validate import verify_parity
+    from exporters.onnx.parity import verify_parity
 
     bad = _copy(exported, tmp_path)
     _rewrite_logits(bad, "one_hot", -2e-4)

@@ -1,0 +1,1 @@
+"""The ``dqrm-compress`` command line."""

@@ -1,0 +1,155 @@
+"""Reader for TorchRec's preprocessed Criteo day files (``BinaryCriteoUtils.tsv_to_npys`` output).
+
+A directory holds, per day ``i``, three ``.npy`` files with one row per sample:
+
+- ``day_{i}_dense.npy``: float ``[N, num_dense]``, already ``log(x + 3)``-transformed (kept as is,
+  recorded as the ``log3`` transform),
+- ``day_{i}_sparse.npy``: integer ``[N, num_sparse]`` raw categorical hashes,
+- ``day_{i}_labels.npy``: integer ``[N, 1]`` (or ``[N]``) of 0/1.
+
+Files are memory-mapped with ``allow_pickle=False``; sparse ids become table rows by
+``id % num_embeddings`` (what TorchRec's ``hashes`` argument does); a negative id, a NaN/inf dense
+value or a label other than 0/1 is a :class:`~compress.errors.DataError` naming file, sample and
+column. Days are read in numeric order
+and concatenated into one in-memory :class:`~compress.data.dataset.Dataset`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from compress.data.dataset import Dataset, concat_datasets, describe_first, find_nonbinary
+from compress.errors import DataError
+
+_DAY_DENSE = re.compile(r"day_(\d+)_dense\.npy")
+PARTS = ("dense", "sparse", "labels")
+
+
+def find_days(directory: str | Path) -> list[int]:
+    """Day numbers ``i`` with a ``day_{i}_dense.npy`` in ``directory``, ascending."""
+    d = Path(directory)
+    days = [int(m.group(1)) for f in d.iterdir() if (m := _DAY_DENSE.fullmatch(f.name))]
+    return sorted(days)
+
+
+def day_paths(directory: str | Path, day: int) -> dict[str, Path]:
+    """``{"dense": ..., "sparse": ..., "labels": ...}`` paths of one day."""
+    return {part: Path(directory) / f"day_{day}_{part}.npy" for part in PARTS}
+
+
+def read_npy_days(
+    directory: str | Path,
+    *,
+    feature_names: Sequence[str],
+    num_embeddings: Sequence[int],
+    days: Sequence[int] | None = None,
+    num_dense: int | None = None,
+) -> Dataset:
+    """Read the given ``days`` (default: all found) of a TorchRec npy directory.
+
+    Sparse column ``j`` becomes feature ``feature_names[j]`` with rows ``id % num_embeddings[j]``.
+    Raises :class:`DataError` naming the file (and the sample and column) when one of a day's three
+    files is missing or unreadable, when shapes or row counts disagree (or the dense width is not
+    ``num_dense``, when given), when a dense value is NaN/inf (or beyond float32), a sparse id is
+    negative, or a label is not 0/1. Ids beyond a table are hashes and take the modulo.
+    """
+    if len(num_embeddings) != len(feature_names) or min(num_embeddings, default=1) < 1:
+        raise ValueError("num_embeddings needs one positive row count per feature")
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: not a directory")
+    chosen = find_days(d) if days is None else list(days)
+    if not chosen:
+        raise DataError(f"{d}: no day_<i>_dense.npy files")
+    parts = [read_npy_day(d, day, feature_names, num_embeddings, num_dense) for day in chosen]
+    return concat_datasets(parts)
+
+
+def read_npy_day(
+    directory: Path,
+    day: int,
+    feature_names: Sequence[str],
+    num_embeddings: Sequence[int],
+    num_dense: int | None = None,
+) -> Dataset:
+    """One day's three files as a :class:`Dataset` (see :func:`read_npy_days`)."""
+    paths = day_paths(directory, day)
+    for path in paths.values():
+        if not path.is_file():
+            raise DataError(f"{path}: missing (each day needs {', '.join(PARTS)} .npy files)")
+    dense, sparse, labels = (_load(paths[p]) for p in PARTS)
+    n = dense.shape[0] if dense.ndim else 0
+    if dense.ndim != 2 or dense.dtype.kind != "f":
+        raise DataError(f"{paths['dense']}: expected float [N, num_dense], got {_desc(dense)}")
+    if sparse.ndim != 2 or sparse.dtype.kind not in "iu" or sparse.shape[1] != len(feature_names):
+        raise DataError(
+            f"{paths['sparse']}: expected integer [N, {len(feature_names)}], got {_desc(sparse)}"
+        )
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.dtype.kind not in "iub":
+        raise DataError(f"{paths['labels']}: expected integer [N, 1], got {_desc(labels)}")
+    for part, arr in (("sparse", sparse), ("labels", labels)):
+        if arr.shape[0] != n:
+            raise DataError(f"{paths[part]}: {arr.shape[0]} rows but {paths['dense'].name} has {n}")
+    if num_dense is not None and dense.shape[1] != num_dense:
+        raise DataError(
+            f"{paths['dense']}: {dense.shape[1]} dense features, the model takes {num_dense}"
+        )
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+        dense32 = np.array(dense, dtype=np.float32)
+    problems = (
+        ("dense", describe_first(dense, ~np.isfinite(dense32), "is not a finite float32")),
+        ("sparse", _find_negative_id(sparse, feature_names)),
+        ("labels", find_nonbinary(labels)),
+    )
+    for part, problem in problems:
+        if problem is not None:
+            raise DataError(f"{paths[part]}: {problem}")
+    rows = table_rows(sparse, num_embeddings)
+    offsets = np.arange(n + 1, dtype=np.int64)
+    return Dataset(
+        dense=dense32,
+        labels=np.asarray(labels, dtype=np.float32),
+        values={f: np.ascontiguousarray(rows[:, j]) for j, f in enumerate(feature_names)},
+        offsets={f: offsets for f in feature_names},
+        dense_transform="log3",  # TorchRec's log(x - min + 2), min = -1 on Criteo (see criteo.py)
+    )
+
+
+def _find_negative_id(ids: np.ndarray, feature_names: Sequence[str]) -> str | None:
+    """Where signed ``ids`` [N, num_sparse] first hold a negative id, in words, or None. Ids are
+    hashes (``int(hex, 16)``), never negative: a negative one would wrap silently in the modulo."""
+    if ids.dtype.kind != "i" or not ids.size:
+        return None
+    columns = np.flatnonzero(ids.min(axis=0) < 0)
+    if not columns.size:
+        return None
+    j = int(columns[0])
+    i = int(np.argmax(ids[:, j] < 0))
+    return (
+        f"negative id {int(ids[i, j])} at sample {i}, column {j} (feature {feature_names[j]!r}); "
+        "ids must be non-negative"
+    )
+
+
+def table_rows(ids: np.ndarray, num_embeddings: Sequence[int]) -> np.ndarray:
+    """int64 ``ids % num_embeddings`` per column (unsigned ids stay unsigned through the modulo)."""
+    if ids.dtype.kind == "u":
+        return (ids.astype(np.uint64) % np.asarray(num_embeddings, np.uint64)).astype(np.int64)
+    return ids.astype(np.int64) % np.asarray(num_embeddings, dtype=np.int64)
+
+
+def _load(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read as a .npy array ({e})") from None
+
+
+def _desc(arr: np.ndarray) -> str:
+    return f"{arr.dtype} {list(arr.shape)}"

@@ -1,0 +1,1 @@
+"""Checkpoint -> model: read checkpoints safely, infer the architecture, rebuild the TorchRec DLRM."""

@@ -1,0 +1,376 @@
+"""Infer a DLRM's architecture (:class:`~compress.io.model_spec.DLRMSpec`) from its state-dict tensors.
+
+Only tensor names and shapes are read, so this works on memory-mapped or ``meta`` tensors.
+
+- Tables: ``sparse_arch.embedding_bag_collection.embedding_bags.<table>.weight``, in the order the
+  state dict lists them, which is the order the model declared them (and so the order of its
+  features in the interaction). A ``torch.distributed.checkpoint`` directory keeps that order for
+  what rank 0 wrote (see :mod:`compress.io.checkpoint`); when some tables were written only by other
+  ranks their order is unknown and a model config must give it (several tables) or the model is
+  refused, never rebuilt in a guessed order. A model config's table list overrides any order.
+- Weights are float32, float16 or bfloat16 (the latter two are read as float32); other dtypes are
+  refused, naming the key.
+- Bottom MLP: ``dense_arch.model._mlp.<i>._linear.weight``; top MLP: ``over_arch.model.0._mlp.<i>``
+  then ``over_arch.model.1``.
+- Interaction: ``inter_arch.crossnet.*`` means ``DLRM_DCN``, ``inter_arch.interaction_branch1.*``
+  means ``DLRM_Projection``, else the dot-product ``DLRM``. The number of sparse features F follows
+  from the interaction's input width.
+- Feature names are not in a state dict. Without a model config each table serves one feature named
+  after it with a leading ``t_`` removed (``t_cat_0`` -> ``cat_0``; TorchRec's DLRM examples name
+  tables ``t_<feature>``); a table named otherwise gives its own name to its feature.
+
+A model config (JSON) can name features, fix the table order, and state shapes to check::
+
+    {"model_class": "DLRM",
+     "tables": [{"name": "t_cat_0", "feature_names": ["cat_0"], "num_embeddings": 100,
+                 "embedding_dim": 16}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import torch
+
+from compress.errors import CheckpointError, ModelConfigError
+from compress.io.model_spec import MODEL_CLASSES, DLRMSpec, TableSpec
+
+EBC_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
+_TABLE_RE = re.compile(re.escape(EBC_PREFIX) + r"(?P<table>[^.]+)\.weight$")
+_DENSE_RE = re.compile(r"dense_arch\.model\._mlp\.(\d+)\._linear\.(weight|bias)$")
+_OVER_MLP_RE = re.compile(r"over_arch\.model\.0\._mlp\.(\d+)\._linear\.(weight|bias)$")
+_OVER_FINAL = ("over_arch.model.1.weight", "over_arch.model.1.bias")
+_DCN_RE = re.compile(r"inter_arch\.crossnet\.(W_kernels|V_kernels|bias)\.(\d+)$")
+_PROJ_RE = re.compile(
+    r"inter_arch\.interaction_branch([12])\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
+)
+
+
+def infer_spec(
+    tensors: dict[str, torch.Tensor],
+    *,
+    source: str,
+    model_config: dict | None = None,
+    unordered_keys: Collection[str] = frozenset(),
+    config_searched: Sequence[str | Path] = (),
+    lenient: bool = False,
+) -> DLRMSpec:
+    """Architecture of the DLRM whose state dict is ``tensors``.
+
+    ``source`` names the checkpoint in error messages. ``unordered_keys`` are keys whose position
+    in ``tensors`` is not the saved order (:attr:`compress.io.checkpoint.Checkpoint.unordered_keys`);
+    ``config_searched`` lists where a model config was looked for, for the error that asks for one.
+    ``lenient`` (for writing a config template) keeps an unknown table order as listed and gives
+    every table one default feature even when the interaction takes another number.
+
+    Raises :class:`CheckpointError` when the tensors are not a TorchRec DLRM,
+    :class:`ModelConfigError` when ``model_config`` disagrees or is needed and missing.
+    """
+    prefix = _find_prefix(tensors, source)
+    sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    stray = [k for k in tensors if not k.startswith(prefix)]
+    if stray:
+        raise CheckpointError(
+            f"{source}: {len(stray)} key(s) outside the DLRM ({prefix or 'no prefix'}): "
+            f"{_preview(stray)}"
+        )
+    _check_dtypes(sd, prefix, source)
+
+    tables = _tables(sd, source)
+    config_order = [t["name"] for t in (model_config or {}).get("tables", []) if "name" in t]
+    unordered = [n for n, _, _ in tables if f"{prefix}{EBC_PREFIX}{n}.weight" in unordered_keys]
+    if unordered and len(tables) > 1 and not config_order and not lenient:
+        raise ModelConfigError(_order_unknown_message(source, len(tables), config_searched))
+    dim = tables[0][2]
+    if any(d != dim for _, _, d in tables):
+        raise CheckpointError(
+            f"{source}: tables have different embedding dims {sorted({d for *_, d in tables})}"
+        )
+    dense_w = _mlp_weights(sd, _DENSE_RE, source, "dense_arch")
+    over_w = _mlp_weights(sd, _OVER_MLP_RE, source, "over_arch.model.0")
+    if _OVER_FINAL[0] not in sd:
+        raise CheckpointError(f"{source}: missing {prefix}{_OVER_FINAL[0]} (not a TorchRec DLRM)")
+    over_sizes = tuple(w.shape[0] for w in over_w) + (sd[_OVER_FINAL[0]].shape[0],)
+    dense_sizes = tuple(w.shape[0] for w in dense_w)
+    dense_in = dense_w[0].shape[1]
+    over_in = over_w[0].shape[1] if over_w else sd[_OVER_FINAL[0]].shape[1]
+    if dense_sizes[-1] != dim:
+        raise CheckpointError(
+            f"{source}: bottom MLP ends at {dense_sizes[-1]} but tables have dim {dim}"
+        )
+
+    extra: dict = {}
+    if any(_DCN_RE.match(k) for k in sd):
+        model_class = "DLRM_DCN"
+        n_layers = sum(1 for k in sd if k.startswith("inter_arch.crossnet.W_kernels."))
+        w0 = sd["inter_arch.crossnet.W_kernels.0"]
+        in_dim, low_rank = w0.shape
+        num_features = _exact_div(in_dim, dim, source, "crossnet input width") - 1
+        extra = {"dcn_num_layers": n_layers, "dcn_low_rank_dim": low_rank}
+    elif any(_PROJ_RE.match(k) for k in sd):
+        model_class = "DLRM_Projection"
+        b1 = _mlp_weights(
+            sd,
+            re.compile(
+                r"inter_arch\.interaction_branch1\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
+            ),
+            source,
+            "branch1",
+        )
+        b2 = _mlp_weights(
+            sd,
+            re.compile(
+                r"inter_arch\.interaction_branch2\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
+            ),
+            source,
+            "branch2",
+        )
+        num_features = _exact_div(b1[0].shape[1], dim, source, "projection branch input width") - 1
+        extra = {
+            "interaction_branch1_layer_sizes": tuple(w.shape[0] for w in b1),
+            "interaction_branch2_layer_sizes": tuple(w.shape[0] for w in b2),
+        }
+    else:
+        model_class = "DLRM"
+        num_features = _features_from_dot_width(over_in - dim, source)
+
+    names = [n for n, _, _ in tables]
+    feature_names = _feature_names(names, num_features, model_config, source, lenient)
+    if model_config is not None:
+        _check_config(model_config, model_class, tables, dense_in, source)
+        if config_order:
+            by_name = {t[0]: t for t in tables}
+            tables = [by_name[n] for n in config_order]
+    dense_bytes = sum(
+        t.numel() * t.element_size() for k, t in sd.items() if not k.startswith(EBC_PREFIX)
+    )
+    table_specs = tuple(
+        TableSpec(
+            name=n,
+            num_embeddings=r,
+            embedding_dim=d,
+            feature_names=tuple(feature_names[n]),
+            dtype=dt,
+        )
+        for n, r, d, dt in (
+            (n, r, d, _dtype_name(sd[f"{EBC_PREFIX}{n}.weight"])) for n, r, d in tables
+        )
+    )
+    return DLRMSpec(
+        model_class=model_class,
+        tables=table_specs,
+        dense_in_features=dense_in,
+        dense_arch_layer_sizes=dense_sizes,
+        over_arch_layer_sizes=over_sizes,
+        key_prefix=prefix,
+        dense_dtype=_dtype_name(dense_w[0]),
+        dense_bytes=dense_bytes,
+        **extra,
+    )
+
+
+def load_model_config(path: str | Path) -> dict:
+    """Read a model-config JSON file (see the module docstring for its keys)."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ModelConfigError(f"{path}: no such model config") from e
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object")
+    unknown = set(cfg) - {"model_class", "tables", "dense_in_features", "format"}
+    if unknown:
+        raise ModelConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
+    tables = cfg.get("tables", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) and "name" in t for t in tables):
+        raise ModelConfigError(f"{path}: 'tables' must be a list of objects with a 'name'")
+    for i, t in enumerate(tables):
+        bad = set(t) - {"name", "feature_names", "num_embeddings", "embedding_dim"}
+        if bad:
+            raise ModelConfigError(
+                f"{path}: tables[{i}] ({t['name']}): unknown key(s) {sorted(bad)}"
+            )
+    if "model_class" in cfg and cfg["model_class"] not in MODEL_CLASSES:
+        raise ModelConfigError(f"{path}: model_class must be one of {MODEL_CLASSES}")
+    cfg["_source"] = str(path)
+    return cfg
+
+
+def spec_to_model_config(spec: DLRMSpec) -> dict:
+    """The model-config JSON object that reproduces ``spec``'s names and order."""
+    return {
+        "model_class": spec.model_class,
+        "dense_in_features": spec.dense_in_features,
+        "tables": [
+            {
+                "name": t.name,
+                "feature_names": list(t.feature_names),
+                "num_embeddings": t.num_embeddings,
+                "embedding_dim": t.embedding_dim,
+            }
+            for t in spec.tables
+        ],
+    }
+
+
+def default_feature_name(table_name: str) -> str:
+    """``t_cat_0`` -> ``cat_0``; any other name is its own feature name."""
+    return table_name[2:] if table_name.startswith("t_") and len(table_name) > 2 else table_name
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _find_prefix(tensors: dict[str, torch.Tensor], source: str) -> str:
+    """What every key carries before ``sparse_arch.`` (``"model."`` for ``DLRMTrain``)."""
+    for key in tensors:
+        i = key.find(EBC_PREFIX)
+        if i >= 0 and (i == 0 or key[i - 1] == "."):
+            return key[:i]
+    raise CheckpointError(
+        f"{source}: not a TorchRec DLRM state dict (no '{EBC_PREFIX}<table>.weight' keys; "
+        f"first keys: {list(tensors)[:3]})"
+    )
+
+
+def _tables(sd: dict[str, torch.Tensor], source: str) -> list[tuple[str, int, int]]:
+    out = []
+    for key, t in sd.items():
+        m = _TABLE_RE.match(key)
+        if m:
+            if t.dim() != 2:
+                raise CheckpointError(
+                    f"{source}: table {m['table']} has shape {tuple(t.shape)}, expected 2-D"
+                )
+            out.append((m["table"], int(t.shape[0]), int(t.shape[1])))
+    return out
+
+
+def _order_unknown_message(source: str, n_tables: int, searched: Sequence[str | Path]) -> str:
+    where = f" (looked for {', '.join(map(str, searched))})" if searched else ""
+    return (
+        f"{source}: this distributed checkpoint was written by several ranks and does not record "
+        f"the order in which the model declared its {n_tables} tables, which fixes the order of "
+        "its features; write a model config listing the tables in that order: run "
+        f"`dqrm-compress inspect {source} --write-config {Path(source) / 'model_config.json'}` "
+        f"and edit its table order{where}"
+    )
+
+
+READ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(sd: dict[str, torch.Tensor], prefix: str, source: str) -> None:
+    for key, t in sd.items():
+        if t.dtype not in READ_DTYPES:
+            m = _TABLE_RE.match(key)
+            what = f"table {m['table']}" if m else f"{prefix}{key}"
+            raise CheckpointError(
+                f"{source}: {what} has dtype {_dtype_name(t)}; float32, float16 and bfloat16 "
+                "weights are read (convert the state dict with `v.float()` and save it again)"
+            )
+
+
+def _mlp_weights(sd: dict, pattern: re.Pattern, source: str, what: str) -> list[torch.Tensor]:
+    layers: dict[int, torch.Tensor] = {}
+    for key, t in sd.items():
+        m = pattern.match(key)
+        if m and m.group(m.lastindex) == "weight":
+            layers[int(m.group(1))] = t
+    if what != "over_arch.model.0" and not layers:
+        raise CheckpointError(f"{source}: no {what} MLP layers found (not a TorchRec DLRM)")
+    if sorted(layers) != list(range(len(layers))):
+        raise CheckpointError(
+            f"{source}: {what} MLP layers are not numbered 0..n: {sorted(layers)}"
+        )
+    weights = [layers[i] for i in range(len(layers))]
+    for a, b in zip(weights, weights[1:], strict=False):
+        if a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"{source}: {what} MLP layer widths do not chain ({tuple(a.shape)} -> {tuple(b.shape)})"
+            )
+    return weights
+
+
+def _features_from_dot_width(width: int, source: str) -> int:
+    # DLRM dot interaction: over-arch input = D + F*(F-1)/2 + F  =>  F^2 + F - 2*width = 0
+    f = int((math.isqrt(1 + 8 * width) - 1) // 2)
+    if f * (f + 1) // 2 != width or f < 1:
+        raise CheckpointError(f"{source}: top MLP input width does not fit a dot interaction")
+    return f
+
+
+def _exact_div(a: int, b: int, source: str, what: str) -> int:
+    if a % b:
+        raise CheckpointError(f"{source}: {what} {a} is not a multiple of the embedding dim {b}")
+    return a // b
+
+
+def _feature_names(
+    names: list[str], num_features: int, cfg: dict | None, source: str, lenient: bool = False
+) -> dict[str, list[str]]:
+    if cfg is not None and cfg.get("tables"):
+        given = {t["name"]: t.get("feature_names") for t in cfg["tables"]}
+        where = cfg.get("_source", "model config")
+        missing = [n for n in names if n not in given]
+        extra = [n for n in given if n not in names]
+        if missing or extra:
+            raise ModelConfigError(
+                f"{where}: tables disagree with {source}: "
+                + "; ".join(
+                    s
+                    for s in (
+                        f"not in config: {missing}" if missing else "",
+                        f"not in checkpoint: {extra}" if extra else "",
+                    )
+                    if s
+                )
+            )
+        out = {n: list(given[n]) if given[n] else [default_feature_name(n)] for n in names}
+        total = sum(len(v) for v in out.values())
+        if total != num_features:
+            raise ModelConfigError(
+                f"{where}: config names {total} features but {source}'s interaction takes {num_features}"
+            )
+        return out
+    if num_features != len(names) and not lenient:
+        raise ModelConfigError(
+            f"{source}: the model's interaction takes {num_features} features over {len(names)} tables; "
+            "some tables serve several features: give --model-config with each table's feature_names"
+        )
+    return {n: [default_feature_name(n)] for n in names}
+
+
+def _check_config(cfg: dict, model_class: str, tables: list, dense_in: int, source: str) -> None:
+    where = cfg.get("_source", "model config")
+    if "model_class" in cfg and cfg["model_class"] != model_class:
+        raise ModelConfigError(
+            f"{where}: model_class {cfg['model_class']} but {source} is a {model_class}"
+        )
+    if "dense_in_features" in cfg and cfg["dense_in_features"] != dense_in:
+        raise ModelConfigError(
+            f"{where}: dense_in_features {cfg['dense_in_features']} but {source} has {dense_in}"
+        )
+    shapes = {n: (r, d) for n, r, d in tables}
+    for t in cfg.get("tables", []):
+        r, d = shapes[t["name"]]
+        for key, actual in (("num_embeddings", r), ("embedding_dim", d)):
+            if key in t and t[key] != actual:
+                raise ModelConfigError(
+                    f"{where}: table {t['name']}: {key} {t[key]} but {source} has {actual}"
+                )
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _preview(items: Sequence[str], limit: int = 4) -> str:
+    head = ", ".join(map(repr, items[:limit]))
+    return head + (f", ... ({len(items)} in all)" if len(items) > limit else "")

@@ -1,0 +1,105 @@
+"""Architecture of a TorchRec DLRM as plain data: the tables and layer sizes of a model.
+
+A :class:`DLRMSpec` is what :mod:`compress.io.architecture` infers from a state dict and what
+:mod:`compress.io.model` turns back into a TorchRec module. Everything downstream (data parsing, recipe
+plans, exporters) reads the model's shape from here, never from module attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODEL_CLASSES = ("DLRM", "DLRM_DCN", "DLRM_Projection")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table: ``num_embeddings`` rows of ``embedding_dim`` values.
+
+    ``feature_names`` are the KeyedJaggedTensor keys that look up this table, in order (a table may
+    serve several features). ``dtype`` is the stored element type (``float32`` for FP32 tables).
+    """
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: tuple[str, ...]
+    dtype: str = "float32"
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the stored table."""
+        return self.num_embeddings * self.embedding_dim * dtype_size(self.dtype)
+
+
+@dataclass(frozen=True)
+class DLRMSpec:
+    """Shapes that rebuild a ``torchrec.models.dlrm`` model.
+
+    ``model_class`` is one of ``DLRM``, ``DLRM_DCN``, ``DLRM_Projection``. Interaction parameters
+    are set only for the class that uses them. ``key_prefix`` is what every state-dict key carried
+    (``"model."`` for a ``DLRMTrain`` wrapper), kept so that a rebuilt model saves the same keys.
+    """
+
+    model_class: str
+    tables: tuple[TableSpec, ...]
+    dense_in_features: int
+    dense_arch_layer_sizes: tuple[int, ...]
+    over_arch_layer_sizes: tuple[int, ...]
+    dcn_num_layers: int | None = None
+    dcn_low_rank_dim: int | None = None
+    interaction_branch1_layer_sizes: tuple[int, ...] | None = None
+    interaction_branch2_layer_sizes: tuple[int, ...] | None = None
+    key_prefix: str = ""
+    dense_dtype: str = "float32"
+    dense_bytes: int = field(default=0, compare=False)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.tables[0].embedding_dim
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """All sparse feature names in the order the model's KeyedJaggedTensor uses."""
+        return tuple(f for t in self.tables for f in t.feature_names)
+
+    @property
+    def num_sparse_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def embedding_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.embedding_bytes + self.dense_bytes
+
+    def table(self, name: str) -> TableSpec:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def table_of_feature(self, feature: str) -> TableSpec:
+        for t in self.tables:
+            if feature in t.feature_names:
+                return t
+        raise KeyError(feature)
+
+
+_DTYPE_SIZES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+}
+
+
+def dtype_size(dtype: str) -> int:
+    """Bytes per element of a dtype named as in torch without the prefix (``"float32"``)."""
+    return _DTYPE_SIZES[dtype]

@@ -1,0 +1,1 @@
+"""Compression methods for tables and MLPs: QAT and quantized modules, ROBE-Z sharing, applying a plan."""

@@ -1,0 +1,245 @@
+"""Compiled fake-quantization kernels for the QAT hot path, with the PyTorch path as reference.
+
+A QAT step fake-quantizes the rows it gathers. In PyTorch that is a dozen small tensor ops (a
+row-wise ``aminmax`` over 16 values a row is the slowest of them), which cost more than the
+embedding lookup itself. ``fake_quant_kernels.c`` does the same arithmetic in one pass over the
+rows; :func:`fake_quantize_rowwise_` and :func:`fake_quantize_tablewise_` give the same values as
+:func:`compress.quant.math.fake_quantize_rowwise_` / ``fake_quantize_tablewise_`` (tested
+bit-exact against FBGEMM and against those functions).
+
+The C file is compiled once with the system C compiler (``$CC``, default ``cc``) into
+``$DQRM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dqrm-compress`` or ``~/.cache/dqrm-compress``),
+named by a hash of the source, flags and machine, written to a temporary file and renamed, and
+loaded with ``ctypes`` (no PyTorch headers, so it builds in well under a second). ``make setup``
+builds it. Where it cannot be built (no compiler, one without ``_Float16``) or ``DQRM_NATIVE=0``,
+QAT uses the PyTorch functions, which give the same values more slowly, and says so once with a
+``RuntimeWarning`` naming the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from compress.io.atomic_file import replacing
+from compress.quant import math as qm
+
+SOURCE = Path(__file__).with_name("fake_quant_kernels.c")
+#: IEEE float32 arithmetic, no FMA contraction: the values must equal PyTorch's op by op.
+#: ``-fno-trapping-math`` (no FP exceptions are ever unmasked) lets the clamps vectorize; it
+#: changes no result.
+CFLAGS = (
+    "-O3",
+    "-std=c11",
+    "-shared",
+    "-fPIC",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-fno-trapping-math",
+)
+ENV_SWITCH = "DQRM_NATIVE"
+ENV_CACHE = "DQRM_CACHE_DIR"
+
+
+class NativeUnavailable(RuntimeError):
+    """The compiled kernels cannot be built or loaded here (the message says why)."""
+
+
+def cache_dir() -> Path:
+    """Where the compiled library is kept (see the module docstring)."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dqrm-compress"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def find_compiler() -> str | None:
+    """The C compiler's executable (``$CC``, default ``cc``, looked up on ``PATH`` unless it is a
+    path), or ``None`` when there is none: then the kernels cannot be built here."""
+    return shutil.which(_compiler())
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@lru_cache(maxsize=1)
+def arch_flags() -> tuple[str, ...]:
+    """``-mf16c`` on x86-64 CPUs that have it: hardware fp16 rounding (without it GCC calls a
+    software routine twice a row, which costs more than the rest of the kernel)."""
+    if platform.machine().lower() in ("x86_64", "amd64") and "f16c" in _cpu_flags():
+        return ("-mf16c",)
+    return ()
+
+
+def _flags() -> tuple[str, ...]:
+    return (*CFLAGS, *arch_flags())
+
+
+def library_path() -> Path:
+    """The library's path: a hash of source, compiler, flags and machine names the file."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join((_compiler(), *_flags(), platform.machine(), platform.system())).encode())
+    return cache_dir() / f"fake_quant_kernels-{key.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compile the kernels if they are not in the cache yet; the library's path.
+
+    Raises:
+        NativeUnavailable: no compiler, or the compiler failed (its message is included).
+    """
+    out = library_path()
+    if out.exists():
+        return out
+    if find_compiler() is None:
+        raise NativeUnavailable(f"no C compiler found ({_compiler()!r}; set CC or install one)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # atomic: a concurrent build replaces it with identical bytes
+    with replacing(out) as tmp:
+        cmd = [_compiler(), *_flags(), "-o", str(tmp), str(SOURCE)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise NativeUnavailable(f"cannot run the C compiler {cmd[0]!r}: {exc}") from None
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise NativeUnavailable(
+                f"{cmd[0]} failed on {SOURCE.name}: " + (detail[-1] if detail else "no output")
+            )
+    return out
+
+
+def load() -> ctypes.CDLL:
+    """Build (if needed) and load the kernels, with their argument types declared."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot load the compiled kernels: {exc}") from None
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    signatures = {
+        "dqrm_fq_rowwise": ((ptr, i64, i64, i32), None),
+        "dqrm_fq_tablewise": ((ptr, i64, ctypes.c_float, i32), None),
+        "dqrm_blocks_build": ((ptr, i64, i64, i64, ptr, ptr, ptr), None),
+        "dqrm_blocks_rescan": ((ptr, i64, i64, i64, ptr, ptr, ptr), i64),
+        "dqrm_blocks_update": ((ptr, i64, i64, ptr, i64, ptr, ptr, ptr), None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _kernels() -> ctypes.CDLL | None:
+    """The loaded kernels, or ``None`` (after one warning) where they are off or cannot build."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    try:
+        return load()
+    except NativeUnavailable as exc:
+        warnings.warn(
+            f"dqrm-compress: compiled fake-quant kernels unavailable ({exc}); QAT uses the "
+            "PyTorch path, which gives the same values more slowly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def enabled() -> bool:
+    """Whether QAT lookups run the compiled kernels in this process."""
+    return _kernels() is not None
+
+
+def accepts(w: torch.Tensor) -> bool:
+    """Whether the kernels can work on ``w`` in place: contiguous float32 on the CPU."""
+    return w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+
+
+def _written(w: torch.Tensor) -> torch.Tensor:
+    # the kernels write through a raw pointer: tell autograd the tensor changed
+    torch.autograd.graph.increment_version(w)
+    return w
+
+
+def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`compress.quant.math.fake_quantize_rowwise_` (float32 ``[R, D]``, in place)."""
+    lib = _kernels()
+    if lib is None or not accepts(w) or w.dim() != 2 or w.shape[1] == 0:
+        return qm.fake_quantize_rowwise_(w, bits)
+    lib.dqrm_fq_rowwise(w.data_ptr(), w.shape[0], w.shape[1], bits)
+    return _written(w)
+
+
+def fake_quantize_tablewise_(w: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
+    """:func:`compress.quant.math.fake_quantize_tablewise_` (float32, in place)."""
+    lib = _kernels()
+    if lib is None or not accepts(w):
+        return qm.fake_quantize_tablewise_(w, scale, bits)
+    lib.dqrm_fq_tablewise(w.data_ptr(), w.numel(), scale, bits)
+    return _written(w)
+
+
+def _require() -> ctypes.CDLL:
+    lib = _kernels()
+    if lib is None:
+        raise NativeUnavailable("the compiled kernels are off or could not be built")
+    return lib
+
+
+def _table_args(w: torch.Tensor, block: int, summary: tuple[torch.Tensor, ...]) -> tuple:
+    """``(w, rows, dim, block, bmax, barg, dirty)`` as the build and rescan kernels take them."""
+    return (w.data_ptr(), w.shape[0], w.shape[1], block, *(t.data_ptr() for t in summary))
+
+
+def blocks_build(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block summary ``(bmax, barg, dirty)`` of ``max |w[r, :]|`` over blocks of ``block`` rows
+    (see :mod:`compress.methods.scale_tracking`). ``w``: contiguous float32 ``[R, D]``."""
+    lib = _require()
+    if not accepts(w):
+        raise ValueError("blocks_build: needs a contiguous float32 CPU tensor")
+    nblocks = -(-w.shape[0] // block)
+    summary = (
+        torch.empty(nblocks, dtype=torch.float32),  # bmax
+        torch.empty(nblocks, dtype=torch.int32),  # barg
+        torch.empty(nblocks, dtype=torch.uint8),  # dirty
+    )
+    lib.dqrm_blocks_build(*_table_args(w, block, summary))
+    return summary
+
+
+def blocks_update(
+    w: torch.Tensor, block: int, ids: torch.Tensor, summary: tuple[torch.Tensor, ...]
+) -> None:
+    """Fold the rows ``ids`` (int64, they changed) into a block summary, in place."""
+    lib = _require()
+    ids = ids.to(torch.int64).contiguous()
+    ptrs = (t.data_ptr() for t in summary)
+    lib.dqrm_blocks_update(w.data_ptr(), w.shape[1], block, ids.data_ptr(), ids.numel(), *ptrs)
+
+
+def blocks_rescan(w: torch.Tensor, block: int, summary: tuple[torch.Tensor, ...]) -> int:
+    """Rescan the dirty blocks of a summary in place; how many there were."""
+    return int(_require().dqrm_blocks_rescan(*_table_args(w, block, summary)))

@@ -1,0 +1,1 @@
+"""Recipes: the TOML files that say what each table and the MLPs become, parsed and validated."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: settings, the seeded loop, distillation, evaluation, metrics, validation slices."""

@@ -1,0 +1,352 @@
+"""The fine-tuning loop: seeded, evaluated every N steps, keeps the best step, resumable.
+
+One loop serves FP32 training (the demo), quantization-aware fine-tuning and parameter-sharing
+fine-tuning: the model decides what its forward does; the loop only feeds batches, steps two
+optimizers (one for embedding parameters, one for the rest) and evaluates.
+
+Determinism: the batch sequence is a pure function of ``(seed, step)`` (each epoch is a permutation
+drawn from ``numpy.random.default_rng([seed, epoch])``), and :func:`fit` saves the model, optimizers
+and counters to ``state_path`` every ``checkpoint_every`` steps. Resuming from that file replays
+exactly the steps an uninterrupted run would have taken, so both end with identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.data.batches import Batch
+from compress.data.dataset import Dataset
+from compress.errors import DqrmError, os_error_in, os_error_reason
+from compress.io.atomic_file import atomic_open
+from compress.methods.qat_embedding import track_scale_updates
+from compress.progress import enabled as progress_enabled
+from compress.train.config import OPTIMIZERS, SELECT_METRICS, TrainConfig
+from compress.train.evaluate import predict_logits
+from compress.train.metrics import evaluate
+
+
+@dataclass
+class TrainResult:
+    """``best_step``: the evaluation with the best ``config.select_on`` metric on the validation
+    rows given to :func:`fit` (``None`` when none was given: nothing was selected).
+    ``selected_on``: which rows and metric chose the kept weights, filled in by the pipeline
+    (JSON-ready; ``None`` when nothing was selected: no validation rows, or ``keep_best`` off)."""
+
+    steps: int
+    best_step: int | None
+    best_metrics: dict | None
+    final_metrics: dict | None
+    seconds: float
+    samples_per_second: float
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+    selected_on: dict | None = None
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+ScoreFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def default_score(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits ``[B]`` of a TorchRec DLRM."""
+    return model(batch.dense, batch.sparse).reshape(-1)
+
+
+def is_better(metric: str, new: dict, old: dict) -> bool:
+    """Whether evaluation ``new`` beats ``old`` on ``metric``: lower log loss or higher AUC."""
+    if metric == "logloss":
+        return new["logloss"] < old["logloss"]
+    if metric == "auc":
+        return new["auc"] > old["auc"]
+    raise ValueError(
+        f"unknown selection metric {metric!r} (choose from {', '.join(SELECT_METRICS)})"
+    )
+
+
+def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(default_score(model, batch), batch.labels)
+
+
+def batch_stream(
+    data: Dataset, feature_names: tuple[str, ...], batch_size: int, seed: int, start_step: int
+) -> Iterator[Batch]:
+    """Endless shuffled batches; the batch at step ``k`` depends only on ``(seed, k)``."""
+    n = len(data)
+    per_epoch = max(1, n // batch_size)
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        for i in range(offset, per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            yield data.take(idx).to_batch(feature_names)
+            step += 1
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(embedding parameters, dense parameters): a parameter belongs to the embeddings when its
+    name contains ``embedding_bag`` or ``sparse_arch``."""
+    emb, dense = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (emb if ("sparse_arch" in name or "embedding_bag" in name) else dense).append(p)
+    return emb, dense
+
+
+def make_optimizer(
+    kind: str, params: list[nn.Parameter], lr: float
+) -> torch.optim.Optimizer | None:
+    if not params:
+        return None
+    if kind == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise DqrmError(f"unknown optimizer {kind!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
+def fit(
+    model: nn.Module,
+    train: Dataset,
+    valid: Dataset | None,
+    feature_names: tuple[str, ...],
+    config: TrainConfig,
+    *,
+    loss_fn: LossFn = bce_loss,
+    score_fn: ScoreFn = default_score,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    log: Callable[[dict], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``config.total_steps(len(train))`` steps.
+
+    With ``config.keep_best`` and a validation set, the weights of the evaluation with the best
+    ``config.select_on`` metric are restored at the end; that set is only for selection (report
+    metrics on other rows). ``log`` receives one dict per evaluation (step, loss, metrics,
+    samples/s). ``stop_after`` ends the run early after that many steps (as an interruption
+    would), leaving the resumable state at ``state_path``.
+    """
+    torch.manual_seed(config.seed)
+    total = config.total_steps(len(train))
+    if len(train) < config.batch_size:
+        raise DqrmError(
+            f"training data has {len(train)} samples, fewer than one batch of {config.batch_size}"
+        )
+    emb_params, dense_params = split_parameters(model)
+    opt_emb = make_optimizer(config.optimizer, emb_params, config.lr_embedding)
+    opt_dense = make_optimizer(
+        config.dense_optimizer or config.optimizer, dense_params, config.lr_dense
+    )
+    optimizers = [o for o in (opt_emb, opt_dense) if o is not None]
+    if opt_emb is not None:
+        # table-wise QAT scales refresh from a summary kept up to date after each step (exact)
+        track_scale_updates(model, opt_emb)
+
+    step, best_step, best_metrics, best_state, history = 0, None, None, None, []
+    running = 0.0  # exponential moving average of the training loss, as logged
+    state_path = Path(state_path) if state_path else None
+    if state_path is not None:  # a run killed while saving left its temporary file
+        state_tmp(state_path).unlink(missing_ok=True)
+    resumed_from = 0
+    if resume:
+        if state_path is None or not state_path.exists():
+            raise DqrmError(f"--resume: no saved training state at {state_path}")
+        saved = load_state(state_path)
+        if saved["config"] != asdict(config) or saved["total"] != total:
+            raise DqrmError(
+                f"{state_path}: saved training state was made with different settings; start afresh"
+            )
+        try:
+            model.load_state_dict(saved["model"])
+            for opt, s in zip(optimizers, saved["optimizers"], strict=True):
+                opt.load_state_dict(s)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise DqrmError(
+                f"{state_path}: saved training state does not fit this model ({_first_line(e)}); "
+                "run without --resume to start afresh"
+            ) from e
+        step, best_step, best_metrics, history = (
+            saved["step"],
+            saved["best_step"],
+            saved["best_metrics"],
+            saved["history"],
+        )
+        best_state = saved.get("best_state")
+        running = saved["running_loss"]
+        torch.set_rng_state(saved["torch_rng"])
+        resumed_from = step
+
+    def evaluate_now() -> dict | None:
+        if valid is None:
+            return None
+        model.eval()
+        logits = predict_logits(
+            lambda b: score_fn(model, b), valid, feature_names, config.eval_batch_size, desc="valid"
+        )
+        model.train()
+        return evaluate(logits, valid.labels)
+
+    def save_state() -> None:
+        if state_path is None:
+            return
+        state = {
+            "config": asdict(config),
+            "total": total,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "best_step": best_step,
+            "best_metrics": best_metrics,
+            "best_state": best_state,
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+            "running_loss": running,
+        }
+        write_state(state, state_path)
+
+    if step == 0 and valid is not None and config.keep_best:
+        # step 0 competes too: fine-tuning never returns a model worse than it started from
+        metrics = evaluate_now()
+        best_step, best_metrics, best_state = 0, metrics, copy.deepcopy(model.state_dict())
+        entry = {"step": 0, "loss": None, "metrics": metrics, "samples_per_second": 0.0}
+        history.append(entry)
+        if log is not None:
+            log(entry)
+
+    model.train()
+    t0 = time.perf_counter()
+    samples = 0
+    stream = batch_stream(train, feature_names, config.batch_size, config.seed, step)
+    bar = _bar(total, step)
+    end = total if stop_after is None else min(total, step + stop_after)
+    while step < end:
+        batch = next(stream)
+        loss = loss_fn(model, batch)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        step += 1
+        samples += len(batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DqrmError(
+                f"fine-tuning diverged at step {step} (loss {value}); lower the learning rates "
+                f"(lr_embedding {config.lr_embedding}, lr_dense {config.lr_dense})"
+            )
+        running = 0.98 * running + 0.02 * value if step > 1 else value
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{running:.4f}", sps=f"{samples / (time.perf_counter() - t0):,.0f}"
+            )
+        is_eval = (config.eval_every and step % config.eval_every == 0) or step == total
+        if is_eval:
+            metrics = evaluate_now()
+            entry = {
+                "step": step,
+                "loss": running,
+                "metrics": metrics,
+                "samples_per_second": samples / (time.perf_counter() - t0),
+            }
+            history.append(entry)
+            if log is not None:
+                log(entry)
+            if metrics is not None and (
+                best_metrics is None or is_better(config.select_on, metrics, best_metrics)
+            ):
+                best_step, best_metrics = step, metrics
+                if config.keep_best and step != total:
+                    best_state = copy.deepcopy(model.state_dict())
+                elif config.keep_best:
+                    best_state = None  # the final weights are the best ones
+        if state_path is not None and (step % config.checkpoint_every == 0 or step == end):
+            save_state()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    final_metrics = history[-1]["metrics"] if history and history[-1]["step"] == step else None
+    if step == total and config.keep_best and best_state is not None and best_step != total:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        steps=step,
+        best_step=best_step,
+        best_metrics=best_metrics,
+        final_metrics=final_metrics,
+        seconds=seconds,
+        samples_per_second=samples / seconds if seconds > 0 else 0.0,
+        history=history,
+        resumed_from=resumed_from,
+    )
+
+
+STATE_KEYS = frozenset(
+    {"config", "total", "step", "model", "optimizers", "best_step", "best_metrics", "history"}
+    | {"torch_rng", "running_loss"}
+)
+
+
+def state_tmp(state_path: Path) -> Path:
+    """Where :func:`write_state` writes before renaming onto ``state_path``."""
+    return state_path.with_suffix(".tmp")
+
+
+def write_state(state: dict, state_path: Path) -> None:
+    """Save ``state`` to ``state_path`` atomically (a temporary file, flushed, then renamed): a
+    kill leaves the previous state. An OS error (a full disk) is one :class:`DqrmError` naming
+    ``state_path``, with the temporary file removed."""
+    try:
+        # to a file, not a path: to a path, torch reports ENOSPC as a bare RuntimeError
+        with atomic_open(state_path, state_tmp(state_path)) as f:
+            torch.save(state, f)
+    except Exception as e:
+        cause = os_error_in(e)
+        if cause is not None:
+            raise DqrmError(f"{state_path}: {os_error_reason(cause)}") from e
+        raise
+
+
+def load_state(state_path: Path) -> dict:
+    """The training state saved at ``state_path`` (``weights_only``); one-line :class:`DqrmError`
+    naming the file when it is truncated, corrupt or not a training state."""
+    afresh = "run without --resume to start afresh"
+    try:
+        saved = torch.load(state_path, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, refused global: all the file's fault
+        raise DqrmError(
+            f"{state_path}: truncated or corrupt training state ({_first_line(e)}); {afresh}"
+        ) from e
+    missing = STATE_KEYS - saved.keys() if isinstance(saved, dict) else STATE_KEYS
+    if missing:
+        raise DqrmError(
+            f"{state_path}: not a training state (no {', '.join(sorted(missing))}); {afresh}"
+        )
+    return saved
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def _bar(total: int, initial: int):
+    if not progress_enabled():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=False)

@@ -1,0 +1,1 @@
+"""The artifact directory: typed manifest, atomic write, read and verify."""

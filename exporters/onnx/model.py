@@ -1,0 +1,416 @@
+"""Whole-model ONNX graphs of a compressed TorchRec DLRM, and saving them (with external data).
+
+Graphs and their declared inputs/outputs (``batch`` is dynamic in all of them; ``n_<feature>`` is
+the number of ids of one feature in the batch):
+
+* :func:`build_full_model` -- inputs ``dense`` float32 ``[batch, dense_in]`` and, for every
+  feature ``f`` in ``spec.features`` order, ``<f>__values`` int64 ``[n_<f>]`` (row ids of all bags,
+  concatenated) and ``<f>__lengths`` int64 ``[batch]`` (ids per bag, zeros allowed); output
+  ``logits`` float32 ``[batch, 1]``. ``<f>`` is :func:`~exporters.onnx.spec.sanitize_name` of the
+  feature name (``"cat-1"`` -> ``cat_1``); :func:`feature_input_names` gives the mapping. An id
+  outside ``[0, rows)`` reads row 0 of its own table (FBGEMM's bounds check,
+  :data:`~exporters.onnx.lookup.OUT_OF_RANGE_IDS`); ``sum(lengths)`` must equal the number of ids
+  (the :class:`~exporters.runtime.predictor.Predictor` checks it). The graph needs no session option: a
+  plain ``onnxruntime.InferenceSession(path)`` computes the same logits.
+* :func:`build_dense_graph` -- ``dense`` ``[batch, dense_in]`` -> ``dense_embedding``
+  ``[batch, D]`` (TorchRec ``DenseArch``).
+* :func:`build_over_graph` -- ``dense_embedding`` ``[batch, D]`` and ``sparse_embedding``
+  ``[batch, F, D]`` -> ``logits`` ``[batch, 1]`` (interaction + ``OverArch``).
+
+Saving: protobuf cannot hold more than 2 GB, so :func:`save_model` moves every initializer of at
+least ``external_data_threshold_bytes`` (and, largest first, more until the rest fits) to one
+external data file ``<model file name>.data`` next to the ``.onnx``. :func:`export_full_model`
+does the same while building, writing big tables straight from numpy without ever copying them
+into protobuf (the path for tables over 2 GB). Both write into a temporary folder beside the
+target, run ``onnx.checker`` on the written path, then rename, so a crash never leaves a
+half-written model.
+
+Example::
+
+    model = build_full_model(spec)          # onnx.ModelProto, already checked
+    save_model(model, "out/dlrm.onnx")       # small tables stay inside the .onnx
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from compress.io.atomic_file import temp_dir_beside
+from exporters.onnx.dense import (
+    add_dense_arch,
+    add_dot_interaction,
+    add_interaction,
+    add_over_arch,
+)
+from exporters.onnx.lookup import Pooling, RowwiseImpl, add_sparse_arch_parts, concat_in_order
+from exporters.onnx.spec import (
+    BATCH,
+    DLRMGraphSpec,
+    ExternalRouting,
+    GraphBuilder,
+    sanitize_name,
+)
+
+#: Protobuf's hard limit on one serialized message.
+PROTOBUF_LIMIT_BYTES = 2**31
+#: What may stay inside the .onnx: the limit less headroom for the graph itself.
+PROTOBUF_SAFE_BYTES = PROTOBUF_LIMIT_BYTES - 64 * 2**20
+#: Default size from which an initializer goes to the external data file.
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 256 * 2**20
+#: External tensors start at multiples of this (page aligned, so ORT can map them).
+EXTERNAL_DATA_ALIGNMENT = 4096
+
+DENSE_INPUT = "dense"
+DENSE_EMBEDDING = "dense_embedding"
+SPARSE_EMBEDDING = "sparse_embedding"
+LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """One graph input or output: name, numpy dtype name, shape with symbolic dims as strings."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @property
+    def elem_type(self) -> int:
+        return helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Declarations
+
+
+def feature_input_names(spec: DLRMGraphSpec) -> dict[str, tuple[str, str]]:
+    """``feature -> (values input, lengths input)``; raises if two features sanitize alike."""
+    names: dict[str, tuple[str, str]] = {}
+    seen: dict[str, str] = {}
+    for f in spec.features:
+        s = sanitize_name(f)
+        if s in seen or s in (DENSE_INPUT, LOGITS):
+            raise ValueError(f"features {seen.get(s, s)!r} and {f!r} both map to input {s!r}")
+        seen[s] = f
+        names[f] = (f"{s}__values", f"{s}__lengths")
+    return names
+
+
+def full_model_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDecl]]:
+    """Inputs and outputs of :func:`build_full_model`."""
+    inputs = [TensorDecl(DENSE_INPUT, "float32", (BATCH, spec.dense_in_features))]
+    for f, (values, lengths) in feature_input_names(spec).items():
+        inputs.append(TensorDecl(values, "int64", (f"n_{sanitize_name(f)}",)))
+        inputs.append(TensorDecl(lengths, "int64", (BATCH,)))
+    return inputs, [TensorDecl(LOGITS, "float32", (BATCH, 1))]
+
+
+def dense_graph_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDecl]]:
+    """Inputs and outputs of :func:`build_dense_graph`."""
+    return (
+        [TensorDecl(DENSE_INPUT, "float32", (BATCH, spec.dense_in_features))],
+        [TensorDecl(DENSE_EMBEDDING, "float32", (BATCH, spec.embedding_dim))],
+    )
+
+
+def over_graph_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDecl]]:
+    """Inputs and outputs of :func:`build_over_graph`."""
+    d, f = spec.embedding_dim, len(spec.features)
+    return (
+        [
+            TensorDecl(DENSE_EMBEDDING, "float32", (BATCH, d)),
+            TensorDecl(SPARSE_EMBEDDING, "float32", (BATCH, f, d)),
+        ],
+        [TensorDecl(LOGITS, "float32", (BATCH, 1))],
+    )
+
+
+def dummy_inputs(
+    spec: DLRMGraphSpec, batch: int = 8, max_bag: int = 3, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random feeds for :func:`build_full_model`: bags of 0..``max_bag`` valid ids per feature."""
+    rng = np.random.default_rng(seed)
+    feeds = {DENSE_INPUT: rng.standard_normal((batch, spec.dense_in_features), dtype=np.float32)}
+    for f, (values, lengths) in feature_input_names(spec).items():
+        ln = rng.integers(0, max_bag + 1, batch).astype(np.int64)
+        feeds[lengths] = ln
+        feeds[values] = rng.integers(0, spec.table_of(f).num_rows, int(ln.sum())).astype(np.int64)
+    return feeds
+
+
+def add_interaction_parts(
+    gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
+) -> str:
+    """The interaction of ``spec`` on pooled embeddings given as group ``parts`` in ``order``
+    (:func:`~exporters.onnx.lookup.add_sparse_arch_parts`): the dot interaction takes them as
+    they are (it permutes its triangle indices), the others see them in model order."""
+    if spec.model_class == "DLRM":
+        return add_dot_interaction(gb, dense, parts, len(spec.features), order)
+    return add_interaction(gb, dense, concat_in_order(gb, parts, order), spec)
+
+
+def _declare(gb: GraphBuilder, decls: list[TensorDecl]) -> list[str]:
+    return [gb.add_input(d.name, d.elem_type, list(d.shape)) for d in decls]
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphs
+
+
+def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl, pooling: Pooling) -> GraphBuilder:
+    spec.validate()
+    ins, outs = full_model_io(spec)
+    gb = GraphBuilder(f"{spec.model_class.lower()}_full")
+    _declare(gb, ins)
+    dense = add_dense_arch(gb, DENSE_INPUT, spec)
+    inputs = feature_input_names(spec)
+    lookups = [(spec.table_of(f), v, ln) for f, (v, ln) in inputs.items()]
+    one_hot = [f in spec.one_hot_features for f in inputs]
+    parts, order = add_sparse_arch_parts(
+        gb, lookups, spec.embedding_dim, rowwise_impl, pooling, one_hot
+    )  # [B, F_g, D] each, features in `order`
+    logits = add_over_arch(gb, add_interaction_parts(gb, dense, parts, spec, order), spec)
+    gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
+    return gb
+
+
+def build_full_model(
+    spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl = "auto", pooling: Pooling = "cumsum"
+) -> onnx.ModelProto:
+    """Lookups + dense arch + interaction + over arch in one graph (see the module docstring).
+
+    ``rowwise_impl`` and ``pooling`` choose among the lookup variants of
+    :mod:`exporters.onnx.lookup` (keep the default ``pooling="cumsum"`` unless the model will only
+    ever run single-threaded).
+
+    Tables must fit in protobuf together (< 2 GB); larger models go through
+    :func:`export_full_model`, which writes tables to external data while building.
+    """
+    gb = _full_builder(spec, rowwise_impl, pooling)
+    total = sum(gb.initializer_sizes().values())
+    if total >= PROTOBUF_SAFE_BYTES:
+        raise ValueError(
+            f"initializers total {total} bytes, over protobuf's 2 GB: use export_full_model"
+        )
+    return check_model(gb.make_model())
+
+
+def build_dense_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
+    """TorchRec ``DenseArch`` alone: ``dense`` -> ``dense_embedding``."""
+    spec.validate()
+    ins, outs = dense_graph_io(spec)
+    gb = GraphBuilder("dense_arch")
+    _declare(gb, ins)
+    out = add_dense_arch(gb, DENSE_INPUT, spec)
+    gb.add_output(out, DENSE_EMBEDDING, outs[0].elem_type, list(outs[0].shape))
+    return check_model(gb.make_model())
+
+
+def build_over_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
+    """Interaction + ``OverArch``: (``dense_embedding``, ``sparse_embedding``) -> ``logits``."""
+    spec.validate()
+    ins, outs = over_graph_io(spec)
+    gb = GraphBuilder(f"{spec.model_class.lower()}_over")
+    dense, sparse = _declare(gb, ins)
+    logits = add_over_arch(gb, add_interaction(gb, dense, sparse, spec), spec)
+    gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
+    return check_model(gb.make_model())
+
+
+def check_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto | str | Path:
+    """``onnx.checker.check_model`` (full check with shape inference); returns its argument.
+
+    Pass a path for models with external data or over 2 GB.
+    """
+    if isinstance(model, onnx.ModelProto):
+        onnx.checker.check_model(model, full_check=True)
+    else:
+        onnx.checker.check_model(str(model), full_check=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# External data
+
+
+def needs_external_data(
+    nbytes: int, threshold: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD
+) -> bool:
+    """Whether one initializer of ``nbytes`` goes to the external data file.
+
+    True at or above ``threshold`` (``None``: no threshold), and always when protobuf could not
+    hold it. Pure: decides from sizes alone, so a 2 GB table is routed before it is allocated.
+    """
+    return nbytes >= PROTOBUF_SAFE_BYTES or (threshold is not None and nbytes >= threshold)
+
+
+def plan_external_data(
+    sizes: Mapping[str, int], threshold: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD
+) -> set[str]:
+    """Names of the initializers to store externally: those :func:`needs_external_data` picks,
+    then the largest of the others until what stays inline fits in protobuf."""
+    chosen = {name for name, n in sizes.items() if needs_external_data(n, threshold)}
+    inline = sorted((-n, name) for name, n in sizes.items() if name not in chosen)  # largest first
+    total = sum(-neg for neg, _ in inline)
+    for neg, name in inline:
+        if total < PROTOBUF_SAFE_BYTES:
+            break
+        chosen.add(name)
+        total += neg
+    return chosen
+
+
+class ExternalDataFile(ExternalRouting):
+    """Appends tensors to one open data file and returns TensorProtos that point into it."""
+
+    def __init__(self, handle: BinaryIO, location: str, names: set[str]) -> None:
+        self.handle = handle
+        self.location = location
+        self.names = names
+
+    def wants(self, name: str) -> bool:
+        return name in self.names
+
+    def write(self, name: str, value: np.ndarray | TensorProto) -> TensorProto:
+        if isinstance(value, np.ndarray):
+            arr = np.ascontiguousarray(value)
+            data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            dims = list(arr.shape)
+            buffer = memoryview(arr.reshape(-1).view(np.uint8))
+        else:
+            if not value.HasField("raw_data"):
+                return value
+            data_type, dims, buffer = value.data_type, list(value.dims), value.raw_data
+        return self.write_bytes(name, data_type, dims, buffer)
+
+    def write_bytes(self, name: str, data_type: int, dims: list[int], buffer) -> TensorProto:
+        pos = self.handle.seek(0, os.SEEK_END)
+        pad = -pos % EXTERNAL_DATA_ALIGNMENT
+        if pad:
+            self.handle.write(b"\0" * pad)
+        offset = pos + pad
+        self.handle.write(buffer)
+        tensor = TensorProto(name=name, data_type=data_type, dims=dims)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, val in (
+            ("location", self.location),
+            ("offset", offset),
+            ("length", self.handle.tell() - offset),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(val)
+        return tensor
+
+
+def external_data_location(path: str | Path) -> str:
+    """File name of the external data of the model at ``path``: ``<name>.data``."""
+    return Path(path).name + ".data"
+
+
+def _atomic_save(path: Path, write: Callable[[Path, BinaryIO], None]) -> Path:
+    """Run ``write(model_path, data_handle)`` in a temporary folder beside ``path``, check the
+    result by path, then move the data file and the model into place (model last)."""
+    path = Path(path)
+    location = external_data_location(path)
+    with temp_dir_beside(path) as tmp:
+        tmp_model, tmp_data = tmp / path.name, tmp / location
+        with open(tmp_data, "wb") as handle:
+            write(tmp_model, handle)
+        has_data = tmp_data.stat().st_size > 0
+        if not has_data:
+            tmp_data.unlink()
+        check_model(tmp_model)
+        final_data = path.parent / location
+        if has_data:
+            os.replace(tmp_data, final_data)
+        elif final_data.exists():
+            final_data.unlink()  # a stale table file from an earlier save of this model
+        os.replace(tmp_model, path)
+    return path
+
+
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph has no initializers (the big data is never copied)."""
+    light = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(light, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(light.graph, fd, value)
+    return light
+
+
+def _copy_field(dst, fd, value) -> None:  # noqa: ANN001 - protobuf descriptor plumbing
+    if getattr(fd, "is_repeated", None) or getattr(fd, "label", None) == 3:  # LABEL_REPEATED
+        getattr(dst, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
+
+
+def _initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    yield from model.graph.initializer
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | Path,
+    external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; big initializers go to ``<path name>.data``.
+
+    ``model`` is not modified. Returns ``path``. The written file passes ``onnx.checker``.
+    """
+    sizes = {t.name: t.ByteSize() for t in _initializers(model)}
+    external = plan_external_data(sizes, external_data_threshold_bytes)
+
+    def write(model_path: Path, handle: BinaryIO) -> None:
+        if not external:
+            onnx.save_model(model, str(model_path))
+            return
+        light = _copy_without_initializers(model)
+        sink = ExternalDataFile(handle, external_data_location(path), external)
+        for tensor in _initializers(model):
+            if tensor.name in external:
+                light.graph.initializer.append(sink.write(tensor.name, tensor))
+            else:
+                light.graph.initializer.append(tensor)
+        handle.flush()
+        onnx.save_model(light, str(model_path))
+
+    return _atomic_save(Path(path), write)
+
+
+def export_full_model(
+    spec: DLRMGraphSpec,
+    path: str | Path,
+    external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    rowwise_impl: RowwiseImpl = "auto",
+    pooling: Pooling = "cumsum",
+) -> Path:
+    """Build the full model and write it to ``path``, streaming big tables to external data.
+
+    Same graph as :func:`build_full_model`, but initializers chosen by
+    :func:`plan_external_data` go from numpy to the data file directly, so models with tables
+    over 2 GB can be written without holding a second copy in memory.
+    """
+    gb = _full_builder(spec, rowwise_impl, pooling)
+    external = plan_external_data(gb.initializer_sizes(), external_data_threshold_bytes)
+
+    def write(model_path: Path, handle: BinaryIO) -> None:
+        sink = ExternalDataFile(handle, external_data_location(path), external)
+        model = gb.make_model(sink if external else None)
+        handle.flush()
+        onnx.save_model(model, str(model_path))
+
+    return _atomic_save(Path(path), write)

@@ -1,0 +1,1 @@
+"""Serving artifacts: ONNX Runtime Predictor and TorchRec loaders."""

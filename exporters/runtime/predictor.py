@@ -1,0 +1,259 @@
+"""Serve an artifact directory with ONNX Runtime: logits and metrics for datasets, files, tensors.
+
+:class:`Predictor` verifies the directory first (every checksum, every array header: see
+:mod:`exporters.artifacts.read`), so a corrupt artifact is an :class:`~compress.errors.ArtifactError` naming
+the file, never a crash inside ONNX Runtime, and no path in the manifest reaches outside the
+directory. It then opens ``onnx/model.onnx`` with the session settings the manifest records
+(:data:`~exporters.onnx.parity.SERVING_SESSION_CONFIG`: worker spinning off; the graphs are
+exact without any session option). A directory exported without graphs is served from a graph
+built in memory from its arrays.
+
+Inputs are what the model was trained on: dense features already transformed (the manifest's
+``inputs.dense.transform``, the one the data it was fine-tuned and evaluated on was read with, e.g.
+``log3`` = ``log(max(x, -2) + 3)``; :meth:`Predictor.predict_raw` and :meth:`Predictor.open_data`
+apply it to raw Criteo text, ``dense_transform=`` overrides it), and per sparse feature the row ids of
+every bag, concatenated, with the bag lengths. Inputs are checked before any batch reaches ORT:
+lengths must be non-negative and sum to the number of ids of their feature, and an id outside
+``[0, rows)`` of its table is an :class:`OutOfRangeIdError` naming the feature and the id, unless
+the Predictor is told ``out_of_range="row0"``: then such ids read row 0 of their own table, as the
+graph does (the manifest's ``onnx.out_of_range_ids``, FBGEMM's bounds check).
+
+Example::
+
+    p = Predictor("out/dlrm.int4_qat", threads=2)
+    p.evaluate(p.open_data("day_23.gz"))        # {"auc", "logloss", "accuracy", "n"}
+    p.predict_tensors(dense, {"cat_0": ids}, {"cat_0": lengths})   # logits [B]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from compress.data.dataset import Dataset
+from compress.data.dense_transform import check_transform
+from compress.data.formats import detect_format, open_dataset
+from compress.errors import DataError
+from compress.train.metrics import evaluate as score_logits
+from exporters.artifacts.read import Artifacts, load_artifacts
+from exporters.onnx.parity import serving_session
+
+DENSE_INPUT = "dense"
+LOGITS = "logits"
+DEFAULT_BATCH_SIZE = 4096
+#: What :class:`Predictor` does with an id outside its table: refuse it, or read row 0 of the table.
+OUT_OF_RANGE_MODES = ("error", "row0")
+
+
+class OutOfRangeIdError(DataError):
+    """A row id outside ``[0, rows)`` of its feature's table (refused unless
+    ``out_of_range="row0"``)."""
+
+
+def dataset_feeds(
+    dataset: Dataset, feature_inputs: Mapping[str, tuple[str, str]]
+) -> dict[str, np.ndarray]:
+    """ORT feeds of a whole (small) dataset: ``dense`` plus ``<f>__values``/``<f>__lengths``."""
+    feeds = {DENSE_INPUT: np.ascontiguousarray(dataset.dense, dtype=np.float32)}
+    for f, (values, lengths) in feature_inputs.items():
+        off = dataset.offsets[f]
+        feeds[values] = np.ascontiguousarray(dataset.values[f][off[0] : off[-1]], dtype=np.int64)
+        feeds[lengths] = np.diff(off).astype(np.int64, copy=False)
+    return feeds
+
+
+class Predictor:
+    """An artifact directory loaded into ONNX Runtime.
+
+    Args:
+        path: the artifact directory (``manifest.json`` inside).
+        threads: ORT ``intra_op_num_threads`` (``None``: ORT's default, all cores).
+        batch_size: samples per ORT run in :meth:`predict`.
+        out_of_range: ``"error"`` (default): an id outside its table raises
+            :class:`OutOfRangeIdError`; ``"row0"``: it reads row 0 of its own table, like the graph
+            and FBGEMM's bounds check.
+        dense_transform: the dense transform raw text is read with, overriding the manifest's
+            ``inputs.dense.transform`` (``None``: the manifest's; needed for raw text when the
+            manifest does not know it). Data read or given in another transform is refused.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        out_of_range: str = "error",
+        dense_transform: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if out_of_range not in OUT_OF_RANGE_MODES:
+            raise ValueError(f"out_of_range must be 'error' or 'row0', got {out_of_range!r}")
+        self.out_of_range = out_of_range
+        self.artifacts: Artifacts = load_artifacts(path, verify=True)
+        self.spec = self.artifacts.spec
+        #: the transform the model's dense inputs are made with (``None``: not known)
+        self.dense_transform = (
+            check_transform(dense_transform, "dense_transform")
+            if dense_transform is not None
+            else self.artifacts.parsed.dense_transform.name
+        )
+        self.batch_size = batch_size
+        self._rows = {f: t.num_embeddings for t in self.spec.tables for f in t.feature_names}
+        section = self.artifacts.onnx
+        if section is not None:
+            graph = section["graphs"]["model"]
+            self.feature_inputs = {
+                f: (io["values"], io["lengths"]) for f, io in graph["features"].items()
+            }
+            model: str | Path | bytes = self.artifacts.file(graph["file"])
+        else:
+            model, self.feature_inputs = self._build_in_memory()
+        self.session = serving_session(model, threads=threads)
+        self.runtime = "onnxruntime"
+
+    def _build_in_memory(self) -> tuple[bytes, dict[str, tuple[str, str]]]:
+        from exporters.onnx.from_model import graph_spec_from_artifacts
+        from exporters.onnx.model import build_full_model, feature_input_names
+
+        gspec = graph_spec_from_artifacts(self.artifacts)
+        return build_full_model(gspec).SerializeToString(), feature_input_names(gspec)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.spec.feature_names
+
+    # -- inputs
+
+    def open_data(self, path: str | Path, on_bad_line: str = "error") -> Dataset:
+        """Labelled data at ``path`` (Criteo TSV/.gz file or directory, TorchRec npy days, .npz)
+        for this model; raw text gets the manifest's dense transform. An id beyond its table is
+        an :class:`OutOfRangeIdError` here, before any batch is scored, unless
+        ``out_of_range="row0"``."""
+        if self.dense_transform is None and detect_format(path) == "criteo":
+            why = (
+                "format 1 manifests do not record it"
+                if self.artifacts.parsed.format_version < 2
+                else "no data was read when it was compressed"
+            )
+            raise DataError(
+                f"{path}: raw text needs the dense transform the model was trained with, and "
+                f"{self.artifacts.path / 'manifest.json'} does not know it ({why}): pass "
+                "--dense-transform log3 or none (Predictor(..., dense_transform=...))"
+            )
+        data = open_dataset(
+            path,
+            self.spec,
+            on_bad_line=on_bad_line,
+            dense_transform=self.dense_transform,
+            check_row_ids=False,
+        )
+        if self.out_of_range == "error":  # "row0" maps them batch by batch
+            for f in self.feature_names:
+                self._in_range(f, data.values[f])
+        return data
+
+    def _check(
+        self, dense: np.ndarray, values: Mapping[str, np.ndarray], lengths: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Raise :class:`DataError` unless the inputs fit the model (an id out of range:
+        :class:`OutOfRangeIdError`, unless ``out_of_range="row0"``); returns the ids to feed
+        (with ``"row0"``, out-of-range ids replaced by 0)."""
+        if dense.ndim != 2 or dense.shape[1] != self.spec.dense_in_features:
+            raise DataError(
+                f"dense must be [B, {self.spec.dense_in_features}], got {list(dense.shape)}"
+            )
+        batch = dense.shape[0]
+        out = {}
+        for f in self.feature_names:
+            if f not in values or f not in lengths:
+                raise DataError(f"no input for sparse feature {f!r}")
+            v, ln = values[f], lengths[f]
+            if ln.shape != (batch,):
+                raise DataError(f"feature {f!r}: lengths must be [{batch}], got {list(ln.shape)}")
+            if ln.size and ln.min() < 0:
+                raise DataError(f"feature {f!r}: negative bag length {int(ln.min())}")
+            if v.ndim != 1:
+                raise DataError(f"feature {f!r}: ids must be [n], got {list(v.shape)}")
+            # a bag longer than all ids first: the int64 sum of huge lengths could wrap to n
+            if ln.size and int(ln.max()) > v.shape[0]:
+                raise DataError(f"feature {f!r}: a bag of {int(ln.max())} ids but {v.shape[0]} ids")
+            if v.shape[0] != int(ln.sum()):
+                raise DataError(
+                    f"feature {f!r}: {v.shape[0]} ids but lengths sum to {int(ln.sum())}"
+                )
+            out[f] = self._in_range(f, v)
+        return out
+
+    def _in_range(self, feature: str, ids: np.ndarray) -> np.ndarray:
+        """``ids``, or :class:`OutOfRangeIdError` for one outside the table (``"error"``), or a
+        copy with those ids replaced by 0 (``"row0"``: what the graph does with them anyway;
+        done here too so that graphs exported before the graph did it serve the same)."""
+        rows = self._rows[feature]
+        if not ids.size or (ids.min() >= 0 and ids.max() < rows):
+            return ids
+        if self.out_of_range == "row0":
+            return np.where((ids >= 0) & (ids < rows), ids, 0)
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise OutOfRangeIdError(
+            f"feature {feature!r}: row id {bad} outside its table of {rows} rows (serve such ids "
+            "as row 0 of the table with out_of_range='row0', eval --out-of-range row0)"
+        )
+
+    # -- scoring
+
+    def predict_tensors(
+        self,
+        dense: np.ndarray,
+        values_by_feature: Mapping[str, np.ndarray],
+        lengths_by_feature: Mapping[str, np.ndarray],
+    ) -> np.ndarray:
+        """Logits ``[B]`` of one batch: ``dense`` float32 ``[B, num_dense]`` (transformed), per
+        feature int64 ids ``[sum(lengths)]`` and lengths ``[B]`` (0 for an empty bag)."""
+        dense = np.ascontiguousarray(dense, dtype=np.float32)
+        values = {f: _ids(f, v) for f, v in values_by_feature.items()}
+        lengths = {f: _ids(f, ln, "bag lengths") for f, ln in lengths_by_feature.items()}
+        values = self._check(dense, values, lengths)
+        feeds = {DENSE_INPUT: dense}
+        for f, (v_name, l_name) in self.feature_inputs.items():
+            feeds[v_name], feeds[l_name] = values[f], lengths[f]
+        return self.session.run([LOGITS], feeds)[0].reshape(-1)
+
+    def predict(self, dataset: Dataset) -> np.ndarray:
+        """Logits ``[N]`` of every sample of ``dataset``, in order, ``batch_size`` at a time.
+        A dataset that records another dense transform than the model's is a :class:`DataError`."""
+        theirs, ours = dataset.dense_transform, self.dense_transform
+        if theirs is not None and ours is not None and theirs != ours:
+            raise DataError(
+                f"the dataset's dense features are {theirs!r}-transformed, the model takes "
+                f"{ours!r}-transformed ones (manifest inputs.dense.transform)"
+            )
+        out = [np.zeros(0, np.float32)]
+        for start in range(0, len(dataset), self.batch_size):
+            part = dataset.slice(start, start + self.batch_size)
+            present = [f for f in self.feature_names if f in part.values]
+            values = {f: part.values[f] for f in present}
+            lengths = {f: part.lengths(f) for f in present}
+            out.append(self.predict_tensors(part.dense, values, lengths))
+        return np.concatenate(out)
+
+    def predict_raw(self, path: str | Path, on_bad_line: str = "error") -> np.ndarray:
+        """Logits ``[N]`` of the samples in a data file or directory (see :meth:`open_data`)."""
+        return self.predict(self.open_data(path, on_bad_line))
+
+    def evaluate(self, dataset: Dataset | str | Path, on_bad_line: str = "error") -> dict:
+        """``{"auc", "logloss", "accuracy", "n"}`` on a dataset (or a data path)."""
+        if not isinstance(dataset, Dataset):
+            dataset = self.open_data(dataset, on_bad_line)
+        return score_logits(self.predict(dataset), dataset.labels)
+
+
+def _ids(feature: str, ids: np.ndarray, what: str = "row ids") -> np.ndarray:
+    """``ids`` (or bag lengths) as contiguous int64; :class:`DataError` for values that are not
+    integers (a cast would silently truncate 3.7 to 3)."""
+    arr = np.asarray(ids)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise DataError(f"feature {feature!r}: {what} must be integers, got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)

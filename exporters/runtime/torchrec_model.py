@@ -1,0 +1,264 @@
+"""An artifact directory back as a TorchRec DLRM: FBGEMM tables, shared arrays, float MLPs.
+
+:func:`load_torchrec_model` reads a directory written by :func:`exporters.artifacts.write.save` (through
+:func:`exporters.artifacts.read.load_artifacts`: manifest digest and schema, every checksum, every path
+confined to the directory) and returns the model class the checkpoint had (``DLRM``,
+``DLRM_DCN`` or ``DLRM_Projection``, from ``torchrec.models.dlrm``), in eval mode, that computes
+what the directory's ONNX graph computes:
+
+- **Tables** go to TorchRec's quantized ``EmbeddingBagCollection``
+  (``torchrec.quant.embedding_modules``, FBGEMM's ``IntNBitTableBatchedEmbeddingBagsCodegen``
+  kernels) whenever FBGEMM's rows hold them exactly (:func:`exporters.runtime.torchrec_ebc.fbgemm_data_type`):
+  row-wise INT8/INT4/INT2 tables as stored, ``fp32``/``fp16`` tables as FP32/FP16 rows, and
+  table-wise tables converted to row-wise rows (codes ``q + 2^(b-1)``, fp16 scale ``s``, bias
+  ``-2^(b-1)*s``: ``code*s + bias == q*s`` bit for bit). That conversion needs ``s`` to be an fp16
+  value, which the table-wise quantizer guarantees by rounding every scale up to one, and the bias
+  ``-2^(b-1)*s`` to be a finite fp16 number, which fails only when ``2^(b-1)*s > 65504`` (a table
+  with ``max|W|`` in the tens of thousands). Such a table is not approximated: it stays in this
+  project's :class:`~compress.methods.qat_embedding.QuantizedEmbeddingBagCollection` (its codes and scale
+  as buffers, dequantized exactly as the ONNX graph does), and :func:`table_placement` says so.
+- **Shared (ROBE-Z) arrays** become :class:`~compress.methods.robe.RobeEmbeddingBagCollection` modules
+  with the hash parameters of the manifest; the array is held in float32, dequantized from its
+  stored fp16/int8 form exactly as the ONNX graph dequantizes it.
+- **MLP linears** are plain ``nn.Linear`` layers holding the dequantized weights
+  ``qweight * scales[:, None]`` (float32, the products the ONNX graph's ``Cast`` + ``Mul``
+  computes), float layers and DCN kernels as stored.
+
+When more than one kind of table module is needed they are joined by
+:class:`~compress.methods.robe.CombinedEmbeddingBagCollection` (the EBC interface, outputs in the model's
+feature order); otherwise the sparse arch holds TorchRec's quantized EBC itself. Ids must lie in
+their tables, as TorchRec requires (the ONNX graph maps out-of-range ids to row 0).
+
+Example::
+
+    model = load_torchrec_model("demo/dlrm.int4_qat")
+    logits = model(dense, kjt)          # equals ONNX Runtime's logits within 1e-5
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import ArtifactError
+from compress.io.model import build_model
+from compress.io.model_spec import TableSpec
+from compress.methods.qat_embedding import (
+    QuantizedEmbeddingBagCollection,
+    QuantizedTable,
+    TableQuant,
+)
+from compress.methods.robe import (
+    CombinedEmbeddingBagCollection,
+    RobeConfig,
+    RobeEmbeddingBagCollection,
+)
+from compress.methods.robe import table_offsets as robe_table_offsets
+from compress.methods.robe_hash import ROBE_PRIME
+from compress.quant import math as qm
+from exporters.artifacts.manifest import SharedGroupEntry
+from exporters.artifacts.read import SHARED_ROLE, Artifacts, TableArrays, load_artifacts
+from exporters.onnx.from_model import dequantize_shared, linear_from_artifacts, linear_paths
+from exporters.runtime.torchrec_ebc import (
+    DEFAULT_CHUNK_ROWS,
+    fbgemm_data_type,
+    fbgemm_ebc,
+    tablewise_scale,
+)
+
+log = logging.getLogger(__name__)
+
+#: Where :func:`table_placement` puts a table.
+FBGEMM, OURS, SHARED = "fbgemm", "quantized", "shared"
+
+#: The DLRM submodules whose state comes from the manifest's ``dense`` entries.
+DENSE_ROOTS = ("dense_arch", "inter_arch", "over_arch")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which module serves each table: ``kind`` is :data:`FBGEMM` (TorchRec's quantized EBC),
+    :data:`OURS` (a table-wise table FBGEMM cannot hold exactly) or :data:`SHARED`; ``reason``
+    says why a table is not in FBGEMM's module."""
+
+    kind: str
+    reason: str = ""
+
+
+def table_placement(arts: Artifacts) -> dict[str, Placement]:
+    """Where :func:`load_torchrec_model` puts each table of ``arts``, in the model's order."""
+    out = {}
+    for name, t in arts.tables.items():
+        if t.layout == "robe":
+            out[name] = Placement(SHARED, f"reads shared array {t.entry['shared']['name']!r}")
+        elif fbgemm_data_type(t) is not None:
+            out[name] = Placement(FBGEMM)
+        elif t.layout == "tablewise":
+            bits, scale = int(t.bits), tablewise_scale(t)
+            out[name] = Placement(
+                OURS,
+                f"table-wise scale {scale!r} at {bits} bits has no exact FBGEMM row (the bias "
+                f"-{qm.signed_offset(bits)}*s must be a finite fp16 number)",
+            )
+        else:
+            raise ArtifactError(
+                f"{arts.path}: table {name!r} has layout {t.layout!r}, which this loader does not "
+                "know"
+            )
+    return out
+
+
+def load_torchrec_model(
+    artifacts: Artifacts | str | Path,
+    *,
+    row_alignment: int = qm.ROW_ALIGNMENT,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> nn.Module:
+    """The TorchRec DLRM of an artifact directory (see the module docstring), in eval mode.
+
+    ``artifacts``: a path (loaded and verified here) or an :class:`~exporters.artifacts.read.Artifacts`.
+    Raises :class:`~compress.errors.ArtifactError` for a directory that fails its checks or does
+    not describe a DLRM.
+    """
+    arts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
+    placement = table_placement(arts)
+    for name, p in placement.items():
+        if p.kind == OURS:
+            log.info(
+                "%s: table %s stays in QuantizedEmbeddingBagCollection: %s",
+                arts.path,
+                name,
+                p.reason,
+            )
+    model = build_model(arts.spec, device="meta")
+    _check_dense_keys(model, arts)
+    for root in DENSE_ROOTS:
+        _load_dense(model, root, arts)
+    ebc = sparse_module(arts, placement, row_alignment=row_alignment, chunk_rows=chunk_rows)
+    model.sparse_arch.embedding_bag_collection = ebc
+    return model.eval()
+
+
+def sparse_module(
+    arts: Artifacts,
+    placement: dict[str, Placement],
+    *,
+    row_alignment: int = qm.ROW_ALIGNMENT,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> nn.Module:
+    """The EBC-interface module of every table of ``arts``, placed as ``placement`` says."""
+    tables = list(arts.tables.values())
+    parts: list[nn.Module] = []
+    in_fbgemm = [t for t in tables if placement[t.name].kind == FBGEMM]
+    if in_fbgemm:
+        parts.append(
+            fbgemm_ebc(arts, in_fbgemm, row_alignment=row_alignment, chunk_rows=chunk_rows)
+        )
+    ours = [t for t in tables if placement[t.name].kind == OURS]
+    if ours:
+        parts.append(
+            QuantizedEmbeddingBagCollection(
+                [_table_spec(t) for t in ours], {t.name: quantized_table(t) for t in ours}
+            )
+        )
+    parts += [shared_module(arts, g) for g in arts.parsed.shared_arrays]
+    features = list(arts.spec.feature_names)
+    if len(parts) == 1 and _output_keys(parts[0]) == features:
+        return parts[0]
+    return CombinedEmbeddingBagCollection(parts, features)
+
+
+def _output_keys(part: nn.Module) -> list[str]:
+    return [f for cfg in part.embedding_bag_configs() for f in cfg.feature_names]
+
+
+def _table_spec(t: TableArrays) -> TableSpec:
+    return TableSpec(t.name, t.num_embeddings, t.embedding_dim, tuple(t.feature_names))
+
+
+def quantized_table(t: TableArrays) -> QuantizedTable:
+    """A stored table-wise table as a :class:`QuantizedTable` (codes copied out of the map)."""
+    quant = TableQuant(str(t.entry.get("method", "ptq")), int(t.bits), "table")
+    scale = torch.tensor(tablewise_scale(t), dtype=torch.float32)
+    data = torch.from_numpy(np.array(t.arrays["data"]))
+    return QuantizedTable(t.name, t.num_embeddings, t.embedding_dim, quant, data, scale)
+
+
+def shared_module(arts: Artifacts, group: SharedGroupEntry) -> RobeEmbeddingBagCollection:
+    """The ROBE-Z module of one shared array: its tables in the group's order, the manifest's
+    hash parameters (checked against what the seed gives), the array dequantized to float32."""
+    where = f"{arts.path}: shared array {group.name!r}"
+    tables = [arts.tables[n] for n in group.tables]
+    specs = [_table_spec(t) for t in tables]
+    config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=group.seed)
+    if tuple(config.constants) != tuple(group.constants) or group.prime != ROBE_PRIME:
+        raise ArtifactError(
+            f"{where}: hash constants {list(group.constants)} (prime {group.prime}) are not what "
+            f"seed {group.seed} gives {list(config.constants)} (prime {ROBE_PRIME})"
+        )
+    offsets = robe_table_offsets(specs)
+    for t, offset in zip(tables, offsets, strict=True):
+        if int(t.entry["table_offset"]) != offset:
+            raise ArtifactError(
+                f"{where}: table {t.name!r} has row offset {t.entry['table_offset']}, its place "
+                f"in the group gives {offset}"
+            )
+    array = dequantize_shared(
+        np.asarray(tables[0].arrays[SHARED_ROLE + "data"]),
+        None
+        if SHARED_ROLE + "scale" not in tables[0].arrays
+        else np.asarray(tables[0].arrays[SHARED_ROLE + "scale"]),
+    )
+    module = RobeEmbeddingBagCollection(specs, config)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.array(array, dtype=np.float32)))
+    return module
+
+
+def dense_state(model: nn.Module, root: str, arts: Artifacts) -> dict[str, torch.Tensor]:
+    """The state dict of ``model.<root>`` from the artifacts: linears as dequantized float32
+    weights and biases, every other tensor (DCN kernels) as stored, in float32."""
+    paths = {p for layer in linear_paths(arts.spec).values() for p in layer}
+    state = {}
+    for key in getattr(model, root).state_dict():
+        full = f"{root}.{key}"
+        module_path, _, leaf = full.rpartition(".")
+        if module_path in paths and leaf in ("weight", "bias"):
+            linear = linear_from_artifacts(arts, module_path)
+            value = linear.dequantized() if leaf == "weight" else linear.bias
+        elif full in arts.dense:
+            value = arts.dense[full]
+        else:
+            raise ArtifactError(f"{arts.path}: no dense weight {full!r} in the manifest")
+        state[key] = torch.from_numpy(np.array(value, dtype=np.float32))
+    return state
+
+
+def _load_dense(model: nn.Module, root: str, arts: Artifacts) -> None:
+    sub = getattr(model, root)
+    state = dense_state(model, root, arts)
+    for key, expected in sub.state_dict().items():
+        if tuple(state[key].shape) != tuple(expected.shape):
+            raise ArtifactError(
+                f"{arts.path}: {root}.{key} has shape {list(state[key].shape)}, the "
+                f"{arts.spec.model_class} of the manifest needs {list(expected.shape)}"
+            )
+    sub.load_state_dict(state, strict=True, assign=True)
+
+
+def _check_dense_keys(model: nn.Module, arts: Artifacts) -> None:
+    """:class:`ArtifactError` naming any ``dense`` entry that is no tensor of the model."""
+    paths = [p for layer in linear_paths(arts.spec).values() for p in layer]
+    known = {f"{p}.{leaf}" for p in paths for leaf in ("weight", "qweight", "scales", "bias")}
+    known |= {k for k in model.state_dict() if k.split(".")[0] in DENSE_ROOTS}
+    extra = sorted(set(arts.dense) - known)
+    if extra:
+        raise ArtifactError(
+            f"{arts.path}: dense entr{'ies' if len(extra) > 1 else 'y'} {extra} belong to no "
+            f"tensor of its {arts.spec.model_class}"
+        )
