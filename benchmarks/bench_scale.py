@@ -1,0 +1,255 @@
+"""The main job on the papers' model shapes: wall time, peak RSS, throughput, bytes on disk.
+
+Shapes (facebookresearch/dlrm preprocessing of the two Criteo data sets; random weights, with a
+share of all-zero rows, as never-seen ids leave them in real checkpoints):
+
+- ``kaggle``: 26 tables, dim 16, 33.8M rows, 2.16 GB of FP32 tables (the DQRM paper's model).
+- ``terabyte``: 26 tables capped at 10M rows, dim 64, 49.1M rows, 12.58 GB.
+
+Each recipe runs as the command users run (``dqrm-compress CKPT --recipe R --json``) in a fresh
+process; the baseline is reading the checkpoint once, measured in the same run. Checkpoints are
+written once into ``benchmarks/.cache`` (about 15 GB for both shapes) and kept with ``--keep``.
+
+    .venv/bin/python benchmarks/bench_scale.py --shape kaggle
+    .venv/bin/python benchmarks/bench_scale.py --shape terabyte --recipe int4_rowwise_ptq --keep
+
+Targets (issue "Scale on one machine"): Terabyte ``int4_rowwise_ptq`` peak RSS <= 3 GB and >= 1 GB/s
+through the quantize stage; Kaggle peak RSS <= 1.5 GB; artifacts <= planned + 2% + 2 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import KAGGLE_ROWS, cache_dir, python_child  # noqa: E402
+from compress.io.atomic_file import replacing  # noqa: E402
+from compress.io.model import build_model  # noqa: E402
+from compress.io.model_spec import DLRMSpec, TableSpec  # noqa: E402
+
+TERABYTE_ROWS = (
+    9980333,
+    36084,
+    17217,
+    7378,
+    20134,
+    3,
+    7112,
+    1442,
+    61,
+    9758201,
+    1333352,
+    313829,
+    10,
+    2208,
+    11156,
+    122,
+    4,
+    970,
+    14,
+    9994222,
+    7267859,
+    9946608,
+    415421,
+    12420,
+    101,
+    36,
+)  # fmt: skip  (rows of the 26 Criteo Terabyte tables, 10M cap, dim 64)
+
+DEFAULT_RECIPES = ("int4_rowwise_ptq", "int8_ptq", "int4_ptq", "robe_10000x", "int4_qat")
+
+#: A ROBE-Z recipe at the second paper's headline ratio (built-ins stop at 1000x).
+ROBE_10000X = """
+name = "robe_10000x"
+[[tables]]
+match = ["*"]
+min_rows = 10000
+method = "share"
+compression = 10000.0
+block_size = 8
+group = "large"
+[finetune]
+batch_size = 2048
+optimizer = "adagrad"
+lr_embedding = 0.01
+lr_dense = 0.001
+"""
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    rows: tuple[int, ...]
+    dim: int
+    bottom: tuple[int, ...]
+    top: tuple[int, ...]
+
+    def spec(self) -> DLRMSpec:
+        tables = tuple(
+            TableSpec(
+                name=f"t_cat_{i}",
+                num_embeddings=r,
+                embedding_dim=self.dim,
+                feature_names=(f"cat_{i}",),
+            )
+            for i, r in enumerate(self.rows)
+        )
+        return DLRMSpec("DLRM", tables, 13, self.bottom, self.top)
+
+    @property
+    def table_bytes(self) -> int:
+        return sum(self.rows) * self.dim * 4
+
+
+SHAPES = {
+    "kaggle": Shape("kaggle", KAGGLE_ROWS, 16, (512, 256, 64, 16), (512, 256, 1)),
+    "terabyte": Shape("terabyte", TERABYTE_ROWS, 64, (512, 256, 64), (512, 512, 256, 1)),
+    # 1% of the Kaggle rows: a quick check that the benchmark itself runs
+    "kaggle_1pct": Shape(
+        "kaggle_1pct",
+        tuple(max(r // 100, 2) for r in KAGGLE_ROWS),
+        16,
+        (512, 256, 64, 16),
+        (512, 256, 1),
+    ),
+}
+
+
+def fill_table(out: np.ndarray, seed: int, zero_fraction: float, chunk: int = 1 << 20) -> None:
+    """Uniform weights in +-0.05 with about ``zero_fraction`` of the rows all zero, in chunks."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, out.shape[0], chunk):
+        block = out[start : start + chunk]
+        block[:] = rng.random(block.shape, dtype=np.float32) * np.float32(0.1) - np.float32(0.05)
+        block[rng.random(block.shape[0]) < zero_fraction] = 0.0
+
+
+def write_checkpoint(shape_name: str, path: Path, zero_fraction: float) -> None:
+    """Write a ``torch.save`` checkpoint of the shape without holding its tables in memory."""
+    shape = SHAPES[shape_name]
+    meta = build_model(shape.spec(), device="meta").state_dict()
+    g = torch.Generator().manual_seed(0)
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tables-"))
+    try:
+        state = {}
+        for i, (key, v) in enumerate(meta.items()):
+            if "embedding_bags" not in key:
+                state[key] = torch.randn(v.shape, generator=g) * 0.05
+                continue
+            arr = np.lib.format.open_memmap(
+                scratch / f"{i}.npy", mode="w+", dtype=np.float32, shape=tuple(v.shape)
+            )
+            fill_table(arr, seed=i, zero_fraction=zero_fraction)
+            state[key] = torch.from_numpy(arr)
+        with replacing(path, path.with_suffix(".tmp")) as tmp:
+            torch.save(state, tmp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def ensure_checkpoint(shape: str, zero_fraction: float) -> Path:
+    path = cache_dir() / f"scale_{shape}_z{int(round(zero_fraction * 100))}.pt"
+    if not path.exists():
+        print(
+            f"writing {path} ({SHAPES[shape].table_bytes / 1e9:.2f} GB of tables) ...", flush=True
+        )
+        python_child(
+            "from pathlib import Path\nfrom benchmarks.bench_scale import write_checkpoint\n"
+            f"write_checkpoint({shape!r}, Path({str(path)!r}), {zero_fraction!r})\n"
+        )
+    return path
+
+
+def recipe_arg(name: str, workdir: Path) -> str:
+    if name == "robe_10000x":
+        path = workdir / "robe_10000x.toml"
+        path.write_text(ROBE_10000X)
+        return str(path)
+    return name
+
+
+def run_recipe(ckpt: Path, recipe: str, out: Path, steps: int, workdir: Path) -> dict:
+    """Run the main job in a fresh process; its JSON document plus wall and peak RSS."""
+    doc = workdir / "job.json"
+    argv = ["--no-progress", "compress", str(ckpt), "--recipe", recipe_arg(recipe, workdir)]
+    argv += ["--out", str(out), "--force", "--json"]
+    if recipe.endswith("_qat") or recipe.startswith("robe"):
+        argv += ["--steps", str(steps)]
+    code = (
+        "import contextlib\nfrom compress.cli.main import main\n"
+        f"with open({str(doc)!r}, 'w') as f, contextlib.redirect_stdout(f):\n"
+        f"    rc = main({argv!r})\n"
+        "assert rc == 0, rc\n"
+    )
+    wall, peak, _ = python_child(code)
+    result = json.loads(doc.read_text())
+    disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"wall": wall, "peak": peak, "disk": disk, "job": result}
+
+
+def report(shape: Shape, ckpt: Path, recipe: str, r: dict, read_once: float) -> None:
+    t = r["job"].get("timings", {})
+    planned = r["job"]["bytes_planned"]
+    quantize = t.get("quantize", 0.0) + t.get("convert", 0.0)
+    gbps = shape.table_bytes / 1e9 / quantize if quantize > 0 else float("nan")
+    limit = planned * 1.02 + 2e6
+    size = ckpt.stat().st_size
+    print(
+        f"{recipe:<18}{r['wall']:>8.1f}{r['wall'] / read_once:>8.2f}{r['peak'] / 1e9:>9.2f}"
+        f"{r['peak'] / size:>8.2f}{gbps:>8.2f}{planned / 1e6:>10.1f}{r['disk'] / 1e6:>10.1f}"
+        f"{r['disk'] / planned:>8.3f}  {'ok' if r['disk'] <= limit else 'OVER'}"
+    )
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if v >= 0.05)
+    print(f"{'':<18}stages (s): {stages}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", action="append", choices=sorted(SHAPES), help="repeatable")
+    ap.add_argument("--recipe", action="append", help=f"repeatable; default {DEFAULT_RECIPES}")
+    ap.add_argument("--zero-fraction", type=float, default=0.25, help="share of all-zero rows")
+    ap.add_argument("--steps", type=int, default=50, help="fine-tuning steps (QAT, ROBE)")
+    ap.add_argument("--keep", action="store_true", help="keep checkpoints in benchmarks/.cache")
+    args = ap.parse_args()
+    for name in args.shape or ["kaggle"]:
+        shape = SHAPES[name]
+        ckpt = ensure_checkpoint(name, args.zero_fraction)
+        read_wall, read_peak, _ = python_child(
+            f"f = open({str(ckpt)!r}, 'rb')\nwhile f.read(1 << 24): pass\n"
+        )
+        size = ckpt.stat().st_size
+        print(
+            f"\n{name}: checkpoint {size / 1e9:.2f} GB, {args.zero_fraction:.0%} zero rows; "
+            f"read once {read_wall:.1f} s ({size / 1e9 / read_wall:.2f} GB/s), "
+            f"peak {read_peak / 1e9:.2f} GB"
+        )
+        print(
+            f"{'recipe':<18}{'wall s':>8}{'/read':>8}{'peak GB':>9}{'/ckpt':>8}{'GB/s':>8}"
+            f"{'plan MB':>10}{'disk MB':>10}{'/plan':>8}"
+        )
+        for recipe in args.recipe or DEFAULT_RECIPES:
+            with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".run-") as tmp:
+                try:
+                    r = run_recipe(ckpt, recipe, Path(tmp) / "out", args.steps, Path(tmp))
+                except subprocess.CalledProcessError as exc:  # a failed run is a row, not the end
+                    why = (exc.stderr or "").strip().splitlines() or [f"exit {exc.returncode}"]
+                    print(f"{recipe:<18}FAILED: {why[-1][:200]}")
+                    continue
+                report(shape, ckpt, recipe, r, read_wall)
+        if not args.keep:
+            ckpt.unlink()
+    print("\nGB/s: FP32 table bytes / (quantize + convert seconds); /plan: bytes on disk / planned")
+
+
+if __name__ == "__main__":
+    main()
