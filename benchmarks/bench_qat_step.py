@@ -65,14 +65,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
 
 from compress.io.model_spec import TableSpec  # noqa: E402
+from compress.methods.keep import KeepConfig  # noqa: E402
 from compress.methods.qat_embedding import (  # noqa: E402
     QATEmbeddingBagCollection,
-    TableQuant,
     pool_bags,
     track_scale_updates,
 )
-from compress.quant import math as qm  # noqa: E402
-from compress.quant import native  # noqa: E402
+from compress.methods.registry import MethodConfig  # noqa: E402
+from compress.methods.rowwise import RowwiseConfig  # noqa: E402
+from compress.methods.tablewise import TablewiseConfig  # noqa: E402
+from compress.quant.tablewise import table_scale  # noqa: E402
 from compress.train.config import DEFAULT_SCALE_REFRESH  # noqa: E402
 
 TABLE = "t0"
@@ -178,7 +180,7 @@ def bench_fp32(args, batches, grads) -> Result:
     return Result("FP32 nn.EmbeddingBag(sparse)", median, times)
 
 
-def build_qat(args, quant: TableQuant) -> QATEmbeddingBagCollection:
+def build_qat(args, quant: MethodConfig) -> QATEmbeddingBagCollection:
     free()  # the previous variant's table
     spec = TableSpec(TABLE, args.rows, args.dim, (FEATURE,))
     return QATEmbeddingBagCollection(
@@ -195,7 +197,7 @@ def _median_time(fn: Callable[[], object], n: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_qat(args, kjts, grads, name: str, quant: TableQuant) -> list[Result]:
+def bench_qat(args, kjts, grads, name: str, quant: MethodConfig) -> list[Result]:
     ebc = build_qat(args, quant)
     ebc.train()
     opt = torch.optim.SGD(ebc.parameters(), lr=LR)
@@ -227,20 +229,20 @@ def bench_qat(args, kjts, grads, name: str, quant: TableQuant) -> list[Result]:
     # enough forwards that the module's own table-wise refresh fires twice inside the run
     steps = (
         max(args.steps, 2 * SCALE_REFRESH + 1 - args.warmup)
-        if quant.method == "qat"
+        if getattr(quant, "qat", False)
         else args.steps
     )
     median, times = time_steps(step, args.warmup, steps)
     results = [Result(name, median, times)]
     if table.refreshes_scale:
         weight = table.weight.detach()
-        rescan = _median_time(lambda: qm.table_scale(weight, quant.bits))
+        rescan = _median_time(lambda: table_scale(weight, quant.bits))
         results.append(
             Result(
                 f"{name} +rescan/P",
-                median + rescan / quant.scale_refresh,
+                median + rescan / table.scale_refresh,
                 times,
-                note=f"whole-table max|W| {rescan * 1e3:.1f} ms / P={quant.scale_refresh}",
+                note=f"whole-table max|W| {rescan * 1e3:.1f} ms / P={table.scale_refresh}",
             )
         )
         if table._tracked:
@@ -248,7 +250,7 @@ def bench_qat(args, kjts, grads, name: str, quant: TableQuant) -> list[Result]:
             results.append(
                 Result(
                     f"{name} +refresh/P",
-                    median + r / quant.scale_refresh,
+                    median + r / table.scale_refresh,
                     times,
                     note=f"tracked refresh {r * 1e3:.2f} ms / P (summary built once: "
                     f"{build * 1e3:.0f} ms)",
@@ -300,7 +302,7 @@ def print_stages(label: str, times: dict[str, list[float]]) -> None:
 STAGES = ("kjt.to_dict", "gather", "fake quant", "pool", "KeyedTensor", "backward", "opt+zero")
 
 
-def profile_qat(args, kjts, grads, quant: TableQuant, label: str) -> None:
+def profile_qat(args, kjts, grads, quant: MethodConfig, label: str) -> None:
     """Stage times of a QAT step, reproducing the module's forward call by call."""
     ebc = build_qat(args, quant)
     ebc.train()
@@ -317,11 +319,8 @@ def profile_qat(args, kjts, grads, quant: TableQuant, label: str) -> None:
         t.append(time.perf_counter())
         rows = F.embedding(ids, table.weight, sparse=True)
         t.append(time.perf_counter())
-        with torch.no_grad():  # as _Table.lookup: in place, autograd sees only the gather
-            if quant.method == "qat" and quant.granularity == "row":
-                native.fake_quantize_rowwise_(rows, quant.bits)
-            elif quant.method == "qat":
-                native.fake_quantize_tablewise_(rows, float(table.scale), quant.bits)
+        with torch.no_grad():  # as PreparedTable.lookup: in place, autograd sees only the gather
+            table.fake_quantize_(rows)
         t.append(time.perf_counter())
         pooled = pool_bags(rows, lengths)
         t.append(time.perf_counter())
@@ -433,12 +432,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     results = [bench_fp32(args, batches, grads)]
-    results += bench_qat(args, kjts, grads, "QAT keep (no fake quant)", TableQuant("keep"))
-    qat_row = bench_qat(
-        args, kjts, grads, "QAT INT4 row", TableQuant("qat", BITS, "row", SCALE_REFRESH)
-    )
+    results += bench_qat(args, kjts, grads, "QAT keep (no fake quant)", KeepConfig())
+    qat_row = bench_qat(args, kjts, grads, "QAT INT4 row", RowwiseConfig(BITS, qat=True))
     qat_table = bench_qat(
-        args, kjts, grads, "QAT INT4 table", TableQuant("qat", BITS, "table", SCALE_REFRESH)
+        args,
+        kjts,
+        grads,
+        "QAT INT4 table",
+        TablewiseConfig(BITS, qat=True, scale_refresh=SCALE_REFRESH),
     )
     results += qat_row + qat_table
     whole = None
@@ -483,12 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print("\nProfile")
         profile_fp32(args, batches, grads)
-        profile_qat(args, kjts, grads, TableQuant("keep"), "QAT keep")
+        profile_qat(args, kjts, grads, KeepConfig(), "QAT keep")
+        profile_qat(args, kjts, grads, RowwiseConfig(BITS, qat=True), "QAT INT4 row")
         profile_qat(
-            args, kjts, grads, TableQuant("qat", BITS, "row", SCALE_REFRESH), "QAT INT4 row"
-        )
-        profile_qat(
-            args, kjts, grads, TableQuant("qat", BITS, "table", SCALE_REFRESH), "QAT INT4 table"
+            args,
+            kjts,
+            grads,
+            TablewiseConfig(BITS, qat=True, scale_refresh=SCALE_REFRESH),
+            "QAT INT4 table",
         )
     return 0 if ok else 1
 

@@ -1,9 +1,11 @@
-"""Benchmark: row-wise INT4 quantize+pack of a big table, FBGEMM's op vs ``quantize_rows_chunked``.
+"""Benchmark: converting a big table to packed row-wise INT4, FBGEMM's op vs the convert path.
 
-Quantizes a ``rows x dim`` float32 table (default 2M x 16) into FBGEMM fused rows with
+Quantizes a ``rows x dim`` float32 table (default 2M x 16) with
 ``torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf`` and with
-:func:`compress.quant.math.quantize_rows_chunked` (writing into a preallocated buffer), prints
-throughput in GB/s of float32 input and the ratio ours/FBGEMM, and asserts the bytes are equal.
+:func:`compress.quant.fbgemm_rowwise.rowwise_quantize_packed`, the function convert calls for
+every row-wise table (``compress.methods.qat_embedding.quantize_table``, default chunk), asserts
+the bytes are equal, and prints throughput in GB/s of float32 input, the ratio ours/FBGEMM, and
+each one's peak memory beyond the input table (measured in fresh processes).
 
 Run: ``.venv/bin/python benchmarks/bench_quantize_pack.py [--rows N] [--dim D] [--bits B]``
 """
@@ -21,7 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fbgemm_gpu  # noqa: E402,F401  (registers torch.ops.fbgemm)
 
-from compress.quant.math import quantize_rows_chunked, rowwise_bytes  # noqa: E402
+from benchmarks.common import python_child  # noqa: E402
+from compress.quant.fbgemm_rowwise import rowwise_quantize_packed  # noqa: E402
+
+_CHILD = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, fbgemm_gpu
+from compress.quant.fbgemm_rowwise import rowwise_quantize_packed
+w = torch.randn({rows}, {dim}, generator=torch.Generator().manual_seed(0))
+{call}
+"""
+CALLS = {
+    "table only": "pass",
+    "fbgemm": "torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(w, {bits})",
+    "ours": "rowwise_quantize_packed(w, {bits})",
+}
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -33,32 +50,43 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
+def _fused(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """FBGEMM's fused rows ``[packed][fp16 scale][fp16 bias]`` of the three stored parts."""
+    parts = (packed, scale.view(torch.uint8).view(-1, 2), bias.view(torch.uint8).view(-1, 2))
+    return torch.cat(parts, dim=1)
+
+
+def _peaks(rows: int, dim: int, bits: int) -> dict[str, int]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {
+        name: python_child(
+            _CHILD.format(root=root, rows=rows, dim=dim, call=call.format(bits=bits))
+        )[1]
+        for name, call in CALLS.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--bits", type=int, default=4, choices=(8, 4, 2))
-    parser.add_argument("--chunk-rows", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(args.rows, args.dim, generator=gen)
     gb = w.numel() * 4 / 1e9
-    out = torch.empty(args.rows, rowwise_bytes(1, args.dim, args.bits), dtype=torch.uint8)
 
     ref = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(w, args.bits)
-    quantize_rows_chunked(w, args.bits, out=out, chunk_rows=args.chunk_rows)
-    assert torch.equal(ref, out), "quantize_rows_chunked differs from FBGEMM"
+    assert torch.equal(ref, _fused(*rowwise_quantize_packed(w, args.bits))), "differs from FBGEMM"
 
     t_fbgemm = _best_of(
         lambda: torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(w, args.bits), args.repeats
     )
-    t_ours = _best_of(
-        lambda: quantize_rows_chunked(w, args.bits, out=out, chunk_rows=args.chunk_rows),
-        args.repeats,
-    )
-    assert torch.equal(ref, out)
+    t_ours = _best_of(lambda: rowwise_quantize_packed(w, args.bits), args.repeats)
+    peaks = _peaks(args.rows, args.dim, args.bits)
+    extra = {k: (v - peaks["table only"]) / 1e6 for k, v in peaks.items() if k != "table only"}
 
     print(
         f"{args.rows} x {args.dim} float32 -> INT{args.bits} rows ({gb:.3f} GB in), "
@@ -66,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"FBGEMM FloatToFusedNBitRowwiseQuantizedSBHalf: {t_fbgemm * 1e3:8.1f} ms "
-        f"{gb / t_fbgemm:6.2f} GB/s"
+        f"{gb / t_fbgemm:6.2f} GB/s  peak beyond the table {extra['fbgemm']:7.1f} MB"
     )
     print(
-        f"quantize_rows_chunked (preallocated out):      {t_ours * 1e3:8.1f} ms "
-        f"{gb / t_ours:6.2f} GB/s"
+        f"rowwise_quantize_packed (convert path):        {t_ours * 1e3:8.1f} ms "
+        f"{gb / t_ours:6.2f} GB/s  peak beyond the table {extra['ours']:7.1f} MB"
     )
     print(f"ratio ours/FBGEMM throughput: {t_fbgemm / t_ours:.2f}x; bytes equal: True")
     return 0

@@ -1,7 +1,7 @@
 """Benchmark: ROBE-Z shared array vs the FP32 ``nn.EmbeddingBag(sparse=True)`` tables it replaces.
 
 Four tables of ``rows x dim`` (default 1M x 16), batch 2048, one id a bag (uniform ids). For the
-plain tables and for a :class:`compress.methods.robe.RobeEmbeddingBagCollection` at 100x and 1000x
+plain tables and for a :class:`compress.methods.robe.module.RobeEmbeddingBagCollection` at 100x and 1000x
 compression, measures
 
 - a training step: forward + backward + ``torch.optim.Adagrad`` step (sparse gradients),
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from compress.io.model_spec import TableSpec  # noqa: E402
-from compress.methods.robe import RobeConfig, RobeEmbeddingBagCollection  # noqa: E402
+from compress.methods.robe.module import RobeConfig, RobeEmbeddingBagCollection  # noqa: E402
 
 N_TABLES = 4
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import KAGGLE_ROWS, cache_dir, python_child  # noqa: E402
-from compress.io.atomic_file import replacing  # noqa: E402
+from compress.io.atomic_file import replacing, temp_dir_beside  # noqa: E402
 from compress.io.model import build_model  # noqa: E402
 from compress.io.model_spec import DLRMSpec, TableSpec  # noqa: E402
 
@@ -139,8 +138,7 @@ def write_checkpoint(shape_name: str, path: Path, zero_fraction: float) -> None:
     shape = SHAPES[shape_name]
     meta = build_model(shape.spec(), device="meta").state_dict()
     g = torch.Generator().manual_seed(0)
-    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tables-"))
-    try:
+    with temp_dir_beside(path, "tables") as scratch:
         state = {}
         for i, (key, v) in enumerate(meta.items()):
             if "embedding_bags" not in key:
@@ -153,8 +151,6 @@ def write_checkpoint(shape_name: str, path: Path, zero_fraction: float) -> None:
             state[key] = torch.from_numpy(arr)
         with replacing(path, path.with_suffix(".tmp")) as tmp:
             torch.save(state, tmp)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def ensure_checkpoint(shape: str, zero_fraction: float) -> Path:

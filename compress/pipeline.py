@@ -10,7 +10,9 @@
 
 Validation data: ``valid`` when given, else the last 20% of ``data`` (held out from training). Its
 first 20% chooses the kept fine-tuning step, and every reported metric is measured on the rest
-(:mod:`compress.train.validation`).
+(:mod:`compress.train.validation`). Large Criteo text and npy-day inputs are streamed by worker
+processes instead of read whole (``loader``, :mod:`compress.data.stream`); the slices are the same
+rows either way.
 Without ``data``, a recipe that fine-tunes distils from the original model on inputs sampled from
 its own tables (:mod:`compress.train.distill`) and says so in ``result.notes``; PTQ recipes need no data.
 """
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,15 +31,18 @@ from torch import nn
 
 from compress.data.dataset import Dataset
 from compress.data.dense_transform import agreed_transform
-from compress.data.formats import open_dataset
+from compress.data.separation import check_separate_content, check_separate_paths
+from compress.data.stream import LoaderSettings, StreamedData, open_data
 from compress.io.live_model import load_module
 from compress.io.model import LoadedModel, load_model
 from compress.io.model_spec import DLRMSpec
-from compress.methods.apply_plan import SharedGroup, convert_model, prepare_model
+from compress.methods.apply_plan import convert_model, prepare_model
 from compress.plan import Plan, make_plan
-from compress.recipe.parse import Recipe, load_recipe
+from compress.recipe.parse import load_recipe
+from compress.recipe.schema import Recipe
 from compress.timings import StageTimer
 from compress.train.evaluate import evaluate_model
+from compress.train.inputs import run_inputs
 from compress.train.loop import TrainConfig, TrainResult, fit
 from compress.train.validation import HOLDOUT_FRACTION, ValidationSlices, split_validation
 
@@ -52,7 +58,8 @@ class CompressionResult:
     metrics: dict[str, dict | None]
     train: TrainResult | None
     notes: list[str] = field(default_factory=list)
-    shared: list[SharedGroup] = field(default_factory=list)
+    #: the prepared sharing groups (``name``, ``method``, ``module``, ``notes``)
+    shared: list[Any] = field(default_factory=list)
     seconds: float = 0.0
     source: str = ""
     data: dict[str, str | None] = field(default_factory=dict)
@@ -63,6 +70,14 @@ class CompressionResult:
     #: the dense transform of the data fine-tuned and evaluated on (``None``: no data, or data that
     #: does not record it; see :mod:`compress.data.dense_transform`)
     dense_transform: str | None = None
+    #: how the data was read, JSON-ready: ``mode`` ``"memory"`` or ``"stream"`` (then the training
+    #: loader's workers, rows, rows/s...; :class:`compress.data.stream.LoaderStats`); ``None``
+    #: without data
+    loader: dict | None = None
+    #: the ``--max-auc-drop`` check and its outcome, JSON-ready (``None``: no gate was set); set
+    #: by the caller that checks it, recorded in the manifest so that readers of artifacts kept
+    #: with ``--keep-failed`` see that they failed
+    quality_gate: dict | None = None
 
 
 def load(
@@ -87,10 +102,20 @@ def load_data(
     data: str | Path | Dataset | None,
     valid: str | Path | Dataset | None,
     **kwargs,
-) -> tuple[Dataset | None, Dataset | None]:
-    """Training and validation sets: explicit ``valid``, else the held-out tail of ``data``."""
+) -> tuple[Dataset | StreamedData | None, Dataset | StreamedData | None]:
+    """Training and validation sets: explicit ``valid``, else the held-out tail of ``data``; each
+    read whole or streamed as ``loader`` (a :class:`LoaderSettings` keyword) says.
+
+    A ``valid`` that is ``data`` (the same file or directory, a file it reads, or the same rows)
+    is a :class:`DataError` (:mod:`compress.data.separation`).
+    """
+    paths = [s for s in (data, valid) if s is not None and not isinstance(s, Dataset)]
+    if len(paths) == 2:
+        check_separate_paths(data, valid)
     train_ds = _dataset(job, data, **kwargs)
     valid_ds = _dataset(job, valid, **kwargs)
+    if train_ds is not None and valid_ds is not None:
+        check_separate_content(train_ds, valid_ds, _name(data), _name(valid))
     if train_ds is not None and valid_ds is None:
         train_ds, valid_ds = train_ds.split_tail(HOLDOUT_FRACTION)
     return train_ds, valid_ds
@@ -99,8 +124,8 @@ def load_data(
 def validation_slices(
     data: str | Path | Dataset | None,
     valid: str | Path | Dataset | None,
-    train_ds: Dataset | None,
-    valid_ds: Dataset | None,
+    train_ds: Dataset | StreamedData | None,
+    valid_ds: Dataset | StreamedData | None,
 ) -> ValidationSlices | None:
     """The selection and report slices of the validation set :func:`load_data` returned (``None``
     without one), named after the file they come from."""
@@ -123,6 +148,7 @@ def compress(
     log: Callable[[dict], None] | None = None,
     on_bad_line: str = "error",
     dense_transform: str | None = None,
+    loader: LoaderSettings | None = None,
 ) -> CompressionResult:
     """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval.
 
@@ -130,12 +156,20 @@ def compress(
     chooses its kept step on the selection slice only (:mod:`compress.train.validation`).
     ``dense_transform`` is what raw text is read with (default ``log3``); the transform the data
     holds is recorded in the result (two files with different ones are a :class:`DataError`).
+    ``loader`` says which inputs stream and how (default :class:`LoaderSettings`: large text and
+    npy days stream with two workers); ``result.timings["data_wait"]`` is the time fine-tuning
+    waited for batches and ``result.loader`` what the loader did.
     """
     t0 = time.perf_counter()
     timer = StageTimer()
     with timer("data"):
         train_ds, valid_ds = load_data(
-            job, data, valid, on_bad_line=on_bad_line, dense_transform=dense_transform
+            job,
+            data,
+            valid,
+            on_bad_line=on_bad_line,
+            dense_transform=dense_transform,
+            loader=loader,
         )
         transform = agreed_transform(
             (ds.dense_transform, _name(src))
@@ -146,6 +180,12 @@ def compress(
     report = slices.report if slices is not None else None
     names = job.spec.feature_names
     notes: list[str] = [f"warning: {w}" for w in plan.warnings]
+    if loader is not None and loader.stream == "on":
+        notes.extend(
+            f"{_name(src)} is an .npz dataset, read whole (streaming reads Criteo text and npy days)"
+            for src, ds in ((data, train_ds), (valid, valid_ds))
+            if src is not None and not isinstance(src, Dataset) and isinstance(ds, Dataset)
+        )
     metrics: dict[str, dict | None] = {
         "baseline": None,
         "before_finetune": None,
@@ -161,18 +201,7 @@ def compress(
         )
         model, shared = prepare_model(job.module, job.spec, plan, counts)
     for g in shared:
-        weighted = "row-frequency weighted " if g.projection == "frequency" else ""
-        notes.append(
-            f"shared array {g.name}: {g.module.config.array_size:,} cells initialised by the "
-            f"{weighted}least-squares projection of {len(g.module.tables)} trained tables "
-            f"(reconstruction RMSE {g.report.rmse:.4g})"
-        )
-        requested = next(p.projection for p in plan.share_groups if p.name == g.name)
-        if g.projection != requested:
-            notes.append(
-                f"shared array {g.name}: no training data to count row frequencies, so every row "
-                "weighs the same in the projection; give --data for the frequency-weighted one"
-            )
+        notes.extend(g.notes)
     train_result = None
     if plan.needs_finetune:
         config = plan.recipe.finetune or TrainConfig()
@@ -183,6 +212,11 @@ def compress(
                 metrics["before_finetune"] = evaluate_model(model, report, names)
         select = slices.select if slices is not None else None
         finetune_start = time.perf_counter()
+        inputs = (  # recorded with the training state: --resume refuses changed inputs
+            None
+            if state_path is None
+            else run_inputs(job.module, job.spec, plan, train_ds, valid_ds, config.seed)
+        )
         if train_ds is not None:
             train_result = fit(
                 model,
@@ -193,6 +227,7 @@ def compress(
                 state_path=state_path,
                 resume=resume,
                 log=log,
+                inputs=inputs,
             )
         else:
             from compress.train.distill import distill
@@ -210,6 +245,7 @@ def compress(
                 state_path=state_path,
                 resume=resume,
                 log=log,
+                inputs=inputs,
             )
         timer.add("finetune", time.perf_counter() - finetune_start)
         if slices is not None and config.keep_best:
@@ -251,20 +287,30 @@ def compress(
             "select": slices.select_name if slices is not None else None,
             "report": slices.report_name if slices is not None else None,
         },
-        timings=dict(timer.seconds),
+        timings=dict(timer.seconds)
+        | ({"data_wait": train_result.data_wait} if train_result is not None else {}),
+        loader=_loader_report(train_ds, valid_ds, train_result),
     )
 
 
-def one_hot_features(data: Dataset | None, names: tuple[str, ...]) -> tuple[str, ...]:
+def one_hot_features(
+    data: Dataset | StreamedData | None, names: tuple[str, ...]
+) -> tuple[str, ...]:
     """The features of ``names`` whose every bag in ``data`` holds exactly one id (none without
-    data): the exporter looks them up apart from multi-hot ones, so they skip pooling."""
+    data): the exporter looks them up apart from multi-hot ones, so they skip pooling. Streamed
+    data (Criteo text, npy days) holds one id per bag."""
     if data is None or len(data) == 0:
         return ()
+    if isinstance(data, StreamedData):
+        return tuple(names)
     return tuple(f for f in names if bool((data.lengths(f) == 1).all()))
 
 
-def row_counts(data: Dataset, spec: DLRMSpec) -> dict[str, torch.Tensor]:
-    """How often each row of each table occurs in ``data`` (over all features the table serves)."""
+def row_counts(data: Dataset | StreamedData, spec: DLRMSpec) -> dict[str, torch.Tensor]:
+    """How often each row of each table occurs in ``data`` (over all features the table serves;
+    a streamed set is read once for it)."""
+    if isinstance(data, StreamedData):
+        return data.id_counts(spec)
     counts = {}
     for t in spec.tables:
         c = np.zeros(t.num_embeddings, dtype=np.int64)
@@ -274,10 +320,31 @@ def row_counts(data: Dataset, spec: DLRMSpec) -> dict[str, torch.Tensor]:
     return counts
 
 
-def _dataset(job: LoadedModel, source, **kwargs) -> Dataset | None:
+def _loader_report(
+    train: Dataset | StreamedData | None,
+    valid: Dataset | StreamedData | None,
+    result: TrainResult | None,
+) -> dict | None:
+    """``CompressionResult.loader``: how each input was read, and what the training loader did."""
+    if train is None and valid is None:
+        return None
+    modes = {
+        k: ("stream" if isinstance(d, StreamedData) else "memory")
+        for k, d in (("train", train), ("valid", valid))
+        if d is not None
+    }
+    report: dict = {"mode": modes}
+    if result is not None and result.loader is not None:
+        report.update({k: v for k, v in result.loader.items() if k != "mode"})
+    return report
+
+
+def _dataset(
+    job: LoadedModel, source, loader: LoaderSettings | None = None, **kwargs
+) -> Dataset | StreamedData | None:
     if source is None or isinstance(source, Dataset):
         return source
-    return open_dataset(source, job.spec, **kwargs)
+    return open_data(source, job.spec, settings=loader, **kwargs)
 
 
 def _name(source) -> str | None:

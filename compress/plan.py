@@ -21,19 +21,23 @@ would report a 1.0x "compression" after fine-tuning for nothing.
 
 Bytes
 -----
-* ``keep``: the table's stored bytes (:attr:`~compress.io.model_spec.TableSpec.bytes`); ``fp16``:
-  ``rows*dim*2``.
-* ``ptq``/``qat`` with ``granularity="row"``: FBGEMM fused rows,
-  :func:`~compress.quant.math.rowwise_bytes` (``rows*(dim*bits/8 + 4)``); with ``"table"``:
-  :func:`~compress.quant.math.tablewise_bytes` (packed codes plus one 4-byte scale).
-* ``share``: the tables of one group (a rule's ``group`` name, else the rule alone) share one flat
-  array of :func:`~compress.methods.robe_hash.array_size_for` cells at 4 (fp32), 2 (fp16) or 1 (int8, plus
-  one 4-byte scale) bytes a cell; the array's bytes are split over its tables in proportion to
-  ``rows*dim`` (the first table takes the rounding remainder), so the sums stay exact.
+* A table: what its method stores (:meth:`~compress.methods.registry.TableMethod.table_bytes`).
+  ``keep`` (:mod:`compress.methods.keep`): the table at its checkpoint precision: an fp32 table
+  ``rows*dim*4``, an fp16 one ``rows*dim*2`` (written as fp16); a bf16 table is written as its
+  exact fp32 values (no artifact layout holds bf16), ``rows*dim*4``. ``fp16``: ``rows*dim*2``.
+  ``ptq``/``qat`` with ``granularity="row"``: FBGEMM fused rows,
+  :func:`~compress.quant.fbgemm_rowwise.rowwise_bytes` (``rows*(dim*bits/8 + 4)``); with
+  ``"table"``: :func:`~compress.quant.tablewise.tablewise_bytes` (packed codes plus one 4-byte
+  scale).
+* A method that shares arrays (``share``, :mod:`compress.methods.robe.method`) plans per group:
+  the tables of one group (a rule's ``group`` name, else the rule alone) share one flat array,
+  whose bytes are split over its tables in proportion to their rows (:func:`split_bytes`; the
+  first table takes the rounding remainder), so the sums stay exact.
 * MLP: every ``nn.Linear`` of the dense arch, the projection branches and the over arch, sized from
-  the spec. Kept: weights and biases at the dense dtype. ``ptq``/``qat``: per-output-channel INT-b
-  weights cost ``ceil(numel*b/8)`` plus one fp32 scale per output channel; biases stay fp32. The
-  DCN crossnet kernels are not ``nn.Linear`` and stay as they are.
+  the spec; before: at the checkpoint's dense dtype. Kept: weights and biases as written, fp32
+  (the compressed model computes its dense layers in fp32). ``ptq``/``qat``: per-output-channel
+  INT-b weights cost ``ceil(numel*b/8)`` plus one fp32 scale per output channel; biases stay fp32.
+  The DCN crossnet kernels are not ``nn.Linear`` and are written as they are, in fp32.
 
 Example::
 
@@ -45,26 +49,32 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from compress.errors import RecipeError
+from compress.io.dlrm_classes import strategy_for
+from compress.io.dlrm_classes.base import LinearLayer
 from compress.io.model_spec import DLRMSpec, TableSpec, dtype_size
 from compress.io.summary import format_bytes
-from compress.methods.robe_hash import array_size_for
-from compress.quant.math import can_pack, channel_weight_bytes, rowwise_bytes, tablewise_bytes
-from compress.recipe.parse import DEFAULT_PROJECTION, Recipe, TableRule, pattern_matches
+from compress.methods import registry
+from compress.methods.base import MethodConfig
+from compress.quant.packing import can_pack
+from compress.quant.per_channel import channel_weight_bytes
+from compress.recipe.schema import Recipe, TableRule, pattern_matches
 
-ARRAY_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
-INT8_ARRAY_SCALE_BYTES = 4
 FP32_BYTES = 4
 
 
 @dataclass(frozen=True)
 class TablePlan:
     """What one table becomes. ``rule_index`` is the deciding rule's position in the recipe
-    (``None``: no rule applied, the table is kept); ``rule_text`` describes it. ``bits``,
-    ``granularity``, ``scale_refresh`` and ``share_group`` are ``None`` where they do not apply."""
+    (``None``: no rule applied, the table is kept); ``rule_text`` describes it; ``config`` is the
+    method's settings (:mod:`compress.methods.registry`). ``method``, ``bits``, ``granularity``
+    and ``scale_refresh`` are what the method reports (``None`` where they do not apply);
+    ``share_group`` names the shared array a sharing method's table reads."""
 
     name: str
     rows: int
@@ -78,31 +88,7 @@ class TablePlan:
     bytes_before: int
     bytes_after: int
     share_group: str | None = None
-
-
-@dataclass(frozen=True)
-class ShareGroupPlan:
-    """One shared ROBE-Z array: its tables (in model order), total rows, cells and bytes."""
-
-    name: str
-    rule_index: int
-    tables: tuple[str, ...]
-    rows_total: int
-    dim: int
-    cells: int
-    block_size: int
-    array_dtype: str
-    bytes: int
-    projection: str = DEFAULT_PROJECTION
-
-
-@dataclass(frozen=True)
-class LinearLayer:
-    """One ``nn.Linear`` of the model: state-dict name (without the key prefix) and sizes."""
-
-    name: str
-    in_features: int
-    out_features: int
+    config: MethodConfig = field(default_factory=registry.default_config)
 
 
 @dataclass(frozen=True)
@@ -134,7 +120,8 @@ class Plan:
     ratio: float
     needs_finetune: bool
     unused_rules: tuple[int, ...] = ()
-    share_groups: tuple[ShareGroupPlan, ...] = ()
+    #: the plans of the shared arrays of sharing methods (their ``to_json()`` and ``describe()``)
+    share_groups: tuple[Any, ...] = ()
     recipe: Recipe | None = field(default=None, compare=False, repr=False)
     warnings: tuple[str, ...] = ()
 
@@ -172,21 +159,7 @@ class Plan:
                 "bytes_before": self.mlp.bytes_before,
                 "bytes_after": self.mlp.bytes_after,
             },
-            "share_groups": [
-                {
-                    "name": g.name,
-                    "rule": g.rule_index,
-                    "tables": list(g.tables),
-                    "rows_total": g.rows_total,
-                    "dim": g.dim,
-                    "cells": g.cells,
-                    "block_size": g.block_size,
-                    "array_dtype": g.array_dtype,
-                    "projection": g.projection,
-                    "bytes": g.bytes,
-                }
-                for g in self.share_groups
-            ],
+            "share_groups": [g.to_json() for g in self.share_groups],
             "unused_rules": list(self.unused_rules),
             "warnings": list(self.warnings),
             "needs_finetune": self.needs_finetune,
@@ -214,16 +187,17 @@ def make_plan(recipe: Recipe, spec: DLRMSpec) -> Plan:
         _plan_table(recipe, t, i, groups) for t, i in zip(spec.tables, deciding, strict=True)
     )
     mlp = plan_mlp(recipe, spec)
-    other_dense = crossnet_bytes(spec)
     emb_before = sum(t.bytes_before for t in tables)
     emb_after = sum(t.bytes_after for t in tables)
-    dense_before = mlp.bytes_before + other_dense
-    dense_after = mlp.bytes_after + other_dense
+    dense_before = mlp.bytes_before + crossnet_bytes(spec)
+    dense_after = mlp.bytes_after + crossnet_bytes(spec, FP32_BYTES)
     before, after = emb_before + dense_before, emb_after + dense_after
     unused = tuple(i for i in range(len(recipe.rules)) if i not in deciding)
     warnings = tuple(unused_rule_warning(recipe, spec, deciding, i) for i in unused)
     warnings = tuple(w for w in warnings if w is not None)
-    if mlp.method == "keep" and all(t.method == "keep" for t in tables):
+    if mlp.method == "keep" and not any(
+        registry.for_config(t.config).changes_tables for t in tables
+    ):
         why = f": {warnings[0]}" if warnings else ""
         raise RecipeError(
             f"{recipe.source}: the recipe changes nothing in this model (every table and the MLP "
@@ -257,7 +231,7 @@ def unused_rule_warning(
     """Why rule ``index``, which decides no table, changes nothing (``None`` for a ``keep`` rule,
     which would not have changed its tables anyway)."""
     rule = recipe.rules[index]
-    if rule.method == "keep":
+    if not rule.table_method.changes_tables:
         return None
     matched = [t for t in spec.tables if rule.matches_name(t.name)]
     in_bounds = [t for t in matched if rule.fits_rows(t.num_embeddings)]
@@ -306,109 +280,53 @@ def _plan_table(
     recipe: Recipe,
     table: TableSpec,
     index: int | None,
-    groups: dict[str, tuple[ShareGroupPlan, dict[str, int]]],
+    groups: dict[str, tuple[Any, dict[str, int]]],
 ) -> TablePlan:
-    rows, dim = table.num_embeddings, table.embedding_dim
-    common = {"name": table.name, "rows": rows, "dim": dim, "bytes_before": table.bytes}
-    if index is None:
-        return TablePlan(
-            **common,
-            rule_index=None,
-            rule_text="(no rule: kept)",
-            method="keep",
-            bits=None,
-            granularity=None,
-            scale_refresh=None,
-            bytes_after=table.bytes,
-        )
-    rule = recipe.rules[index]
-    group = _group_name(rule, index) if rule.method == "share" else None
+    config = recipe.rules[index].config if index is not None else registry.default_config()
+    method = registry.for_config(config)
+    group = method.group_name(config, index) if index is not None else None
+    if group is not None:
+        bytes_after = groups[group][1][table.name]
+    else:
+        try:
+            bytes_after = method.table_bytes(config, table)
+        except ValueError as e:
+            raise RecipeError(f"{recipe.source}: tables[{index}]: {e}") from None
+    fields = method.fields(config)
     return TablePlan(
-        **common,
+        name=table.name,
+        rows=table.num_embeddings,
+        dim=table.embedding_dim,
         rule_index=index,
-        rule_text=rule.describe(),
-        method=rule.method,
-        bits=rule.bits,
-        granularity=rule.granularity,
-        scale_refresh=rule.scale_refresh,
-        bytes_after=groups[group][1][table.name] if group else _table_bytes(recipe, table, index),
+        rule_text=recipe.rules[index].describe() if index is not None else "(no rule: kept)",
+        method=fields.method,
+        bits=fields.bits,
+        granularity=fields.granularity,
+        scale_refresh=fields.scale_refresh,
+        bytes_before=table.bytes,
+        bytes_after=bytes_after,
         share_group=group,
+        config=config,
     )
-
-
-def _table_bytes(recipe: Recipe, table: TableSpec, index: int) -> int:
-    """Bytes of ``table`` after rule ``index`` (any method but ``share``)."""
-    rule = recipe.rules[index]
-    rows, dim = table.num_embeddings, table.embedding_dim
-    if rule.method == "keep":
-        return table.bytes
-    if rule.method == "fp16":
-        return rows * dim * 2
-    if not can_pack(dim, rule.bits, rule.granularity):
-        raise RecipeError(
-            f"{recipe.source}: tables[{index}]: {rule.granularity}-wise INT{rule.bits} cannot "
-            f"store table {table.name!r} of dim {dim} (FBGEMM rows need dim*bits/8 to be a "
-            "whole, even number of bytes): choose other bits or granularity 'table'"
-        )
-    size = rowwise_bytes if rule.granularity == "row" else tablewise_bytes
-    return size(rows, dim, rule.bits)
-
-
-def _group_name(rule: TableRule, index: int) -> str:
-    return rule.group if rule.group is not None else f"share{index}"
 
 
 def _share_groups(
     recipe: Recipe, spec: DLRMSpec, deciding: list[int | None]
-) -> dict[str, tuple[ShareGroupPlan, dict[str, int]]]:
-    """Each share group's array and the bytes attributed to each of its tables."""
+) -> dict[str, tuple[Any, dict[str, int]]]:
+    """Each shared array (of a sharing method, :meth:`TableMethod.plan_group`) and the bytes
+    attributed to each of its tables, by group name."""
     members: dict[str, list[tuple[TableSpec, int]]] = {}
     for table, index in zip(spec.tables, deciding, strict=True):
-        if index is not None and recipe.rules[index].method == "share":
-            members.setdefault(_group_name(recipe.rules[index], index), []).append((table, index))
-    out: dict[str, tuple[ShareGroupPlan, dict[str, int]]] = {}
-    for name, tables in members.items():
-        first_index = tables[0][1]
-        rule = recipe.rules[first_index]
-        dims = {t.embedding_dim for t, _ in tables}
-        if len(dims) != 1:
-            raise RecipeError(
-                f"{recipe.source}: tables[{first_index}]: share group {name!r} mixes embedding "
-                f"dims {sorted(dims)}"
-            )
-        dim = dims.pop()
-        rows_total = sum(t.num_embeddings for t, _ in tables)
-        cell_bytes = ARRAY_DTYPE_BYTES[rule.array_dtype]
-        try:
-            cells = array_size_for(
-                rows_total,
-                dim,
-                compression=rule.compression,
-                nbytes=rule.bytes,
-                dtype_bytes=cell_bytes,
-                block_size=rule.block_size,
-            )
-        except ValueError as e:
-            raise RecipeError(
-                f"{recipe.source}: tables[{first_index}]: share group {name!r} "
-                f"({len(tables)} tables, {rows_total} rows x {dim}): {e}"
-            ) from e
-        extra = INT8_ARRAY_SCALE_BYTES if rule.array_dtype == "int8" else 0
-        total = cells * cell_bytes + extra
-        group = ShareGroupPlan(
-            name=name,
-            rule_index=first_index,
-            tables=tuple(t.name for t, _ in tables),
-            rows_total=rows_total,
-            dim=dim,
-            cells=cells,
-            block_size=rule.block_size,
-            array_dtype=rule.array_dtype,
-            bytes=total,
-            projection=rule.projection or DEFAULT_PROJECTION,
-        )
-        out[name] = (group, split_bytes(total, [(t.name, t.num_embeddings) for t, _ in tables]))
-    return out
+        if index is None:
+            continue
+        config = recipe.rules[index].config
+        name = registry.for_config(config).group_name(config, index)
+        if name is not None:
+            members.setdefault(name, []).append((table, index))
+    return {
+        name: recipe.rules[tables[0][1]].table_method.plan_group(recipe, name, tables)
+        for name, tables in members.items()
+    }
 
 
 def split_bytes(total: int, weights: Sequence[tuple[str, int]]) -> dict[str, int]:
@@ -426,53 +344,22 @@ def split_bytes(total: int, weights: Sequence[tuple[str, int]]) -> dict[str, int
 
 
 def linear_layers(spec: DLRMSpec) -> tuple[LinearLayer, ...]:
-    """Every ``nn.Linear`` of the model, in state-dict order, with sizes derived from the spec.
-
-    Over-arch input width: ``D + F*(F+1)/2`` (dot interaction, F sparse features), ``(F+1)*D``
-    (DCN), ``D + (b1/D)*(b2/D)`` (projection; b1, b2 the branch output widths).
-    """
-    d, f = spec.embedding_dim, spec.num_sparse_features
-    layers = list(
-        _chain(
-            "dense_arch.model._mlp.{}._linear", spec.dense_in_features, spec.dense_arch_layer_sizes
-        )
-    )
-    if spec.model_class == "DLRM":
-        over_in = d + f * (f + 1) // 2
-    elif spec.model_class == "DLRM_DCN":
-        over_in = (f + 1) * d
-    elif spec.model_class == "DLRM_Projection":
-        b1 = spec.interaction_branch1_layer_sizes or ()
-        b2 = spec.interaction_branch2_layer_sizes or ()
-        for branch, sizes in ((1, b1), (2, b2)):
-            template = f"inter_arch.interaction_branch{branch}.model._mlp.{{}}._linear"
-            layers += _chain(template, (f + 1) * d, sizes)
-        over_in = d + (b1[-1] // d) * (b2[-1] // d)
-    else:
-        raise ValueError(f"unknown model class {spec.model_class!r}")
-    over = spec.over_arch_layer_sizes
-    layers += _chain("over_arch.model.0._mlp.{}._linear", over_in, over[:-1])
-    last_in = over[-2] if len(over) > 1 else over_in
-    layers.append(LinearLayer("over_arch.model.1", last_in, over[-1]))
-    return tuple(layers)
+    """Every ``nn.Linear`` of the model, in state-dict order, with sizes derived from the spec by
+    its class's strategy (:meth:`compress.io.dlrm_classes.base.DLRMClass.linear_groups`)."""
+    groups = strategy_for(spec.model_class).linear_groups(spec)
+    return tuple(layer for layers in groups.values() for layer in layers)
 
 
-def _chain(template: str, in_features: int, sizes: Sequence[int]) -> list[LinearLayer]:
-    out, width = [], in_features
-    for i, size in enumerate(sizes):
-        out.append(LinearLayer(template.format(i), width, size))
-        width = size
-    return out
-
-
-def crossnet_bytes(spec: DLRMSpec) -> int:
-    """Bytes of the DCN crossnet (``W_kernels``, ``V_kernels``, ``bias`` per layer), 0 for other
-    models. These are not ``nn.Linear`` layers and stay as they are."""
-    if spec.model_class != "DLRM_DCN":
-        return 0
-    width = (spec.num_sparse_features + 1) * spec.embedding_dim
-    per_layer = 2 * width * (spec.dcn_low_rank_dim or 0) + width
-    return (spec.dcn_num_layers or 0) * per_layer * dtype_size(spec.dense_dtype)
+def crossnet_bytes(spec: DLRMSpec, elem: int | None = None) -> int:
+    """Bytes of the interaction's cross layers (DCN: ``W_kernels``, ``V_kernels``, ``bias`` per
+    layer; 0 for classes without) at ``elem`` bytes a value (default: the checkpoint's dense
+    dtype). They are not ``nn.Linear`` layers and are written as they are, in fp32."""
+    shapes = [
+        shape
+        for layer in strategy_for(spec.model_class).cross_layers(spec)
+        for shape in layer.shapes().values()
+    ]
+    return sum(math.prod(shape) for shape in shapes) * (elem or dtype_size(spec.dense_dtype))
 
 
 def plan_mlp(recipe: Recipe, spec: DLRMSpec) -> MLPPlan:
@@ -481,8 +368,9 @@ def plan_mlp(recipe: Recipe, spec: DLRMSpec) -> MLPPlan:
     elem = dtype_size(spec.dense_dtype)
     layers = linear_layers(spec)
     before = sum((layer.in_features + 1) * layer.out_features * elem for layer in layers)
-    if settings.method == "keep":
-        return MLPPlan("keep", None, settings.per_channel, before, before)
+    if settings.method == "keep":  # written as the compressed model holds them: fp32
+        after = sum((layer.in_features + 1) * layer.out_features * FP32_BYTES for layer in layers)
+        return MLPPlan("keep", None, settings.per_channel, before, after)
     bits = settings.bits
     after = 0
     for layer in layers:
@@ -548,11 +436,7 @@ def format_plan(plan: Plan) -> str:
     if plan.unused_rules:
         out.append("rules that decide no table: " + ", ".join(map(str, plan.unused_rules)))
     out += [f"warning: {w}" for w in plan.warnings]
-    for g in plan.share_groups:
-        out.append(
-            f"shared array {g.name}: {len(g.tables)} tables, {g.cells:,} {g.array_dtype} "
-            f"cells (Z={g.block_size}), {format_bytes(g.bytes)}"
-        )
+    out += [g.describe() for g in plan.share_groups]
     out += [
         "",
         _total_line("embedding", plan.embedding_bytes_before, plan.embedding_bytes_after),

@@ -32,3 +32,11 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", **kwa
         yield from items
         return
     yield from tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def byte_bar(total: int, desc: str = ""):
+    """A progress bar on stderr counting ``total`` bytes (``update(n)``, ``close()``), or ``None``
+    when progress is disabled."""
+    if not enabled():
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False, dynamic_ncols=True)

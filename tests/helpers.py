@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +125,29 @@ def require_c_compiler() -> None:
             "no C compiler found ($CC, default cc, on PATH): the compiled fake-quant kernels "
             "cannot be built here; QAT uses the PyTorch path"
         )
+
+
+#: Environment variable naming a directory that holds real Criteo rows (``criteo_sample.tsv``).
+CRITEO_ROWS_ENV = "DQRM_CRITEO_ROWS"
+CRITEO_SAMPLE = "criteo_sample.tsv"
+
+
+def criteo_sample_path() -> Path:
+    """The real Criteo sample rows: ``$DQRM_CRITEO_ROWS/criteo_sample.tsv``, else the first
+    ``<dir>/data/criteo_sample.tsv`` among the directories beside this checkout. Skips the calling
+    test when neither exists; fails when the variable names a directory without the file."""
+    named = os.environ.get(CRITEO_ROWS_ENV)
+    if named:
+        path = Path(named) / CRITEO_SAMPLE
+        if not path.is_file():
+            pytest.fail(f"${CRITEO_ROWS_ENV}={named}: no {CRITEO_SAMPLE} there")
+        return path
+    checkout = Path(__file__).resolve().parents[1]
+    for beside in sorted(p for p in checkout.parent.iterdir() if p != checkout):
+        path = beside / "data" / CRITEO_SAMPLE
+        if path.is_file():
+            return path
+    pytest.skip(
+        f"real Criteo rows not found: set {CRITEO_ROWS_ENV} to a directory holding "
+        f"{CRITEO_SAMPLE} (none in a data/ folder beside the checkout either)"
+    )

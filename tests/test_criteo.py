@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import data_spec
+from helpers import criteo_sample_path, data_spec
 
 from compress.data import criteo_text as criteo
 from compress.data.criteo_text import read_criteo
@@ -19,7 +19,6 @@ from compress.data.formats import detect_format, load_dataset, open_dataset
 from compress.errors import DataError
 from compress.io.model_spec import DLRMSpec
 
-DATA_DIR = Path(__file__).parents[2] / "shared" / "data"
 FEATURES = tuple(f"cat_{i}" for i in range(26))
 ROWS = 1000
 LOG3 = math.log(3)
@@ -27,11 +26,8 @@ LOG3 = math.log(3)
 
 @pytest.fixture
 def sample(tmp_path) -> Path:
-    src = DATA_DIR / "criteo_sample.tsv"
-    if not src.is_file():
-        pytest.skip(f"Criteo sample rows not found at {src} (../shared/data next to the repo)")
     dst = tmp_path / "criteo_sample.tsv"
-    shutil.copy(src, dst)
+    shutil.copy(criteo_sample_path(), dst)
     return dst
 
 

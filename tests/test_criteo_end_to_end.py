@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import criteo_sample_path
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compress.cli.main import main
 
-SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "criteo_sample.tsv"
-
 
 @pytest.fixture
 def criteo(tmp_path):
-    if not SAMPLE.exists():
-        pytest.skip(f"Criteo sample rows not found at {SAMPLE} (../shared/data next to the repo)")
     data = tmp_path / "day_0.tsv"
-    shutil.copy(SAMPLE, data)
+    shutil.copy(criteo_sample_path(), data)
     torch.manual_seed(0)
     tables = [
         EmbeddingBagConfig(

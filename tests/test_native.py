@@ -10,9 +10,11 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import pytest
 import torch
 from helpers import require_c_compiler
+from quant_reference import fake_quantize_tablewise
 
-from compress.quant import math as qm
-from compress.quant import native
+from compress.quant import fake_quant, native
+from compress.quant.packing import can_pack
+from compress.quant.tablewise import table_scale
 
 
 def _hard_rows(rows: int = 512, dim: int = 16, seed: int = 0) -> torch.Tensor:
@@ -43,24 +45,24 @@ def test_kernels_build_here():
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dim", [8, 16, 24, 64])
 def test_rowwise_kernel_equals_fbgemm(bits, dim):
-    if not qm.can_pack(dim, bits, "row"):
+    if not can_pack(dim, bits, "row"):
         pytest.skip("FBGEMM cannot pack this row")
     w = _hard_rows(dim=dim, seed=bits + dim)
     reference = _fbgemm_round_trip(w, bits)
     out = w.clone()
     assert native.fake_quantize_rowwise_(out, bits) is out
     assert torch.equal(out, reference)
-    assert torch.equal(qm.fake_quantize_rowwise_(w.clone(), bits), reference)
+    assert torch.equal(fake_quant.fake_quantize_rowwise_(w.clone(), bits), reference)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_tablewise_kernel_equals_torch(bits):
     w = _hard_rows(seed=bits)[12:]  # finite, moderate table
     w = w / w.abs().max() * 3.0
-    scale = qm.table_scale(w[: len(w) // 2], bits)  # half the table: the rest clips
-    expected = qm.fake_quantize_tablewise(w, scale, bits)
+    scale = table_scale(w[: len(w) // 2], bits)  # half the table: the rest clips
+    expected = fake_quantize_tablewise(w, scale, bits)
     assert torch.equal(native.fake_quantize_tablewise_(w.clone(), scale, bits), expected)
-    assert torch.equal(qm.fake_quantize_tablewise_(w.clone(), scale, bits), expected)
+    assert torch.equal(fake_quant.fake_quantize_tablewise_(w.clone(), scale, bits), expected)
 
 
 def test_non_contiguous_rows_take_the_torch_path():

@@ -76,12 +76,12 @@ def _calls(name: str) -> Callable[[ast.AST, str], bool]:
     return match
 
 
-def test_robe_hash_constants_live_in_robe_hash():
-    assert set(_where(_is_robe_number)) == {"compress/methods/robe_hash.py"}
+def test_robe_hash_constants_live_in_robe_hashing():
+    assert set(_where(_is_robe_number)) == {"compress/methods/robe/hashing.py"}
 
 
-def test_the_signed_code_offset_lives_in_quant_math():
-    assert _where(_is_signed_offset) == {"compress/quant/math.py": 1}
+def test_the_signed_code_offset_lives_in_tablewise():
+    assert _where(_is_signed_offset) == {"compress/quant/tablewise.py": 1}
 
 
 def test_the_default_scale_refresh_lives_in_train_config():

@@ -9,23 +9,14 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from exporters.onnx.lookup import (
-    POOLINGS,
-    build_gather_model,
-    build_pool_model,
-    gbq_block_size,
-    resolve_rowwise_impl,
-)
+from compress.methods.fp16 import Fp16Table
+from compress.methods.keep import Fp32Table
+from compress.methods.robe.graph import RobeTable
+from compress.methods.rowwise import RowwiseTable, gbq_block_size, resolve_rowwise_impl
+from compress.methods.tablewise import TablewiseTable
+from exporters.onnx.lookup import build_gather_model, build_pool_model
 from exporters.onnx.parity import compare_outputs, ort_session, run_session
-from exporters.onnx.spec import (
-    Fp16Table,
-    Fp32Table,
-    GraphBuilder,
-    RobeTable,
-    RowwiseTable,
-    TableLookup,
-    TablewiseTable,
-)
+from exporters.onnx.spec import GraphBuilder, TableLookup
 
 ROWS = 40
 DIMS = (8, 16, 12)
@@ -229,15 +220,14 @@ LENGTHS = {
 }
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize(
     ("kind_name", "bits"),
     [("fp32", None), ("rowwise", 4), ("rowwise", 2), ("tablewise", 4), ("robe", 4), ("fp16", None)],
 )
-def test_sum_pooling_multi_hot(kind_name: str, bits: int | None, dim: int, pooling: str) -> None:
+def test_sum_pooling_multi_hot(kind_name: str, bits: int | None, dim: int) -> None:
     table = make_table(kind_name, bits, dim)
-    session = ort_session(build_pool_model(table, pooling=pooling), threads=1)
+    session = ort_session(build_pool_model(table), threads=1)
     rng = np.random.default_rng(dim)
     for case, lengths in LENGTHS.items():
         lengths = np.asarray(lengths, np.int64)
@@ -249,9 +239,8 @@ def test_sum_pooling_multi_hot(kind_name: str, bits: int | None, dim: int, pooli
         assert not got[lengths == 0].any()
 
 
-@pytest.mark.parametrize("pooling", ["cumsum", "scatter_elements"])
-def test_pooling_is_deterministic_with_threads(pooling: str) -> None:
-    """ORT 1.31's ScatterND add races across threads; the default pooling must not."""
+def test_pooling_is_deterministic_with_threads() -> None:
+    """ORT 1.31's ScatterND add races across threads; the running-sum pooling does not."""
     table = make_table("fp32", None, 64, rows=500)
     rng = np.random.default_rng(0)
     lengths = np.full(64, 300, np.int64)
@@ -259,15 +248,11 @@ def test_pooling_is_deterministic_with_threads(pooling: str) -> None:
     values = rng.integers(0, 500, int(lengths.sum())).astype(np.int64)
     feeds = {"values": values, "lengths": lengths}
     rows = reference_rows(table, values)
-    session = ort_session(build_pool_model(table, pooling=pooling), threads=4)
+    session = ort_session(build_pool_model(table), threads=4)
     outs = [run_session(session, feeds)["pooled"] for _ in range(5)]
     assert len({o.tobytes() for o in outs}) == 1
-    if pooling == "cumsum":  # float64 running sums: within float32 rounding of the exact sum
-        compare_outputs(_pool_reference(rows, lengths), outs[0], 1e-5, "pooled/cumsum")
-    else:  # the same order as a sequential float32 sum, bit for bit
-        sequential = np.zeros((len(lengths), 64), np.float32)
-        np.add.at(sequential, np.repeat(np.arange(len(lengths)), lengths), rows)
-        compare_outputs(sequential, outs[0], 0.0, "pooled/scatter_elements")
+    # float64 running sums: within float32 rounding of the exact sum
+    compare_outputs(_pool_reference(rows, lengths), outs[0], 1e-5, "pooled/cumsum")
 
 
 def test_pooling_dynamic_batch() -> None:
@@ -325,7 +310,7 @@ HINT = (True, False, True, True, False, False)
 
 
 def _build_sparse_arch(
-    tables: list[TableLookup], pooling: str = "cumsum", one_hot: tuple[bool, ...] | None = None
+    tables: list[TableLookup], one_hot: tuple[bool, ...] | None = None
 ) -> onnx.ModelProto:
     from exporters.onnx.lookup import add_sparse_arch
 
@@ -335,7 +320,7 @@ def _build_sparse_arch(
         values = gb.add_input(f"f{i}__values", TensorProto.INT64, [f"n{i}"])
         lengths = gb.add_input(f"f{i}__lengths", TensorProto.INT64, ["batch"])
         features.append((table, values, lengths))
-    pooled = add_sparse_arch(gb, features, 16, pooling=pooling, one_hot=one_hot)
+    pooled = add_sparse_arch(gb, features, 16, one_hot=one_hot)
     gb.add_output(pooled, "pooled", TensorProto.FLOAT, ["batch", len(tables), 16])
     model = gb.make_model()
     onnx.checker.check_model(model, full_check=True)
@@ -376,23 +361,17 @@ SPARSE_BATCHES = {
 }
 
 
-# ScatterND's add races at more than one thread (module docstring): single-threaded only
-POOLING_THREADS = [(p, t) for p in POOLINGS for t in (1, 2) if not (p == "scatter_nd" and t > 1)]
-
-
 @pytest.mark.parametrize("hinted", [False, True])
-@pytest.mark.parametrize(("pooling", "threads"), POOLING_THREADS)
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 37])
 @pytest.mark.parametrize("case", list(SPARSE_BATCHES))
-def test_sparse_arch_matches_reference(
-    case: str, batch: int, pooling: str, threads: int, hinted: bool
-) -> None:
+def test_sparse_arch_matches_reference(case: str, batch: int, threads: int, hinted: bool) -> None:
     """Stacked row-wise groups (a table shared by two features), a per-feature fp32 group, empty
     bags, one-hot batches (the ``If`` that skips pooling), bags longer than a pooling chunk,
     batches of one, and one-hot layout hints both kept and broken by the batch, against a
     float64 numpy reference: within float32 rounding (1e-6, relative to the largest sum)."""
     tables = _sparse_arch_features()
-    model = _build_sparse_arch(tables, pooling, HINT if hinted else None)
+    model = _build_sparse_arch(tables, HINT if hinted else None)
     session = ort_session(model, threads=threads)
     rng = np.random.default_rng(batch)
     lengths = SPARSE_BATCHES[case](rng, len(tables), batch)
@@ -410,7 +389,7 @@ def test_sparse_arch_matches_reference(
 def test_sparse_arch_stacks_rowwise_tables_into_one_gather() -> None:
     """One initializer and one Gather per row-wise bit width; a shared table is stored once; no
     table initializer is consumed by anything but a Gather."""
-    from exporters.onnx.lookup import stacked_fused_rows, stacked_row_offsets
+    from exporters.onnx.stacked_rows import stacked_fused_rows, stacked_row_offsets
 
     tables = _sparse_arch_features()
     model = _build_sparse_arch(tables)

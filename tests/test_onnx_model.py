@@ -13,6 +13,11 @@ from helpers import make_dlrm
 from test_onnx_lookup import fbgemm_rowwise, pack_codes
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compress.methods.fp16 import Fp16Table
+from compress.methods.keep import Fp32Table
+from compress.methods.robe.graph import RobeTable
+from compress.methods.rowwise import RowwiseTable
+from compress.methods.tablewise import TablewiseTable
 from exporters.onnx.model import (
     PROTOBUF_SAFE_BYTES,
     build_dense_graph,
@@ -34,16 +39,7 @@ from exporters.onnx.parity import (
     ort_session,
     run_session,
 )
-from exporters.onnx.spec import (
-    CrossLayer,
-    DLRMGraphSpec,
-    Fp16Table,
-    Fp32Table,
-    Linear,
-    RobeTable,
-    TableLookup,
-    TablewiseTable,
-)
+from exporters.onnx.spec import CrossLayer, DLRMGraphSpec, Linear, TableLookup
 
 ATOL = 1e-5
 
@@ -201,7 +197,7 @@ def test_table_serving_two_features_and_batch_of_one() -> None:
     onnx_model = build_full_model(spec)
     # both row-wise tables stacked into one initializer, t_cat_3 once though two features use it
     stacked = [t for t in onnx_model.graph.initializer if t.name == "emb.rowwise4.fused"]
-    rowwise = [t for t in spec.tables if t.kind.KIND == "rowwise"]
+    rowwise = [t for t in spec.tables if isinstance(t.kind, RowwiseTable)]
     assert [t.name for t in rowwise] == ["t_cat_0", "t_cat_3"]
     # each table and a copy of its row 0, then the zero row
     assert len(stacked) == 1 and stacked[0].dims[0] == sum(t.num_rows + 1 for t in rowwise) + 1

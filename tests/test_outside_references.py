@@ -25,9 +25,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_dlrm
+from quant_reference import fused_rows
 
 from compress import pipeline
-from compress.quant import math as qm
+from compress.quant.packing import pack_nbit, unpack_nbit
+from compress.quant.tablewise import signed_offset, tablewise_quantize_packed, tablewise_to_rowwise
 from exporters.export import export
 from exporters.onnx.writer import sample_multihot
 from exporters.runtime.predictor import Predictor
@@ -183,10 +185,12 @@ def test_tablewise_to_rowwise_conversion_gives_fbgemms_rows(case):
     for i, bits in enumerate(case["table_bits"]):
         name = f"t_cat_{i}"
         w, s = tables[name].weight.detach(), case["table_scales"][name]
-        q, scale = qm.tablewise_quantize(w, bits)
+        packed, scale = tablewise_quantize_packed(w, bits)
+        q = (unpack_nbit(packed, bits).to(torch.int16) - signed_offset(bits)).to(torch.int8)
         assert scale == s
-        codes, s16, b16 = qm.tablewise_to_rowwise(q, scale, bits)
-        assert torch.equal(qm.to_fbgemm_rows(codes, s16, b16, bits), case["rows"][name]), name
+        codes, s16, b16 = tablewise_to_rowwise(q, scale, bits)
+        rows = fused_rows(pack_nbit(codes, bits), s16, b16)
+        assert torch.equal(rows, case["rows"][name]), name
         dequantized = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(
             case["rows"][name], bits
         )

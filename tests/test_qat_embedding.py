@@ -6,29 +6,44 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import pytest
 import torch
 from helpers import make_dlrm, random_inputs
+from quant_reference import fake_quantize_tablewise, fbgemm_fake_quantize_rowwise
 from torch.nn import functional as F  # noqa: N812
 
 from compress.io.model_spec import TableSpec
+from compress.methods.base import MethodConfig
+from compress.methods.fp16 import Fp16Config
+from compress.methods.keep import KeepConfig
 from compress.methods.qat_embedding import (
     QATEmbeddingBagCollection,
     QuantizedEmbeddingBagCollection,
-    TableQuant,
     pool_bags,
 )
-from compress.quant import math as qm
+from compress.methods.rowwise import RowwiseConfig
+from compress.methods.tablewise import TablewiseConfig
+from compress.quant import fake_quant
+from compress.quant.tablewise import table_scale
 
 QUANTS = [
-    TableQuant("keep"),
-    TableQuant("fp16"),
-    *[TableQuant(m, b, g) for m in ("qat", "ptq") for b in (8, 4, 2) for g in ("row", "table")],
+    KeepConfig(),
+    Fp16Config(),
+    *[
+        kind(bits, qat=qat)
+        for qat in (True, False)
+        for bits in (8, 4, 2)
+        for kind in (RowwiseConfig, TablewiseConfig)
+    ],
 ]
 
 
-def _collection(quant: TableQuant, seed: int = 0, scale_refresh: int | None = None):
+def _id(config: MethodConfig) -> str:
+    return f"{config.METHOD}-{getattr(config, 'bits', '')}-{'qat' if getattr(config, 'qat', 0) else ''}"
+
+
+def _collection(quant: MethodConfig, seed: int = 0, scale_refresh: int | None = None):
     g = torch.Generator().manual_seed(seed)
     tables = [TableSpec("t_a", 50, 16, ("a",)), TableSpec("t_b", 300, 16, ("b", "c"))]
     if scale_refresh is not None:
-        quant = TableQuant(quant.method, quant.bits, quant.granularity, scale_refresh)
+        quant = TablewiseConfig(quant.bits, quant.qat, scale_refresh)
     weights = {t.name: torch.randn(t.num_embeddings, t.embedding_dim, generator=g) for t in tables}
     return QATEmbeddingBagCollection(tables, weights, {t.name: quant for t in tables})
 
@@ -46,17 +61,17 @@ def _kjt(seed: int = 1, batch: int = 64):
     return KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"], values=values, lengths=lengths)
 
 
-def _whole_table(quant: TableQuant, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    if quant.method == "keep":
+def _whole_table(quant: MethodConfig, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(quant, KeepConfig):
         return w
-    if quant.method == "fp16":
+    if isinstance(quant, Fp16Config):
         return w.half().float()
-    if quant.granularity == "row":
-        return qm.fake_quantize_rowwise(w, quant.bits)
-    return qm.fake_quantize_tablewise(w, float(scale), quant.bits)
+    if isinstance(quant, RowwiseConfig):
+        return fbgemm_fake_quantize_rowwise(w, quant.bits)
+    return fake_quantize_tablewise(w, float(scale), quant.bits)
 
 
-@pytest.mark.parametrize("quant", QUANTS, ids=lambda q: f"{q.method}-{q.bits}-{q.granularity}")
+@pytest.mark.parametrize("quant", QUANTS, ids=_id)
 def test_gathered_rows_equal_whole_table_fake_quant(quant):
     ebc = _collection(quant)
     kjt = _kjt()
@@ -74,20 +89,20 @@ def test_gathered_rows_equal_whole_table_fake_quant(quant):
             torch.testing.assert_close(out[f], reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("quant", QUANTS, ids=lambda q: f"{q.method}-{q.bits}-{q.granularity}")
+@pytest.mark.parametrize("quant", QUANTS, ids=_id)
 def test_convert_equals_prepare_exactly(quant):
     ebc = _collection(quant).eval()
     kjt = _kjt()
     converted = QuantizedEmbeddingBagCollection.from_qat(ebc)
     with torch.no_grad():
         assert torch.equal(ebc(kjt).values(), converted(kjt).values())
-    if quant.quantized:
+    if hasattr(quant, "bits"):
         t = converted.quantized["t_b"]
         assert t.data.dtype == torch.uint8 and t.data.shape == (300, 16 * quant.bits // 8)
 
 
 def test_gradients_are_sparse_and_straight_through():
-    ebc = _collection(TableQuant("qat", 4, "row"))
+    ebc = _collection(RowwiseConfig(4, qat=True))
     kjt = _kjt()
     ebc(kjt).values().sum().backward()
     grad = ebc.embedding_bags["t_a"].weight.grad
@@ -98,12 +113,12 @@ def test_gradients_are_sparse_and_straight_through():
 
 
 def test_ptq_tables_are_frozen():
-    ebc = _collection(TableQuant("ptq", 8, "row"))
+    ebc = _collection(RowwiseConfig(8))
     assert not any(p.requires_grad for p in ebc.parameters())
 
 
 def test_tablewise_scale_refreshes_every_p_steps():
-    ebc = _collection(TableQuant("qat", 4, "table"), scale_refresh=3).train()
+    ebc = _collection(TablewiseConfig(4, qat=True), scale_refresh=3).train()
     mod = ebc.embedding_bags["t_a"]
     kjt = _kjt()
     initial = float(mod.scale)
@@ -113,7 +128,7 @@ def test_tablewise_scale_refreshes_every_p_steps():
         ebc(kjt)
         assert float(mod.scale) == initial, step
     ebc(kjt)  # the 4th training forward is step 3 = P: rescan
-    assert float(mod.scale) == qm.table_scale(mod.weight.detach(), 4)
+    assert float(mod.scale) == table_scale(mod.weight.detach(), 4)
     assert float(mod.scale) > initial
 
 
@@ -154,5 +169,4 @@ def test_fast_fake_quant_equals_fbgemm(bits):
     w[8, ::2] = -2.5e4  # large magnitudes
     rows = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(w, bits)
     reference = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(rows, bits)
-    assert torch.equal(qm.fake_quantize_rowwise_(w.clone(), bits), reference)
-    assert torch.equal(qm.fake_quantize_rowwise(w, bits), reference)
+    assert torch.equal(fake_quant.fake_quantize_rowwise_(w.clone(), bits), reference)

@@ -7,17 +7,14 @@ from pathlib import Path
 import pytest
 
 from compress.errors import RecipeError
-from compress.recipe.parse import (
-    MLPSettings,
-    Recipe,
-    TableRule,
-    builtin_names,
-    builtin_recipes,
-    load_recipe,
-    parse_recipe,
-    pattern_matches,
-    recipe_to_toml,
-)
+from compress.methods.keep import KeepConfig
+from compress.methods.robe.method import ShareConfig
+from compress.methods.rowwise import RowwiseConfig
+from compress.methods.tablewise import TablewiseConfig
+from compress.recipe.builtin import builtin_names, builtin_recipes
+from compress.recipe.parse import load_recipe, parse_recipe
+from compress.recipe.schema import MLPSettings, Recipe, TableRule, pattern_matches
+from compress.recipe.toml_out import recipe_to_toml
 from compress.train.loop import TrainConfig
 
 BUILTINS = (
@@ -75,7 +72,7 @@ def test_builtin_loads_and_round_trips(name: str, tmp_path: Path) -> None:
 def test_builtin_contents() -> None:
     qat = load_recipe("int4_qat")
     assert qat.rules == (
-        TableRule(match=("*",), method="qat", bits=4, granularity="table", scale_refresh=200),
+        TableRule(match=("*",), config=TablewiseConfig(bits=4, qat=True, scale_refresh=200)),
     )
     assert qat.mlp == MLPSettings(method="qat", bits=4, per_channel=True)
     assert qat.finetune == TrainConfig(
@@ -90,23 +87,21 @@ def test_builtin_contents() -> None:
     )
     assert qat.needs_finetune
     assert load_recipe("int8_qat").finetune == qat.finetune
-    for name, bits, granularity in (
-        ("int8_ptq", 8, "row"),
-        ("int4_ptq", 4, "table"),
-        ("int4_rowwise_ptq", 4, "row"),
+    for name, config in (
+        ("int8_ptq", RowwiseConfig(bits=8)),
+        ("int4_ptq", TablewiseConfig(bits=4)),
+        ("int4_rowwise_ptq", RowwiseConfig(bits=4)),
     ):
         ptq = load_recipe(name)
-        assert ptq.rules == (
-            TableRule(match=("*",), method="ptq", bits=bits, granularity=granularity),
-        )
+        assert ptq.rules == (TableRule(match=("*",), config=config),)
+        assert ptq.rules[0].method == "ptq"
         assert ptq.finetune is None and not ptq.needs_finetune
     mixed = load_recipe("mixed_int4_int8")
-    assert [(r.min_rows, r.max_rows, r.method, r.bits) for r in mixed.rules] == [
-        (10000, None, "qat", 4),
-        (100, 9999, "qat", 8),
-        (None, 99, "keep", None),
+    assert [(r.min_rows, r.max_rows, r.method, r.config) for r in mixed.rules] == [
+        (10000, None, "qat", RowwiseConfig(bits=4, qat=True)),
+        (100, 9999, "qat", RowwiseConfig(bits=8, qat=True)),
+        (None, 99, "keep", KeepConfig()),
     ]
-    assert all(r.granularity in ("row", None) for r in mixed.rules)
     assert mixed.mlp == MLPSettings(method="ptq", bits=8)
     assert mixed.finetune == qat.finetune
 
@@ -152,10 +147,11 @@ steps = 300
 optimizer = "sgd"
 """
     r = load_text(tmp_path, text)
-    assert r.rules[0].granularity == "row" and r.rules[0].scale_refresh is None
-    assert r.rules[1].compression == 100.0 and r.rules[1].array_dtype == "fp32"
-    assert r.rules[3].bytes == 4096 and r.rules[3].compression is None
-    assert r.rules[5].scale_refresh == 200
+    assert r.rules[0].config == RowwiseConfig(bits=2, qat=True)  # granularity "row" by default
+    assert r.rules[1].config == ShareConfig(block_size=32, compression=100.0, group="g")
+    assert r.rules[1].config.array_dtype == "fp32" and r.rules[1].config.projection == "frequency"
+    assert r.rules[3].config.bytes == 4096 and r.rules[3].config.compression is None
+    assert r.rules[5].config == TablewiseConfig(bits=8, qat=True, scale_refresh=200)
     assert r.mlp == MLPSettings()
     assert r.finetune == TrainConfig(steps=300, optimizer="sgd")
     assert r.description == 'quote " backslash \\ tab \t ünïcode'
@@ -178,7 +174,7 @@ def test_pattern_matching() -> None:
     assert pattern_matches("re:t_cat_1\\d", "t_cat_10")
     assert not pattern_matches("T_CAT_*", "t_cat_1")  # case-sensitive
     assert pattern_matches("t_cat_?", "t_cat_7") and not pattern_matches("t_cat_?", "t_cat_17")
-    rule = TableRule(match=("re:a.*",), method="keep", min_rows=10, max_rows=20)
+    rule = TableRule(match=("re:a.*",), config=KeepConfig(), min_rows=10, max_rows=20)
     assert rule.matches("ab", 10) and rule.matches("ab", 20)
     assert not rule.matches("ab", 9) and not rule.matches("ab", 21) and not rule.matches("ba", 15)
 
@@ -364,7 +360,7 @@ QAT = '[[tables]]\nmatch = ["*"]\nmethod = "qat"\nbits = 4\n'
         (R + QAT + "[finetune]\nlr_dense = -0.1\n", "finetune: lr_dense must be > 0, got -0.1"),
         (
             R + QAT + '[finetune]\noptimizer = "rmsprop"\n',
-            'finetune: optimizer must be one of "adagrad", "sgd", "adam", got "rmsprop"',
+            'finetune: optimizer must be one of "adagrad", "sgd", "adam", "rowwise_adagrad", got "rmsprop"',
         ),
         (R + QAT + "[finetune]\nkeep_best = 1\n", "finetune: keep_best must be true or false"),
         # the recipe as a whole

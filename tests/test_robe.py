@@ -1,4 +1,4 @@
-"""Tests for compress.methods.robe: the shared-array EBC, its combination with TorchRec, array quantization."""
+"""ROBE-Z (compress.methods.robe): the shared-array EBC, its combination with TorchRec, array quantization."""
 
 from __future__ import annotations
 
@@ -13,19 +13,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress.errors import RecipeError
 from compress.io.model_spec import TableSpec
-from compress.methods.robe import (
-    ArrayQuantization,
+from compress.methods.combined import (
     CombinedEmbeddingBagCollection,
-    RobeConfig,
-    RobeEmbeddingBagCollection,
     combine_with_ebc,
-    dequantize_array,
-    gather_cells,
-    quantize_array,
     table_spec_from_config,
 )
-from compress.methods.robe_hash import block_cells, robe_indices
-from compress.methods.robe_projection import project_module
+from compress.methods.robe.array import ArrayQuantization, dequantize_array, quantize_array
+from compress.methods.robe.gather import gather_cells
+from compress.methods.robe.hashing import block_cells, robe_indices
+from compress.methods.robe.module import RobeConfig, RobeEmbeddingBagCollection
+from compress.methods.robe.projection import project_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 

@@ -1,4 +1,4 @@
-"""Tests for compress.methods.robe_hash: the ROBE-Z hash against a pure-Python reading of the formula."""
+"""Tests for compress.methods.robe.hashing: the ROBE-Z hash against a pure-Python reading of the formula."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.methods.robe_hash import (
+from compress.methods.robe.hashing import (
     DEFAULT_SEED,
     MAX_DIM,
     MAX_TOTAL_ROWS,
@@ -21,7 +21,7 @@ CONSTANTS = robe_constants(DEFAULT_SEED)
 
 
 def reference_index(row: int, offset: int, d: int, z: int, m: int, consts) -> int:
-    """The ROBE-Z hash (arXiv 2207.10731) as :mod:`compress.methods.robe_hash` states it, with Python's
+    """The ROBE-Z hash (arXiv 2207.10731) as :mod:`compress.methods.robe.hashing` states it, with Python's
     unbounded integers."""
     r1, r2, r3 = consts
     key = ((row + offset) * r3 + (d // z) * r2 + r1) % ROBE_PRIME

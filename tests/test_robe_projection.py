@@ -1,4 +1,4 @@
-"""Tests for compress.methods.robe_projection: least-squares projection of trained tables onto an array."""
+"""Tests for compress.methods.robe.projection: least-squares projection of trained tables onto an array."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 
 from compress.errors import RecipeError
 from compress.io.model_spec import TableSpec
-from compress.methods.robe import RobeConfig
-from compress.methods.robe_hash import robe_constants, robe_indices
-from compress.methods.robe_projection import project_module, project_tables
+from compress.methods.robe.hashing import robe_constants, robe_indices
+from compress.methods.robe.module import RobeConfig
+from compress.methods.robe.projection import project_module, project_tables
 
 CONSTANTS = robe_constants()
 DIM = 4

@@ -10,13 +10,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from compress.io.model_spec import TableSpec
 from compress.methods.qat_embedding import (
     QATEmbeddingBagCollection,
-    TableQuant,
     track_scale_updates,
     updates_only_gradient_rows,
 )
 from compress.methods.scale_tracking import BlockAbsmax
-from compress.quant import math as qm
+from compress.methods.tablewise import TablewiseConfig
 from compress.quant import native
+from compress.quant.tablewise import table_scale
 
 ROWS, DIM = 1000, 8
 
@@ -52,7 +52,7 @@ def _collection(refresh: int) -> QATEmbeddingBagCollection:
     spec = TableSpec("t", ROWS, DIM, ("f",))
     weight = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1)) * 0.1
     return QATEmbeddingBagCollection(
-        [spec], {"t": weight}, {"t": TableQuant("qat", 4, "table", refresh)}
+        [spec], {"t": weight}, {"t": TablewiseConfig(bits=4, qat=True, scale_refresh=refresh)}
     )
 
 
@@ -75,8 +75,8 @@ def _train(ebc, opt, batches, tamper_at: int | None = None) -> list[float]:
         out = ebc(kjt).values()
         scales.append(float(table.scale))
         # a refresh in this forward must equal a rescan of the table as it is now
-        if i > 0 and i % table.quant.scale_refresh == 0:
-            assert float(table.scale) == qm.table_scale(table.weight.detach(), 4)
+        if i > 0 and i % table.scale_refresh == 0:
+            assert float(table.scale) == table_scale(table.weight.detach(), 4)
         out.backward(grad * 50)  # big steps: the maximum moves between refreshes
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -132,13 +132,14 @@ def test_loading_a_state_dict_invalidates_the_summary():
     ebc.load_state_dict(other.state_dict())
     table = ebc.embedding_bags["t"]
     table.refresh_scale()
-    assert float(table.scale) == qm.table_scale(table.weight.detach(), 4)
+    assert float(table.scale) == table_scale(table.weight.detach(), 4)
 
 
 def test_a_table_the_kernels_cannot_take_is_rescanned_instead():
     spec = TableSpec("t", ROWS, DIM, ("f",))
     weight = torch.randn(DIM, ROWS).t()  # a strided view: not contiguous
-    ebc = QATEmbeddingBagCollection([spec], {"t": weight}, {"t": TableQuant("qat", 4, "table", 3)})
+    config = TablewiseConfig(bits=4, qat=True, scale_refresh=3)
+    ebc = QATEmbeddingBagCollection([spec], {"t": weight}, {"t": config})
     ebc.train()
     opt = torch.optim.SGD(ebc.parameters(), lr=0.5)
     assert track_scale_updates(ebc, opt) == 0

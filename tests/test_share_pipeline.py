@@ -11,8 +11,9 @@ from compress import pipeline
 from compress.data.dataset import Dataset
 from compress.errors import ArtifactError, RecipeError
 from compress.methods.apply_plan import embedding_parts
-from compress.methods.robe import ArrayQuantization, RobeEmbeddingBagCollection
-from compress.methods.robe_hash import robe_constants, robe_indices
+from compress.methods.robe.array import ArrayQuantization
+from compress.methods.robe.hashing import robe_constants, robe_indices
+from compress.methods.robe.module import RobeEmbeddingBagCollection
 from exporters.artifacts import write as artifacts
 
 RECIPE = """
@@ -87,6 +88,7 @@ def test_shared_resume_equals_uninterrupted(tmp_path):
     straight = pipeline.compress(job, pipeline.plan(job, recipe), data=train, valid=valid)
 
     from compress.methods.apply_plan import prepare_model
+    from compress.train.inputs import run_inputs
     from compress.train.loop import fit
 
     plan = pipeline.plan(job, recipe)
@@ -94,7 +96,18 @@ def test_shared_resume_equals_uninterrupted(tmp_path):
     counts = pipeline.row_counts(tr, job.spec)
     state = tmp_path / "state.pt"
     first, _ = prepare_model(job.module, job.spec, plan, counts)
-    fit(first, tr, va, job.spec.feature_names, plan.recipe.finetune, state_path=state, stop_after=5)
+    # the fingerprints the pipeline records: --resume continues only a run on the same inputs
+    inputs = run_inputs(job.module, job.spec, plan, tr, va, plan.recipe.finetune.seed)
+    fit(
+        first,
+        tr,
+        va,
+        job.spec.feature_names,
+        plan.recipe.finetune,
+        state_path=state,
+        stop_after=5,
+        inputs=inputs,
+    )
     resumed = pipeline.compress(
         pipeline.load(ckpt), plan, data=train, valid=valid, state_path=state, resume=True
     )
@@ -140,13 +153,15 @@ def test_manifest_without_hash_seed_is_refused(tmp_path):
 
 
 def test_sparse_and_dense_array_gradients_train_alike(tmp_path, monkeypatch):
-    import compress.methods.apply_plan as qmodel
+    import compress.methods.robe.method as robe_method
 
     ckpt, train, valid, _ = tiny_world(tmp_path)
     recipe = _recipe(tmp_path)
     job = pipeline.load(ckpt)
     dense = pipeline.compress(job, pipeline.plan(job, recipe), data=train, valid=valid)
-    monkeypatch.setattr(qmodel, "DENSE_GRAD_MAX_CELLS", 0)  # every array takes sparse gradients
+    monkeypatch.setattr(
+        robe_method, "DENSE_GRAD_MAX_CELLS", 0
+    )  # every array takes sparse gradients
     sparse = pipeline.compress(job, pipeline.plan(job, recipe), data=train, valid=valid)
     (a,) = [p for p in embedding_parts(dense.model) if isinstance(p, RobeEmbeddingBagCollection)]
     (b,) = [p for p in embedding_parts(sparse.model) if isinstance(p, RobeEmbeddingBagCollection)]

@@ -22,8 +22,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress import pipeline
 from compress.errors import CheckpointError, ModelConfigError
+from compress.methods.combined import CombinedEmbeddingBagCollection
 from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
-from compress.methods.robe import CombinedEmbeddingBagCollection, RobeEmbeddingBagCollection
+from compress.methods.robe.module import RobeEmbeddingBagCollection
 from exporters import load_torchrec_model
 from exporters.artifacts import write as artifacts
 from exporters.artifacts.read import load_artifacts

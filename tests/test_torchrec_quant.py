@@ -10,7 +10,8 @@ from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 from compress import pipeline
 from compress.errors import ArtifactError
-from compress.quant import math as qm
+from compress.quant.fbgemm_rowwise import to_fbgemm_inference_rows
+from compress.quant.packing import unpack_nbit
 from exporters.artifacts import write as artifacts
 from exporters.artifacts.read import load_artifacts
 from exporters.onnx.writer import sample_multihot
@@ -47,8 +48,8 @@ def test_pooled_embeddings_equal_ours(tmp_path, bits: int) -> None:
     wrapper = {8: torch.Tensor, 4: UInt4Tensor, 2: UInt2Tensor}[bits]
     assert type(weight) is wrapper
     raw = weight if bits == 8 else weight.view(torch.uint8)
-    codes = qm.unpack_nbit(torch.from_numpy(table.arrays["data"].copy()), bits, table.embedding_dim)
-    rows = qm.to_fbgemm_inference_rows(
+    codes = unpack_nbit(torch.from_numpy(table.arrays["data"].copy()), bits, table.embedding_dim)
+    rows = to_fbgemm_inference_rows(
         codes,
         torch.from_numpy(table.arrays["scale"].copy()),
         torch.from_numpy(table.arrays["bias"].copy()),

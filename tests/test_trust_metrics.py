@@ -11,12 +11,14 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.cli.main import auc_drop_failure, main
+from compress.cli.job_report import auc_drop_failure
+from compress.cli.main import main
 from compress.data.dataset import Dataset
 from compress.errors import DataError, RecipeError
 from compress.io.model import load_model
 from compress.plan import format_plan, make_plan
-from compress.recipe.parse import load_recipe, parse_recipe, recipe_to_toml
+from compress.recipe.parse import load_recipe, parse_recipe
+from compress.recipe.toml_out import recipe_to_toml
 from compress.train import loop as train_module
 from compress.train.config import TrainConfig
 from compress.train.evaluate import evaluate_model

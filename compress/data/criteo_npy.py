@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,30 @@ def read_npy_day(
     num_dense: int | None = None,
 ) -> Dataset:
     """One day's three files as a :class:`Dataset` (see :func:`read_npy_days`)."""
+    arrays = open_npy_day(directory, day, len(feature_names), num_dense)
+    return npy_day_rows(arrays, 0, arrays.rows, feature_names, num_embeddings)
+
+
+@dataclass(frozen=True)
+class NpyDay:
+    """One day's three arrays, memory-mapped and checked for shape and dtype (not values):
+    ``dense`` float ``[N, D]``, ``sparse`` integer ``[N, F]``, ``labels`` integer ``[N]``."""
+
+    paths: dict[str, Path]
+    dense: np.ndarray
+    sparse: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.dense.shape[0])
+
+
+def open_npy_day(
+    directory: str | Path, day: int, num_features: int, num_dense: int | None = None
+) -> NpyDay:
+    """Memory-map one day (reading only the headers) and check shapes and dtypes; a
+    :class:`DataError` names the file (see :func:`read_npy_days`)."""
     paths = day_paths(directory, day)
     for path in paths.values():
         if not path.is_file():
@@ -85,9 +110,9 @@ def read_npy_day(
     n = dense.shape[0] if dense.ndim else 0
     if dense.ndim != 2 or dense.dtype.kind != "f":
         raise DataError(f"{paths['dense']}: expected float [N, num_dense], got {_desc(dense)}")
-    if sparse.ndim != 2 or sparse.dtype.kind not in "iu" or sparse.shape[1] != len(feature_names):
+    if sparse.ndim != 2 or sparse.dtype.kind not in "iu" or sparse.shape[1] != num_features:
         raise DataError(
-            f"{paths['sparse']}: expected integer [N, {len(feature_names)}], got {_desc(sparse)}"
+            f"{paths['sparse']}: expected integer [N, {num_features}], got {_desc(sparse)}"
         )
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
@@ -100,28 +125,53 @@ def read_npy_day(
         raise DataError(
             f"{paths['dense']}: {dense.shape[1]} dense features, the model takes {num_dense}"
         )
-    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
-        dense32 = np.array(dense, dtype=np.float32)
-    problems = (
-        ("dense", describe_first(dense, ~np.isfinite(dense32), "is not a finite float32")),
-        ("sparse", _find_negative_id(sparse, feature_names)),
-        ("labels", find_nonbinary(labels)),
-    )
-    for part, problem in problems:
-        if problem is not None:
-            raise DataError(f"{paths[part]}: {problem}")
-    rows = table_rows(sparse, num_embeddings)
-    offsets = np.arange(n + 1, dtype=np.int64)
+    return NpyDay(paths=paths, dense=dense, sparse=sparse, labels=labels)
+
+
+def npy_day_rows(
+    day: NpyDay,
+    start: int,
+    stop: int,
+    feature_names: Sequence[str],
+    num_embeddings: Sequence[int],
+) -> Dataset:
+    """Samples ``start`` to ``stop - 1`` of an opened day as a :class:`Dataset`, their values
+    checked (a :class:`DataError` names the file and the sample's index in the file)."""
+    rows, dense32 = npy_rows_arrays(day, start, stop, num_embeddings, feature_names)
+    offsets = np.arange(stop - start + 1, dtype=np.int64)
     return Dataset(
         dense=dense32,
-        labels=np.asarray(labels, dtype=np.float32),
+        labels=np.asarray(day.labels[start:stop], dtype=np.float32),
         values={f: np.ascontiguousarray(rows[:, j]) for j, f in enumerate(feature_names)},
         offsets={f: offsets for f in feature_names},
         dense_transform="log3",  # TorchRec's log(x - min + 2), min = -1 on Criteo (see criteo.py)
     )
 
 
-def _find_negative_id(ids: np.ndarray, feature_names: Sequence[str]) -> str | None:
+def npy_rows_arrays(
+    day: NpyDay,
+    start: int,
+    stop: int,
+    num_embeddings: Sequence[int],
+    feature_names: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(table rows int64 [n, F], dense float32 [n, D])`` of samples ``start:stop``, with the
+    value checks of :func:`read_npy_days` (positions in the message count from the file's start)."""
+    dense, sparse, labels = day.dense[start:stop], day.sparse[start:stop], day.labels[start:stop]
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+        dense32 = np.array(dense, dtype=np.float32)
+    problems = (
+        ("dense", describe_first(dense, ~np.isfinite(dense32), "is not a finite float32", start)),
+        ("sparse", _find_negative_id(sparse, feature_names, start)),
+        ("labels", find_nonbinary(labels, start)),
+    )
+    for part, problem in problems:
+        if problem is not None:
+            raise DataError(f"{day.paths[part]}: {problem}")
+    return table_rows(sparse, num_embeddings), dense32
+
+
+def _find_negative_id(ids: np.ndarray, feature_names: Sequence[str], start: int = 0) -> str | None:
     """Where signed ``ids`` [N, num_sparse] first hold a negative id, in words, or None. Ids are
     hashes (``int(hex, 16)``), never negative: a negative one would wrap silently in the modulo."""
     if ids.dtype.kind != "i" or not ids.size:
@@ -132,7 +182,8 @@ def _find_negative_id(ids: np.ndarray, feature_names: Sequence[str]) -> str | No
     j = int(columns[0])
     i = int(np.argmax(ids[:, j] < 0))
     return (
-        f"negative id {int(ids[i, j])} at sample {i}, column {j} (feature {feature_names[j]!r}); "
+        f"negative id {int(ids[i, j])} at sample {start + i}, column {j} "
+        f"(feature {feature_names[j]!r}); "
         "ids must be non-negative"
     )
 

@@ -218,15 +218,16 @@ def _parse_file(path: Path, layout: CriteoLayout, *, skip: bool) -> Iterator[Par
             return
         if isinstance(block, _OverlongLine):
             if not skip:
-                raise DataError(f"{path}:{first_line}: {_overlong_message(layout)}")
+                raise DataError(f"{path}:{first_line}: {overlong_message(layout)}")
             first_line += 1
             yield _skipped_line(layout)
             continue
         parsed = parse_block(block, layout)
         if parsed.bad_lines.size and not skip:
             index = int(parsed.bad_lines[0])
-            line = _nth_line(block, index)
-            raise DataError(f"{path}:{first_line + index}: {diagnose_line(line, layout)}")
+            raise DataError(
+                f"{path}:{first_line + index}: {describe_bad_line(block, index, layout)}"
+            )
         first_line += parsed.num_lines
         yield parsed
 
@@ -241,7 +242,7 @@ def _read_blocks(path: Path, max_line_bytes: int) -> Iterator[bytes | _OverlongL
     """Blocks of whole lines (each ends with a newline; one is added at the end of the file), and
     an :class:`_OverlongLine` for each line found longer than ``max_line_bytes``. Read errors
     propagate (:func:`_parse_file` names the line)."""
-    with _open(path) as fh:
+    with open_text(path) as fh:
         rest = b""
         dropping = False  # inside an over-long line: discard up to its newline
         while data := fh.read(CHUNK_BYTES):
@@ -273,7 +274,8 @@ def _skipped_line(layout: CriteoLayout) -> ParsedBlock:
     )
 
 
-def _open(path: Path) -> BinaryIO:
+def open_text(path: Path) -> BinaryIO:
+    """``path`` opened for binary reading, decompressed when it starts with the gzip signature."""
     if is_gzip(path):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")
@@ -386,6 +388,11 @@ def _parse_hex(
     return ok, np.where(ok, value, 0).astype(np.uint64)
 
 
+def describe_bad_line(block: bytes, index: int, layout: CriteoLayout) -> str:
+    """Why line ``index`` (0-based) of a block of whole lines is malformed, in words."""
+    return diagnose_line(_nth_line(block, index), layout)
+
+
 def _nth_line(block: bytes, index: int) -> bytes:
     start = 0
     for _ in range(index):
@@ -396,7 +403,7 @@ def _nth_line(block: bytes, index: int) -> bytes:
 def diagnose_line(line: bytes, layout: CriteoLayout) -> str:
     """Why one line is malformed, in words (used for the error message of a bad line)."""
     if len(line) > layout.max_line_bytes:
-        return _overlong_message(layout)
+        return overlong_message(layout)
     text = line.decode("utf-8", errors="replace").removesuffix("\r")
     fields = text.split("\t")
     if len(fields) != layout.num_columns:
@@ -426,7 +433,8 @@ def diagnose_line(line: bytes, layout: CriteoLayout) -> str:
     return "malformed line"
 
 
-def _overlong_message(layout: CriteoLayout) -> str:
+def overlong_message(layout: CriteoLayout) -> str:
+    """The reason given for a line longer than any valid one."""
     return (
         f"line longer than {layout.max_line_bytes:,} bytes, the most {layout.num_columns} valid "
         "fields can take"

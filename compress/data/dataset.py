@@ -488,18 +488,21 @@ def find_nonfinite(arr: np.ndarray) -> str | None:
     return describe_first(arr, ~np.isfinite(arr), "is not finite")
 
 
-def find_nonbinary(arr: np.ndarray) -> str | None:
-    """Where ``arr`` first holds a label other than 0 or 1 (NaN included), in words, or None."""
-    return describe_first(arr, (arr != 0) & (arr != 1), "is not a label (0 or 1)")
+def find_nonbinary(arr: np.ndarray, start: int = 0) -> str | None:
+    """Where ``arr`` first holds a label other than 0 or 1 (NaN included), in words, or None
+    (``start``: the sample number of ``arr[0]``, for a part of a file)."""
+    return describe_first(arr, (arr != 0) & (arr != 1), "is not a label (0 or 1)", start)
 
 
-def describe_first(arr: np.ndarray, bad: np.ndarray, what: str) -> str | None:
+def describe_first(arr: np.ndarray, bad: np.ndarray, what: str, start: int = 0) -> str | None:
     """``"value <v> at sample i[, column j] <what>"`` for the first True of ``bad`` (``v`` read
-    from ``arr``), or None when ``bad`` holds no True."""
+    from ``arr``; ``i`` counted from ``start``, the sample number of ``arr[0]``), or None when
+    ``bad`` holds no True."""
     if not bad.any():
         return None
     index = tuple(int(i) for i in np.argwhere(bad)[0])
-    return f"value {arr[index].item()!r} at {describe_position(index)} {what}"
+    where = (index[0] + start, *index[1:])
+    return f"value {arr[index].item()!r} at {describe_position(where)} {what}"
 
 
 def describe_position(index: tuple[int, ...]) -> str:

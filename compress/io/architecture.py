@@ -11,10 +11,11 @@ Only tensor names and shapes are read, so this works on memory-mapped or ``meta`
 - Weights are float32, float16 or bfloat16 (the latter two are read as float32); other dtypes are
   refused, naming the key.
 - Bottom MLP: ``dense_arch.model._mlp.<i>._linear.weight``; top MLP: ``over_arch.model.0._mlp.<i>``
-  then ``over_arch.model.1``.
-- Interaction: ``inter_arch.crossnet.*`` means ``DLRM_DCN``, ``inter_arch.interaction_branch1.*``
-  means ``DLRM_Projection``, else the dot-product ``DLRM``. The number of sparse features F follows
-  from the interaction's input width.
+  then ``over_arch.model.1`` (the key templates are in :mod:`compress.io.dlrm_classes.base`).
+- Interaction: the first registered class whose strategy claims the ``inter_arch.*`` keys
+  (``crossnet``: ``DLRM_DCN``; ``interaction_branch1``/``2``: ``DLRM_Projection``), else the
+  dot-product ``DLRM`` (:func:`compress.io.dlrm_classes.detect`). The strategy infers the number
+  of sparse features F from the interaction's input width and the interaction's parameters.
 - Feature names are not in a state dict. Without a model config each table serves one feature named
   after it with a leading ``t_`` removed (``t_cat_0`` -> ``cat_0``; TorchRec's DLRM examples name
   tables ``t_<feature>``); a table named otherwise gives its own name to its feature.
@@ -29,25 +30,25 @@ A model config (JSON) can name features, fix the table order, and state shapes t
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
 
 from compress.errors import CheckpointError, ModelConfigError
-from compress.io.model_spec import MODEL_CLASSES, DLRMSpec, TableSpec
-
-EBC_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
-_TABLE_RE = re.compile(re.escape(EBC_PREFIX) + r"(?P<table>[^.]+)\.weight$")
-_DENSE_RE = re.compile(r"dense_arch\.model\._mlp\.(\d+)\._linear\.(weight|bias)$")
-_OVER_MLP_RE = re.compile(r"over_arch\.model\.0\._mlp\.(\d+)\._linear\.(weight|bias)$")
-_OVER_FINAL = ("over_arch.model.1.weight", "over_arch.model.1.bias")
-_DCN_RE = re.compile(r"inter_arch\.crossnet\.(W_kernels|V_kernels|bias)\.(\d+)$")
-_PROJ_RE = re.compile(
-    r"inter_arch\.interaction_branch([12])\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
+from compress.io.dlrm_classes import detect, known_classes
+from compress.io.dlrm_classes.base import (
+    DENSE_GROUP,
+    DENSE_MLP,
+    EBC_PREFIX,
+    OVER_FINAL,
+    OVER_GROUP,
+    OVER_MLP,
+    mlp_weights,
+    table_of_key,
+    table_weight_key,
 )
+from compress.io.model_spec import DLRMSpec, TableSpec
 
 
 def infer_spec(
@@ -67,22 +68,16 @@ def infer_spec(
     ``lenient`` (for writing a config template) keeps an unknown table order as listed and gives
     every table one default feature even when the interaction takes another number.
 
-    Raises :class:`CheckpointError` when the tensors are not a TorchRec DLRM,
-    :class:`ModelConfigError` when ``model_config`` disagrees or is needed and missing.
+    The parts every class shares are read here; the interaction by the class's strategy
+    (:func:`compress.io.dlrm_classes.detect`). Raises :class:`CheckpointError` when the tensors
+    are not a TorchRec DLRM, :class:`ModelConfigError` when ``model_config`` disagrees or is
+    needed and missing.
     """
     prefix = _find_prefix(tensors, source)
-    sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    stray = [k for k in tensors if not k.startswith(prefix)]
-    if stray:
-        raise CheckpointError(
-            f"{source}: {len(stray)} key(s) outside the DLRM ({prefix or 'no prefix'}): "
-            f"{_preview(stray)}"
-        )
-    _check_dtypes(sd, prefix, source)
-
+    sd = _strip(tensors, prefix, source)
     tables = _tables(sd, source)
     config_order = [t["name"] for t in (model_config or {}).get("tables", []) if "name" in t]
-    unordered = [n for n, _, _ in tables if f"{prefix}{EBC_PREFIX}{n}.weight" in unordered_keys]
+    unordered = [n for n, _, _ in tables if prefix + table_weight_key(n) in unordered_keys]
     if unordered and len(tables) > 1 and not config_order and not lenient:
         raise ModelConfigError(_order_unknown_message(source, len(tables), config_searched))
     dim = tables[0][2]
@@ -90,87 +85,63 @@ def infer_spec(
         raise CheckpointError(
             f"{source}: tables have different embedding dims {sorted({d for *_, d in tables})}"
         )
-    dense_w = _mlp_weights(sd, _DENSE_RE, source, "dense_arch")
-    over_w = _mlp_weights(sd, _OVER_MLP_RE, source, "over_arch.model.0")
-    if _OVER_FINAL[0] not in sd:
-        raise CheckpointError(f"{source}: missing {prefix}{_OVER_FINAL[0]} (not a TorchRec DLRM)")
-    over_sizes = tuple(w.shape[0] for w in over_w) + (sd[_OVER_FINAL[0]].shape[0],)
-    dense_sizes = tuple(w.shape[0] for w in dense_w)
-    dense_in = dense_w[0].shape[1]
-    over_in = over_w[0].shape[1] if over_w else sd[_OVER_FINAL[0]].shape[1]
-    if dense_sizes[-1] != dim:
-        raise CheckpointError(
-            f"{source}: bottom MLP ends at {dense_sizes[-1]} but tables have dim {dim}"
-        )
-
-    extra: dict = {}
-    if any(_DCN_RE.match(k) for k in sd):
-        model_class = "DLRM_DCN"
-        n_layers = sum(1 for k in sd if k.startswith("inter_arch.crossnet.W_kernels."))
-        w0 = sd["inter_arch.crossnet.W_kernels.0"]
-        in_dim, low_rank = w0.shape
-        num_features = _exact_div(in_dim, dim, source, "crossnet input width") - 1
-        extra = {"dcn_num_layers": n_layers, "dcn_low_rank_dim": low_rank}
-    elif any(_PROJ_RE.match(k) for k in sd):
-        model_class = "DLRM_Projection"
-        b1 = _mlp_weights(
-            sd,
-            re.compile(
-                r"inter_arch\.interaction_branch1\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
-            ),
-            source,
-            "branch1",
-        )
-        b2 = _mlp_weights(
-            sd,
-            re.compile(
-                r"inter_arch\.interaction_branch2\.model\._mlp\.(\d+)\._linear\.(weight|bias)$"
-            ),
-            source,
-            "branch2",
-        )
-        num_features = _exact_div(b1[0].shape[1], dim, source, "projection branch input width") - 1
-        extra = {
-            "interaction_branch1_layer_sizes": tuple(w.shape[0] for w in b1),
-            "interaction_branch2_layer_sizes": tuple(w.shape[0] for w in b2),
-        }
-    else:
-        model_class = "DLRM"
-        num_features = _features_from_dot_width(over_in - dim, source)
-
+    dense_w, over_sizes, over_in = _mlps(sd, prefix, source, dim)
+    strategy = detect(sd, source, (model_config or {}).get("model_class"))
+    interaction = strategy.infer_interaction(sd, dim=dim, over_in=over_in, source=source)
     names = [n for n, _, _ in tables]
-    feature_names = _feature_names(names, num_features, model_config, source, lenient)
+    feature_names = _feature_names(names, interaction.num_features, model_config, source, lenient)
     if model_config is not None:
-        _check_config(model_config, model_class, tables, dense_in, source)
+        _check_config(model_config, strategy.name, tables, dense_w[0].shape[1], source)
         if config_order:
             by_name = {t[0]: t for t in tables}
             tables = [by_name[n] for n in config_order]
-    dense_bytes = sum(
-        t.numel() * t.element_size() for k, t in sd.items() if not k.startswith(EBC_PREFIX)
-    )
-    table_specs = tuple(
-        TableSpec(
-            name=n,
-            num_embeddings=r,
-            embedding_dim=d,
-            feature_names=tuple(feature_names[n]),
-            dtype=dt,
-        )
-        for n, r, d, dt in (
-            (n, r, d, _dtype_name(sd[f"{EBC_PREFIX}{n}.weight"])) for n, r, d in tables
-        )
-    )
     return DLRMSpec(
-        model_class=model_class,
-        tables=table_specs,
-        dense_in_features=dense_in,
-        dense_arch_layer_sizes=dense_sizes,
+        model_class=strategy.name,
+        tables=tuple(
+            TableSpec(n, r, d, tuple(feature_names[n]), _dtype_name(sd[table_weight_key(n)]))
+            for n, r, d in tables
+        ),
+        dense_in_features=dense_w[0].shape[1],
+        dense_arch_layer_sizes=tuple(w.shape[0] for w in dense_w),
         over_arch_layer_sizes=over_sizes,
         key_prefix=prefix,
         dense_dtype=_dtype_name(dense_w[0]),
-        dense_bytes=dense_bytes,
-        **extra,
+        dense_bytes=sum(
+            t.numel() * t.element_size() for k, t in sd.items() if not k.startswith(EBC_PREFIX)
+        ),
+        **interaction.params,
     )
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str, source: str) -> dict[str, torch.Tensor]:
+    """The state dict without ``prefix``, its dtypes checked; keys outside it are an error."""
+    stray = [k for k in tensors if not k.startswith(prefix)]
+    if stray:
+        raise CheckpointError(
+            f"{source}: {len(stray)} key(s) outside the DLRM ({prefix or 'no prefix'}): "
+            f"{_preview(stray)}"
+        )
+    sd = {k[len(prefix) :]: v for k, v in tensors.items()}
+    _check_dtypes(sd, prefix, source)
+    return sd
+
+
+def _mlps(
+    sd: dict[str, torch.Tensor], prefix: str, source: str, dim: int
+) -> tuple[list[torch.Tensor], tuple[int, ...], int]:
+    """The bottom MLP's weights, the top MLP's sizes and the top MLP's input width."""
+    dense_w = mlp_weights(sd, DENSE_MLP, source, DENSE_GROUP)
+    over_w = mlp_weights(sd, OVER_MLP, source, OVER_GROUP, required=False)
+    final = f"{OVER_FINAL}.weight"
+    if final not in sd:
+        raise CheckpointError(f"{source}: missing {prefix}{final} (not a TorchRec DLRM)")
+    over_sizes = tuple(w.shape[0] for w in over_w) + (sd[final].shape[0],)
+    over_in = over_w[0].shape[1] if over_w else sd[final].shape[1]
+    if dense_w[-1].shape[0] != dim:
+        raise CheckpointError(
+            f"{source}: bottom MLP ends at {dense_w[-1].shape[0]} but tables have dim {dim}"
+        )
+    return dense_w, over_sizes, over_in
 
 
 def load_model_config(path: str | Path) -> dict:
@@ -196,8 +167,8 @@ def load_model_config(path: str | Path) -> dict:
             raise ModelConfigError(
                 f"{path}: tables[{i}] ({t['name']}): unknown key(s) {sorted(bad)}"
             )
-    if "model_class" in cfg and cfg["model_class"] not in MODEL_CLASSES:
-        raise ModelConfigError(f"{path}: model_class must be one of {MODEL_CLASSES}")
+    if "model_class" in cfg and cfg["model_class"] not in known_classes():
+        raise ModelConfigError(f"{path}: model_class must be one of {known_classes()}")
     cfg["_source"] = str(path)
     return cfg
 
@@ -242,13 +213,13 @@ def _find_prefix(tensors: dict[str, torch.Tensor], source: str) -> str:
 def _tables(sd: dict[str, torch.Tensor], source: str) -> list[tuple[str, int, int]]:
     out = []
     for key, t in sd.items():
-        m = _TABLE_RE.match(key)
-        if m:
+        table = table_of_key(key)
+        if table is not None:
             if t.dim() != 2:
                 raise CheckpointError(
-                    f"{source}: table {m['table']} has shape {tuple(t.shape)}, expected 2-D"
+                    f"{source}: table {table} has shape {tuple(t.shape)}, expected 2-D"
                 )
-            out.append((m["table"], int(t.shape[0]), int(t.shape[1])))
+            out.append((table, int(t.shape[0]), int(t.shape[1])))
     return out
 
 
@@ -269,47 +240,12 @@ READ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_dtypes(sd: dict[str, torch.Tensor], prefix: str, source: str) -> None:
     for key, t in sd.items():
         if t.dtype not in READ_DTYPES:
-            m = _TABLE_RE.match(key)
-            what = f"table {m['table']}" if m else f"{prefix}{key}"
+            table = table_of_key(key)
+            what = f"table {table}" if table is not None else f"{prefix}{key}"
             raise CheckpointError(
                 f"{source}: {what} has dtype {_dtype_name(t)}; float32, float16 and bfloat16 "
                 "weights are read (convert the state dict with `v.float()` and save it again)"
             )
-
-
-def _mlp_weights(sd: dict, pattern: re.Pattern, source: str, what: str) -> list[torch.Tensor]:
-    layers: dict[int, torch.Tensor] = {}
-    for key, t in sd.items():
-        m = pattern.match(key)
-        if m and m.group(m.lastindex) == "weight":
-            layers[int(m.group(1))] = t
-    if what != "over_arch.model.0" and not layers:
-        raise CheckpointError(f"{source}: no {what} MLP layers found (not a TorchRec DLRM)")
-    if sorted(layers) != list(range(len(layers))):
-        raise CheckpointError(
-            f"{source}: {what} MLP layers are not numbered 0..n: {sorted(layers)}"
-        )
-    weights = [layers[i] for i in range(len(layers))]
-    for a, b in zip(weights, weights[1:], strict=False):
-        if a.shape[0] != b.shape[1]:
-            raise CheckpointError(
-                f"{source}: {what} MLP layer widths do not chain ({tuple(a.shape)} -> {tuple(b.shape)})"
-            )
-    return weights
-
-
-def _features_from_dot_width(width: int, source: str) -> int:
-    # DLRM dot interaction: over-arch input = D + F*(F-1)/2 + F  =>  F^2 + F - 2*width = 0
-    f = int((math.isqrt(1 + 8 * width) - 1) // 2)
-    if f * (f + 1) // 2 != width or f < 1:
-        raise CheckpointError(f"{source}: top MLP input width does not fit a dot interaction")
-    return f
-
-
-def _exact_div(a: int, b: int, source: str, what: str) -> int:
-    if a % b:
-        raise CheckpointError(f"{source}: {what} {a} is not a multiple of the embedding dim {b}")
-    return a // b
 
 
 def _feature_names(

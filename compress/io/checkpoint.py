@@ -13,8 +13,11 @@ Files are opened with ``weights_only=True`` and memory-mapped, so reading shapes
 tables. The DCP ``.metadata`` file is a plain pickle. It is read by :class:`_RestrictedUnpickler`,
 which resolves only an explicit list of (module, name) pairs (DCP's metadata classes, torch's
 ``Size``, dtypes and layout lookup, and paths), builds only instances of those classes, and refuses
-anything else before it is constructed; the result is then checked field by field (chunks cover
-each tensor, storage files are plain names inside the directory and hold the bytes they claim).
+anything else before it is constructed; the result is then checked field by field (chunks tile
+each tensor exactly, storage files are plain names inside the directory and hold the bytes they
+claim, each chunk's slice holds at least its elements' bytes, and all tensors together need no more
+bytes than the data files hold), so no size in the metadata makes the reader allocate memory that
+the files do not back.
 
 Key order. A torch.save state dict keeps the order in which the model declared its modules. DCP
 writes ``Metadata.state_dict_metadata`` in the order the saving ranks' plans list the items, rank 0
@@ -27,6 +30,7 @@ the rest (items that only other ranks wrote) are not, and are reported in
 from __future__ import annotations
 
 import io
+import math
 import pathlib
 import pickle
 import re
@@ -37,6 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.serialization
@@ -121,7 +126,7 @@ def load_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     if not ckpt.is_lazy:
         return ckpt.tensors
     prefix = ckpt.dcp_prefix
-    state = {prefix + k: torch.empty(t.shape, dtype=t.dtype) for k, t in ckpt.tensors.items()}
+    state = {prefix + k: _allocate(ckpt.path, k, t) for k, t in ckpt.tensors.items()}
     reader = _SafeFileSystemReader(str(ckpt.path), ckpt.dcp_metadata)
     try:
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": we read locally
@@ -138,6 +143,20 @@ def load_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
             f"{ckpt.path}: cannot read distributed checkpoint data: {what}"
         ) from cause
     return {k[len(prefix) :]: v for k, v in state.items()}
+
+
+def _allocate(path: Path, key: str, meta: torch.Tensor) -> torch.Tensor:
+    """An uninitialised CPU tensor shaped like ``meta`` (DCP fills it); a failed allocation of a
+    consistent but too large checkpoint is one line naming the tensor and the bytes it needs."""
+    try:
+        return torch.empty(meta.shape, dtype=meta.dtype)
+    except (RuntimeError, MemoryError) as e:  # torch.empty of a valid shape fails only for memory
+        need = math.prod(meta.shape) * meta.dtype.itemsize
+        raise CheckpointError(
+            f"{path}: not enough memory to read {key} {tuple(meta.shape)} "
+            f"{str(meta.dtype).removeprefix('torch.')}: {need:,} bytes needed, and this machine "
+            "could not allocate them"
+        ) from e
 
 
 def _input_failure(e: CheckpointException) -> BaseException:
@@ -402,6 +421,7 @@ def _check_metadata(md: object, meta_path: Path) -> None:
     if not isinstance(storage, dict):
         raise fail("no storage_data (only FileSystemWriter checkpoints are read)")
     file_sizes: dict[str, int] = {}
+    tensor_bytes = 0
     for key, item in items.items():
         if not isinstance(key, str):
             raise fail(f"key {key!r} is not a string")
@@ -410,9 +430,20 @@ def _check_metadata(md: object, meta_path: Path) -> None:
         if not isinstance(item, TensorStorageMetadata):
             raise fail(f"{key!r}: entry is a {type(item).__name__}")
         _check_tensor_entry(key, item, fail)
+        itemsize = item.properties.dtype.itemsize
         for chunk in item.chunks:
             info = storage.get(MetadataIndex(key, chunk.offsets))
             _check_storage(key, info, meta_path.parent, file_sizes, fail)
+            need = math.prod(chunk.sizes) * itemsize
+            if info.length < need:
+                raise fail(
+                    f"{key!r}: a chunk of {tuple(chunk.sizes)} needs {need:,} bytes, its storage "
+                    f"in {info.relative_path} holds {info.length:,}"
+                )
+        tensor_bytes += math.prod(item.size) * itemsize
+    on_disk = sum(file_sizes.values())
+    if tensor_bytes > on_disk:  # chunks sharing storage bytes: more tensor data than the files hold
+        raise fail(f"its tensors need {tensor_bytes:,} bytes, its data files hold {on_disk:,}")
 
 
 def _check_tensor_entry(
@@ -433,12 +464,37 @@ def _check_tensor_entry(
             raise fail(f"{key!r}: a chunk has {len(c.sizes)} dims, the tensor {len(size)}")
         if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size, strict=True)):
             raise fail(f"{key!r}: chunk at {tuple(c.offsets)} runs past size {tuple(size)}")
-        covered += torch.Size(c.sizes).numel()
-    if covered != size.numel():
+        covered += math.prod(c.sizes)  # Python ints: torch.Size.numel() wraps around int64
+    if covered != math.prod(size):
         raise fail(
-            f"{key!r}: chunks hold {covered} elements but the tensor has {size.numel()} "
+            f"{key!r}: chunks hold {covered} elements but the tensor has {math.prod(size)} "
             "(missing or overlapping shards)"
         )
+    pair = _first_overlap(chunks)
+    if pair is not None:  # as many elements as the tensor, two sharing some: others uncovered
+        a, b = (tuple(chunks[i].offsets) for i in pair)
+        raise fail(f"{key!r}: the chunks at {a} and {b} overlap (part of the tensor has no data)")
+
+
+def _first_overlap(chunks: list[ChunkStorageMetadata]) -> tuple[int, int] | None:
+    """Indices of two chunks (in-bounds boxes) that share an element, or None. Sorted by their
+    start in dim 0, each box is compared only with the later boxes that start before it ends there
+    (one comparison per neighbour for row-wise shards)."""
+    if len(chunks) < 2 or len(chunks[0].offsets) == 0:
+        return None
+    lo = np.array([tuple(c.offsets) for c in chunks], dtype=np.int64)
+    hi = lo + np.array([tuple(c.sizes) for c in chunks], dtype=np.int64)
+    order = np.flatnonzero((hi > lo).all(axis=1))  # empty chunks share nothing
+    order = order[np.argsort(lo[order, 0], kind="stable")]
+    lo, hi = lo[order], hi[order]
+    for i in range(len(order) - 1):
+        end = int(np.searchsorted(lo[:, 0], hi[i, 0], side="left"))
+        if end <= i + 1:
+            continue
+        meets = ((lo[i + 1 : end] < hi[i]) & (lo[i] < hi[i + 1 : end])).all(axis=1)
+        if meets.any():
+            return int(order[i]), int(order[i + 1 + int(meets.argmax())])
+    return None
 
 
 def _check_storage(
@@ -457,6 +513,11 @@ def _check_storage(
         value = getattr(info, field_name)
         if type(value) is not int or value < 0:
             raise fail(f"{key!r}: storage {field_name} {value!r} is not a byte count")
+    if getattr(info, "transform_descriptors", None):  # a compressed slice may expand to anything
+        raise fail(
+            f"{key!r}: storage is transformed ({_clean(str(info.transform_descriptors))}); only "
+            "uncompressed FileSystemWriter checkpoints are read (re-save without _extensions)"
+        )
     if name not in file_sizes:
         file = root / name
         if file.is_symlink():
@@ -474,7 +535,7 @@ def _check_storage(
 
 
 def _is_shape(value: object) -> bool:
-    return isinstance(value, torch.Size) and all(type(n) is int and n >= 0 for n in value)
+    return isinstance(value, torch.Size) and all(type(n) is int and 0 <= n < 2**62 for n in value)
 
 
 class _SafeFileSystemReader(FileSystemReader):

@@ -26,44 +26,30 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection, DLRMTrain
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compress.errors import CheckpointError, ModelConfigError
 from compress.io.architecture import infer_spec
+from compress.io.dlrm_classes import strategy_of_module
+from compress.io.dlrm_classes.base import EBC_PATH, ebc_of, unwrap
 from compress.io.model import LoadedModel, build_model, check_state_keys, float32_checked
 from compress.io.model_spec import DLRMSpec
 
-#: The key prefix of a ``DLRMTrain`` wrapper's state dict.
-TRAIN_PREFIX = "model."
-
 
 def model_class_of(module: nn.Module) -> str:
-    """``"DLRM_DCN"``, ``"DLRM_Projection"`` or ``"DLRM"`` (subclasses count as their base)."""
-    for cls in (DLRM_DCN, DLRM_Projection, DLRM):
-        if isinstance(module, cls):
-            return cls.__name__
-    raise CheckpointError(
-        f"a {type(module).__name__} module is not a TorchRec DLRM (DLRM, DLRM_DCN, "
-        "DLRM_Projection or DLRMTrain)"
-    )
-
-
-def unwrap(module: nn.Module) -> tuple[nn.Module, str]:
-    """``(the DLRM, state-dict key prefix)``: a ``DLRMTrain``'s ``model`` with ``model.``."""
-    if isinstance(module, DLRMTrain):
-        return module.model, TRAIN_PREFIX
-    return module, ""
+    """The registered class name of a live DLRM (subclasses count as their base,
+    :func:`compress.io.dlrm_classes.strategy_of_module`)."""
+    return strategy_of_module(module).name
 
 
 def model_config_of(dlrm: nn.Module, source: str) -> dict:
     """The model config (:mod:`compress.io.architecture`) of a live DLRM: its class, and its tables
     in EBC order with their names, features and shapes."""
-    ebc = dlrm.sparse_arch.embedding_bag_collection
+    ebc = ebc_of(dlrm)
     if type(ebc) is not EmbeddingBagCollection:
         raise CheckpointError(
-            f"{source}: sparse_arch.embedding_bag_collection is a {type(ebc).__name__}; a plain "
+            f"{source}: {EBC_PATH} is a {type(ebc).__name__}; a plain "
             "TorchRec EmbeddingBagCollection is needed (unshard or unwrap it first)"
         )
     if ebc.is_weighted():

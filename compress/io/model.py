@@ -16,25 +16,20 @@ then beside the checkpoint (:func:`find_model_config`).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compress.errors import CheckpointError, ModelConfigError
-from compress.io.architecture import (
-    EBC_PREFIX,
-    infer_spec,
-    load_model_config,
-    spec_to_model_config,
-)
+from compress.io.architecture import infer_spec, load_model_config, spec_to_model_config
 from compress.io.checkpoint import Checkpoint, load_tensors, open_checkpoint
+from compress.io.dlrm_classes import strategy_for
+from compress.io.dlrm_classes.base import table_of_key
 from compress.io.model_spec import DLRMSpec, TableSpec
 
 
@@ -167,8 +162,8 @@ def float32_checked(t: torch.Tensor, name: str, source: str) -> torch.Tensor:
 
 def _weight_name(key: str, prefix: str) -> str:
     """``table <name>`` for a table's weight, else the full state-dict key."""
-    m = re.fullmatch(re.escape(EBC_PREFIX) + r"([^.]+)\.weight", key)
-    return f"table {m[1]}" if m else f"{prefix}{key}"
+    table = table_of_key(key)
+    return f"table {table}" if table is not None else f"{prefix}{key}"
 
 
 def _preview(keys: Sequence[str], limit: int = 4) -> str:
@@ -177,29 +172,12 @@ def _preview(keys: Sequence[str], limit: int = 4) -> str:
 
 
 def build_model(spec: DLRMSpec, device: str | torch.device = "cpu") -> nn.Module:
-    """A freshly initialised TorchRec model with ``spec``'s shapes (``device="meta"`` allocates nothing)."""
+    """A freshly initialised TorchRec model with ``spec``'s shapes (``device="meta"`` allocates
+    nothing), of the class its strategy builds (:mod:`compress.io.dlrm_classes`)."""
+    strategy = strategy_for(spec.model_class)
     device = torch.device(device)
     ebc = EmbeddingBagCollection(tables=embedding_bag_configs(spec.tables), device=device)
-    common = {
-        "embedding_bag_collection": ebc,
-        "dense_in_features": spec.dense_in_features,
-        "dense_arch_layer_sizes": list(spec.dense_arch_layer_sizes),
-        "over_arch_layer_sizes": list(spec.over_arch_layer_sizes),
-        "dense_device": device,
-    }
-    if spec.model_class == "DLRM":
-        return DLRM(**common)
-    if spec.model_class == "DLRM_DCN":
-        return DLRM_DCN(
-            **common, dcn_num_layers=spec.dcn_num_layers, dcn_low_rank_dim=spec.dcn_low_rank_dim
-        )
-    if spec.model_class == "DLRM_Projection":
-        return DLRM_Projection(
-            **common,
-            interaction_branch1_layer_sizes=list(spec.interaction_branch1_layer_sizes or ()),
-            interaction_branch2_layer_sizes=list(spec.interaction_branch2_layer_sizes or ()),
-        )
-    raise ValueError(f"unknown model class {spec.model_class}")
+    return strategy.build(spec, ebc, device)
 
 
 def embedding_bag_configs(tables: Sequence[TableSpec]) -> list[EmbeddingBagConfig]:
@@ -218,11 +196,6 @@ def embedding_bag_configs(tables: Sequence[TableSpec]) -> list[EmbeddingBagConfi
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items()} if prefix else dict(state)
-
-
-def table_weight_key(table: str) -> str:
-    """State-dict key of a table's weight inside a (prefix-free) DLRM."""
-    return f"{EBC_PREFIX}{table}.weight"
 
 
 def read_spec_for_template(

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODEL_CLASSES = ("DLRM", "DLRM_DCN", "DLRM_Projection")
-
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -36,8 +34,10 @@ class TableSpec:
 class DLRMSpec:
     """Shapes that rebuild a ``torchrec.models.dlrm`` model.
 
-    ``model_class`` is one of ``DLRM``, ``DLRM_DCN``, ``DLRM_Projection``. Interaction parameters
-    are set only for the class that uses them. ``key_prefix`` is what every state-dict key carried
+    ``model_class`` names a registered class (:func:`compress.io.dlrm_classes.known_classes`:
+    ``DLRM``, ``DLRM_DCN``, ``DLRM_Projection``), whose strategy says what else it means.
+    Interaction parameters are set only for the class that uses them (the strategy's
+    ``interaction_fields``). ``key_prefix`` is what every state-dict key carried
     (``"model."`` for a ``DLRMTrain`` wrapper), kept so that a rebuilt model saves the same keys.
     """
 
@@ -103,3 +103,13 @@ _DTYPE_SIZES = {
 def dtype_size(dtype: str) -> int:
     """Bytes per element of a dtype named as in torch without the prefix (``"float32"``)."""
     return _DTYPE_SIZES[dtype]
+
+
+def precision_label(spec: DLRMSpec) -> str:
+    """The checkpoint's float precision for reports: ``"FP32"``, ``"FP16"``, ``"BF16"``, or the
+    ones it mixes (tables first, then the dense layers), e.g. ``"FP16/FP32"``."""
+    dtypes = dict.fromkeys([*(t.dtype for t in spec.tables), spec.dense_dtype])
+    return "/".join(_PRECISION_NAMES.get(d, d.upper()) for d in dtypes)
+
+
+_PRECISION_NAMES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64"}

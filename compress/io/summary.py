@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from compress.io.architecture import EBC_PREFIX
 from compress.io.checkpoint import Checkpoint
+from compress.io.dlrm_classes import strategy_for
+from compress.io.dlrm_classes.base import EBC_PREFIX
 from compress.io.model_spec import DLRMSpec
 
 
@@ -34,7 +35,7 @@ def checkpoint_summary(ckpt: Checkpoint, spec: DLRMSpec) -> dict:
         ],
         "dense_arch_layer_sizes": list(spec.dense_arch_layer_sizes),
         "over_arch_layer_sizes": list(spec.over_arch_layer_sizes),
-        "interaction": _interaction(spec),
+        "interaction": strategy_for(spec.model_class).interaction_summary(spec),
         "dense_layers": dense_layers(ckpt, spec),
         "embedding_bytes": spec.embedding_bytes,
         "dense_bytes": spec.dense_bytes,
@@ -51,22 +52,6 @@ def dense_layers(ckpt: Checkpoint, spec: DLRMSpec) -> list[dict]:
             continue
         out.append({"name": name, "shape": list(t.shape), "bytes": t.numel() * t.element_size()})
     return out
-
-
-def _interaction(spec: DLRMSpec) -> dict:
-    if spec.model_class == "DLRM_DCN":
-        return {
-            "type": "dcn",
-            "num_layers": spec.dcn_num_layers,
-            "low_rank_dim": spec.dcn_low_rank_dim,
-        }
-    if spec.model_class == "DLRM_Projection":
-        return {
-            "type": "projection",
-            "branch1_layer_sizes": list(spec.interaction_branch1_layer_sizes or ()),
-            "branch2_layer_sizes": list(spec.interaction_branch2_layer_sizes or ()),
-        }
-    return {"type": "dot"}
 
 
 def format_bytes(n: float) -> str:

@@ -1,57 +1,37 @@
-"""Quantization-aware and quantized embedding-bag collections (the DQRM method for tables).
+"""Prepared and converted embedding-bag collections of per-table methods (the DQRM method for tables).
 
 Two modules with TorchRec's ``EmbeddingBagCollection`` interface (``forward(kjt) -> KeyedTensor``,
-``embedding_bag_configs()``), so either drops into ``model.sparse_arch.embedding_bag_collection``:
+``embedding_bag_configs()``), so either drops into ``model.sparse_arch.embedding_bag_collection``;
+each holds one module per table, made by that table's method (:mod:`compress.methods.registry`):
 
-- :class:`QATEmbeddingBagCollection` (prepare): FP32 master weights with sparse gradients. A lookup
-  gathers only the rows the batch touches and fake-quantizes **those rows** (DQRM technique 1) with a
-  straight-through gradient, then sum-pools the bags. Row-wise tables need no table scan (a row's
-  scale depends on the row alone). Table-wise tables keep ``scale`` as a buffer, refreshed from
-  ``max|W|`` every ``scale_refresh`` training steps (DQRM technique 2); between refreshes values
-  beyond the range clip, exactly as whole-table fake quantization at that scale would.
-- :class:`QuantizedEmbeddingBagCollection` (convert): integer codes and scales only, held as
-  registered buffers (:class:`ConvertedTable`: they are in ``state_dict()`` and move with
-  ``.to()``), dequantizing the gathered rows. :meth:`QuantizedEmbeddingBagCollection.from_qat`
-  uses the same quantizers, so its outputs equal the QAT module's outputs exactly (tested with
-  ``atol=0``).
-
-Per-table methods: ``keep`` (FP32, trainable), ``fp16`` (rounded to fp16 in the forward),
-``ptq`` (quantized once, frozen), ``qat`` (fake-quantized, trainable).
+- :class:`QATEmbeddingBagCollection` (prepare): a :class:`~compress.methods.registry.PreparedTable`
+  per table, FP32 master weights with sparse gradients. A lookup gathers only the rows the batch
+  touches and fake-quantizes **those rows** (DQRM technique 1) with a straight-through gradient,
+  then sum-pools the bags. Row-wise tables need no table scan (a row's scale depends on the row
+  alone); table-wise tables refresh their scale from ``max|W|`` every ``scale_refresh`` training
+  steps (DQRM technique 2, :mod:`compress.methods.tablewise`).
+- :class:`QuantizedEmbeddingBagCollection` (convert): a
+  :class:`~compress.methods.registry.ConvertedTable` per table, its stored arrays as registered
+  buffers (in ``state_dict()``, moved by ``.to()``), dequantizing the gathered rows.
+  :meth:`QuantizedEmbeddingBagCollection.from_qat` uses the same quantizers, so its outputs equal
+  the QAT module's outputs exactly (tested with ``atol=0``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compress.io.model import embedding_bag_configs
 from compress.io.model_spec import TableSpec
-from compress.methods.scale_tracking import BlockAbsmax
-from compress.quant import math as qm
+from compress.methods import registry
+from compress.methods.base import ConvertedTable, MethodConfig, PreparedTable
 from compress.quant import native
-from compress.train.config import DEFAULT_SCALE_REFRESH
-
-TABLE_METHODS = ("keep", "fp16", "ptq", "qat")
-
-
-@dataclass(frozen=True)
-class TableQuant:
-    """How one table is stored: ``method`` plus, for ptq/qat, ``bits`` and ``granularity`` (row|table)."""
-
-    method: str = "keep"
-    bits: int | None = None
-    granularity: str | None = None
-    scale_refresh: int = DEFAULT_SCALE_REFRESH
-
-    @property
-    def quantized(self) -> bool:
-        return self.method in ("ptq", "qat")
+from compress.train.rowwise_adagrad import RowwiseAdagrad
 
 
 def pool_bags(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -68,90 +48,15 @@ def pool_bags(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     )
 
 
-class _Table(nn.Module):
-    """One table's FP32 master weight (and table-wise scale) inside the QAT collection."""
-
-    def __init__(self, weight: torch.Tensor, quant: TableQuant) -> None:
-        super().__init__()
-        self.quant = quant
-        trainable = quant.method in ("keep", "fp16", "qat")
-        self.weight = nn.Parameter(weight, requires_grad=trainable)
-        if quant.quantized and quant.granularity == "table":
-            self.register_buffer("scale", torch.tensor(qm.table_scale(weight.detach(), quant.bits)))
-        # max|W| summary of a tracked table (see track_scale_updates), valid while the weight's
-        # version counter equals _blocks_version
-        self._tracked = False
-        self._blocks: BlockAbsmax | None = None
-        self._blocks_version = -1
-
-    def refresh_scale(self) -> None:
-        """Set ``scale`` from ``max|W|``: the whole-table pass DQRM amortizes over P steps.
-
-        A tracked table (:func:`track_scale_updates`) reads its :class:`BlockAbsmax` summary
-        instead: the same value, for a few percent of the reading.
-        """
-        w = self.weight.detach()
-        with torch.no_grad():
-            if not self._tracked:
-                self.scale.fill_(qm.table_scale(w, self.quant.bits))
-                return
-            if self._blocks is None or self.weight._version != self._blocks_version:
-                self._blocks = BlockAbsmax.build(w)  # (re)build: one pass over the table
-                self._blocks_version = self.weight._version
-            self.scale.fill_(qm.scale_from_absmax(self._blocks.maximum(w), self.quant.bits))
-
-    def _before_step(self) -> None:
-        # something other than our optimizer changed the weight since the summary was up to date
-        if self._blocks is not None and self.weight._version != self._blocks_version:
-            self._blocks = None
-
-    def _after_step(self) -> None:
-        # the optimizer changed only the rows of the sparse gradient: fold them into the summary
-        # while they are still in the CPU cache
-        if self._blocks is None or self.weight._version == self._blocks_version:
-            return  # no summary yet, or the optimizer skipped this table
-        grad = self.weight.grad
-        if grad is None or not grad.is_sparse:
-            self._blocks = None  # a dense update may have changed any row: rebuild at refresh
-            return
-        self._blocks.update(self.weight, grad._indices()[0])
-        self._blocks_version = self.weight._version
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``[N, D]`` of ``ids [N]`` as the compressed table would return them.
-
-        The fake quantizer overwrites the gathered rows in place under ``no_grad``: autograd sees
-        only the gather, whose backward needs the ids alone, so the gradient reaching the table is
-        the incoming gradient, unchanged (the straight-through estimator) and still sparse. This
-        costs no extra autograd node and no row-sized temporaries on the hot path, and the
-        quantizers are the compiled kernels of :mod:`compress.quant.native` (same values as PyTorch's).
-        """
-        q = self.quant
-        rows = F.embedding(ids, self.weight, sparse=True)
-        if q.method == "keep":
-            return rows
-        with torch.no_grad():
-            if q.method == "fp16":
-                rows.copy_(rows.half())
-            elif q.granularity == "row":
-                native.fake_quantize_rowwise_(rows, q.bits)
-            else:
-                native.fake_quantize_tablewise_(rows, float(self.scale), q.bits)
-        return rows
-
-    @property
-    def refreshes_scale(self) -> bool:
-        return self.quant.method == "qat" and self.quant.granularity == "table"
-
-
 def updates_only_gradient_rows(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` changes only the rows present in a sparse gradient.
 
-    True for plain SGD (no momentum, no weight decay), Adagrad and SparseAdam: their sparse
-    updates touch exactly the gradient's rows. Momentum and weight decay reach other rows.
+    True for plain SGD (no momentum, no weight decay), Adagrad, SparseAdam and row-wise Adagrad
+    (:class:`~compress.train.rowwise_adagrad.RowwiseAdagrad`): their sparse updates touch exactly
+    the gradient's rows. Momentum and weight decay reach other rows.
     """
     groups = optimizer.param_groups
-    if isinstance(optimizer, torch.optim.SparseAdam):
+    if isinstance(optimizer, (torch.optim.SparseAdam, RowwiseAdagrad)):
         return True
     if isinstance(optimizer, torch.optim.Adagrad):
         return all(g.get("weight_decay", 0) == 0 for g in groups)
@@ -165,9 +70,9 @@ def track_scale_updates(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
 
     DQRM refreshes a table's scale from ``max|W|`` every P steps; on CPU that whole-table pass is
     memory-bound (~20 ms for 10M x 16 FP32) and, at P=200, costs about a third of a step. A
-    tracked table keeps a :class:`~compress.methods.scale_tracking.BlockAbsmax` summary, folds in the rows
-    each ``optimizer.step()`` changed (the sparse gradient's rows, right after the step), and
-    refreshes from the summary.
+    tracked table keeps a summary (:class:`~compress.methods.scale_tracking.BlockAbsmax`), folds
+    in the rows each ``optimizer.step()`` changed (the sparse gradient's rows, right after the
+    step), and refreshes from the summary.
 
     Exact by construction: only optimizers that change nothing but the gradient's rows are
     tracked (:func:`updates_only_gradient_rows`); any other change of a weight (a loaded state
@@ -175,9 +80,9 @@ def track_scale_updates(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
     rebuilds the summary from the whole table.
 
     Returns:
-        The number of tables tracked: 0 when the optimizer is not row-local, holds no table-wise
-        QAT table, or the compiled kernels are unavailable; a table the kernels cannot take (not
-        contiguous float32 on the CPU) is left out too. Untracked tables rescan at each refresh.
+        The number of tables tracked: 0 when the optimizer is not row-local, holds no table that
+        refreshes a scale, or the compiled kernels are unavailable; a table the kernels cannot
+        take (not contiguous float32 on the CPU) is left out too. Untracked tables rescan.
     """
     if not updates_only_gradient_rows(optimizer) or not native.enabled():
         return 0
@@ -185,21 +90,21 @@ def track_scale_updates(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
     tables = [
         m
         for m in model.modules()
-        if isinstance(m, _Table)
+        if isinstance(m, PreparedTable)
         and m.refreshes_scale
         and id(m.weight) in params
         and native.accepts(m.weight)
     ]
     for t in tables:
-        t._tracked = True
+        t.track()
 
     def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for t in tables:
-            t._before_step()
+            t.before_optimizer_step()
 
     def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for t in tables:
-            t._after_step()
+            t.after_optimizer_step()
 
     if tables:
         optimizer.register_step_pre_hook(before)
@@ -220,15 +125,12 @@ class _CollectionBase(nn.Module):
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return embedding_bag_configs(self.tables)
 
-    def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def _pooled(self, features: KeyedJaggedTensor) -> KeyedTensor:
         jagged = features.to_dict()
         pooled = []
         for feature, table in self._feature_table:
             jt = jagged[feature]
-            pooled.append(pool_bags(self._lookup(table, jt.values()), jt.lengths()))
+            pooled.append(pool_bags(self.embedding_bags[table].lookup(jt.values()), jt.lengths()))
         return KeyedTensor(
             keys=self._keys,
             length_per_key=self._dims,
@@ -242,170 +144,61 @@ class QATEmbeddingBagCollection(_CollectionBase):
     Args:
         tables: the tables, in the model's order.
         weights: FP32 weight ``[rows, dim]`` per table name (taken over, not copied).
-        quant: :class:`TableQuant` per table name (missing tables are kept).
+        configs: the method config of each table (missing tables are kept as they are).
     """
 
     def __init__(
         self,
         tables: list[TableSpec],
         weights: dict[str, torch.Tensor],
-        quant: dict[str, TableQuant],
+        configs: dict[str, MethodConfig],
     ) -> None:
         super().__init__(tables)
-        self.embedding_bags = nn.ModuleDict(
-            {t.name: _Table(weights[t.name], quant.get(t.name, TableQuant())) for t in self.tables}
-        )
-        # training forwards so far: table-wise QAT tables rescan max|W| every scale_refresh of them
+        kept = registry.default_config()
+        prepared = {}
+        for t in self.tables:
+            config = configs.get(t.name, kept)
+            prepared[t.name] = registry.for_config(config).prepare(config, weights[t.name])
+        self.embedding_bags = nn.ModuleDict(prepared)
+        # training forwards so far (a table-wise table rescans max|W| every scale_refresh of them)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.training:
             step = int(self.steps)
             for mod in self.embedding_bags.values():
-                if mod.refreshes_scale and step > 0 and step % mod.quant.scale_refresh == 0:
-                    mod.refresh_scale()
+                mod.training_step(step)
             self.steps += 1
         return self._pooled(features)
-
-    def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding_bags[table].lookup(ids)
-
-
-@dataclass
-class QuantizedTable:
-    """One converted table: what an exporter writes and a runtime reads.
-
-    - ``keep``: ``data`` float32 ``[R, D]``; ``fp16``: ``data`` float16 ``[R, D]``;
-    - row-wise: ``data`` uint8 ``[R, D*bits/8]`` packed codes (low bits first), ``scale`` and
-      ``bias`` float16 ``[R]``; value = code * scale + bias (FBGEMM's row-wise format);
-    - table-wise: ``data`` uint8 ``[R, D*bits/8]`` packed unsigned codes ``q + 2^(bits-1)``,
-      ``scale`` float32 scalar; value = (code - 2^(bits-1)) * scale.
-    """
-
-    name: str
-    num_embeddings: int
-    embedding_dim: int
-    quant: TableQuant
-    data: torch.Tensor
-    scale: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        extra = 0
-        if self.scale is not None:
-            extra += 4 if self.quant.granularity == "table" else self.scale.numel() * 2
-        if self.bias is not None:
-            extra += self.bias.numel() * 2
-        return self.data.numel() * self.data.element_size() + extra
-
-
-def quantize_table(
-    name: str, weight: torch.Tensor, quant: TableQuant, scale: float | None = None
-) -> QuantizedTable:
-    """Convert an FP32 table with the same quantizers the QAT forward uses.
-
-    ``scale`` is the table-wise scale to use (the QAT module's current buffer); ``None`` scans the table.
-    """
-    rows, dim = weight.shape
-    w = weight.detach()
-    if quant.method == "keep":
-        return QuantizedTable(name, rows, dim, quant, w.float().contiguous())
-    if quant.method == "fp16":
-        return QuantizedTable(name, rows, dim, quant, w.half().contiguous())
-    if quant.granularity == "row":
-        q, s, b = qm.rowwise_quantize(w, quant.bits)
-        return QuantizedTable(name, rows, dim, quant, qm.pack_nbit(q, quant.bits), s, b)
-    q, s = qm.tablewise_quantize(w, quant.bits, scale)
-    codes = (q.to(torch.int16) + qm.signed_offset(quant.bits)).to(torch.uint8)
-    return QuantizedTable(
-        name, rows, dim, quant, qm.pack_nbit(codes, quant.bits), torch.tensor(float(s))
-    )
-
-
-def dequantize_rows(table: QuantizedTable, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``[N, D]`` of ``ids`` from a converted table (dequantizing only those rows)."""
-    quant = table.quant
-    gathered = table.data.index_select(0, ids)
-    if quant.method == "keep":
-        return gathered
-    if quant.method == "fp16":
-        return gathered.float()
-    codes = qm.unpack_nbit(gathered, quant.bits, table.embedding_dim)
-    if quant.granularity == "row":
-        return qm.rowwise_dequantize(
-            codes, table.scale.index_select(0, ids), table.bias.index_select(0, ids)
-        )
-    q = codes.to(torch.int16) - qm.signed_offset(quant.bits)
-    return qm.tablewise_dequantize(q.to(torch.int8), float(table.scale))
-
-
-class ConvertedTable(nn.Module):
-    """One converted table as module state: ``data``, ``scale`` and ``bias`` are registered buffers
-    (``scale``/``bias`` are ``None``, and not in the state dict, where the layout has none), so
-    ``state_dict()`` holds them and ``.to()`` moves them."""
-
-    def __init__(self, table: QuantizedTable) -> None:
-        super().__init__()
-        self.name = table.name
-        self.num_embeddings = table.num_embeddings
-        self.embedding_dim = table.embedding_dim
-        self.quant = table.quant
-        self.register_buffer("data", table.data)
-        self.register_buffer("scale", table.scale)
-        self.register_buffer("bias", table.bias)
-
-    def table(self) -> QuantizedTable:
-        """The :class:`QuantizedTable` of this module's current buffers (no copy)."""
-        return QuantizedTable(
-            self.name,
-            self.num_embeddings,
-            self.embedding_dim,
-            self.quant,
-            self.data,
-            self.scale,
-            self.bias,
-        )
-
-    def extra_repr(self) -> str:
-        q = self.quant
-        return (
-            f"{self.name!r}, {self.num_embeddings}x{self.embedding_dim}, {q.method} {q.bits or ''}"
-        )
 
 
 class QuantizedEmbeddingBagCollection(_CollectionBase):
     """Inference drop-in for TorchRec's ``EmbeddingBagCollection`` holding only converted tables.
 
-    Each table is a :class:`ConvertedTable` under ``embedding_bags.<table>``: its packed codes,
-    scales and biases are buffers (state-dict keys ``embedding_bags.<table>.data``, ``.scale``,
-    ``.bias``), so ``torch.save(model.state_dict())`` keeps them, ``load_state_dict`` restores
-    them into a module of the same tables and methods, and ``.to(device)`` moves them.
+    Each table is a :class:`~compress.methods.registry.ConvertedTable` under
+    ``embedding_bags.<table>``: its stored arrays are buffers (state-dict keys
+    ``embedding_bags.<table>.data``, ``.scale``, ``.bias`` as its method stores them), so
+    ``torch.save(model.state_dict())`` keeps them, ``load_state_dict`` restores them into a
+    module of the same tables and methods, and ``.to(device)`` moves them.
     """
 
-    def __init__(self, tables: list[TableSpec], quantized: dict[str, QuantizedTable]) -> None:
+    def __init__(self, tables: list[TableSpec], converted: dict[str, ConvertedTable]) -> None:
         super().__init__(tables)
-        self.embedding_bags = nn.ModuleDict(
-            {t.name: ConvertedTable(quantized[t.name]) for t in self.tables}
-        )
+        self.embedding_bags = nn.ModuleDict({t.name: converted[t.name] for t in self.tables})
 
     @property
-    def quantized(self) -> dict[str, QuantizedTable]:
-        """Every table as a :class:`QuantizedTable` over this module's buffers, in table order."""
-        return {name: mod.table() for name, mod in self.embedding_bags.items()}
+    def quantized(self) -> dict[str, ConvertedTable]:
+        """Every converted table, in table order."""
+        return dict(self.embedding_bags.items())
 
     @classmethod
     def from_qat(cls, qat: QATEmbeddingBagCollection) -> QuantizedEmbeddingBagCollection:
-        quantized = {}
+        converted = {}
         for t in qat.tables:
-            mod = qat.embedding_bags[t.name]
-            scale = float(mod.scale) if hasattr(mod, "scale") else None
-            quantized[t.name] = quantize_table(t.name, mod.weight, mod.quant, scale)
-        return cls(qat.tables, quantized)
+            prepared = qat.embedding_bags[t.name]
+            converted[t.name] = registry.for_config(prepared.config).convert(prepared, t.name)
+        return cls(qat.tables, converted)
 
     @torch.no_grad()
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self._pooled(features)
-
-    def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_rows(self.embedding_bags[table].table(), ids)

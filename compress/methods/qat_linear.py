@@ -17,7 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from compress.quant import math as qm
+from compress.quant.per_channel import (
+    channel_dequantize,
+    channel_quantize,
+    channel_weight_bytes,
+    ste_fake_quantize_channel,
+)
 
 MLP_ROOTS = ("dense_arch", "over_arch", "inter_arch")
 
@@ -37,7 +42,7 @@ class FakeQuantLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, qm.ste_fake_quantize_channel(self.weight, self.bits), self.bias)
+        return F.linear(x, ste_fake_quantize_channel(self.weight, self.bits), self.bias)
 
 
 class QuantizedLinear(nn.Module):
@@ -54,7 +59,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
-        q, scales = qm.channel_quantize(linear.weight.detach(), bits)
+        q, scales = channel_quantize(linear.weight.detach(), bits)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         return cls(q, scales, bias, bits)
 
@@ -69,11 +74,11 @@ class QuantizedLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes at the quantized width: packed weight rows, fp32 scales, fp32 bias."""
-        weight = qm.channel_weight_bytes(self.out_features, self.in_features, self.bits)
+        weight = channel_weight_bytes(self.out_features, self.in_features, self.bits)
         return weight + (self.bias.numel() * 4 if self.bias is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, qm.channel_dequantize(self.qweight, self.scales), self.bias)
+        return F.linear(x, channel_dequantize(self.qweight, self.scales), self.bias)
 
 
 def mlp_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -2,7 +2,8 @@
  * Fused, in-place fake-quantization of gathered embedding rows: the QAT hot path.
  *
  * Built and loaded by compress/quant/native.py (plain C, no PyTorch headers, called through ctypes).
- * Each function reproduces, value for value, the PyTorch reference in compress/quant/math.py:
+ * Each function reproduces, value for value, the PyTorch reference in
+ * compress/quant/fake_quant.py:
  *
  *   dqrm_fq_rowwise:   fake_quantize_rowwise_  (FBGEMM's fused N-bit row-wise rule)
  *   dqrm_fq_tablewise: fake_quantize_tablewise_ (DQRM's symmetric table-wise rule)

@@ -4,7 +4,7 @@ A QAT step fake-quantizes the rows it gathers. In PyTorch that is a dozen small 
 row-wise ``aminmax`` over 16 values a row is the slowest of them), which cost more than the
 embedding lookup itself. ``fake_quant_kernels.c`` does the same arithmetic in one pass over the
 rows; :func:`fake_quantize_rowwise_` and :func:`fake_quantize_tablewise_` give the same values as
-:func:`compress.quant.math.fake_quantize_rowwise_` / ``fake_quantize_tablewise_`` (tested
+:func:`compress.quant.fake_quant.fake_quantize_rowwise_` / ``fake_quantize_tablewise_`` (tested
 bit-exact against FBGEMM and against those functions).
 
 The C file is compiled once with the system C compiler (``$CC``, default ``cc``) into
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from compress.io.atomic_file import replacing
-from compress.quant import math as qm
+from compress.quant import fake_quant
 
 SOURCE = Path(__file__).with_name("fake_quant_kernels.c")
 #: IEEE float32 arithmetic, no FMA contraction: the values must equal PyTorch's op by op.
@@ -185,19 +185,19 @@ def _written(w: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize_rowwise_(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`compress.quant.math.fake_quantize_rowwise_` (float32 ``[R, D]``, in place)."""
+    """:func:`compress.quant.fake_quant.fake_quantize_rowwise_` (float32 ``[R, D]``, in place)."""
     lib = _kernels()
     if lib is None or not accepts(w) or w.dim() != 2 or w.shape[1] == 0:
-        return qm.fake_quantize_rowwise_(w, bits)
+        return fake_quant.fake_quantize_rowwise_(w, bits)
     lib.dqrm_fq_rowwise(w.data_ptr(), w.shape[0], w.shape[1], bits)
     return _written(w)
 
 
 def fake_quantize_tablewise_(w: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
-    """:func:`compress.quant.math.fake_quantize_tablewise_` (float32, in place)."""
+    """:func:`compress.quant.fake_quant.fake_quantize_tablewise_` (float32, in place)."""
     lib = _kernels()
     if lib is None or not accepts(w):
-        return qm.fake_quantize_tablewise_(w, scale, bits)
+        return fake_quant.fake_quantize_tablewise_(w, scale, bits)
     lib.dqrm_fq_tablewise(w.data_ptr(), w.numel(), scale, bits)
     return _written(w)
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-OPTIMIZERS = ("adagrad", "sgd", "adam")
+#: What ``optimizer`` (the embedding parameters) may name. ``rowwise_adagrad`` is FBGEMM's
+#: ``EXACT_ROWWISE_ADAGRAD``, one accumulator per table row (:mod:`compress.train.rowwise_adagrad`).
+OPTIMIZERS = ("adagrad", "sgd", "adam", "rowwise_adagrad")
+#: Optimizers that take the sparse gradients of tables that train.
+SPARSE_OPTIMIZERS = ("adagrad", "sgd", "rowwise_adagrad")
+#: What ``dense_optimizer`` (every other parameter) may name: row-wise Adagrad is for tables.
+DENSE_OPTIMIZERS = ("adagrad", "sgd", "adam")
 #: What picks the kept step (``select_on``): lower log loss, or higher AUC, on the selection slice.
 SELECT_METRICS = ("logloss", "auc")
 DEFAULT_SELECT_ON = SELECT_METRICS[0]
@@ -13,6 +19,11 @@ DEFAULT_SELECT_ON = SELECT_METRICS[0]
 #: (a recipe rule's ``scale_refresh``): DQRM's ``P``, 200 in its Criteo Kaggle runs (Yang et al.,
 #: arXiv 2410.20046). Row-wise scales depend on the row alone and need no refresh.
 DEFAULT_SCALE_REFRESH = 200
+#: The longest fine-tuning run a recipe (``steps``, ``epochs``) or ``--steps`` may ask for: far
+#: beyond any real run (10^9 steps are 11 days at 1,000 steps a second, 1,000 epochs of Criteo 1TB
+#: years), close enough that a typo such as ``epochs = 1e300`` is an error, not an endless run.
+MAX_STEPS = 10**9
+MAX_EPOCHS = 1000
 
 
 @dataclass
@@ -20,8 +31,9 @@ class TrainConfig:
     """Fine-tuning settings (the ``[finetune]`` table of a recipe).
 
     ``steps`` wins over ``epochs`` when both are set. ``eval_every=0`` evaluates only at the end.
-    ``optimizer`` steps the embedding parameters and must accept sparse gradients (adagrad or sgd)
-    when tables train; ``dense_optimizer`` steps everything else (default: the same kind).
+    ``optimizer`` steps the embedding parameters and must accept sparse gradients (adagrad,
+    rowwise_adagrad or sgd) when tables train; ``dense_optimizer`` steps everything else (default:
+    the same kind, element-wise ``adagrad`` for ``rowwise_adagrad``; :meth:`dense_optimizer_kind`).
     ``keep_best`` keeps the weights of the evaluation with the best ``select_on`` metric
     (``"logloss"``, lower is better and also catches calibration damage; or ``"auc"``) on the
     validation rows the loop is given (the pipeline gives it the selection slice only).
@@ -40,6 +52,13 @@ class TrainConfig:
     select_on: str = DEFAULT_SELECT_ON
     seed: int = 0
     checkpoint_every: int = 200
+
+    def dense_optimizer_kind(self) -> str:
+        """The optimizer of the dense parameters: ``dense_optimizer``, else the embeddings' kind
+        (``adagrad`` when that is ``rowwise_adagrad``, which only tables use)."""
+        if self.dense_optimizer is not None:
+            return self.dense_optimizer
+        return "adagrad" if self.optimizer == "rowwise_adagrad" else self.optimizer
 
     def total_steps(self, n_train: int) -> int:
         if self.steps is not None:

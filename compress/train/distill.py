@@ -10,6 +10,7 @@ model close to the original; real click data does better, and the CLI says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,10 @@ def distill(
     state_path: str | Path | None = None,
     resume: bool = False,
     log=None,
+    inputs: Mapping[str, str] | None = None,
 ) -> TrainResult:
-    """Train ``student`` towards ``teacher``'s click probabilities on :func:`sample_inputs`."""
+    """Train ``student`` towards ``teacher``'s click probabilities on :func:`sample_inputs`
+    (``inputs``: the run's fingerprints, saved with the state; see :func:`fit`)."""
     inputs = sample_inputs(spec, samples, config.seed)
     was_training = teacher.training  # the teacher may be the caller's live module: restore it
     teacher.eval()
@@ -75,4 +78,5 @@ def distill(
         state_path=state_path,
         resume=resume,
         log=log,
+        inputs=inputs,
     )

@@ -1,8 +1,14 @@
-"""Score a model on a dataset: AUC, log loss, accuracy (the ``eval`` command's numbers)."""
+"""Score a model on a dataset: AUC, log loss, accuracy (the ``eval`` command's numbers).
+
+The data is an in-memory :class:`~compress.data.dataset.Dataset` or a streamed one
+(:class:`~compress.data.stream.StreamedData`, read in file order by its workers): the metrics need
+only each row's logit and label (8 bytes a row), so a streamed set is never held in memory.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,6 +17,9 @@ from compress.data.batches import Batch
 from compress.data.dataset import Dataset
 from compress.progress import progress
 from compress.train.metrics import evaluate
+
+if TYPE_CHECKING:
+    from compress.data.stream import StreamedData
 
 ScoreFn = Callable[[Batch], torch.Tensor]
 
@@ -33,19 +42,45 @@ def predict_logits(
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+@torch.no_grad()
+def predict_with_labels(
+    score: ScoreFn,
+    data: Dataset | StreamedData,
+    feature_names: tuple[str, ...],
+    batch_size: int = 4096,
+    desc: str = "eval",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits [N], labels [N])`` of ``score`` over ``data`` in order, for an in-memory or a
+    streamed set (whose labels are only known once read)."""
+    if isinstance(data, Dataset):
+        return predict_logits(score, data, feature_names, batch_size, desc), data.labels
+    logits, labels = [], []
+    for batch in progress(
+        data.batches(batch_size, feature_names=feature_names),
+        total=data.num_batches(batch_size),
+        desc=desc,
+    ):
+        logits.append(score(batch).reshape(-1).float().numpy())
+        labels.append(batch.labels.numpy())
+    if not logits:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
 def evaluate_model(
     module: torch.nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | StreamedData,
     feature_names: tuple[str, ...],
     batch_size: int = 4096,
 ) -> dict:
-    """``{"auc", "logloss", "accuracy", "n"}`` of a TorchRec DLRM (called as ``module(dense, kjt)``)."""
+    """``{"auc", "logloss", "accuracy", "n"}`` of a TorchRec DLRM (called as ``module(dense, kjt)``)
+    on an in-memory or streamed set."""
     was_training = module.training
     module.eval()
     try:
-        logits = predict_logits(
+        logits, labels = predict_with_labels(
             lambda b: module(b.dense, b.sparse), dataset, feature_names, batch_size
         )
     finally:
         module.train(was_training)
-    return evaluate(logits, dataset.labels)
+    return evaluate(logits, labels)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,13 +25,16 @@ from torch import nn
 
 from compress.data.batches import Batch
 from compress.data.dataset import Dataset
+from compress.data.stream import StreamedData
 from compress.errors import DqrmError, os_error_in, os_error_reason
 from compress.io.atomic_file import atomic_open
 from compress.methods.qat_embedding import track_scale_updates
 from compress.progress import enabled as progress_enabled
 from compress.train.config import OPTIMIZERS, SELECT_METRICS, TrainConfig
-from compress.train.evaluate import predict_logits
+from compress.train.evaluate import predict_with_labels
+from compress.train.inputs import changed_input
 from compress.train.metrics import evaluate
+from compress.train.rowwise_adagrad import RowwiseAdagrad
 
 
 @dataclass
@@ -50,6 +53,11 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
     selected_on: dict | None = None
+    #: seconds the loop waited for its next training batch (reading, shuffling, building it)
+    data_wait: float = 0.0
+    #: what a streamed training set's loader did (:meth:`compress.data.stream.LoaderStats.to_json`;
+    #: ``None`` for an in-memory set)
+    loader: dict | None = None
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -92,6 +100,21 @@ def batch_stream(
             step += 1
 
 
+def training_batches(
+    data: Dataset | StreamedData,
+    feature_names: tuple[str, ...],
+    batch_size: int,
+    seed: int,
+    start_step: int,
+) -> Iterator[Batch]:
+    """Endless training batches from step ``start_step``: :func:`batch_stream` for an in-memory
+    set; for a streamed one its :meth:`~compress.data.stream.StreamedData.train_batches` (passes
+    through a seeded shuffle buffer, read by worker processes; ``close()`` stops them)."""
+    if isinstance(data, Dataset):
+        return batch_stream(data, feature_names, batch_size, seed, start_step)
+    return data.train_batches(feature_names, batch_size, seed, start_step)
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(embedding parameters, dense parameters): a parameter belongs to the embeddings when its
     name contains ``embedding_bag`` or ``sparse_arch``."""
@@ -110,6 +133,8 @@ def make_optimizer(
         return None
     if kind == "adagrad":
         return torch.optim.Adagrad(params, lr=lr)
+    if kind == "rowwise_adagrad":
+        return RowwiseAdagrad(params, lr=lr)
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if kind == "adam":
@@ -119,8 +144,8 @@ def make_optimizer(
 
 def fit(
     model: nn.Module,
-    train: Dataset,
-    valid: Dataset | None,
+    train: Dataset | StreamedData,
+    valid: Dataset | StreamedData | None,
     feature_names: tuple[str, ...],
     config: TrainConfig,
     *,
@@ -130,6 +155,7 @@ def fit(
     resume: bool = False,
     log: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``config.total_steps(len(train))`` steps.
 
@@ -137,7 +163,9 @@ def fit(
     ``config.select_on`` metric are restored at the end; that set is only for selection (report
     metrics on other rows). ``log`` receives one dict per evaluation (step, loss, metrics,
     samples/s). ``stop_after`` ends the run early after that many steps (as an interruption
-    would), leaving the resumable state at ``state_path``.
+    would), leaving the resumable state at ``state_path``. ``inputs`` (fingerprints of what the
+    run depends on, :func:`compress.train.inputs.run_inputs`) are saved with the state, and
+    ``resume`` refuses a state whose recorded inputs differ, naming the input that changed.
     """
     torch.manual_seed(config.seed)
     total = config.total_steps(len(train))
@@ -147,9 +175,7 @@ def fit(
         )
     emb_params, dense_params = split_parameters(model)
     opt_emb = make_optimizer(config.optimizer, emb_params, config.lr_embedding)
-    opt_dense = make_optimizer(
-        config.dense_optimizer or config.optimizer, dense_params, config.lr_dense
-    )
+    opt_dense = make_optimizer(config.dense_optimizer_kind(), dense_params, config.lr_dense)
     optimizers = [o for o in (opt_emb, opt_dense) if o is not None]
     if opt_emb is not None:
         # table-wise QAT scales refresh from a summary kept up to date after each step (exact)
@@ -165,9 +191,18 @@ def fit(
         if state_path is None or not state_path.exists():
             raise DqrmError(f"--resume: no saved training state at {state_path}")
         saved = load_state(state_path)
+        if inputs is not None:
+            changed = changed_input(saved.get("inputs"), inputs)
+            if changed is not None:
+                raise DqrmError(
+                    f"{state_path}: cannot --resume: {changed}; give the same inputs, or run "
+                    "without --resume to start afresh"
+                )
         if saved["config"] != asdict(config) or saved["total"] != total:
             raise DqrmError(
-                f"{state_path}: saved training state was made with different settings; start afresh"
+                f"{state_path}: saved training state was made with different settings "
+                f"({_settings_diff(saved['config'], asdict(config), saved['total'], total)}); "
+                "run without --resume to start afresh"
             )
         try:
             model.load_state_dict(saved["model"])
@@ -193,11 +228,11 @@ def fit(
         if valid is None:
             return None
         model.eval()
-        logits = predict_logits(
+        logits, labels = predict_with_labels(
             lambda b: score_fn(model, b), valid, feature_names, config.eval_batch_size, desc="valid"
         )
         model.train()
-        return evaluate(logits, valid.labels)
+        return evaluate(logits, labels)
 
     def save_state() -> None:
         if state_path is None:
@@ -214,6 +249,7 @@ def fit(
             "history": history,
             "torch_rng": torch.get_rng_state(),
             "running_loss": running,
+            "inputs": None if inputs is None else dict(inputs),
         }
         write_state(state, state_path)
 
@@ -229,53 +265,61 @@ def fit(
     model.train()
     t0 = time.perf_counter()
     samples = 0
-    stream = batch_stream(train, feature_names, config.batch_size, config.seed, step)
+    stream = training_batches(train, feature_names, config.batch_size, config.seed, step)
+    data_wait = 0.0
     bar = _bar(total, step)
     end = total if stop_after is None else min(total, step + stop_after)
-    while step < end:
-        batch = next(stream)
-        loss = loss_fn(model, batch)
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in optimizers:
-            o.step()
-        step += 1
-        samples += len(batch)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise DqrmError(
-                f"fine-tuning diverged at step {step} (loss {value}); lower the learning rates "
-                f"(lr_embedding {config.lr_embedding}, lr_dense {config.lr_dense})"
-            )
-        running = 0.98 * running + 0.02 * value if step > 1 else value
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{running:.4f}", sps=f"{samples / (time.perf_counter() - t0):,.0f}"
-            )
-        is_eval = (config.eval_every and step % config.eval_every == 0) or step == total
-        if is_eval:
-            metrics = evaluate_now()
-            entry = {
-                "step": step,
-                "loss": running,
-                "metrics": metrics,
-                "samples_per_second": samples / (time.perf_counter() - t0),
-            }
-            history.append(entry)
-            if log is not None:
-                log(entry)
-            if metrics is not None and (
-                best_metrics is None or is_better(config.select_on, metrics, best_metrics)
-            ):
-                best_step, best_metrics = step, metrics
-                if config.keep_best and step != total:
-                    best_state = copy.deepcopy(model.state_dict())
-                elif config.keep_best:
-                    best_state = None  # the final weights are the best ones
-        if state_path is not None and (step % config.checkpoint_every == 0 or step == end):
-            save_state()
+    try:
+        while step < end:
+            waited = time.perf_counter()
+            batch = next(stream)
+            data_wait += time.perf_counter() - waited
+            loss = loss_fn(model, batch)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in optimizers:
+                o.step()
+            step += 1
+            samples += len(batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DqrmError(
+                    f"fine-tuning diverged at step {step} (loss {value}); lower the learning rates "
+                    f"(lr_embedding {config.lr_embedding}, lr_dense {config.lr_dense})"
+                )
+            running = 0.98 * running + 0.02 * value if step > 1 else value
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{running:.4f}", sps=f"{samples / (time.perf_counter() - t0):,.0f}"
+                )
+            is_eval = (config.eval_every and step % config.eval_every == 0) or step == total
+            if is_eval:
+                metrics = evaluate_now()
+                entry = {
+                    "step": step,
+                    "loss": running,
+                    "metrics": metrics,
+                    "samples_per_second": samples / (time.perf_counter() - t0),
+                }
+                history.append(entry)
+                if log is not None:
+                    log(entry)
+                if metrics is not None and (
+                    best_metrics is None or is_better(config.select_on, metrics, best_metrics)
+                ):
+                    best_step, best_metrics = step, metrics
+                    if config.keep_best and step != total:
+                        best_state = copy.deepcopy(model.state_dict())
+                    elif config.keep_best:
+                        best_state = None  # the final weights are the best ones
+            if state_path is not None and (step % config.checkpoint_every == 0 or step == end):
+                save_state()
+    finally:  # a streamed set's workers end with the loop, also on an error or Ctrl-C
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -292,6 +336,8 @@ def fit(
         samples_per_second=samples / seconds if seconds > 0 else 0.0,
         history=history,
         resumed_from=resumed_from,
+        data_wait=data_wait,
+        loader=stream.stats.to_json() if hasattr(stream, "stats") else None,
     )
 
 
@@ -337,6 +383,15 @@ def load_state(state_path: Path) -> dict:
             f"{state_path}: not a training state (no {', '.join(sorted(missing))}); {afresh}"
         )
     return saved
+
+
+def _settings_diff(saved: object, now: dict, saved_total: object, total: int) -> str:
+    """``key saved -> now`` for the fine-tuning settings that differ (at most three)."""
+    old = saved if isinstance(saved, dict) else {}
+    parts = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v]
+    if not parts and saved_total != total:
+        parts = [f"total steps {saved_total!r} -> {total}"]
+    return ", ".join(parts[:3]) + (", ..." if len(parts) > 3 else "") or "settings differ"
 
 
 def _first_line(error: BaseException) -> str:

@@ -11,7 +11,8 @@ A run on ``out`` holds :func:`output_lock` from its start to its end, so a secon
 :func:`recover` first repairs what a killed run left: when ``out`` is missing and a ``.old-*``
 directory exists, a kill fell between the two renames of the fallback swap, and the old output is
 renamed back (the killed run did not finish, so its ``out`` is what was there before it); then every
-``.partial-*`` and ``.old-*`` of ``out`` is removed.
+``.partial-*`` and ``.old-*`` of ``out`` is removed. An ``out`` that is itself a symbolic link is
+refused before the lock is taken (the swap would replace the link, not fill its target).
 
 The swap (:func:`swap_in`) never leaves nothing at ``out`` that :func:`recover` cannot put back:
 
@@ -102,8 +103,10 @@ class OutputLock:
 
 def output_lock(out_dir: Path) -> OutputLock:
     """Take ``.<out>.lock`` without waiting; :class:`ArtifactError` naming it and the holder's pid
-    when another process holds it. Creates ``out``'s parent directory."""
+    when another process holds it, or naming ``out`` when it is a symbolic link
+    (:func:`refuse_symlink`). Creates ``out``'s parent directory."""
     out_dir = Path(out_dir)
+    refuse_symlink(out_dir)
     path = lock_path(out_dir)
     _mkdir_parent(out_dir)
     while True:
@@ -174,25 +177,40 @@ class Recovery:
     removed: tuple[Path, ...]
 
 
-def leftovers(out_dir: Path, kind: str) -> list[Path]:
-    """``.<out>.partial-*`` (``kind="partial-"``) or ``.<out>.old-*`` (``"old-"``) directories,
-    oldest first; only names this module makes (a random token after the prefix)."""
-    out_dir = Path(out_dir)
+def _named(out_dir: Path, kind: str) -> list[Path]:
+    """Entries beside ``out_dir`` named ``.<out>.<kind><token>``, the names this module makes (a
+    random token after the prefix), whatever they are."""
     prefix = f".{out_dir.name}.{kind}"
     try:
         entries = list(out_dir.parent.iterdir())
     except FileNotFoundError:
         return []
-    found = [
+    return [
         p
         for p in entries
         if p.name.startswith(prefix)
         and len(p.name) > len(prefix)
         and set(p.name[len(prefix) :]) <= _TOKEN_CHARS
-        and p.is_dir()
-        and not p.is_symlink()
     ]
+
+
+def leftovers(out_dir: Path, kind: str) -> list[Path]:
+    """``.<out>.partial-*`` (``kind="partial-"``) or ``.<out>.old-*`` (``"old-"``) directories,
+    oldest first; only names this module makes (a random token after the prefix)."""
+    found = [p for p in _named(Path(out_dir), kind) if p.is_dir() and not p.is_symlink()]
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def refuse_symlink(out_dir: Path) -> None:
+    """:class:`ArtifactError` when ``out_dir`` itself is a symbolic link: the output would replace
+    the link, not fill its target, so it is refused before anything is written (a link among its
+    parent directories is fine)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise ArtifactError(
+            f"{out_dir}: a symbolic link (to {os.readlink(out_dir)}); the output directory must "
+            "not be a link: give its target, or another --out"
+        )
 
 
 def recover(out_dir: Path) -> Recovery:
@@ -218,7 +236,11 @@ def recover(out_dir: Path) -> Recovery:
     removed = (*leftovers(out_dir, _PARTIAL), *olds)
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
-    return Recovery(restored, tuple(removed))
+    # a link swapped out of ``out`` by versions that accepted a symbolic link as the output
+    links = tuple(p for p in _named(out_dir, _PARTIAL) if p.is_symlink())
+    for p in links:
+        p.unlink(missing_ok=True)
+    return Recovery(restored, (*removed, *links))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ ARTIFACTS``, :class:`~exporters.runtime.predictor.Predictor`, the TorchRec loade
   positive integer, got '100'``): versions, kinds, shapes as integers, every model table stored
   once, every feature listed once (in the model, the inputs and the ONNX graph), every file a
   section uses listed with a checksum, every path relative and inside the directory.
-* **Digest.** ``manifest_sha256`` is the sha256 of the canonical JSON (:func:`canonical_json`:
-  sorted keys, compact separators, ASCII) of every other key; :func:`seal` adds it. It is checked
+* **Digest.** ``manifest_sha256`` is the sha256 of the canonical JSON
+  (:func:`compress.io.fingerprint.canonical_json`: sorted keys, compact separators, ASCII) of
+  every other key; :func:`seal` adds it. It is checked
   before anything else is read, and the file must be byte for byte what :func:`dump_manifest`
   writes for its content, so one changed byte anywhere is caught, including changes that parse to
   the same values (``1e-05`` -> ``1E-05``). The digest detects accidents and edits, not forgery:
@@ -21,16 +22,24 @@ ARTIFACTS``, :class:`~exporters.runtime.predictor.Predictor`, the TorchRec loade
   ``{"name", "formula"}``. Format 1 directories (no digest) are still read, with a warning that a
   changed value in their manifest cannot be detected: their arrays are checksummed as before and
   every other check applies, and refusing them would strand models that took hours to fine-tune;
-  re-exporting protects them. Their dense transform is read as not known, since format 1 wrote
-  ``"log3"`` whatever the data was.
+  re-exporting protects them (``verify`` refuses them unless told ``--allow-format-1``). Their
+  dense transform is read as not known, since format 1 wrote ``"log3"`` whatever the data was. A
+  format 1 manifest holding anything only format 2 writes (:func:`format_2_content`: a digest, a
+  transform object, parity reference data, ...) is a format 2 manifest stripped of its protection
+  and is refused.
 * **Confinement.** :func:`confined_path` resolves ``root / rel`` and refuses an absolute path, a
   ``..`` component, a path not in normal form and one that leaves ``root`` through a symbolic link.
+* **Quality gate.** An optional ``quality_gate`` object (:class:`QualityGateEntry`; format 2
+  readers ignore top-level keys they do not parse, so older ones read it too) records a
+  ``--max-auc-drop`` check; artifacts that failed it (kept with ``--keep-failed``) are read with a
+  warning (:func:`quality_gate_warnings`), shown by ``verify`` and logged by every loader.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,8 +48,10 @@ from typing import Any
 
 from compress.data.dense_transform import DENSE_TRANSFORMS, FORMULAS
 from compress.errors import ArtifactError
-from compress.io.model_spec import MODEL_CLASSES, DLRMSpec, TableSpec
-from compress.methods.robe_hash import ROBE_PRIME, robe_constants
+from compress.io.dlrm_classes import known_classes, strategy_for
+from compress.io.fingerprint import sha256_json
+from compress.io.model_spec import DLRMSpec, TableSpec
+from compress.methods import registry
 
 FORMAT_NAME = "dqrm-compress-artifacts"
 FORMAT_VERSION = 2
@@ -48,26 +59,18 @@ FORMAT_VERSION = 2
 MIN_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DIGEST_KEY = "manifest_sha256"
+#: Where format 2 stores the parity inputs and reference logits (``<PARITY_DIR>/<set>/``).
+PARITY_DIR = "onnx/parity"
 #: A manifest larger than this is refused before parsing (real ones are kilobytes).
 MAX_MANIFEST_BYTES = 64 << 20
 #: ``inputs.dense.transform`` name when no data was read (nothing says how the model's dense
 #: inputs were made); raw text then needs ``--dense-transform``.
 UNKNOWN_TRANSFORM = "unknown"
 
-#: The files each table layout stores (``tables[i].files`` roles). A table of layout ``robe``
-#: stores none: it reads its group's shared array.
-LAYOUT_ROLES: dict[str, frozenset[str]] = {
-    "fp32": frozenset({"data"}),
-    "fp16": frozenset({"data"}),
-    "rowwise": frozenset({"data", "scale", "bias"}),
-    "tablewise": frozenset({"data", "scale"}),
-    "robe": frozenset(),
-}
-#: Layouts of packed integer codes, and the code widths they hold.
-PACKED_LAYOUTS = ("rowwise", "tablewise")
-PACKED_BITS = (2, 4, 8)
-#: numpy dtype of a shared (ROBE-Z) array by its manifest ``dtype``.
-SHARED_ARRAY_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+# A table's ``layout`` is the registered name of its method (compress.methods.registry), which
+# says what the entry holds: the roles of its files, the code widths of packed codes, and whether
+# it reads a shared array (then ``group`` and ``table_offset``, and ``shared_arrays`` entries whose
+# dtypes and hash parameters that method checks).
 #: ``dense[i].layout`` of a quantized MLP weight -> its ``bits``.
 DENSE_LAYOUT_BITS = {"int8": 8, "int4_offset_packed": 4}
 
@@ -101,8 +104,8 @@ class FileEntry:
 class TableEntry:
     """One stored table (``tables[i]``): shape, storage layout and files by role.
 
-    ``group`` and ``table_offset`` are set for layout ``robe`` only (the shared array it reads and
-    its row offset in it). ``raw`` is the entry as stored.
+    ``group`` and ``table_offset`` are set only for the tables of a method that shares arrays (the
+    shared array it reads and its row offset in it). ``raw`` is the entry as stored.
     """
 
     name: str
@@ -189,6 +192,21 @@ class OnnxEntry:
 
 
 @dataclass(frozen=True)
+class QualityGateEntry:
+    """``quality_gate`` (optional; written when the main job ran with ``--max-auc-drop``): the
+    allowed AUC drop, whether the compressed model stayed within it and, when it did not, why.
+    Artifacts that failed exist only because ``--keep-failed`` asked for them; readers warn
+    (:func:`quality_gate_warnings`)."""
+
+    max_auc_drop: float
+    passed: bool
+    failure: str | None = None
+
+    def to_json(self) -> dict:
+        return {"max_auc_drop": self.max_auc_drop, "passed": self.passed, "failure": self.failure}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed, checked ``manifest.json``. ``raw`` is the JSON object it was parsed from.
 
@@ -207,6 +225,7 @@ class Manifest:
     files: Mapping[str, FileEntry]
     digest: str | None
     raw: Mapping[str, Any] = field(repr=False, compare=False)
+    quality_gate: QualityGateEntry | None = None
 
     def referenced_files(self) -> list[str]:
         """Every file a section uses (tables, shared arrays, dense weights, ONNX graphs)."""
@@ -225,15 +244,10 @@ class Manifest:
 # Canonical form and digest
 
 
-def canonical_json(obj: Any) -> str:
-    """The canonical JSON text of ``obj``: sorted keys, compact separators, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of ``manifest`` without its digest key."""
     body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
-    return hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()
+    return sha256_json(body)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -312,17 +326,57 @@ def check_header(obj: Mapping[str, Any], where: str) -> int:
     return version
 
 
+def format_2_content(obj: Mapping[str, Any]) -> list[str]:
+    """The JSON paths of what only format 2 writes (format 1 never did) found in ``obj``."""
+
+    def at(*keys: str) -> Any:
+        node: Any = obj
+        for key in keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return node
+
+    found = [DIGEST_KEY] if DIGEST_KEY in obj else []
+    if isinstance(at("inputs", "dense", "transform"), Mapping):
+        found.append("inputs.dense.transform (an object)")
+    for *parent, key in (
+        ("onnx", "out_of_range_ids"),
+        ("onnx", "parity", "reference_data"),
+        ("source", "data", "select"),
+        ("source", "data", "report"),
+    ):
+        node = at(*parent)
+        if isinstance(node, Mapping) and key in node:
+            found.append(".".join((*parent, key)))
+    files = obj.get("files")
+    if isinstance(files, Mapping) and any(str(f).startswith(PARITY_DIR + "/") for f in files):
+        found.append(f"files under {PARITY_DIR}/")
+    return found
+
+
+def format_1_warning(where: str) -> str:
+    """What reading a format 1 manifest warns (and ``verify`` refuses unless allowed)."""
+    return (
+        f"{where}: format_version 1 manifest has no digest of itself, so a changed value in it "
+        "cannot be detected (its files are still checksummed); re-export it with this version to "
+        "protect it: dqrm-compress --recipe RECIPE CHECKPOINT --out DIR --force (the manifest's "
+        "recipe.toml holds the recipe it was made with)"
+    )
+
+
 def check_integrity(obj: Mapping[str, Any], data: bytes, version: int, where: str) -> list[str]:
     """Check a manifest's digest and byte form (raise :class:`ArtifactError`); returns warnings
-    (a format 1 manifest without a digest)."""
+    (a format 1 manifest without a digest). A format 1 manifest holding format 2 content is
+    refused (a downgrade that would hide a missing or stale digest)."""
     recorded = obj.get(DIGEST_KEY)
-    if recorded is None and version < 2:
-        warning = (
-            f"{where}: format_version {version} manifest has no digest of itself, so a changed "
-            "value in it cannot be detected (its files are still checksummed); re-export with "
-            "this version to protect it"
+    newer = format_2_content(obj) if version < 2 else []
+    if newer:
+        raise ArtifactError(
+            f"{where}: format_version {version} manifest holds {', '.join(newer)}, which only "
+            "format 2 writes (a format 2 manifest relabelled to skip its digest check?): refused; "
+            "re-export it or restore it from a copy"
         )
-        warnings = [warning]
+    if recorded is None and version < 2:
+        warnings = [format_1_warning(where)]
     elif not isinstance(recorded, str) or not _SHA256.fullmatch(recorded):
         raise ArtifactError(
             f"{where}: {DIGEST_KEY} missing or not a sha256 hex digest (format_version {version} "
@@ -351,7 +405,21 @@ def read_manifest_bytes(data: bytes, where: str | Path = MANIFEST) -> tuple[Mani
     obj = decode_manifest(data, where)
     version = check_header(obj, where)
     warnings = check_integrity(obj, data, version, where)
-    return parse_manifest(obj, where), warnings
+    manifest = parse_manifest(obj, where)
+    return manifest, warnings + quality_gate_warnings(manifest, where)
+
+
+def quality_gate_warnings(manifest: Manifest, where: str) -> list[str]:
+    """One line when the artifacts failed the quality gate they were made under (kept with
+    ``--keep-failed``), else none."""
+    gate = manifest.quality_gate
+    if gate is None or gate.passed:
+        return []
+    why = f": {gate.failure}" if gate.failure else ""
+    return [
+        f"{where}: these artifacts FAILED their quality gate (--max-auc-drop "
+        f"{gate.max_auc_drop:g}){why}; they were kept with --keep-failed"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +492,10 @@ LIST = _Kind("a list", lambda v: isinstance(v, list))
 BOOL = _Kind("true or false", lambda v: isinstance(v, bool))
 SHA256 = _Kind("a sha256 hex digest", lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)))
 PATH = _Kind("a relative path", lambda v: path_problem(v) is None)
+NONNEG_NUMBER = _Kind(
+    "a non-negative number",
+    lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf,
+)
 
 
 def _show(v: Any, limit: int = 60) -> str:
@@ -540,6 +612,7 @@ def parse_manifest(obj: Any, where: str | Path = MANIFEST, *, complete: bool = T
     tables_ok = len(p.lines) == before  # cross-checks only between sections that parsed
     dense = _parse_dense(top, p)
     onnx = _parse_onnx(top, p)
+    gate = _parse_quality_gate(top, p)
     files = _parse_files(top, p) if complete else {}
     digest = obj.get(DIGEST_KEY) if complete else None
     if spec is not None:
@@ -561,6 +634,7 @@ def parse_manifest(obj: Any, where: str | Path = MANIFEST, *, complete: bool = T
         files=files,
         digest=digest,
         raw=obj,
+        quality_gate=gate,
     )
     if complete:
         _check_files_listed(p, manifest)
@@ -574,7 +648,7 @@ def _parse_model(top: _Obj, p: _Problems) -> DLRMSpec | None:
     if raw is None:
         return None
     m = _Obj(p, raw, "model")
-    model_class = m.one_of("model_class", MODEL_CLASSES)
+    model_class = m.one_of("model_class", known_classes())
     dense_in = m.get("dense_in_features", POS_INT)
     tables: list[TableSpec] = []
     for i, raw in enumerate(m.get("tables", LIST) or ()):
@@ -598,10 +672,18 @@ def _parse_model(top: _Obj, p: _Problems) -> DLRMSpec | None:
     dcn_rank = m.get("dcn_low_rank_dim", POS_INT, optional=True, nullable=True)
     branch1 = m.list_of("interaction_branch1_layer_sizes", POS_INT, nullable=True, optional=True)
     branch2 = m.list_of("interaction_branch2_layer_sizes", POS_INT, nullable=True, optional=True)
-    if model_class == "DLRM_DCN" and (dcn_layers is None or dcn_rank is None):
-        m.fail("dcn_num_layers", "DLRM_DCN needs dcn_num_layers and dcn_low_rank_dim")
-    if model_class == "DLRM_Projection" and (branch1 is None or branch2 is None):
-        m.fail("interaction_branch1_layer_sizes", "DLRM_Projection needs both branches' sizes")
+    if model_class is not None:  # the parameters the class's interaction needs
+        strategy = strategy_for(model_class)
+        missing = strategy.missing_fields(
+            {
+                "dcn_num_layers": dcn_layers,
+                "dcn_low_rank_dim": dcn_rank,
+                "interaction_branch1_layer_sizes": branch1,
+                "interaction_branch2_layer_sizes": branch2,
+            }
+        )
+        if missing:
+            m.fail(missing[0], f"{model_class} needs {' and '.join(strategy.interaction_fields)}")
     names = [t.name for t in tables]
     for name in sorted({n for n in names if names.count(n) > 1}):
         m.fail("tables", f"table {name!r} listed twice")
@@ -689,7 +771,8 @@ def _parse_tables(top: _Obj, p: _Problems) -> list[TableEntry]:
     out = []
     for i, raw in enumerate(top.get("tables", LIST) or ()):
         t = _Obj(p, raw, f"tables[{i}]")
-        layout = t.one_of("layout", tuple(LAYOUT_ROLES))
+        layout = t.one_of("layout", registry.names())
+        method = registry.get(layout) if layout is not None else None
         values = {
             "name": t.get("name", NAME),
             "num_embeddings": t.get("num_embeddings", POS_INT),
@@ -700,15 +783,18 @@ def _parse_tables(top: _Obj, p: _Problems) -> list[TableEntry]:
             "bytes": t.get("bytes", NONNEG_INT),
             "feature_names": t.list_of("feature_names", NAME),
         }
-        files = t.files("files", LAYOUT_ROLES.get(layout) if layout else None)
-        if layout in PACKED_LAYOUTS and t.ok:
+        files = t.files("files", method.file_roles() if method is not None else None)
+        if method is not None and method.packed_bits and t.ok:
             bits, dim = values["bits"], values["embedding_dim"]
-            if bits not in PACKED_BITS:
-                t.fail("bits", f"expected one of {PACKED_BITS} for layout {layout!r}, got {bits}")
+            if bits not in method.packed_bits:
+                t.fail(
+                    "bits",
+                    f"expected one of {method.packed_bits} for layout {layout!r}, got {bits}",
+                )
             elif dim * bits % 8:
                 t.fail("bits", f"{dim} values of {bits} bits do not fill whole bytes")
         group = offset = None
-        if layout == "robe":
+        if method is not None and method.shares_arrays:
             group = t.get("group", NAME)
             offset = t.get("table_offset", NONNEG_INT)
         if t.ok:
@@ -722,14 +808,17 @@ def _parse_tables(top: _Obj, p: _Problems) -> list[TableEntry]:
 
 
 def _parse_groups(top: _Obj, p: _Problems, optional: bool) -> list[SharedGroupEntry]:
+    """The ``shared_arrays`` entries, whose dtypes, files and hash parameters the method that
+    shares arrays checks (:func:`compress.methods.registry.sharing_method`)."""
     out = []
+    sharing = registry.sharing_method()
     for i, raw in enumerate(top.get("shared_arrays", LIST, optional=optional) or ()):
         g = _Obj(p, raw, f"shared_arrays[{i}]")
         name = g.get("name", NAME)
         missing = [k for k in ("seed", "constants", "prime") if k not in g.value]
         if missing:  # the hash parameters, named together
             g.fail("", f"shared array {name!r}: missing {', '.join(missing)} (hash parameters)")
-        dtype = g.one_of("dtype", tuple(SHARED_ARRAY_DTYPES))
+        dtype = g.one_of("dtype", sharing.group_dtypes)
         values = {
             "name": name,
             "tables": g.list_of("tables", NAME),
@@ -740,32 +829,19 @@ def _parse_groups(top: _Obj, p: _Problems, optional: bool) -> list[SharedGroupEn
             "prime": g.get("prime", POS_INT) if not missing else None,
             "bytes": g.get("bytes", NONNEG_INT),
         }
-        roles = frozenset({"data", "scale"} if dtype == "int8" else {"data"})
-        files = g.files("files", roles if dtype else None)
+        roles = frozenset(sharing.group_arrays(dtype, 1)) if dtype is not None else None
+        files = g.files("files", roles)
         if g.ok:
-            _check_hash(g, values)
+            problem = sharing.group_hash_problem(
+                name, values["seed"], values["constants"], values["prime"]
+            )
+            if problem is not None:
+                g.fail(*problem)
         if g.ok:
             values["constants"] = tuple(values["constants"])
             out.append(SharedGroupEntry(dtype=dtype, files=files, raw=raw, **values))
         top.ok &= g.ok
     return out
-
-
-def _check_hash(g: _Obj, values: dict) -> None:
-    """A group's constants must be the ones its seed draws and its prime ROBE's (so a lookup can
-    never silently use other hash functions)."""
-    name, seed, constants = values["name"], values["seed"], values["constants"]
-    try:
-        expected = list(robe_constants(seed))
-    except ValueError as e:
-        g.fail("seed", f"shared array {name!r}: not a usable seed ({e})")
-        return
-    if list(constants) != expected or values["prime"] != ROBE_PRIME:
-        g.fail(
-            "constants",
-            f"shared array {name!r}: hash constants {list(constants)} (P={values['prime']}) do "
-            f"not match seed {seed} ({expected}, P={ROBE_PRIME})",
-        )
 
 
 def _parse_dense(top: _Obj, p: _Problems) -> list[DenseEntry]:
@@ -849,6 +925,21 @@ def _parse_parity_files(o: _Obj) -> tuple[str, ...]:
     return tuple(out) if o.ok else ()
 
 
+def _parse_quality_gate(top: _Obj, p: _Problems) -> QualityGateEntry | None:
+    """The optional ``quality_gate`` section (absent: no gate was set)."""
+    raw = top.get("quality_gate", OBJ, optional=True)
+    if raw is None:
+        return None
+    g = _Obj(p, raw, "quality_gate")
+    limit = g.get("max_auc_drop", NONNEG_NUMBER)
+    passed = g.get("passed", BOOL)
+    failure = g.get("failure", STR, nullable=True)
+    if passed is False and not failure:
+        g.fail("failure", "a failed gate says why")
+    top.ok &= g.ok
+    return QualityGateEntry(float(limit), passed, failure) if g.ok else None
+
+
 def _parse_files(top: _Obj, p: _Problems) -> dict[str, FileEntry]:
     obj = top.get("files", OBJ)
     out: dict[str, FileEntry] = {}
@@ -868,8 +959,9 @@ def _parse_files(top: _Obj, p: _Problems) -> dict[str, FileEntry]:
 def _check_tables_cover_model(
     p: _Problems, spec: DLRMSpec, tables: list[TableEntry], groups: list[SharedGroupEntry]
 ) -> None:
-    """Every model table stored exactly once, with the model's shape and features; every robe
-    table's group listed, listing it, at the row offset the group's order gives it."""
+    """Every model table stored exactly once, with the model's shape and features; every table
+    of a method that shares arrays has its group listed, listing it, at the row offset the
+    group's order gives it."""
     by_name: dict[str, int] = {}
     for i, t in enumerate(tables):
         if t.name in by_name:
@@ -895,12 +987,17 @@ def _check_tables_cover_model(
     for name in sorted({n for n in group_names if group_names.count(n) > 1}):
         p.add("shared_arrays", f"shared array {name!r} listed twice")
     rows = {t.name: t.num_embeddings for t in tables}
+    sharing = registry.sharing_method()
+    reads_group = {t.name for t in tables if registry.get(t.layout).shares_arrays}
     for gi, g in enumerate(groups):
         offset = 0
         for name in g.tables:
             t = next((t for t in tables if t.name == name), None)
-            if t is None or t.layout != "robe" or t.group != g.name:
-                p.add(f"shared_arrays[{gi}].tables", f"{name!r} is not a robe table of this group")
+            if t is None or t.name not in reads_group or t.group != g.name:
+                p.add(
+                    f"shared_arrays[{gi}].tables",
+                    f"{name!r} is not a {sharing.name} table of this group",
+                )
             elif t.table_offset != offset:
                 p.add(
                     f"tables[{by_name[name]}].table_offset",
@@ -908,11 +1005,11 @@ def _check_tables_cover_model(
                 )
             offset += rows.get(name, 0)
     for i, t in enumerate(tables):
-        if t.layout == "robe" and t.group not in group_names:
+        if t.name not in reads_group:
+            continue
+        if t.group not in group_names:
             p.add(f"tables[{i}].group", f"shared array {t.group!r} is not listed")
-        elif (
-            t.layout == "robe" and t.name not in next(g for g in groups if g.name == t.group).tables
-        ):
+        elif t.name not in next(g for g in groups if g.name == t.group).tables:
             p.add(f"tables[{i}].group", f"shared array {t.group!r} does not list {t.name!r}")
 
 

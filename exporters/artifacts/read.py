@@ -10,7 +10,9 @@ The runtime side of :mod:`exporters.artifacts.write`. Nothing here trusts the di
   size or sha256 that differs from the manifest), a file in the directory the manifest does not
   list, an array whose dtype or shape is not what the manifest says (read from the ``.npy`` header,
   no data loaded), a truncated ``.npy``, an ONNX graph that reads external data the manifest does
-  not list, and last (``verify`` only) a directory the runtime could not assemble into a model.
+  not list or declares other inputs/outputs than the manifest's model and features give it (ONNX
+  Runtime takes both from the graph, so a manifest that swaps features is caught here), and last
+  (``verify`` only) a directory the runtime could not assemble into a model.
 * :func:`load_artifacts` runs those checks (``verify=True``, the default, includes the checksums
   of every file) and raises :class:`~compress.errors.ArtifactError` with the first problem, then maps
   every array with ``np.load(mmap_mode="r", allow_pickle=False)``: opening a multi-GB directory
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,9 +43,10 @@ import numpy as np
 
 from compress.errors import ArtifactError
 from compress.io.model_spec import DLRMSpec
+from compress.methods import registry
+from compress.methods.base import SHARED_ROLE, ArraySpec
 from exporters.artifacts.manifest import (
     MANIFEST,
-    SHARED_ARRAY_DTYPES,
     DenseEntry,
     FileEntry,
     Manifest,
@@ -51,6 +54,7 @@ from exporters.artifacts.manifest import (
     SharedGroupEntry,
     TableEntry,
     confined_path,
+    format_1_warning,
     parse_manifest,
     read_manifest_bytes,
     sha256_file,
@@ -58,59 +62,16 @@ from exporters.artifacts.manifest import (
 
 log = logging.getLogger(__name__)
 
-#: ``(numpy dtype name, shape)`` an array must have; ``None`` dtype: any float.
-ArraySpec = tuple[str | None, tuple[int, ...]]
 
-
-def _packed_width(entry: TableEntry) -> int:
-    return entry.embedding_dim * int(entry.bits) // 8
-
-
-def _rowwise_arrays(entry: TableEntry) -> dict[str, ArraySpec]:
-    rows = entry.num_embeddings
-    return {
-        "data": ("uint8", (rows, _packed_width(entry))),
-        "scale": ("float16", (rows,)),
-        "bias": ("float16", (rows,)),
-    }
-
-
-def _tablewise_arrays(entry: TableEntry) -> dict[str, ArraySpec]:
-    return {
-        "data": ("uint8", (entry.num_embeddings, _packed_width(entry))),
-        "scale": ("float32", ()),
-    }
-
-
-def _float_arrays(dtype: str) -> Callable[[TableEntry], dict[str, ArraySpec]]:
-    def arrays(entry: TableEntry) -> dict[str, ArraySpec]:
-        return {"data": (dtype, (entry.num_embeddings, entry.embedding_dim))}
-
-    return arrays
-
-
-#: The arrays each table layout stores (manifest ``tables[i].files`` roles), by layout name. A new
-#: layout adds one entry here, its roles in :data:`exporters.artifacts.manifest.LAYOUT_ROLES` and a graph
-#: builder in :mod:`exporters.onnx.from_model`. ``robe`` tables store nothing of their own: they read
-#: their group's shared array.
-TABLE_LAYOUT_ARRAYS: dict[str, Callable[[TableEntry], dict[str, ArraySpec]]] = {
-    "fp32": _float_arrays("float32"),
-    "fp16": _float_arrays("float16"),
-    "rowwise": _rowwise_arrays,
-    "tablewise": _tablewise_arrays,
-    "robe": lambda entry: {},
-}
-
-#: Role prefix under which a table's :attr:`TableArrays.arrays` holds its group's shared arrays.
-SHARED_ROLE = "shared."
+def table_array_specs(entry: TableEntry) -> dict[str, ArraySpec]:
+    """What a table's files hold, as its method stores them (by the entry's ``layout``)."""
+    method = registry.get(entry.layout)
+    return method.stored_arrays(entry.num_embeddings, entry.embedding_dim, entry.bits)
 
 
 def shared_array_specs(group: SharedGroupEntry) -> dict[str, ArraySpec]:
-    """What a shared array's files hold: the cells at the group's dtype (and one int8 scale)."""
-    out: dict[str, ArraySpec] = {"data": (SHARED_ARRAY_DTYPES[group.dtype], (group.cells,))}
-    if group.dtype == "int8":
-        out["scale"] = ("float32", (1,))
-    return out
+    """What a shared array's files hold, as the method that shares arrays stores them."""
+    return registry.sharing_method().group_arrays(group.dtype, group.cells)
 
 
 def dense_array_spec(entry: DenseEntry) -> ArraySpec:
@@ -225,9 +186,13 @@ class Verification:
         return not self.problems
 
 
-def inspect_artifacts(path: str | Path, checksums: bool = True) -> Verification:
+def inspect_artifacts(
+    path: str | Path, checksums: bool = True, allow_format_1: bool = False
+) -> Verification:
     """Every problem and warning of the artifact directory ``path`` (see the module docstring).
-    ``checksums=False`` skips hashing (structure, sizes and headers only)."""
+    ``checksums=False`` skips hashing (structure, sizes and headers only). A format 1 manifest (no
+    digest of itself: nothing shows that it was not edited) is a problem unless ``allow_format_1``,
+    then a warning."""
     root = Path(path)
     try:
         read = load_manifest(root)
@@ -235,16 +200,27 @@ def inspect_artifacts(path: str | Path, checksums: bool = True) -> Verification:
         return Verification(e.problems, [], None)
     except ArtifactError as e:
         return Verification([str(e)], [], None)
-    problems = _problems(root, read.manifest, checksums)
+    warnings = list(read.warnings)
+    problems = []
+    if read.manifest.format_version < 2 and not allow_format_1:
+        problems.append(
+            f"{format_1_warning(str(root / MANIFEST))}; verify refuses it unless told "
+            "--allow-format-1 (allow_format_1=True)"
+        )
+        warnings = []
+    problems += _problems(root, read.manifest, checksums)
     if not problems:
         problems = servable_problems(root, read.manifest)
-    return Verification(problems, list(read.warnings), read.manifest)
+    return Verification(problems, warnings, read.manifest)
 
 
-def verify_artifacts(path: str | Path, checksums: bool = True) -> list[str]:
+def verify_artifacts(
+    path: str | Path, checksums: bool = True, allow_format_1: bool = False
+) -> list[str]:
     """Every problem of the artifact directory ``path``, one line each naming the file; ``[]``
-    when intact. ``checksums=False`` skips hashing (structure, sizes and headers only)."""
-    return inspect_artifacts(path, checksums).problems
+    when intact. ``checksums=False`` skips hashing (structure, sizes and headers only); a format
+    1 manifest is a problem unless ``allow_format_1``."""
+    return inspect_artifacts(path, checksums, allow_format_1).problems
 
 
 def _problems(root: Path, manifest: Manifest, checksums: bool) -> list[str]:
@@ -266,7 +242,7 @@ def _problems(root: Path, manifest: Manifest, checksums: bool) -> list[str]:
                 problems.append(problem)
     if checksums and manifest.onnx is not None:
         graphs = [g for g in manifest.onnx.graphs.values() if g.file not in bad]
-        problems += onnx_external_data_problems(root, graphs)
+        problems += onnx_graph_problems(root, manifest.spec, graphs)
     return problems
 
 
@@ -305,7 +281,7 @@ def expected_arrays(manifest: Manifest) -> dict[str, ArraySpec]:
     """``{file: (dtype, shape)}`` for every ``.npy`` the manifest uses."""
     out: dict[str, ArraySpec] = {}
     for t in manifest.tables:
-        wanted = TABLE_LAYOUT_ARRAYS[t.layout](t)
+        wanted = table_array_specs(t)
         out.update({rel: wanted[role] for role, rel in t.files.items()})
     for g in manifest.shared_arrays:
         wanted = shared_array_specs(g)
@@ -315,10 +291,12 @@ def expected_arrays(manifest: Manifest) -> dict[str, ArraySpec]:
     return out
 
 
-def onnx_external_data_problems(root: Path, graphs: list) -> list[str]:
-    """A line for every tensor of the ``graphs`` (:class:`~exporters.artifacts.manifest.OnnxGraphEntry`)
-    whose external data is not the file the manifest lists beside the graph: ONNX Runtime reads
-    that location from the graph itself, so it must be held to the manifest too."""
+def onnx_graph_problems(root: Path, spec: DLRMSpec, graphs: list) -> list[str]:
+    """A line for every graph of ``graphs`` (:class:`~exporters.artifacts.manifest.OnnxGraphEntry`)
+    that is not a readable ONNX model, reads external data other than the file the manifest lists
+    beside it, or declares inputs/outputs other than the model ``spec`` (the manifest's) gives it.
+    ONNX Runtime takes data locations and input names from the graph itself, so both are held to
+    the manifest. Only the graph is read (no external data)."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -330,21 +308,90 @@ def onnx_external_data_problems(root: Path, graphs: list) -> list[str]:
         except (DecodeError, ValueError, OSError) as e:
             out.append(f"{path}: not a readable ONNX model ({e})")
             continue
-        folder = PurePosixPath(graph.file).parent
-        allowed = (
-            None
-            if graph.external_data is None
-            else PurePosixPath(graph.external_data).relative_to(folder).as_posix()
-            if PurePosixPath(graph.external_data).is_relative_to(folder)
-            else ""
-        )
-        for location in sorted(_external_locations(model.graph)):
-            if location != allowed:
-                listed = repr(graph.external_data) if graph.external_data else "none"
-                out.append(
-                    f"{path}: reads external data from {location!r}; the manifest lists {listed}"
-                )
+        out += _external_data_problems(path, graph, model)
+        out += declared_io_problems(path, graph, model.graph, spec)
     return out
+
+
+def _external_data_problems(path: Path, graph, model) -> list[str]:
+    folder = PurePosixPath(graph.file).parent
+    allowed = (
+        None
+        if graph.external_data is None
+        else PurePosixPath(graph.external_data).relative_to(folder).as_posix()
+        if PurePosixPath(graph.external_data).is_relative_to(folder)
+        else ""
+    )
+    out = []
+    for location in sorted(_external_locations(model.graph)):
+        if location != allowed:
+            listed = repr(graph.external_data) if graph.external_data else "none"
+            out.append(
+                f"{path}: reads external data from {location!r}; the manifest lists {listed}"
+            )
+    return out
+
+
+def declared_io_problems(path: Path, graph, onnx_graph, spec: DLRMSpec) -> list[str]:
+    """``[problem]`` when the ONNX graph's declared inputs or outputs (names in order, element
+    types, fixed dims) are not what the model ``spec`` gives the manifest graph ``graph``
+    (:data:`exporters.onnx.model.GRAPH_IO`), or the manifest maps a feature of the full model to
+    other input names than its own; else ``[]``."""
+    from exporters.onnx.model import GRAPH_IO, GraphShape, feature_input_names
+
+    io_of = GRAPH_IO.get(graph.name)
+    if io_of is None:
+        return [f"{path}: graph {graph.name!r} is not one dqrm-compress writes"]
+    shape = GraphShape(spec.feature_names, spec.dense_in_features, spec.embedding_dim)
+    try:
+        want_inputs, want_outputs = io_of(shape)
+        names = feature_input_names(shape) if graph.name == "model" else {}
+    except ValueError as e:  # two features whose input names coincide
+        return [f"{path}: the manifest's features give no valid inputs ({e})"]
+    for f, pair in graph.features.items():
+        if names.get(f) != pair:
+            return [
+                f"{path}: the manifest feeds feature {f!r} to inputs {list(pair)}, its graph "
+                f"{graph.name!r} takes it as {list(names.get(f, ()))}"
+            ]
+    for kind, want, have in (
+        ("input", want_inputs, onnx_graph.input),
+        ("output", want_outputs, onnx_graph.output),
+    ):
+        got = [_decl_of(v) for v in have]
+        for i, (w, g) in enumerate(zip(want, got, strict=False)):
+            if (w.name, w.elem_type, w.shape) != g:
+                return [
+                    f"{path}: graph {graph.name!r} {kind} {i} is {g[0]!r} {_show_decl(g)}, the "
+                    f"manifest's model makes it {w.name!r} {_show_decl((w.name, w.elem_type, w.shape))}"
+                ]
+        if len(got) != len(want):
+            extra = got[len(want)][0] if len(got) > len(want) else want[len(got)].name
+            return [
+                f"{path}: graph {graph.name!r} declares {len(got)} {kind}s, the manifest's model "
+                f"{len(want)} ({'unexpected' if len(got) > len(want) else 'missing'} {kind} "
+                f"{extra!r})"
+            ]
+    return []
+
+
+def _decl_of(value_info) -> tuple[str, int, tuple[int | str, ...]]:
+    """``(name, element type, dims)`` of an ONNX graph input/output (a dim is its value, or its
+    symbolic name)."""
+    t = value_info.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+    return value_info.name, t.elem_type, dims
+
+
+def _show_decl(decl: tuple[str, int, tuple[int | str, ...]]) -> str:
+    import onnx
+
+    name = (
+        onnx.TensorProto.DataType.Name(decl[1])
+        if decl[1] in onnx.TensorProto.DataType.values()
+        else str(decl[1])
+    )
+    return f"{name.lower()}{list(decl[2])}"
 
 
 def _external_locations(graph) -> set[str]:

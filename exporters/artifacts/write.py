@@ -6,15 +6,15 @@ Layout (format version 2)::
       manifest.json            everything needed to read the rest, sha256 of every file, the dense
                                transform the data was read with, and the sha256 of its own
                                canonical content (schema and checks: exporters.artifacts.manifest)
-      tables/<table>.npy       row-wise: uint8 [R, D*bits/8] packed codes (FBGEMM order, low bits
-                               first); table-wise: uint8 [R, D*bits/8] packed codes q + 2^(bits-1);
-                               fp16: float16 [R, D]; keep: float32 [R, D]
-      tables/<table>.scale.npy row-wise: float16 [R]; table-wise: float32 [] (one scale)
-      tables/<table>.bias.npy  row-wise: float16 [R]
-      shared/<group>.npy       a parameter-sharing (ROBE-Z) array: float32/float16/int8 [M]; its
-                               tables have layout "robe" and name the group, their row offset O_t,
-                               block size Z and hash constants (R1, R2, R3, P) in the manifest
-      shared/<group>.scale.npy int8 arrays: float32 [1] (value = q * scale)
+      tables/<table>.npy       the stored arrays of a table, as its method (the manifest's
+      tables/<table>.<role>.npy  ``layout``, compress.methods.registry) converts it: role
+                               ``data`` (fp32/fp16 values or packed integer codes), then
+                               ``scale``, ``bias``, ... (compress.methods.keep, fp16, rowwise,
+                               tablewise)
+      shared/<group>.npy       a parameter-sharing (ROBE-Z) array: float32/float16/int8 [M], and
+      shared/<group>.scale.npy its int8 scale; its tables store no file of their own and name the
+                               group and their row offset O_t, the group its block size Z and hash
+                               constants (R1, R2, R3, P) (compress.methods.robe.method)
       dense/<key>.npy          every non-embedding tensor of the model's state dict; a quantized
                                linear stores ``qweight`` at its width (int8 [out, in] at INT8;
                                uint8 [out, ceil(in/2)] packed codes q + 8 at INT4), ``scales`` float32
@@ -42,14 +42,15 @@ from compress import __version__
 from compress.data.dense_transform import FORMULAS
 from compress.errors import ArtifactError
 from compress.io.architecture import spec_to_model_config
+from compress.io.dlrm_classes.base import SPARSE_ARCH
+from compress.methods import registry
 from compress.methods.apply_plan import embedding_parts
-from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection, QuantizedTable
+from compress.methods.base import ConvertedTable, MethodFields
+from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
 from compress.methods.qat_linear import QuantizedLinear, mlp_linears
-from compress.methods.robe import RobeEmbeddingBagCollection, quantize_array, table_offsets
-from compress.methods.robe_hash import ROBE_PRIME
 from compress.pipeline import CompressionResult
-from compress.quant import math as qm
-from compress.recipe.parse import recipe_to_toml
+from compress.quant.packing import pack_nbit
+from compress.recipe.toml_out import recipe_to_toml
 from exporters.artifacts import atomic_dir
 from exporters.artifacts.manifest import (
     FORMAT_NAME,
@@ -109,27 +110,38 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
     model = result.model
     (stage / "tables").mkdir()
     (stage / "dense").mkdir()
-    quantized: dict[str, QuantizedTable] = {}
-    robe_modules: dict[str, RobeEmbeddingBagCollection] = {}
+    converted: dict[str, ConvertedTable] = {}
+    group_modules = {id(g.module) for g in result.shared}
     for part in embedding_parts(model):
         if isinstance(part, QuantizedEmbeddingBagCollection):
-            quantized.update(part.quantized)
-        elif isinstance(part, RobeEmbeddingBagCollection):
-            robe_modules.update({t.name: part for t in part.tables})
-        else:
+            converted.update(part.quantized)
+        elif id(part) not in group_modules:
             raise ArtifactError(
                 f"cannot export embedding module {type(part).__name__}: not converted"
             )
-    shared = [_write_shared(stage, g.name, g.module, g.projection) for g in result.shared]
-    group_of = {t: g for g in shared for t in g["tables"]}
+
+    def save(rel: str, tensor: torch.Tensor) -> str:
+        return _save_npy(stage, rel, tensor)
+
+    shared = [registry.get(g.method).write_group(g, save) for g in result.shared]
+    group_of = {t: g for g in result.shared for t in g.tables}
     tables = []
     for t in result.spec.tables:
         planned = result.plan.table(t.name)
-        if t.name in quantized:
-            entry = _write_table(stage, quantized[t.name])
+        if t.name in converted:
+            entry = _write_table(stage, converted[t.name])
         else:
-            entry = _robe_table_entry(
-                t, robe_modules[t.name], group_of[t.name], planned.bytes_after
+            group = group_of[t.name]
+            method = registry.get(group.method)
+            entry = table_entry(
+                t.name,
+                t.num_embeddings,
+                t.embedding_dim,
+                method.name,
+                method.fields(planned.config),
+                files={},
+                nbytes=planned.bytes_after,  # this table's share of its group's array
+                extra=method.group_entry_fields(group, t.name),
             )
         entry.update(
             {
@@ -193,94 +205,61 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
             "selected_on": result.train.selected_on,
             # no resumed_from: a resumed run's artifacts are byte-identical to an uninterrupted one
         },
+        # only with --max-auc-drop: the manifests of runs without a gate stay as they were
+        **({} if result.quality_gate is None else {"quality_gate": result.quality_gate}),
     }
 
 
-def _write_table(stage: Path, table: QuantizedTable) -> dict:
-    quant = table.quant
-    files = {"data": _save_npy(stage, f"tables/{table.name}.npy", table.data)}
-    if table.scale is not None:
-        files["scale"] = _save_npy(stage, f"tables/{table.name}.scale.npy", table.scale)
-    if table.bias is not None:
-        files["bias"] = _save_npy(stage, f"tables/{table.name}.bias.npy", table.bias)
-    return {
-        "name": table.name,
-        "num_embeddings": table.num_embeddings,
-        "embedding_dim": table.embedding_dim,
-        "method": quant.method,
-        "bits": quant.bits,
-        "granularity": quant.granularity,
-        "layout": table_layout(quant.method, quant.granularity),
-        "files": files,
-        "bytes": table.nbytes,
-    }
+def _write_table(stage: Path, table: ConvertedTable) -> dict:
+    """Save a converted table's arrays (role ``data`` as ``tables/<t>.npy``, any other as
+    ``tables/<t>.<role>.npy``) and return its manifest entry."""
+    files = {}
+    for role, array in table.arrays().items():
+        suffix = "" if role == "data" else f".{role}"
+        files[role] = _save_npy(stage, f"tables/{table.name}{suffix}.npy", array)
+    method = registry.for_config(table.config)
+    return table_entry(
+        table.name,
+        table.num_embeddings,
+        table.embedding_dim,
+        method.name,
+        method.fields(table.config),
+        files,
+        table.nbytes,
+    )
 
 
-def _write_shared(
-    stage: Path, name: str, module: RobeEmbeddingBagCollection, projection: str
+def table_entry(
+    name: str,
+    rows: int,
+    dim: int,
+    layout: str,
+    fields: MethodFields,
+    files: dict[str, str],
+    nbytes: int,
+    extra: dict | None = None,
 ) -> dict:
-    (stage / "shared").mkdir(exist_ok=True)
-    quant = module.quantization
-    if quant is not None and quant.group_size is not None:
-        raise ArtifactError(
-            f"shared array {name}: int8 with a scale per {quant.group_size} cells cannot be "
-            "exported yet (the artifact format holds one scale per array)"
-        )
-    precision = quant.precision if quant is not None else "fp32"
-    data, scale = quantize_array(module.weight.detach(), precision)
-    files = {"data": _save_npy(stage, f"shared/{name}.npy", data)}
-    if scale is not None:
-        files["scale"] = _save_npy(stage, f"shared/{name}.scale.npy", scale)
-    constants = module.config.constants
+    """A ``tables[i]`` entry: shape, what the method reports (``method``, ``bits``,
+    ``granularity``), ``layout`` (the method's registered name), its fields, files and bytes."""
     return {
         "name": name,
-        "tables": [t.name for t in module.tables],
-        "cells": module.config.array_size,
-        "block_size": module.config.block_size,
-        "seed": module.config.seed,
-        "constants": [constants.r1, constants.r2, constants.r3],
-        "prime": ROBE_PRIME,
-        "dtype": precision,
-        "projection": projection,
+        "num_embeddings": rows,
+        "embedding_dim": dim,
+        "method": fields.method,
+        "bits": fields.bits,
+        "granularity": fields.granularity,
+        "layout": layout,
+        **(extra or {}),
         "files": files,
-        "bytes": data.numel() * data.element_size()
-        + (scale.numel() * 4 if scale is not None else 0),
+        "bytes": nbytes,
     }
-
-
-def _robe_table_entry(
-    t, module: RobeEmbeddingBagCollection, group: dict, planned_bytes: int
-) -> dict:
-    offsets = dict(zip([x.name for x in module.tables], table_offsets(module.tables), strict=True))
-    return {
-        "name": t.name,
-        "num_embeddings": t.num_embeddings,
-        "embedding_dim": t.embedding_dim,
-        "method": "share",
-        "bits": None,
-        "granularity": None,
-        "layout": "robe",
-        "group": group["name"],
-        "table_offset": offsets[t.name],
-        "files": {},
-        "bytes": planned_bytes,  # this table's share of its group's array (the plan's split)
-    }
-
-
-def table_layout(method: str, granularity: str | None) -> str:
-    """The manifest's name for how a table's files are laid out."""
-    if method == "keep":
-        return "fp32"
-    if method == "fp16":
-        return "fp16"
-    return "rowwise" if granularity == "row" else "tablewise"
 
 
 def _write_dense(stage: Path, model: torch.nn.Module) -> list[dict]:
     quantized = {name: m for name, m in mlp_linears(model) if isinstance(m, QuantizedLinear)}
     entries = []
     for key, tensor in model.state_dict().items():
-        if key.startswith("sparse_arch."):
+        if key.startswith(SPARSE_ARCH + "."):
             continue
         module_name, _, leaf = key.rpartition(".")
         q = quantized.get(module_name)
@@ -305,10 +284,11 @@ def pack_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
     codes = (qweight.to(torch.int16) + 8).to(torch.uint8)
     if codes.shape[1] % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
-    return qm.pack_nbit(codes, 4)
+    return pack_nbit(codes, 4)
 
 
 def _save_npy(stage: Path, rel: str, tensor: torch.Tensor) -> str:
+    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
     with open(stage / rel, "wb") as f:
         np.save(atomic_dir.PlainWriter(f), tensor.detach().contiguous().numpy(), allow_pickle=False)
     return rel

@@ -14,6 +14,11 @@ Every builder appends to a :class:`~exporters.onnx.spec.GraphBuilder` and mirror
 * ``InteractionProjectionArch``: ``bmm(branch1(x).reshape(B, F1, D), branch2(x).reshape(B, D, F2))``
   flattened, after ``dense``.
 
+:data:`GRAPH_INTERACTIONS` holds one :class:`GraphInteraction` (its array check and its builder)
+per interaction kind; a model class's strategy names its kind
+(:attr:`compress.io.dlrm_classes.base.DLRMClass.interaction`), so :func:`graph_interaction` finds
+the entry of any registered class, and :func:`validate_graph` checks a whole graph spec.
+
 Linear layers are ``MatMul`` + ``Add`` (never ``Gemm``, which ORT's quantization tools skip) with
 the weight stored transposed ``[in, out]``. Quantized layers keep their codes at their width
 (``INT8``, or ``INT4`` packed by ONNX) and dequantize them with ``Cast`` to float32 and ``Mul`` by
@@ -32,9 +37,16 @@ folded form, and exact).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import TensorProto, helper
 
+from compress.io.dlrm_classes import strategy_for
+from compress.io.dlrm_classes.dlrm import dot_output_width
+from compress.io.dlrm_classes.dlrm_projection import projection_output_width
+from exporters.onnx.lookup import concat_in_order
 from exporters.onnx.spec import CrossLayer, DLRMGraphSpec, GraphBuilder, Linear
 
 
@@ -177,14 +189,110 @@ def add_projection_interaction(
     return gb.op("Concat", [dense, flat], "interaction_out", axis=1)
 
 
+# ---------------------------------------------------------------------------------------------
+# One entry per interaction kind: what its arrays must satisfy, and its graph
+
+
+@dataclass(frozen=True)
+class GraphInteraction:
+    """How the graphs hold one interaction kind.
+
+    ``check(spec)`` raises ``ValueError`` naming the first inconsistency of the interaction's
+    arrays and returns the over arch's input width. ``build(gb, dense, parts, spec, order)`` adds
+    the interaction on ``dense`` ``[B, D]`` and pooled embeddings given as group ``parts``
+    ``[B, F_g, D]`` holding the features in ``order`` (one part in model order is the plain
+    ``sparse`` ``[B, F, D]``); it returns ``[B, over-arch input]``.
+    """
+
+    check: Callable[[DLRMGraphSpec], int]
+    build: Callable[[GraphBuilder, str, list[str], DLRMGraphSpec, list[int]], str]
+
+
+def _check_dot(spec: DLRMGraphSpec) -> int:
+    return dot_output_width(len(spec.features), spec.embedding_dim)
+
+
+def _build_dot(
+    gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
+) -> str:
+    return add_dot_interaction(gb, dense, parts, len(spec.features), order)
+
+
+def _check_dcn(spec: DLRMGraphSpec) -> int:
+    inter_in = (len(spec.features) + 1) * spec.embedding_dim
+    if not spec.crossnet:
+        raise ValueError(f"{spec.model_class} needs crossnet layers")
+    for i, c in enumerate(spec.crossnet):
+        r = c.V_kernel.shape[0]
+        if c.V_kernel.shape != (r, inter_in) or c.W_kernel.shape != (inter_in, r):
+            raise ValueError(f"crossnet layer {i}: expected V [r, {inter_in}], W [{inter_in}, r]")
+        if c.bias.shape != (inter_in,):
+            raise ValueError(f"crossnet layer {i}: bias must be [{inter_in}]")
+    return inter_in
+
+
+def _build_dcn(
+    gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
+) -> str:
+    sparse = concat_in_order(gb, parts, order)
+    width = (len(spec.features) + 1) * spec.embedding_dim
+    return add_dcn_interaction(gb, dense, sparse, spec.crossnet, width)
+
+
+def _check_projection(spec: DLRMGraphSpec) -> int:
+    d = spec.embedding_dim
+    inter_in = (len(spec.features) + 1) * d
+    w1 = spec.check_chain(spec.branch1, inter_in, "branch1")
+    w2 = spec.check_chain(spec.branch2, inter_in, "branch2")
+    if w1 % d or w2 % d:
+        raise ValueError(f"projection branch widths {w1}, {w2} must be multiples of {d}")
+    return projection_output_width(d, w1, w2)
+
+
+def _build_projection(
+    gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
+) -> str:
+    return add_projection_interaction(gb, dense, concat_in_order(gb, parts, order), spec)
+
+
+#: Interaction kind (a strategy's ``interaction``) -> how the graphs check and build it.
+GRAPH_INTERACTIONS: dict[str, GraphInteraction] = {
+    "dot": GraphInteraction(_check_dot, _build_dot),
+    "dcn": GraphInteraction(_check_dcn, _build_dcn),
+    "projection": GraphInteraction(_check_projection, _build_projection),
+}
+
+
+def graph_interaction(spec: DLRMGraphSpec) -> GraphInteraction:
+    """The entry of ``spec``'s class (``ValueError`` for an unknown class or a kind no entry has)."""
+    kind = strategy_for(spec.model_class).interaction
+    try:
+        return GRAPH_INTERACTIONS[kind]
+    except KeyError:
+        raise ValueError(
+            f"{spec.model_class}: interaction {kind!r} has no graph builder (known: "
+            f"{', '.join(GRAPH_INTERACTIONS)})"
+        ) from None
+
+
+def validate_graph(spec: DLRMGraphSpec) -> None:
+    """Raise ``ValueError`` naming the first inconsistency of ``spec``: the parts every class
+    shares (:meth:`~exporters.onnx.spec.DLRMGraphSpec.validate`), the interaction, and the over
+    arch's input width."""
+    interaction = graph_interaction(spec)
+    spec.validate()
+    spec.check_chain(spec.over_arch, interaction.check(spec), "over_arch")
+
+
 def add_interaction(gb: GraphBuilder, dense: str, sparse: str, spec: DLRMGraphSpec) -> str:
     """The interaction of ``spec.model_class`` on ``dense`` ``[B, D]`` and ``sparse`` ``[B, F, D]``."""
-    num_sparse = len(spec.features)
-    if spec.model_class == "DLRM":
-        return add_dot_interaction(gb, dense, [sparse], num_sparse)
-    if spec.model_class == "DLRM_DCN":
-        width = (num_sparse + 1) * spec.embedding_dim
-        return add_dcn_interaction(gb, dense, sparse, spec.crossnet, width)
-    if spec.model_class == "DLRM_Projection":
-        return add_projection_interaction(gb, dense, sparse, spec)
-    raise ValueError(f"unknown model class {spec.model_class!r}")
+    return graph_interaction(spec).build(gb, dense, [sparse], spec, list(range(len(spec.features))))
+
+
+def add_interaction_parts(
+    gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
+) -> str:
+    """The interaction of ``spec`` on pooled embeddings given as group ``parts`` in ``order``
+    (:func:`~exporters.onnx.lookup.add_sparse_arch_parts`): the dot interaction takes them as
+    they are (it permutes its triangle indices), the others see them in model order."""
+    return graph_interaction(spec).build(gb, dense, parts, spec, order)

@@ -9,12 +9,10 @@ Two sources give the same spec:
 * :func:`graph_spec_from_artifacts`: a loaded artifact directory (arrays stay memory-mapped, so a
   model larger than RAM can be described and exported).
 
-Both first reduce every table to a :class:`~exporters.artifacts.read.TableArrays` (layout name + arrays by
-role), then :data:`TABLE_BUILDERS` maps the layout to a table kind: ``fp32``, ``fp16``,
-``rowwise``, ``tablewise`` and ``robe`` (parameter sharing, :class:`~exporters.onnx.spec.RobeTable`
-over the group's array dequantized to float32). A new layout adds one entry there; a layout
-without one is an :class:`~compress.errors.ArtifactError` ("layout X is not supported by this
-exporter yet").
+Both first reduce every table to a :class:`~exporters.artifacts.read.TableArrays` (layout = the
+table's method, arrays by role), then the table's method makes its graph table
+(:meth:`compress.methods.registry.TableMethod.graph_table`; a shared array is dequantized to
+float32 once per group).
 
 Example::
 
@@ -34,95 +32,30 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compress.errors import ArtifactError
+from compress.io.dlrm_classes import strategy_for
+from compress.io.dlrm_classes.base import DENSE_GROUP, OVER_GROUP
 from compress.io.model_spec import DLRMSpec
+from compress.methods import registry
 from compress.methods.apply_plan import embedding_parts
 from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
 from compress.methods.qat_linear import FakeQuantLinear, QuantizedLinear
-from compress.methods.robe import RobeEmbeddingBagCollection, table_offsets
-from compress.methods.robe_hash import ROBE_PRIME
-from exporters.artifacts.read import SHARED_ROLE, Artifacts, TableArrays, load_artifacts
-from exporters.artifacts.write import table_layout
-from exporters.onnx.spec import (
-    CrossLayer,
-    DLRMGraphSpec,
-    Fp16Table,
-    Fp32Table,
-    Linear,
-    RobeTable,
-    RowwiseTable,
-    TableKind,
-    TableLookup,
-    TablewiseTable,
-)
-
-TableBuilder = Callable[[TableArrays], TableKind]
+from exporters.artifacts.read import Artifacts, TableArrays, load_artifacts
+from exporters.onnx.dense import validate_graph
+from exporters.onnx.spec import CrossLayer, DLRMGraphSpec, GraphTable, Linear, TableLookup
 
 
-def _fp32_table(t: TableArrays) -> TableKind:
-    return Fp32Table(t.arrays["data"])
-
-
-def _fp16_table(t: TableArrays) -> TableKind:
-    return Fp16Table(t.arrays["data"])
-
-
-def _rowwise_table(t: TableArrays) -> TableKind:
-    return RowwiseTable(t.arrays["data"], t.arrays["scale"], t.arrays["bias"], int(t.bits))
-
-
-def _tablewise_table(t: TableArrays) -> TableKind:
-    return TablewiseTable(t.arrays["data"], float(np.asarray(t.arrays["scale"])), int(t.bits))
-
-
-def dequantize_shared(data: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """A stored shared array as the float32 values the model reads (``compress.methods.robe``'s
-    ``dequantize_array``: fp16 cast, int8 ``q * scale`` in float32, one scale per array)."""
-    if data.dtype == np.float32:
-        return data
-    if data.dtype == np.float16:
-        return data.astype(np.float32)
-    if scale is None or scale.size != 1:
-        raise ArtifactError(
-            f"shared int8 array needs exactly one scale, got {None if scale is None else scale.size}"
-        )
-    return data.astype(np.float32) * np.float32(scale.reshape(()))
-
-
-def _robe_table(t: TableArrays) -> TableKind:
-    group = t.entry["shared"]
-    return RobeTable(
-        array=dequantize_shared(
-            t.arrays[SHARED_ROLE + "data"], t.arrays.get(SHARED_ROLE + "scale")
-        ),
-        num_rows=t.num_embeddings,
-        block_size=int(group["block_size"]),
-        table_offset=int(t.entry["table_offset"]),
-        seeds=tuple(int(c) for c in group["constants"]),
-        prime=int(group["prime"]),
-        array_name=str(group["name"]),
-    )
-
-
-#: Manifest table layout -> graph table kind. One entry per layout (see the module docstring).
-TABLE_BUILDERS: dict[str, TableBuilder] = {
-    "fp32": _fp32_table,
-    "fp16": _fp16_table,
-    "rowwise": _rowwise_table,
-    "tablewise": _tablewise_table,
-    "robe": _robe_table,
-}
-
-
-def table_kind(table: TableArrays) -> TableKind:
-    """The graph table kind of one stored table; unknown layouts are an :class:`ArtifactError`."""
-    builder = TABLE_BUILDERS.get(table.layout)
-    if builder is None:
+def table_kind(table: TableArrays) -> GraphTable:
+    """The graph table of one stored table, made by its method; an unknown layout or a missing
+    array is an :class:`ArtifactError`."""
+    try:
+        method = registry.get(table.layout)
+    except KeyError:
         raise ArtifactError(
             f"table {table.name!r}: layout {table.layout!r} is not supported by this exporter yet "
-            f"(supported: {', '.join(TABLE_BUILDERS)})"
-        )
+            f"(supported: {', '.join(registry.names())})"
+        ) from None
     try:
-        return builder(table)
+        return method.graph_table(table)
     except KeyError as e:
         raise ArtifactError(
             f"table {table.name!r}: layout {table.layout!r} needs array {e}"
@@ -134,34 +67,11 @@ def table_kind(table: TableArrays) -> TableKind:
 
 
 def linear_paths(spec: DLRMSpec) -> dict[str, list[str]]:
-    """``{"dense_arch" | "over_arch" | "branch1" | "branch2": [module path, ...]}`` in layer order."""
-    paths = {
-        "dense_arch": [
-            f"dense_arch.model._mlp.{i}._linear" for i in range(len(spec.dense_arch_layer_sizes))
-        ],
-        "over_arch": [
-            *(
-                f"over_arch.model.0._mlp.{i}._linear"
-                for i in range(len(spec.over_arch_layer_sizes) - 1)
-            ),
-            "over_arch.model.1",
-        ],
-    }
-    if spec.model_class == "DLRM_Projection":
-        for k, sizes in (
-            (1, spec.interaction_branch1_layer_sizes),
-            (2, spec.interaction_branch2_layer_sizes),
-        ):
-            paths[f"branch{k}"] = [
-                f"inter_arch.interaction_branch{k}.model._mlp.{i}._linear"
-                for i in range(len(sizes or ()))
-            ]
-    return paths
-
-
-def crossnet_keys(layer: int) -> tuple[str, str, str]:
-    """State-dict keys of one DCN layer: ``W_kernels``, ``V_kernels``, ``bias``."""
-    return tuple(f"inter_arch.crossnet.{k}.{layer}" for k in ("W_kernels", "V_kernels", "bias"))
+    """``{group: [module path, ...]}`` in layer order: ``dense_arch``, the interaction's groups
+    (``branch1``/``branch2`` of a projection), ``over_arch``, as the class's strategy lays them out
+    (:meth:`compress.io.dlrm_classes.base.DLRMClass.linear_groups`)."""
+    groups = strategy_for(spec.model_class).linear_groups(spec)
+    return {group: [layer.name for layer in layers] for group, layers in groups.items()}
 
 
 def _assemble(
@@ -174,27 +84,23 @@ def _assemble(
         TableLookup(t.name, tuple(t.feature_names), t.embedding_dim, table_kind(tables[t.name]))
         for t in spec.tables
     )
-    paths = linear_paths(spec)
-    extra: dict = {}
-    if spec.model_class == "DLRM_DCN":
-        extra["crossnet"] = tuple(
-            CrossLayer(*(_f32(tensor(k)) for k in crossnet_keys(i)))
-            for i in range(spec.dcn_num_layers or 0)
-        )
-    elif spec.model_class == "DLRM_Projection":
-        extra["branch1"] = tuple(linear(p) for p in paths["branch1"])
-        extra["branch2"] = tuple(linear(p) for p in paths["branch2"])
+    strategy = strategy_for(spec.model_class)
+    groups = {g: tuple(linear(p) for p in paths) for g, paths in linear_paths(spec).items()}
+    extra: dict = {g: layers for g, layers in groups.items() if g not in (DENSE_GROUP, OVER_GROUP)}
+    cross = strategy.cross_layers(spec)
+    if cross:
+        extra["crossnet"] = tuple(CrossLayer(*(_f32(tensor(k)) for k in c.keys)) for c in cross)
     gspec = DLRMGraphSpec(
         model_class=spec.model_class,
         dense_in_features=spec.dense_in_features,
         features=spec.feature_names,
         tables=lookups,
-        dense_arch=tuple(linear(p) for p in paths["dense_arch"]),
-        over_arch=tuple(linear(p) for p in paths["over_arch"]),
+        dense_arch=groups[DENSE_GROUP],
+        over_arch=groups[OVER_GROUP],
         **extra,
     )
     try:
-        gspec.validate()
+        validate_graph(gspec)
     except ValueError as e:
         raise ArtifactError(
             f"model does not describe a valid {spec.model_class} graph: {e}"
@@ -215,52 +121,48 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _part_tables(part: nn.Module) -> dict[str, TableArrays]:
-    """The tables one embedding module holds (converted, shared, or plain TorchRec FP32)."""
+    """The tables one embedding module holds (converted, a sharing group's, or plain TorchRec
+    FP32)."""
     out = {}
+    group_method = registry.for_module(part)
     if isinstance(part, QuantizedEmbeddingBagCollection):
         for t in part.tables:
-            q = part.quantized[t.name]
-            arrays = {"data": _np(q.data)}
-            arrays.update(
-                {k: _np(v) for k, v in (("scale", q.scale), ("bias", q.bias)) if v is not None}
-            )
-            layout = table_layout(q.quant.method, q.quant.granularity)
+            table = part.quantized[t.name]
+            method = registry.for_config(table.config)
+            arrays = {role: _np(a) for role, a in table.arrays().items()}
+            fields = method.fields(table.config)
+            entry = {"method": fields.method, "bits": fields.bits}
             out[t.name] = TableArrays(
                 t.name,
-                layout,
+                method.name,
                 t.num_embeddings,
                 t.embedding_dim,
-                q.quant.bits,
+                fields.bits,
                 t.feature_names,
                 arrays,
+                entry,
             )
-    elif isinstance(part, RobeEmbeddingBagCollection):
-        array = _np(part.dequantized_array())  # one object: the graph stores it once
-        c = part.config
-        group = {
-            "name": f"shared_{part.tables[0].name}",
-            "block_size": c.block_size,
-            "prime": ROBE_PRIME,
-            "constants": list(part.constants),
-            "cells": c.array_size,
-        }
-        for t, offset in zip(part.tables, table_offsets(part.tables), strict=True):
-            out[t.name] = TableArrays(
-                t.name,
-                "robe",
+    elif group_method is not None:
+        tables = {t.name: t for t in part.tables}
+        for name, (arrays, entry) in group_method.group_tables(part).items():
+            t = tables[name]
+            out[name] = TableArrays(
+                name,
+                group_method.name,
                 t.num_embeddings,
                 t.embedding_dim,
                 None,
                 t.feature_names,
-                {SHARED_ROLE + "data": array},
-                {"table_offset": offset, "shared": group},
+                arrays,
+                entry,
             )
     elif isinstance(part, EmbeddingBagCollection):  # a plain FP32 TorchRec collection
+        kept = registry.get(registry.DEFAULT_METHOD)
         for cfg in part.embedding_bag_configs():
             weight = _f32(_np(part.embedding_bags[cfg.name].weight))
             out[cfg.name] = TableArrays(
                 cfg.name,
-                "fp32",
+                kept.name,
                 cfg.num_embeddings,
                 cfg.embedding_dim,
                 None,

@@ -46,11 +46,12 @@ from onnx import TensorProto, helper
 from compress.io.atomic_file import temp_dir_beside
 from exporters.onnx.dense import (
     add_dense_arch,
-    add_dot_interaction,
     add_interaction,
+    add_interaction_parts,
     add_over_arch,
+    validate_graph,
 )
-from exporters.onnx.lookup import Pooling, RowwiseImpl, add_sparse_arch_parts, concat_in_order
+from exporters.onnx.lookup import RowwiseImpl, add_sparse_arch_parts
 from exporters.onnx.spec import (
     BATCH,
     DLRMGraphSpec,
@@ -87,11 +88,21 @@ class TensorDecl:
         return helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
 
 
+@dataclass(frozen=True)
+class GraphShape:
+    """What the graphs' declared inputs and outputs depend on (a :class:`DLRMGraphSpec` has the
+    same attributes): read from a manifest, it says what the stored graphs must declare."""
+
+    features: tuple[str, ...]
+    dense_in_features: int
+    embedding_dim: int
+
+
 # ---------------------------------------------------------------------------------------------
 # Declarations
 
 
-def feature_input_names(spec: DLRMGraphSpec) -> dict[str, tuple[str, str]]:
+def feature_input_names(spec: DLRMGraphSpec | GraphShape) -> dict[str, tuple[str, str]]:
     """``feature -> (values input, lengths input)``; raises if two features sanitize alike."""
     names: dict[str, tuple[str, str]] = {}
     seen: dict[str, str] = {}
@@ -104,7 +115,7 @@ def feature_input_names(spec: DLRMGraphSpec) -> dict[str, tuple[str, str]]:
     return names
 
 
-def full_model_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDecl]]:
+def full_model_io(spec: DLRMGraphSpec | GraphShape) -> tuple[list[TensorDecl], list[TensorDecl]]:
     """Inputs and outputs of :func:`build_full_model`."""
     inputs = [TensorDecl(DENSE_INPUT, "float32", (BATCH, spec.dense_in_features))]
     for f, (values, lengths) in feature_input_names(spec).items():
@@ -113,7 +124,7 @@ def full_model_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDec
     return inputs, [TensorDecl(LOGITS, "float32", (BATCH, 1))]
 
 
-def dense_graph_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDecl]]:
+def dense_graph_io(spec: DLRMGraphSpec | GraphShape) -> tuple[list[TensorDecl], list[TensorDecl]]:
     """Inputs and outputs of :func:`build_dense_graph`."""
     return (
         [TensorDecl(DENSE_INPUT, "float32", (BATCH, spec.dense_in_features))],
@@ -121,7 +132,7 @@ def dense_graph_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDe
     )
 
 
-def over_graph_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDecl]]:
+def over_graph_io(spec: DLRMGraphSpec | GraphShape) -> tuple[list[TensorDecl], list[TensorDecl]]:
     """Inputs and outputs of :func:`build_over_graph`."""
     d, f = spec.embedding_dim, len(spec.features)
     return (
@@ -131,6 +142,14 @@ def over_graph_io(spec: DLRMGraphSpec) -> tuple[list[TensorDecl], list[TensorDec
         ],
         [TensorDecl(LOGITS, "float32", (BATCH, 1))],
     )
+
+
+#: The declared inputs and outputs of each graph an artifact directory holds, by manifest name.
+GRAPH_IO: dict[str, Callable[[DLRMGraphSpec | GraphShape], tuple[list[TensorDecl], ...]]] = {
+    "model": full_model_io,
+    "dense_arch": dense_graph_io,
+    "over_arch": over_graph_io,
+}
 
 
 def dummy_inputs(
@@ -146,17 +165,6 @@ def dummy_inputs(
     return feeds
 
 
-def add_interaction_parts(
-    gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
-) -> str:
-    """The interaction of ``spec`` on pooled embeddings given as group ``parts`` in ``order``
-    (:func:`~exporters.onnx.lookup.add_sparse_arch_parts`): the dot interaction takes them as
-    they are (it permutes its triangle indices), the others see them in model order."""
-    if spec.model_class == "DLRM":
-        return add_dot_interaction(gb, dense, parts, len(spec.features), order)
-    return add_interaction(gb, dense, concat_in_order(gb, parts, order), spec)
-
-
 def _declare(gb: GraphBuilder, decls: list[TensorDecl]) -> list[str]:
     return [gb.add_input(d.name, d.elem_type, list(d.shape)) for d in decls]
 
@@ -165,8 +173,8 @@ def _declare(gb: GraphBuilder, decls: list[TensorDecl]) -> list[str]:
 # Graphs
 
 
-def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl, pooling: Pooling) -> GraphBuilder:
-    spec.validate()
+def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl) -> GraphBuilder:
+    validate_graph(spec)
     ins, outs = full_model_io(spec)
     gb = GraphBuilder(f"{spec.model_class.lower()}_full")
     _declare(gb, ins)
@@ -175,26 +183,22 @@ def _full_builder(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl, pooling: Pooli
     lookups = [(spec.table_of(f), v, ln) for f, (v, ln) in inputs.items()]
     one_hot = [f in spec.one_hot_features for f in inputs]
     parts, order = add_sparse_arch_parts(
-        gb, lookups, spec.embedding_dim, rowwise_impl, pooling, one_hot
+        gb, lookups, spec.embedding_dim, rowwise_impl, one_hot
     )  # [B, F_g, D] each, features in `order`
     logits = add_over_arch(gb, add_interaction_parts(gb, dense, parts, spec, order), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
     return gb
 
 
-def build_full_model(
-    spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl = "auto", pooling: Pooling = "cumsum"
-) -> onnx.ModelProto:
+def build_full_model(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl = "auto") -> onnx.ModelProto:
     """Lookups + dense arch + interaction + over arch in one graph (see the module docstring).
 
-    ``rowwise_impl`` and ``pooling`` choose among the lookup variants of
-    :mod:`exporters.onnx.lookup` (keep the default ``pooling="cumsum"`` unless the model will only
-    ever run single-threaded).
+    ``rowwise_impl`` chooses how row-wise tables are looked up (:mod:`exporters.onnx.lookup`).
 
     Tables must fit in protobuf together (< 2 GB); larger models go through
     :func:`export_full_model`, which writes tables to external data while building.
     """
-    gb = _full_builder(spec, rowwise_impl, pooling)
+    gb = _full_builder(spec, rowwise_impl)
     total = sum(gb.initializer_sizes().values())
     if total >= PROTOBUF_SAFE_BYTES:
         raise ValueError(
@@ -205,7 +209,7 @@ def build_full_model(
 
 def build_dense_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
     """TorchRec ``DenseArch`` alone: ``dense`` -> ``dense_embedding``."""
-    spec.validate()
+    validate_graph(spec)
     ins, outs = dense_graph_io(spec)
     gb = GraphBuilder("dense_arch")
     _declare(gb, ins)
@@ -216,7 +220,7 @@ def build_dense_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
 
 def build_over_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
     """Interaction + ``OverArch``: (``dense_embedding``, ``sparse_embedding``) -> ``logits``."""
-    spec.validate()
+    validate_graph(spec)
     ins, outs = over_graph_io(spec)
     gb = GraphBuilder(f"{spec.model_class.lower()}_over")
     dense, sparse = _declare(gb, ins)
@@ -396,7 +400,6 @@ def export_full_model(
     path: str | Path,
     external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     rowwise_impl: RowwiseImpl = "auto",
-    pooling: Pooling = "cumsum",
 ) -> Path:
     """Build the full model and write it to ``path``, streaming big tables to external data.
 
@@ -404,7 +407,7 @@ def export_full_model(
     :func:`plan_external_data` go from numpy to the data file directly, so models with tables
     over 2 GB can be written without holding a second copy in memory.
     """
-    gb = _full_builder(spec, rowwise_impl, pooling)
+    gb = _full_builder(spec, rowwise_impl)
     external = plan_external_data(gb.initializer_sizes(), external_data_threshold_bytes)
 
     def write(model_path: Path, handle: BinaryIO) -> None:

@@ -2,21 +2,13 @@
 
 The dataclasses here are the only input of :mod:`exporters.onnx.lookup`, :mod:`exporters.onnx.dense`
 and :mod:`exporters.onnx.model`. They hold finished arrays (packed codes, scales, float weights),
-not modules, and take from the rest of the project only the conventions of the formats (the ROBE-Z
-hash constants of :mod:`compress.methods.robe_hash`, the code offset of
-:func:`compress.quant.math.signed_offset`), so any converter can fill them.
+not modules, so any converter can fill them.
 
-Table kinds (``TableLookup.kind``), for a table of ``R`` rows of ``D`` values:
-
-* :class:`Fp32Table` ``weight`` float32 ``[R, D]``.
-* :class:`Fp16Table` ``weight`` float16 ``[R, D]`` (cast to float32 after the gather).
-* :class:`RowwiseTable` FBGEMM row-wise asymmetric: ``packed`` uint8 ``[R, D*bits/8]`` (low bits
-  first), ``scale`` and ``bias`` float16 ``[R]``; value = ``float(code)*float(scale) + float(bias)``
-  in float32, equal to ``FusedNBitRowwiseQuantizedSBHalfToFloat``.
-* :class:`TablewiseTable` DQRM symmetric: ``packed`` uint8 holding ``u = q + 2^(bits-1)`` (same
-  packing), one float32 ``scale``; value = ``(u - 2^(bits-1)) * scale``.
-* :class:`RobeTable` ROBE-Z parameter sharing: element ``(i, d)`` =
-  ``array[((i + O)*R3 + (d // Z)*R2 + R1) mod P mod (M - Z + 1) + d mod Z]``.
+A :class:`TableLookup` holds its table as a **graph table** (``TableLookup.kind``): a numpy
+dataclass of the table's method (:mod:`compress.methods.registry`) whose ``METHOD`` names it, e.g.
+:class:`compress.methods.keep.Fp32Table`, :class:`compress.methods.rowwise.RowwiseTable`,
+:class:`compress.methods.tablewise.TablewiseTable`, :class:`compress.methods.robe.method.RobeTable`;
+that method builds its lookup nodes (:meth:`~compress.methods.registry.TableMethod.onnx_rows`).
 
 This module also holds :class:`GraphBuilder`, the small node/initializer accumulator every graph
 builder shares, and the IR/opset versions the graphs declare.
@@ -31,14 +23,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.methods.robe_hash import DEFAULT_SEED, ROBE_PRIME, robe_constants
-from compress.quant.math import signed_offset, symmetric_range
+from compress.quant.tablewise import symmetric_range
 
 #: ONNX IR version of every graph: onnxruntime 1.31 loads 3..13 (onnx 1.23 writes 14 by default);
 #: INT4 initializers need at least 10.
@@ -47,8 +38,6 @@ IR_VERSION = 10
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
-#: R1, R2, R3 of the public ROBE-Z code's seed (:func:`compress.methods.robe_hash.robe_constants`).
-ROBE_SEEDS = tuple(robe_constants(DEFAULT_SEED))
 #: Symbolic name of the batch dimension in every graph.
 BATCH = "batch"
 #: ORT session config entries the graphs are meant to run with; stored in every model's
@@ -60,8 +49,6 @@ SESSION_CONFIG = {
     "session.qdq_matmulnbits_accuracy_level": "1",
 }
 
-MODEL_CLASSES = ("DLRM", "DLRM_DCN", "DLRM_Projection")
-
 
 def sanitize_name(name: str) -> str:
     """``name`` as an identifier: characters outside ``[A-Za-z0-9_]`` become ``_``, and a leading
@@ -70,127 +57,17 @@ def sanitize_name(name: str) -> str:
     return out if out and not out[0].isdigit() else "_" + out
 
 
-def _check_bits(bits: int, dim: int, packed: np.ndarray, what: str) -> None:
-    if bits not in (2, 4, 8):
-        raise ValueError(f"{what}: bits must be 2, 4 or 8, got {bits}")
-    if (dim * bits) % 8:
-        raise ValueError(f"{what}: dim {dim} x {bits} bits is not a whole number of bytes")
-    if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != dim * bits // 8:
-        raise ValueError(
-            f"{what}: packed must be uint8 [R, {dim * bits // 8}], got {packed.dtype} "
-            f"{list(packed.shape)}"
-        )
+class GraphTable(Protocol):
+    """A table's arrays as its method's lookup reads them (``METHOD``: the method's registered
+    name, :func:`compress.methods.registry.get`)."""
 
-
-@dataclass(frozen=True)
-class Fp32Table:
-    """Float32 table ``weight`` [R, D]."""
-
-    weight: np.ndarray
-    KIND: ClassVar[str] = "fp32"
+    METHOD: ClassVar[str]
 
     @property
-    def num_rows(self) -> int:
-        return int(self.weight.shape[0])
+    def num_rows(self) -> int: ...
 
     def validate(self, dim: int, what: str) -> None:
-        if self.weight.dtype != np.float32 or self.weight.shape[1:] != (dim,):
-            raise ValueError(f"{what}: weight must be float32 [R, {dim}]")
-
-
-@dataclass(frozen=True)
-class Fp16Table:
-    """Float16 table ``weight`` [R, D]; rows are cast to float32 after the gather."""
-
-    weight: np.ndarray
-    KIND: ClassVar[str] = "fp16"
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.weight.shape[0])
-
-    def validate(self, dim: int, what: str) -> None:
-        if self.weight.dtype != np.float16 or self.weight.shape[1:] != (dim,):
-            raise ValueError(f"{what}: weight must be float16 [R, {dim}]")
-
-
-@dataclass(frozen=True)
-class RowwiseTable:
-    """FBGEMM row-wise asymmetric codes: ``packed`` uint8 [R, D*bits/8], fp16 ``scale``/``bias`` [R]."""
-
-    packed: np.ndarray
-    scale: np.ndarray
-    bias: np.ndarray
-    bits: int
-    KIND: ClassVar[str] = "rowwise"
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.packed.shape[0])
-
-    def validate(self, dim: int, what: str) -> None:
-        _check_bits(self.bits, dim, self.packed, what)
-        for arr, nm in ((self.scale, "scale"), (self.bias, "bias")):
-            if arr.dtype != np.float16 or arr.shape != (self.num_rows,):
-                raise ValueError(f"{what}: {nm} must be float16 [{self.num_rows}]")
-
-
-@dataclass(frozen=True)
-class TablewiseTable:
-    """DQRM symmetric codes with one scale: ``packed`` uint8 of ``u = q + 2^(bits-1)``."""
-
-    packed: np.ndarray
-    scale: float
-    bits: int
-    KIND: ClassVar[str] = "tablewise"
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.packed.shape[0])
-
-    @property
-    def offset(self) -> int:
-        """The code of zero, ``2^(bits-1)``."""
-        return signed_offset(self.bits)
-
-    def validate(self, dim: int, what: str) -> None:
-        _check_bits(self.bits, dim, self.packed, what)
-        if not np.isfinite(np.float32(self.scale)):
-            raise ValueError(f"{what}: scale must be finite")
-
-
-@dataclass(frozen=True)
-class RobeTable:
-    """ROBE-Z view of a shared float32 ``array`` [M].
-
-    Tables that share one array must pass the same ``array_name`` (and the same array); the graph
-    then holds it once. ``num_rows`` is the table's virtual row count, ``table_offset`` the sum of
-    the row counts of the tables before it in the shared array.
-    """
-
-    array: np.ndarray
-    num_rows: int
-    block_size: int
-    table_offset: int
-    seeds: tuple[int, int, int] = ROBE_SEEDS
-    prime: int = ROBE_PRIME
-    array_name: str = "robe_array"
-    KIND: ClassVar[str] = "robe"
-
-    def validate(self, dim: int, what: str) -> None:
-        if self.array.dtype != np.float32 or self.array.ndim != 1:
-            raise ValueError(f"{what}: ROBE array must be float32 [M]")
-        if not 1 <= self.block_size <= self.array.shape[0]:
-            raise ValueError(f"{what}: block size {self.block_size} does not fit the array")
-        if self.table_offset < 0 or self.num_rows < 0 or min(self.seeds) < 0:
-            raise ValueError(f"{what}: ROBE offsets and seeds must be non-negative")
-        hi = (self.table_offset + self.num_rows) * max(self.seeds[2], 1)
-        hi += (dim // self.block_size + 1) * self.seeds[1] + self.seeds[0]
-        if hi >= 2**63:
-            raise ValueError(f"{what}: ROBE hash overflows int64")
-
-
-TableKind = Fp32Table | Fp16Table | RowwiseTable | TablewiseTable | RobeTable
+        """Raise ValueError naming what does not fit a table of ``dim`` values a row."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +77,7 @@ class TableLookup:
     name: str
     features: tuple[str, ...]
     dim: int
-    kind: TableKind
+    kind: GraphTable
 
     @property
     def num_rows(self) -> int:
@@ -306,9 +183,10 @@ class DLRMGraphSpec:
         raise KeyError(feature)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistency."""
-        if self.model_class not in MODEL_CLASSES:
-            raise ValueError(f"unknown model class {self.model_class!r}")
+        """Raise ValueError naming the first inconsistency of what every model class shares
+        (tables, features, the dense arch, the over arch's depth). The interaction and the over
+        arch's input width depend on the class: :func:`exporters.onnx.dense.validate_graph`
+        checks the whole spec."""
         if not self.tables or not self.features:
             raise ValueError("a DLRM needs at least one table and feature")
         d = self.embedding_dim
@@ -323,37 +201,15 @@ class DLRMGraphSpec:
                 served[f] = t.name
         if len(set(self.features)) != len(self.features) or set(self.features) != set(served):
             raise ValueError("features must list every table feature exactly once")
-        f_count = len(self.features)
-        width = self._check_chain(self.dense_arch, self.dense_in_features, "dense_arch")
+        width = self.check_chain(self.dense_arch, self.dense_in_features, "dense_arch")
         if width != d:
             raise ValueError(f"dense_arch ends at {width}, embedding dim is {d}")
-        inter_in = (f_count + 1) * d
-        if self.model_class == "DLRM":
-            over_in = d + f_count * (f_count + 1) // 2
-        elif self.model_class == "DLRM_DCN":
-            if not self.crossnet:
-                raise ValueError("DLRM_DCN needs crossnet layers")
-            for i, c in enumerate(self.crossnet):
-                r = c.V_kernel.shape[0]
-                if c.V_kernel.shape != (r, inter_in) or c.W_kernel.shape != (inter_in, r):
-                    raise ValueError(
-                        f"crossnet layer {i}: expected V [r, {inter_in}], W [{inter_in}, r]"
-                    )
-                if c.bias.shape != (inter_in,):
-                    raise ValueError(f"crossnet layer {i}: bias must be [{inter_in}]")
-            over_in = inter_in
-        else:
-            w1 = self._check_chain(self.branch1, inter_in, "branch1")
-            w2 = self._check_chain(self.branch2, inter_in, "branch2")
-            if w1 % d or w2 % d:
-                raise ValueError(f"projection branch widths {w1}, {w2} must be multiples of {d}")
-            over_in = d + (w1 // d) * (w2 // d)
         if len(self.over_arch) < 2:
             raise ValueError("over_arch needs at least two layers (TorchRec OverArch)")
-        self._check_chain(self.over_arch, over_in, "over_arch")
 
     @staticmethod
-    def _check_chain(layers: tuple[Linear, ...], width: int, what: str) -> int:
+    def check_chain(layers: tuple[Linear, ...], width: int, what: str) -> int:
+        """Check that ``layers`` chain from ``width`` inputs; returns their output width."""
         if not layers:
             raise ValueError(f"{what} is empty")
         for i, layer in enumerate(layers):

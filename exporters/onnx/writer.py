@@ -16,7 +16,7 @@ staging directory after the tables and dense weights are written, it
    from :func:`sample_multihot`; the same with a quarter of the ids out of range,
    :func:`sample_out_of_range`, against the PyTorch model fed those ids mapped to 0) against the
    PyTorch converted model and raises :class:`~exporters.onnx.parity.ParityError` above
-   ``atol`` (1e-5), which aborts the atomic write: no artifact directory is left behind with
+   ``atol`` (the model class's parity tolerance, 1e-5 for every TorchRec DLRM class), which aborts the atomic write: no artifact directory is left behind with
    graphs that compute something else;
 4. stores each set's ``model.onnx`` feeds and reference logits as ``.npy`` under
    ``onnx/parity/<set>/`` (checksummed like every file), so that ``dqrm-compress verify
@@ -42,13 +42,15 @@ import torch
 from torch import nn
 
 from compress.data.dataset import Dataset
+from compress.io.dlrm_classes import strategy_for
 from compress.io.model_spec import DLRMSpec
 from compress.timings import StageTimer
 from compress.train.distill import sample_inputs
+from exporters.artifacts.manifest import PARITY_DIR  # parity inputs and logits (verify --parity)
 from exporters.artifacts.read import artifacts_from_manifest
 from exporters.artifacts.write import Writer
 from exporters.onnx.from_model import graph_spec_from_artifacts
-from exporters.onnx.lookup import OUT_OF_RANGE_IDS, Pooling, RowwiseImpl
+from exporters.onnx.lookup import OUT_OF_RANGE_IDS, POOLING, RowwiseImpl
 from exporters.onnx.model import (
     DEFAULT_EXTERNAL_DATA_THRESHOLD,
     LOGITS,
@@ -79,9 +81,6 @@ GRAPH_FILES = {
     "dense_arch": f"{ONNX_DIR}/dense_arch.onnx",
     "over_arch": f"{ONNX_DIR}/over_arch.onnx",
 }
-PARITY_ATOL = 1e-5
-#: Where the parity inputs and reference logits of ``model.onnx`` are stored (``verify --parity``).
-PARITY_DIR = f"{ONNX_DIR}/parity"
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,8 @@ class OnnxExportConfig:
     """How the graphs are built and checked.
 
     ``parity_samples`` inputs of each kind (one-hot and multi-hot) are scored; ``atol`` is the
-    largest absolute logit difference accepted. ``one_hot_features``: features the data shows
+    largest absolute logit difference accepted (``None``: the model class's
+    :attr:`~compress.io.dlrm_classes.base.DLRMClass.parity_atol`). ``one_hot_features``: features the data shows
     one-hot, looked up apart from the others (a layout hint,
     :attr:`~exporters.onnx.spec.DLRMGraphSpec.one_hot_features`); the multi-hot parity samples
     break it on purpose, so the proof covers batches that do not agree with it too.
@@ -97,11 +97,10 @@ class OnnxExportConfig:
 
     parity_samples: int = 256
     seed: int = 0
-    atol: float = PARITY_ATOL
+    atol: float | None = None
     max_bag: int = 3
     external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD
     rowwise_impl: RowwiseImpl = "auto"
-    pooling: Pooling = "cumsum"
     threads: int | None = None
     one_hot_features: tuple[str, ...] = ()
 
@@ -143,7 +142,6 @@ def export_onnx(
         paths["model"],
         config.external_data_threshold_bytes,
         config.rowwise_impl,
-        config.pooling,
     )
     save_model(build_dense_graph(gspec), paths["dense_arch"], config.external_data_threshold_bytes)
     save_model(build_over_graph(gspec), paths["over_arch"], config.external_data_threshold_bytes)
@@ -157,15 +155,15 @@ def export_onnx(
 
 
 def sample_multihot(spec: DLRMSpec, n: int, seed: int, max_bag: int = 3) -> Dataset:
-    """``n`` unlabelled inputs: standard normal dense, every bag 0..``max_bag`` uniform ids."""
-    rng = np.random.default_rng([seed, 0x4D48])
-    dense = rng.standard_normal((n, spec.dense_in_features), dtype=np.float32)
-    values, offsets = {}, {}
-    for f in spec.feature_names:
-        lengths = rng.integers(0, max_bag + 1, n)
-        offsets[f] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        values[f] = rng.integers(0, spec.table_of_feature(f).num_embeddings, int(offsets[f][-1]))
-    return Dataset(dense=dense, labels=np.zeros(n, np.float32), values=values, offsets=offsets)
+    """``n`` unlabelled inputs: the model class's dummy inputs
+    (:meth:`~compress.io.dlrm_classes.base.DLRMClass.dummy_inputs`; for every TorchRec DLRM class
+    standard normal dense and bags of 0..``max_bag`` uniform ids)."""
+    return strategy_for(spec.model_class).dummy_inputs(spec, n, seed, max_bag)
+
+
+def parity_atol(spec: DLRMSpec, config: OnnxExportConfig) -> float:
+    """The tolerance of the parity check: ``config.atol``, else the model class's."""
+    return config.atol if config.atol is not None else strategy_for(spec.model_class).parity_atol
 
 
 @torch.no_grad()
@@ -261,12 +259,13 @@ def check_parity(
     config: OnnxExportConfig,
 ) -> dict:
     """Score every parity set with PyTorch and with ORT in each of :data:`PARITY_SESSIONS`; raise
-    :class:`~exporters.onnx.parity.ParityError` above ``config.atol``. The full model's feeds
+    :class:`~exporters.onnx.parity.ParityError` above :func:`parity_atol`. The full model's feeds
     and reference logits are stored under ``onnx/parity/`` for ``verify --parity``. One session
     kind is open at a time (a session holds its own copy of the tables)."""
     root = paths["model"].parents[1]
     inputs = feature_input_names(gspec)
     sets = parity_sets(spec, config)
+    atol = parity_atol(spec, config)
     cases, stored = {}, {}
     for set_name, pset in sets.items():
         ref = reference_outputs(reference, pset.data, spec)
@@ -278,7 +277,7 @@ def check_parity(
         sessions = {name: open_session(p, threads=config.threads) for name, p in paths.items()}
         for set_name, (data, ref, feeds) in cases.items():
             where = f"{set_name}, {kind} session"
-            for name, result in _check_set(sessions, data, ref, feeds, config.atol, where).items():
+            for name, result in _check_set(sessions, data, ref, feeds, atol, where).items():
                 worst[name] = max(worst[name], result["max_abs_diff"])
         del sessions
     return {
@@ -288,7 +287,7 @@ def check_parity(
         "samples": {k: len(v.data) for k, v in sets.items()},
         "max_bag": config.max_bag,
         "seed": config.seed,
-        "atol": config.atol,
+        "atol": atol,
         "max_abs_diff": worst,
         "reference_data": stored,
     }
@@ -348,8 +347,9 @@ def onnx_section(root: Path, gspec: DLRMGraphSpec, config: OnnxExportConfig, par
     settings = {
         k: v
         for k, v in asdict(config).items()
-        if k in ("rowwise_impl", "pooling", "external_data_threshold_bytes")
+        if k in ("external_data_threshold_bytes", "rowwise_impl")
     }
+    settings["pooling"] = POOLING
     settings["one_hot_features"] = sorted(gspec.one_hot_features)
     return {
         "ir_version": IR_VERSION,

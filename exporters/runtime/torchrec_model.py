@@ -14,10 +14,14 @@ what the directory's ONNX graph computes:
   ``-2^(b-1)*s``: ``code*s + bias == q*s`` bit for bit). That conversion needs ``s`` to be an fp16
   value, which the table-wise quantizer guarantees by rounding every scale up to one, and the bias
   ``-2^(b-1)*s`` to be a finite fp16 number, which fails only when ``2^(b-1)*s > 65504`` (a table
-  with ``max|W|`` in the tens of thousands). Such a table is not approximated: it stays in this
-  project's :class:`~compress.methods.qat_embedding.QuantizedEmbeddingBagCollection` (its codes and scale
-  as buffers, dequantized exactly as the ONNX graph does), and :func:`table_placement` says so.
-- **Shared (ROBE-Z) arrays** become :class:`~compress.methods.robe.RobeEmbeddingBagCollection` modules
+  with ``max|W|`` in the tens of thousands). Such a table (and a table of any method without
+  FBGEMM rows) is not approximated: it stays in this project's
+  :class:`~compress.methods.qat_embedding.QuantizedEmbeddingBagCollection` (its method's
+  converted table, arrays as buffers, dequantized exactly as the ONNX graph does), and
+  :func:`table_placement` says so. Each table's method decides
+  (:mod:`compress.methods.registry`).
+- **Shared (ROBE-Z) arrays** become
+  :class:`~compress.methods.robe.module.RobeEmbeddingBagCollection` modules
   with the hash parameters of the manifest; the array is held in float32, dequantized from its
   stored fp16/int8 form exactly as the ONNX graph dequantizes it.
 - **MLP linears** are plain ``nn.Linear`` layers holding the dequantized weights
@@ -25,7 +29,7 @@ what the directory's ONNX graph computes:
   computes), float layers and DCN kernels as stored.
 
 When more than one kind of table module is needed they are joined by
-:class:`~compress.methods.robe.CombinedEmbeddingBagCollection` (the EBC interface, outputs in the model's
+:class:`~compress.methods.combined.CombinedEmbeddingBagCollection` (the EBC interface, outputs in the model's
 feature order); otherwise the sparse arch holds TorchRec's quantized EBC itself. Ids must lie in
 their tables, as TorchRec requires (the ONNX graph maps out-of-range ids to row 0).
 
@@ -46,44 +50,29 @@ import torch
 from torch import nn
 
 from compress.errors import ArtifactError
+from compress.io.dlrm_classes.base import DENSE_ROOTS, set_ebc
 from compress.io.model import build_model
 from compress.io.model_spec import TableSpec
-from compress.methods.qat_embedding import (
-    QuantizedEmbeddingBagCollection,
-    QuantizedTable,
-    TableQuant,
-)
-from compress.methods.robe import (
-    CombinedEmbeddingBagCollection,
-    RobeConfig,
-    RobeEmbeddingBagCollection,
-)
-from compress.methods.robe import table_offsets as robe_table_offsets
-from compress.methods.robe_hash import ROBE_PRIME
-from compress.quant import math as qm
+from compress.methods import registry
+from compress.methods.combined import CombinedEmbeddingBagCollection
+from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
+from compress.quant.fbgemm_rowwise import ROW_ALIGNMENT
 from exporters.artifacts.manifest import SharedGroupEntry
-from exporters.artifacts.read import SHARED_ROLE, Artifacts, TableArrays, load_artifacts
-from exporters.onnx.from_model import dequantize_shared, linear_from_artifacts, linear_paths
-from exporters.runtime.torchrec_ebc import (
-    DEFAULT_CHUNK_ROWS,
-    fbgemm_data_type,
-    fbgemm_ebc,
-    tablewise_scale,
-)
+from exporters.artifacts.read import Artifacts, TableArrays, load_artifacts
+from exporters.onnx.from_model import linear_from_artifacts, linear_paths
+from exporters.runtime.torchrec_ebc import DEFAULT_CHUNK_ROWS, fbgemm_data_type, fbgemm_ebc
 
 log = logging.getLogger(__name__)
 
 #: Where :func:`table_placement` puts a table.
 FBGEMM, OURS, SHARED = "fbgemm", "quantized", "shared"
 
-#: The DLRM submodules whose state comes from the manifest's ``dense`` entries.
-DENSE_ROOTS = ("dense_arch", "inter_arch", "over_arch")
-
 
 @dataclass(frozen=True)
 class Placement:
     """Which module serves each table: ``kind`` is :data:`FBGEMM` (TorchRec's quantized EBC),
-    :data:`OURS` (a table-wise table FBGEMM cannot hold exactly) or :data:`SHARED`; ``reason``
+    :data:`OURS` (a table FBGEMM cannot hold exactly, served by its method's converted table)
+    or :data:`SHARED`; ``reason``
     says why a table is not in FBGEMM's module."""
 
     kind: str
@@ -94,29 +83,20 @@ def table_placement(arts: Artifacts) -> dict[str, Placement]:
     """Where :func:`load_torchrec_model` puts each table of ``arts``, in the model's order."""
     out = {}
     for name, t in arts.tables.items():
-        if t.layout == "robe":
-            out[name] = Placement(SHARED, f"reads shared array {t.entry['shared']['name']!r}")
+        method = registry.get(t.layout)
+        if method.shares_arrays:
+            out[name] = Placement(SHARED, method.fbgemm_refusal(t))
         elif fbgemm_data_type(t) is not None:
             out[name] = Placement(FBGEMM)
-        elif t.layout == "tablewise":
-            bits, scale = int(t.bits), tablewise_scale(t)
-            out[name] = Placement(
-                OURS,
-                f"table-wise scale {scale!r} at {bits} bits has no exact FBGEMM row (the bias "
-                f"-{qm.signed_offset(bits)}*s must be a finite fp16 number)",
-            )
         else:
-            raise ArtifactError(
-                f"{arts.path}: table {name!r} has layout {t.layout!r}, which this loader does not "
-                "know"
-            )
+            out[name] = Placement(OURS, method.fbgemm_refusal(t))
     return out
 
 
 def load_torchrec_model(
     artifacts: Artifacts | str | Path,
     *,
-    row_alignment: int = qm.ROW_ALIGNMENT,
+    row_alignment: int = ROW_ALIGNMENT,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> nn.Module:
     """The TorchRec DLRM of an artifact directory (see the module docstring), in eval mode.
@@ -140,7 +120,7 @@ def load_torchrec_model(
     for root in DENSE_ROOTS:
         _load_dense(model, root, arts)
     ebc = sparse_module(arts, placement, row_alignment=row_alignment, chunk_rows=chunk_rows)
-    model.sparse_arch.embedding_bag_collection = ebc
+    set_ebc(model, ebc)
     return model.eval()
 
 
@@ -148,7 +128,7 @@ def sparse_module(
     arts: Artifacts,
     placement: dict[str, Placement],
     *,
-    row_alignment: int = qm.ROW_ALIGNMENT,
+    row_alignment: int = ROW_ALIGNMENT,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> nn.Module:
     """The EBC-interface module of every table of ``arts``, placed as ``placement`` says."""
@@ -163,7 +143,8 @@ def sparse_module(
     if ours:
         parts.append(
             QuantizedEmbeddingBagCollection(
-                [_table_spec(t) for t in ours], {t.name: quantized_table(t) for t in ours}
+                [_table_spec(t) for t in ours],
+                {t.name: registry.get(t.layout).converted_from_arrays(t) for t in ours},
             )
         )
     parts += [shared_module(arts, g) for g in arts.parsed.shared_arrays]
@@ -181,43 +162,11 @@ def _table_spec(t: TableArrays) -> TableSpec:
     return TableSpec(t.name, t.num_embeddings, t.embedding_dim, tuple(t.feature_names))
 
 
-def quantized_table(t: TableArrays) -> QuantizedTable:
-    """A stored table-wise table as a :class:`QuantizedTable` (codes copied out of the map)."""
-    quant = TableQuant(str(t.entry.get("method", "ptq")), int(t.bits), "table")
-    scale = torch.tensor(tablewise_scale(t), dtype=torch.float32)
-    data = torch.from_numpy(np.array(t.arrays["data"]))
-    return QuantizedTable(t.name, t.num_embeddings, t.embedding_dim, quant, data, scale)
-
-
-def shared_module(arts: Artifacts, group: SharedGroupEntry) -> RobeEmbeddingBagCollection:
-    """The ROBE-Z module of one shared array: its tables in the group's order, the manifest's
-    hash parameters (checked against what the seed gives), the array dequantized to float32."""
-    where = f"{arts.path}: shared array {group.name!r}"
-    tables = [arts.tables[n] for n in group.tables]
-    specs = [_table_spec(t) for t in tables]
-    config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=group.seed)
-    if tuple(config.constants) != tuple(group.constants) or group.prime != ROBE_PRIME:
-        raise ArtifactError(
-            f"{where}: hash constants {list(group.constants)} (prime {group.prime}) are not what "
-            f"seed {group.seed} gives {list(config.constants)} (prime {ROBE_PRIME})"
-        )
-    offsets = robe_table_offsets(specs)
-    for t, offset in zip(tables, offsets, strict=True):
-        if int(t.entry["table_offset"]) != offset:
-            raise ArtifactError(
-                f"{where}: table {t.name!r} has row offset {t.entry['table_offset']}, its place "
-                f"in the group gives {offset}"
-            )
-    array = dequantize_shared(
-        np.asarray(tables[0].arrays[SHARED_ROLE + "data"]),
-        None
-        if SHARED_ROLE + "scale" not in tables[0].arrays
-        else np.asarray(tables[0].arrays[SHARED_ROLE + "scale"]),
-    )
-    module = RobeEmbeddingBagCollection(specs, config)
-    with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(np.array(array, dtype=np.float32)))
-    return module
+def shared_module(arts: Artifacts, group: SharedGroupEntry) -> nn.Module:
+    """The module of one shared array, made by the method that shares arrays (ROBE-Z: its tables
+    in the group's order, the manifest's hash parameters checked against what the seed gives, the
+    array dequantized to float32)."""
+    return registry.sharing_method().group_module(arts, group)
 
 
 def dense_state(model: nn.Module, root: str, arts: Artifacts) -> dict[str, torch.Tensor]:

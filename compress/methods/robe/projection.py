@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from compress.io.model_spec import TableSpec
-from compress.methods.robe import (
+from compress.methods.robe.hashing import robe_indices
+from compress.methods.robe.module import (
     RobeConfig,
     RobeEmbeddingBagCollection,
     table_offsets,
     validate_sharing,
 )
-from compress.methods.robe_hash import robe_indices
 
 DEFAULT_CHUNK_ROWS = 262_144
 

@@ -1,0 +1,76 @@
+"""The main job's report: stage timings, the ``--max-auc-drop`` check, and the before/after table."""
+
+from __future__ import annotations
+
+from compress.io.summary import format_bytes
+
+#: The stages of the main job, in the order ``timings`` lists them.
+STAGES = ("load", "plan", "data", "evaluate", "quantize", "finetune", "convert", "export", "parity")
+
+
+def stage_timings(seconds: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage in :data:`STAGES` order, in whole milliseconds rounded down (so that they
+    never add up to more than the command's ``seconds``)."""
+    from compress.timings import StageTimer
+
+    ordered = sorted(seconds, key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
+    return StageTimer({k: seconds[k] for k in ordered}).rounded()
+
+
+def auc_drop_failure(metrics: dict, max_auc_drop: float | None) -> str | None:
+    """The one-line reason ``--max-auc-drop`` fails (``None`` when it passes or is not set): the
+    compressed AUC more than ``max_auc_drop`` below the baseline's, both on the report slice."""
+    if max_auc_drop is None:
+        return None
+    baseline, compressed = metrics.get("baseline"), metrics.get("compressed")
+    if baseline is None or compressed is None:
+        return "--max-auc-drop: no validation data, AUC not measured"
+    drop = baseline["auc"] - compressed["auc"]
+    if drop <= max_auc_drop:
+        return None
+    return (
+        f"compressed AUC {compressed['auc']:.4f} is {drop:.4f} below the baseline "
+        f"{baseline['auc']:.4f}, more than --max-auc-drop {max_auc_drop:g}"
+    )
+
+
+def _slice_lines(s: dict) -> list[str]:
+    """Which validation rows the metrics are on and which chose the kept fine-tuning step."""
+    lines = []
+    if s.get("metrics_on"):
+        on = s["metrics_on"]
+        lines.append(f"metrics on {on['slice']} ({on['rows']:,} rows, never used for selection)")
+    train = s.get("train") or {}
+    if train.get("selected_on"):
+        sel = train["selected_on"]
+        lines.append(
+            f"kept fine-tuning step {train['best_step']} of {train['steps']}: best {sel['metric']} "
+            f"on {sel['slice']} ({sel['rows']:,} rows)"
+        )
+    return lines
+
+
+def format_before_after(s: dict) -> str:
+    rows = [(f"baseline ({s['baseline_precision']})", s["metrics"]["baseline"], s["bytes_before"])]
+    if s["metrics"].get("before_finetune") is not None:
+        rows.append(
+            ("compressed, before fine-tuning", s["metrics"]["before_finetune"], s["bytes_after"])
+        )
+    rows.append((f"compressed ({s['recipe']})", s["metrics"]["compressed"], s["bytes_after"]))
+    lines = [f"{'model':<32}{'auc':>8}{'logloss':>9}{'accuracy':>10}{'size':>13}"]
+    for name, m, size in rows:
+        if m is None:
+            lines.append(f"{name:<32}{'-':>8}{'-':>9}{'-':>10}{format_bytes(size):>13}")
+        else:
+            lines.append(
+                f"{name:<32}{m['auc']:>8.4f}{m['logloss']:>9.4f}{m['accuracy']:>10.4f}"
+                f"{format_bytes(size):>13}"
+            )
+    lines += _slice_lines(s)
+    lines.append(f"ratio {s['ratio']:.2f}x   artifacts: {s['out']}")
+    if s.get("onnx_max_abs_diff"):
+        worst = max(s["onnx_max_abs_diff"].values())
+        lines.append(
+            f"ONNX Runtime parity: max |logit difference| vs PyTorch {worst:.2g} (limit 1e-5)"
+        )
+    return "\n".join(lines)

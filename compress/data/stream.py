@@ -1,0 +1,600 @@
+"""Streamed data: fine-tuning and evaluation on inputs larger than memory.
+
+:func:`open_data` reads ``--data``/``--valid`` either whole (a :class:`~compress.data.dataset.Dataset`,
+as before) or as a :class:`StreamedData`: an input indexed once (:mod:`compress.data.stream_source`)
+and then read again on every pass by background worker processes
+(:mod:`compress.data.stream_workers`), so memory does not grow with the data set.
+
+Which inputs stream (:class:`LoaderSettings`, ``--stream``): ``auto`` (default) streams Criteo text
+and npy days holding more than ``min_rows`` rows (1,000,000, about 0.5 GB as an in-memory
+``Dataset``), counted by the indexing pass; ``on`` streams every text or npy input; ``off`` reads
+every input whole. An ``.npz`` is always read whole (it is the small project format).
+
+Training order. Pass ``p`` (an "epoch" over a stream) reads the blocks in file order; rows go
+through a **shuffle buffer** of ``shuffle_rows`` rows drawn by ``numpy.random.default_rng([seed,
+p])``: when a block of ``m`` rows arrives at a buffer holding ``n``, the ``n + m - shuffle_rows``
+rows to hand on are drawn uniformly without replacement from the buffer and the block together
+(in the drawn order), and the block's other rows take the freed places; at the end of a pass the
+buffer is emptied in a random order. Each pass yields every row of the region exactly once; the
+same seed gives the same rows in the same order, whatever the number and timing of the workers
+(blocks arrive in block order). Batches are cut from that sequence and the last partial batch of a
+pass is dropped, as the in-memory loop drops it, so a pass is ``rows // batch_size`` steps and
+``epochs`` means passes. Resuming at step ``k`` reads pass ``k // steps_per_pass`` from its start
+and drops the batches before ``k`` (with ``--on-bad-line skip`` the number of rows of a pass is
+known only after reading it, so a resumed run reads from the first pass).
+
+Memory: the buffer holds at most ``shuffle_rows`` rows (264 bytes a row for Criteo's 13 dense and 26
+sparse columns: 69 MB at the default 262,144), plus the blocks in flight (``workers * (prefetch +
+2)`` blocks of about 60k Criteo rows, 16 MB each) and one batch being cut.
+
+Row numbers. A streamed input's rows are numbered by line (text, over the files in order) or by
+sample (npy days); :meth:`StreamedData.slice` and :meth:`StreamedData.split_tail` take ranges of
+those numbers without reading anything, so the held-out tail of ``--data`` and the selection and
+report slices of :mod:`compress.train.validation` are the same rows as when the input is read
+whole. With ``--on-bad-line skip`` a skipped line keeps its number (ranges count lines, and a range
+yields its valid lines).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from compress.data.batches import Batch
+from compress.data.criteo_text import OnBadLine
+from compress.data.dataset import Dataset
+from compress.data.dense_transform import DEFAULT_TEXT_TRANSFORM, DenseTransform, check_transform
+from compress.data.formats import detect_format, load_dataset
+from compress.data.stream_source import (
+    BLOCK_BYTES,
+    RowBlock,
+    Source,
+    TextSource,
+    concat_blocks,
+    index_npy_days,
+    index_text,
+    region_tasks,
+)
+from compress.data.stream_workers import BlockReader
+from compress.errors import DataError
+from compress.io.fingerprint import sha256_json
+from compress.io.model_spec import DLRMSpec
+
+StreamMode = Literal["auto", "on", "off"]
+STREAM_MODES: tuple[str, ...] = ("auto", "on", "off")
+#: ``auto`` streams inputs with more rows than this.
+STREAM_MIN_ROWS = 1_000_000
+#: Default shuffle buffer, in rows.
+SHUFFLE_ROWS = 262_144
+
+
+def default_workers() -> int:
+    """``min(2, CPUs)``: two parse about 300k Criteo rows/s, ahead of a DLRM's training step."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How ``--data``/``--valid`` are read (see the module docstring). ``workers=0`` reads in the
+    training process; ``shuffle_rows=0`` shuffles within each block only; ``prefetch``: blocks
+    queued per worker; ``start_method``: ``multiprocessing``'s (``None``: fork where available)."""
+
+    stream: StreamMode = "auto"
+    workers: int = field(default_factory=default_workers)
+    shuffle_rows: int = SHUFFLE_ROWS
+    min_rows: int = STREAM_MIN_ROWS
+    block_bytes: int = BLOCK_BYTES
+    prefetch: int = 2
+    start_method: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAM_MODES:
+            raise DataError(f"stream must be one of {', '.join(STREAM_MODES)}, got {self.stream!r}")
+        for name in ("workers", "shuffle_rows", "min_rows"):
+            if getattr(self, name) < 0:
+                raise DataError(f"loader setting {name} must be >= 0, got {getattr(self, name)}")
+        if self.block_bytes < 1 or self.prefetch < 1:
+            raise DataError("loader settings block_bytes and prefetch must be >= 1")
+
+
+@dataclass
+class LoaderStats:
+    """What a stream read: rows handed on, blocks, the workers' seconds reading and parsing
+    them, lines skipped as bad, the most rows the shuffle buffer held, passes completed."""
+
+    workers: int
+    shuffle_rows: int
+    rows: int = 0
+    blocks: int = 0
+    worker_seconds: float = 0.0
+    skipped_lines: int = 0
+    max_buffered: int = 0
+    passes: int = 0
+
+    def add(self, block: RowBlock) -> None:
+        self.rows += len(block)
+        self.blocks += 1
+        self.worker_seconds += block.seconds
+        self.skipped_lines += block.skipped
+
+    @property
+    def rows_per_second(self) -> float:
+        """Rows the loader parses a second with all its workers busy (its capacity)."""
+        busy = self.worker_seconds / max(1, self.workers)
+        return self.rows / busy if busy > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "mode": "stream",
+            "workers": self.workers,
+            "shuffle_rows": self.shuffle_rows,
+            "rows": self.rows,
+            "passes": self.passes,
+            "rows_per_second": round(self.rows_per_second, 1),
+            "skipped_lines": self.skipped_lines,
+            "max_buffered_rows": self.max_buffered,
+        }
+
+
+class ShuffleBuffer:
+    """A seeded shuffle buffer of at most ``capacity`` rows (see the module docstring).
+
+    :meth:`push` takes a block and returns the rows it hands on (``None`` while filling);
+    :meth:`drain` returns the remaining rows in a random order. ``max_size`` records the most rows
+    it ever held (instrumentation for the memory bound)."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator) -> None:
+        self.capacity = capacity
+        self.rng = rng
+        self.size = 0
+        self.max_size = 0
+        self._rows: RowBlock | None = None  # preallocated: capacity rows, never more
+
+    def reset(self, rng: np.random.Generator) -> None:
+        """Start a new pass: empty, drawing from ``rng`` (the arrays are kept)."""
+        self.rng, self.size = rng, 0
+
+    def push(self, block: RowBlock) -> RowBlock | None:
+        m = len(block)
+        if m == 0:
+            return None
+        rows = self._allocate(block)
+        n, cap = self.size, self.capacity
+        if n + m <= cap:
+            _store(rows, np.arange(n, n + m), block)
+            self.size = n + m
+            self.max_size = max(self.max_size, self.size)
+            return None
+        chosen = self.rng.choice(n + m, size=n + m - cap, replace=False)
+        from_buffer = chosen < n
+        from_block = chosen[~from_buffer] - n
+        out = RowBlock(
+            np.empty(chosen.size, np.float32),
+            np.empty((chosen.size, block.dense.shape[1]), np.float32),
+            np.empty((chosen.size, block.ids.shape[1]), np.int64),
+        )
+        _store(out, np.flatnonzero(from_buffer), rows.take(chosen[from_buffer]))
+        _store(out, np.flatnonzero(~from_buffer), block.take(from_block))
+        taken = np.zeros(m, dtype=bool)
+        taken[from_block] = True
+        slots = np.concatenate([chosen[from_buffer], np.arange(n, cap)])
+        _store(rows, slots, block.take(np.flatnonzero(~taken)))
+        self.size = cap
+        self.max_size = max(self.max_size, self.size)
+        return out
+
+    def drain(self) -> RowBlock | None:
+        if self.size == 0 or self._rows is None:
+            return None
+        out = self._rows.take(self.rng.permutation(self.size))
+        self.size = 0
+        return out
+
+    def _allocate(self, block: RowBlock) -> RowBlock:
+        if self._rows is None:
+            self._rows = RowBlock(
+                np.empty(self.capacity, np.float32),
+                np.empty((self.capacity, block.dense.shape[1]), np.float32),
+                np.empty((self.capacity, block.ids.shape[1]), np.int64),
+            )
+        return self._rows
+
+
+def _store(into: RowBlock, slots: np.ndarray, rows: RowBlock) -> None:
+    into.labels[slots] = rows.labels
+    into.dense[slots] = rows.dense
+    into.ids[slots] = rows.ids
+
+
+class Batcher:
+    """Cuts a sequence of row chunks into batches of ``batch_size`` rows."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._pending: list[RowBlock] = []
+        self._count = 0
+
+    def add(self, rows: RowBlock | None) -> Iterator[RowBlock]:
+        if rows is None or len(rows) == 0:
+            return
+        self._pending.append(rows)
+        self._count += len(rows)
+        if self._count < self.batch_size:
+            return
+        joined = concat_blocks(self._pending)
+        full = self._count // self.batch_size
+        rest = joined.tail(full * self.batch_size)
+        self._pending, self._count = ([rest] if len(rest) else []), len(rest)
+        for i in range(full):
+            yield joined.tail(i * self.batch_size).head(self.batch_size)
+
+    def flush(self) -> RowBlock | None:
+        """The rows left (fewer than a batch), or ``None``; empties the batcher."""
+        rest = concat_blocks(self._pending) if self._pending else None
+        self._pending, self._count = [], 0
+        return rest
+
+
+def rows_to_batch(rows: RowBlock, feature_names: Sequence[str]) -> Batch:
+    """A :class:`Batch` of one-hot rows; equal to ``Dataset.to_batch`` of the same rows."""
+    n, f = rows.ids.shape
+    values = np.ascontiguousarray(rows.ids.T).reshape(-1)
+    sparse = KeyedJaggedTensor(
+        keys=list(feature_names),
+        values=torch.from_numpy(values),
+        lengths=torch.ones(n * f, dtype=torch.int64),
+        stride=n,
+        length_per_key=[n] * f,
+    )
+    return Batch(
+        dense=torch.from_numpy(np.array(rows.dense, copy=True, order="C")),
+        sparse=sparse,
+        labels=torch.from_numpy(np.array(rows.labels, copy=True)),
+    )
+
+
+class StreamedData:
+    """Rows ``start`` to ``stop - 1`` of an indexed input, read on demand (module docstring).
+
+    Has the parts of the :class:`~compress.data.dataset.Dataset` interface that fine-tuning and
+    evaluation use: ``len``, :meth:`slice`, :meth:`split_tail`, :meth:`batches`,
+    ``feature_names``, ``num_dense`` and ``dense_transform``; plus :meth:`train_batches` (endless
+    shuffled passes), :meth:`fingerprint` and :meth:`id_counts`.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        feature_names: Sequence[str],
+        settings: LoaderSettings,
+        name: str,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
+        total = int(sum(b.lines for b in source.blocks))
+        self.source = source
+        self.feature_names = tuple(feature_names)
+        self.settings = settings
+        self.name = name
+        self.start = start
+        self.stop = total if stop is None else stop
+
+    def __len__(self) -> int:
+        """Rows in the range (lines, bad ones included, for text read with ``skip``)."""
+        return self.stop - self.start
+
+    def __repr__(self) -> str:
+        return f"StreamedData({self.name}[{self.start}:{self.stop}])"
+
+    @property
+    def num_dense(self) -> int:
+        src = self.source
+        return src.layout.num_dense if isinstance(src, TextSource) else src.num_dense
+
+    @property
+    def dense_transform(self) -> str:
+        return self.source.dense_transform
+
+    @property
+    def exact_rows(self) -> bool:
+        """Whether ``len`` is the number of rows read (no bad line is skipped)."""
+        return self.source.exact_rows
+
+    def slice(self, start: int, stop: int) -> StreamedData:
+        """Rows ``start`` to ``stop - 1`` of this range (clamped, like Python slicing)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        stop = max(start, stop)
+        return StreamedData(
+            self.source,
+            self.feature_names,
+            self.settings,
+            self.name,
+            self.start + start,
+            self.start + stop,
+        )
+
+    def split_tail(self, fraction: float) -> tuple[StreamedData, StreamedData]:
+        """``(train, valid)`` with the last ``round(N * fraction)`` rows held out, as
+        :meth:`Dataset.split_tail <compress.data.dataset.Dataset.split_tail>` does."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+        n = len(self)
+        n_valid = int(round(n * fraction))
+        if n_valid == 0 or n_valid == n:
+            raise DataError(
+                f"cannot hold out {fraction:g} of {n} samples: train and valid would not both be "
+                "non-empty"
+            )
+        return self.slice(0, n - n_valid), self.slice(n - n_valid, n)
+
+    def reader(self, first_pass: int = 0, passes: int | None = 1) -> BlockReader:
+        """A :class:`BlockReader` over this range from pass ``first_pass`` for ``passes`` passes
+        (``None``: endlessly)."""
+        tasks = region_tasks(self.source, self.start, self.stop)
+        if not tasks:
+            raise DataError(f"{self.name}: no rows in lines {self.start}-{self.stop}")
+        s = self.settings
+        first = first_pass * len(tasks)
+        return BlockReader(
+            self.source,
+            tasks,
+            workers=s.workers,
+            prefetch=s.prefetch,
+            first=first,
+            stop=None if passes is None else first + passes * len(tasks),
+            start_method=s.start_method,
+        )
+
+    def pass_chunks(
+        self,
+        seed: int,
+        first_pass: int = 0,
+        passes: int | None = 1,
+        stats: LoaderStats | None = None,
+    ) -> Iterator[tuple[int, RowBlock | None]]:
+        """``(pass, rows)`` in training order (shuffled, see the module docstring), then
+        ``(pass, None)`` at the end of each pass. Closing the iterator stops the workers."""
+        reader = self.reader(first_pass, passes)
+        n_tasks = len(reader.tasks)
+        buffer = ShuffleBuffer(
+            self.settings.shuffle_rows, np.random.default_rng([seed, first_pass])
+        )
+        try:
+            for t, block in reader:
+                p = t // n_tasks
+                if stats is not None:
+                    stats.add(block)
+                out = buffer.push(block)
+                if stats is not None:
+                    stats.max_buffered = max(stats.max_buffered, buffer.max_size)
+                if out is not None:
+                    yield p, out
+                if (t + 1) % n_tasks == 0:
+                    rest = buffer.drain()
+                    if rest is not None:
+                        yield p, rest
+                    if stats is not None:
+                        stats.passes += 1
+                    yield p, None
+                    buffer.reset(np.random.default_rng([seed, p + 1]))
+        finally:
+            reader.close()
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        feature_names: Sequence[str],
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        """One pass as :class:`Batch` objects, in file order (``shuffle``: in the training order
+        of pass 0 for ``seed``); the last batch is smaller unless ``drop_last``."""
+        keys = self._check_features(feature_names)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        batcher = Batcher(batch_size)
+        if shuffle:
+            chunks = (rows for _, rows in self.pass_chunks(seed))
+        else:
+            chunks = (block for _, block in self.reader())
+        for rows in chunks:
+            for full in batcher.add(rows):
+                yield rows_to_batch(full, keys)
+        rest = batcher.flush()
+        if rest is not None and not drop_last:
+            yield rows_to_batch(rest, keys)
+
+    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
+        """Batches :meth:`batches` yields when no line is skipped."""
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def train_batches(
+        self, feature_names: Sequence[str], batch_size: int, seed: int, start_step: int = 0
+    ) -> TrainStream:
+        """Endless training batches from step ``start_step`` (see :class:`TrainStream`)."""
+        return TrainStream(self, self._check_features(feature_names), batch_size, seed, start_step)
+
+    def fingerprint(self) -> str:
+        """Hex sha256 of the range's content: the input's bytes (every file, hashed when indexed;
+        npy days on first use), how they are read, the features and the range."""
+        return sha256_json(
+            {
+                "source": self.source.describe(),
+                "features": list(self.feature_names),
+                "rows": [self.start, self.stop],
+            }
+        )
+
+    def id_counts(self, spec: DLRMSpec) -> dict[str, torch.Tensor]:
+        """How often each row of each table occurs in the range (one pass in file order)."""
+        counts = {t.name: np.zeros(t.num_embeddings, dtype=np.int64) for t in spec.tables}
+        column = {f: j for j, f in enumerate(self.feature_names)}
+        for _, block in self.reader():
+            for t in spec.tables:
+                for f in t.feature_names:
+                    ids = block.ids[:, column[f]]
+                    counts[t.name] += np.bincount(ids, minlength=t.num_embeddings)[
+                        : t.num_embeddings
+                    ]
+        return {k: torch.from_numpy(v) for k, v in counts.items()}
+
+    def _check_features(self, feature_names: Sequence[str]) -> tuple[str, ...]:
+        keys = tuple(feature_names)
+        if keys != self.feature_names:
+            raise DataError(
+                f"{self.name}: streamed features are {list(self.feature_names)}, "
+                f"batches asked for {list(keys)}"
+            )
+        return keys
+
+
+class TrainStream:
+    """Endless training batches over a :class:`StreamedData`: pass after pass, each shuffled for
+    ``(seed, pass)``, the last partial batch of a pass dropped; the first batch is the one of step
+    ``start_step``. ``stats`` counts what was read; :meth:`close` stops the workers."""
+
+    def __init__(
+        self,
+        data: StreamedData,
+        feature_names: tuple[str, ...],
+        batch_size: int,
+        seed: int,
+        start_step: int,
+    ) -> None:
+        self.data = data
+        self.feature_names = feature_names
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.stats = LoaderStats(data.settings.workers, data.settings.shuffle_rows)
+        self._iter = self._batches()
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._iter)
+
+    def close(self) -> None:
+        self._iter.close()
+
+    def __enter__(self) -> TrainStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _batches(self) -> Iterator[Batch]:
+        bs = self.batch_size
+        if self.data.exact_rows:
+            per_pass = len(self.data) // bs
+            if per_pass < 1:
+                raise DataError(f"{self.data.name}: fewer rows than one batch of {bs}")
+            first_pass, skip = divmod(self.start_step, per_pass)
+        else:  # rows per pass unknown until read: replay from the first pass
+            first_pass, skip = 0, self.start_step
+        batcher = Batcher(bs)
+        yielded_this_pass = 0
+        for _, rows in self.data.pass_chunks(self.seed, first_pass, None, self.stats):
+            if rows is None:  # end of a pass: its last partial batch is dropped
+                batcher.flush()
+                if yielded_this_pass == 0:
+                    raise DataError(
+                        f"{self.data.name}: a pass holds fewer rows than one batch of {bs} "
+                        f"({self.stats.skipped_lines} bad lines skipped)"
+                    )
+                yielded_this_pass = 0
+                continue
+            for full in batcher.add(rows):
+                yielded_this_pass += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield rows_to_batch(full, self.feature_names)
+
+
+def open_data(
+    path: str | Path,
+    spec: DLRMSpec,
+    *,
+    settings: LoaderSettings | None = None,
+    on_bad_line: OnBadLine = "error",
+    dense_transform: DenseTransform | None = None,
+) -> Dataset | StreamedData:
+    """The samples at ``path`` for a model of shape ``spec``, whole or streamed as ``settings``
+    say (module docstring); whole inputs are :func:`compress.data.formats.open_dataset`'s."""
+    settings = settings or LoaderSettings()
+    if dense_transform is not None:
+        check_transform(dense_transform, "dense_transform")
+    fmt = detect_format(path)
+    if settings.stream == "off" or fmt == "npz":
+        return _whole(path, spec, on_bad_line, dense_transform)
+    streamed = open_stream(
+        path, spec, settings=settings, on_bad_line=on_bad_line, dense_transform=dense_transform
+    )
+    if settings.stream == "auto" and len(streamed) <= settings.min_rows:
+        return _whole(path, spec, on_bad_line, dense_transform)
+    return streamed
+
+
+def open_stream(
+    path: str | Path,
+    spec: DLRMSpec,
+    *,
+    settings: LoaderSettings,
+    on_bad_line: OnBadLine = "error",
+    dense_transform: DenseTransform | None = None,
+) -> StreamedData:
+    """Index Criteo text or npy days at ``path`` (one pass) for streaming."""
+    p = Path(path)
+    fmt = detect_format(p)
+    features = spec.feature_names
+    rows = [spec.table_of_feature(f).num_embeddings for f in features]
+    if fmt == "npy_days":
+        if dense_transform not in (None, "log3"):
+            raise DataError(
+                f"{p}: dense features are stored 'log3'-transformed, but {dense_transform!r} is "
+                "asked for (the model's inputs, or --dense-transform)"
+            )
+        source: Source = index_npy_days(
+            p,
+            feature_names=features,
+            num_embeddings=rows,
+            num_dense=spec.dense_in_features,
+            block_bytes=settings.block_bytes,
+        )
+    elif fmt == "criteo":
+        source = index_text(
+            p,
+            num_dense=spec.dense_in_features,
+            num_embeddings=rows,
+            skip_bad_lines=on_bad_line == "skip",
+            dense_transform=dense_transform or DEFAULT_TEXT_TRANSFORM,
+            block_bytes=settings.block_bytes,
+        )
+    else:
+        raise DataError(f"{p}: an .npz dataset is read whole, not streamed")
+    data = StreamedData(source, features, settings, name=str(p))
+    if len(data) == 0:
+        raise DataError(f"{p}: no samples")
+    return data
+
+
+def _whole(
+    path: str | Path, spec: DLRMSpec, on_bad_line: OnBadLine, dense_transform: str | None
+) -> Dataset:
+    return load_dataset(
+        path,
+        spec,
+        on_bad_line=on_bad_line,
+        dense_transform=dense_transform,  # type: ignore[arg-type]
+    ).dataset

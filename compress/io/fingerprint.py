@@ -1,0 +1,84 @@
+"""Content fingerprints: sha256 digests that say whether two inputs hold the same values.
+
+The training state records them so that ``--resume`` continues only the run it was saved from
+(:mod:`compress.train.inputs`); ``--valid`` rows identical to ``--data`` rows are refused with
+them (:mod:`compress.data.separation`). Digests cover what a reader returned (arrays and tensors
+with their names, dtypes and shapes), so they also see options that change what a file reads as,
+and JSON in one canonical spelling (:func:`canonical_json`, also the artifact manifest's).
+
+Arrays are fed to sha256 in 8 MiB pieces; above :data:`BAR_BYTES` a progress bar counts them on a
+terminal (:mod:`compress.progress`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress import progress
+
+#: Bytes handed to sha256 at a time.
+CHUNK_BYTES = 8 << 20
+#: Inputs at least this large get a progress bar (on a terminal); smaller ones hash in well under
+#: a second.
+BAR_BYTES = 256 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """The canonical JSON text of ``obj``: sorted keys, compact separators, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_json(obj: Any) -> str:
+    """Hex sha256 of :func:`canonical_json` of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode("ascii")).hexdigest()
+
+
+def as_bytes(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The bytes of ``array`` (C order) as a flat ``uint8`` array, without a copy when it is
+    already contiguous on the CPU."""
+    if isinstance(array, torch.Tensor):
+        t = array.detach().cpu().contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy()
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def sha256_arrays(
+    named: Iterable[tuple[str, np.ndarray | torch.Tensor]], desc: str = "fingerprint"
+) -> str:
+    """Hex sha256 over ``(name, dtype, shape, bytes)`` of each array, in the order given (callers
+    sort by name where order carries no meaning)."""
+    items = list(named)
+    total = sum(_nbytes(a) for _, a in items)
+    bar = progress.byte_bar(total, desc) if total >= BAR_BYTES else None
+    h = hashlib.sha256()
+    try:
+        for name, array in items:
+            h.update(canonical_json([name, str(array.dtype), list(array.shape)]).encode("ascii"))
+            data = as_bytes(array)  # one array's copy at a time, if any
+            for start in range(0, data.size, CHUNK_BYTES):
+                piece = data[start : start + CHUNK_BYTES]
+                h.update(piece)
+                if bar is not None:
+                    bar.update(piece.size)
+    finally:
+        if bar is not None:
+            bar.close()
+    return h.hexdigest()
+
+
+def _nbytes(array: np.ndarray | torch.Tensor) -> int:
+    if isinstance(array, torch.Tensor):
+        return array.numel() * array.element_size()
+    return int(array.nbytes)
+
+
+def sha256_state_dict(state: Mapping[str, torch.Tensor], desc: str = "fingerprint") -> str:
+    """Hex sha256 of a state dict's tensors (keys sorted): the weights as loaded, whatever file
+    format or dtype they were read from."""
+    return sha256_arrays(((k, state[k]) for k in sorted(state)), desc)

@@ -1,0 +1,77 @@
+"""The ROBE-Z lookup as ONNX nodes: a table's graph table and the int64 hash of (row, dim).
+
+:class:`RobeTable` is what the exporter holds for a table reading a shared array (the array
+dequantized to float32 once per group); :func:`onnx_rows` hashes every element the ids read with
+int64 ``Add``/``Mul``/``Mod`` exactly as :mod:`compress.methods.robe.hashing` does and gathers it
+from the array (:meth:`compress.methods.robe.method.RobeMethod.onnx_rows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from compress.methods.robe.hashing import DEFAULT_SEED, ROBE_PRIME, robe_constants
+from compress.methods.robe.module import METHOD
+
+if TYPE_CHECKING:
+    from exporters.onnx.lookup import RowsRequest
+
+
+@dataclass(frozen=True)
+class RobeTable:
+    """Graph table: the ROBE-Z view of a shared float32 ``array`` [M]; element ``(i, d)`` =
+    ``array[((i + O)*R3 + (d // Z)*R2 + R1) mod P mod (M - Z + 1) + d mod Z]``.
+
+    Tables that share one array must pass the same ``array_name`` (and the same array); the graph
+    then holds it once. ``num_rows`` is the table's virtual row count, ``table_offset`` the sum of
+    the row counts of the tables before it in the shared array.
+    """
+
+    array: np.ndarray
+    num_rows: int
+    block_size: int
+    table_offset: int
+    seeds: tuple[int, int, int] = tuple(robe_constants(DEFAULT_SEED))
+    prime: int = ROBE_PRIME
+    array_name: str = "robe_array"
+    METHOD: ClassVar[str] = METHOD
+
+    def validate(self, dim: int, what: str) -> None:
+        if self.array.dtype != np.float32 or self.array.ndim != 1:
+            raise ValueError(f"{what}: ROBE array must be float32 [M]")
+        if not 1 <= self.block_size <= self.array.shape[0]:
+            raise ValueError(f"{what}: block size {self.block_size} does not fit the array")
+        if self.table_offset < 0 or self.num_rows < 0 or min(self.seeds) < 0:
+            raise ValueError(f"{what}: ROBE offsets and seeds must be non-negative")
+        hi = (self.table_offset + self.num_rows) * max(self.seeds[2], 1)
+        hi += (dim // self.block_size + 1) * self.seeds[1] + self.seeds[0]
+        if hi >= 2**63:
+            raise ValueError(f"{what}: ROBE hash overflows int64")
+
+
+def robe_index_constants(kind: RobeTable, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dim int64 constants ``[1, D]``: ``(d // Z)*R2 + R1`` and ``d mod Z``."""
+    d = np.arange(dim, dtype=np.int64)
+    r1, r2, _ = kind.seeds
+    return ((d // kind.block_size) * r2 + r1)[None, :], (d % kind.block_size)[None, :]
+
+
+def onnx_rows(request: RowsRequest) -> str:
+    """int64 ``Add``/``Mul``/``Mod`` hash of (row, dim), then ``Gather`` from the array."""
+    gb, kind, dim = request.gb, request.table.kind, request.table.dim
+    array = gb.initializer(f"robe.{request.sanitize(kind.array_name)}", kind.array)
+    dim_key, dim_off = robe_index_constants(kind, dim)
+    offset = gb.const("robe_offset", kind.table_offset, np.int64)
+    row = gb.op("Add", [request.ids, offset], "robe_row")
+    row = gb.op("Mul", [row, gb.const("robe_r3", kind.seeds[2], np.int64)], "robe_row_key")
+    axes = gb.const("axes_last", np.asarray([-1], dtype=np.int64))
+    row = gb.op("Unsqueeze", [row, axes], "robe_row_key_2d")
+    key = gb.op("Add", [row, gb.const("robe_dim_key", dim_key)], "robe_key")  # [N, D]
+    key = gb.op("Mod", [key, gb.const("robe_prime", kind.prime, np.int64)], "robe_hash", fmod=0)
+    span = kind.array.shape[0] - kind.block_size + 1
+    key = gb.op("Mod", [key, gb.const("robe_span", span, np.int64)], "robe_block", fmod=0)
+    index = gb.op("Add", [key, gb.const("robe_dim_offset", dim_off)], "robe_index")
+    return gb.op("Gather", [array, index], "rows", axis=0)

@@ -1,0 +1,447 @@
+"""Method ``robe`` (recipe ``method = "share"``): tables of a group read one hashed array (ROBE-Z).
+
+Recipe keys: ``compression`` (ratio > 1) or ``bytes`` (the array's size), ``block_size`` (Z),
+``group`` (rules naming one group share one array; their share keys must agree), ``array_dtype``
+(``fp32``/``fp16``/``int8``) and ``projection`` (``frequency``: least squares weighted by how
+often each row occurs in the training data; ``mean``: unweighted).
+
+Plan: the tables of one group (a rule's ``group`` name, else ``share<rule index>``) share one flat
+array of :func:`~compress.methods.robe.hashing.array_size_for` cells at 4 (fp32), 2 (fp16) or 1
+(int8, plus one 4-byte scale) bytes a cell; the array's bytes are split over its tables in
+proportion to ``rows*dim`` (the first table takes the rounding remainder), so the sums stay exact.
+
+Prepare: one :class:`~compress.methods.robe.module.RobeEmbeddingBagCollection` per group, its
+array the least-squares projection of the trained tables (:mod:`compress.methods.robe.projection`).
+Stored: ``shared/<group>.npy`` (and ``.scale.npy`` at int8) with the hash parameters in the
+manifest's ``shared_arrays``; the group's tables store no file of their own (layout ``robe``, their
+group and row offset ``O_t``). ONNX: int64 hash of (row, dim), then ``Gather`` from the array.
+TorchRec: the same module, with the manifest's hash parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import ArtifactError, RecipeError
+from compress.io.summary import format_bytes
+from compress.methods.base import SHARED_ROLE, ArraySpec, MethodConfig, MethodFields, TableMethod
+from compress.methods.registry import register
+from compress.methods.robe.array import (
+    ARRAY_PRECISIONS,
+    INT8_SCALE_BYTES,
+    PRECISION_BYTES,
+    PRECISION_DTYPES,
+    ArrayQuantization,
+    dequantize_stored,
+    quantize_array,
+)
+from compress.methods.robe.graph import RobeTable, onnx_rows
+from compress.methods.robe.hashing import (
+    DEFAULT_SEED,
+    ROBE_PRIME,
+    array_size_for,
+    robe_constants,
+)
+from compress.methods.robe.module import (
+    METHOD,
+    RobeConfig,
+    RobeEmbeddingBagCollection,
+    table_offsets,
+)
+from compress.methods.robe.projection import ProjectionReport, project_module
+from compress.plan import split_bytes
+from compress.recipe.reader import INTEGER, NUMBER, STRING, fail, show
+
+if TYPE_CHECKING:
+    from compress.io.model_spec import DLRMSpec, TableSpec
+    from compress.recipe.reader import Keys
+    from compress.recipe.schema import Recipe
+    from exporters.artifacts.read import TableArrays
+    from exporters.onnx.lookup import RowsRequest
+
+SPELLING = "share"
+DEFAULT_ARRAY_DTYPE = ARRAY_PRECISIONS[0]
+PROJECTIONS = ("frequency", "mean")
+#: How a shared array is initialised when the recipe does not say.
+DEFAULT_PROJECTION = PROJECTIONS[0]
+#: The settings every rule of one group must agree on (one group is one array).
+GROUP_KEYS = ("compression", "bytes", "block_size", "array_dtype", "projection")
+#: Shared arrays up to 4 MB (fp32) take dense gradients.
+DENSE_GRAD_MAX_CELLS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ShareConfig(MethodConfig):
+    """Exactly one of ``compression``/``bytes``, the block size ``Z``, an optional ``group``
+    name, the array's stored precision and how it is initialised."""
+
+    block_size: int
+    compression: float | None = None
+    bytes: int | None = None
+    group: str | None = None
+    array_dtype: str = DEFAULT_ARRAY_DTYPE
+    projection: str = DEFAULT_PROJECTION
+    METHOD: ClassVar[str] = METHOD
+
+
+@dataclass(frozen=True)
+class ShareGroupPlan:
+    """One shared ROBE-Z array: its tables (in model order), total rows, cells and bytes."""
+
+    name: str
+    rule_index: int
+    tables: tuple[str, ...]
+    rows_total: int
+    dim: int
+    cells: int
+    block_size: int
+    array_dtype: str
+    bytes: int
+    projection: str = DEFAULT_PROJECTION
+    method: ClassVar[str] = METHOD
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "rule": self.rule_index,
+            "tables": list(self.tables),
+            "rows_total": self.rows_total,
+            "dim": self.dim,
+            "cells": self.cells,
+            "block_size": self.block_size,
+            "array_dtype": self.array_dtype,
+            "projection": self.projection,
+            "bytes": self.bytes,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"shared array {self.name}: {len(self.tables)} tables, {self.cells:,} "
+            f"{self.array_dtype} cells (Z={self.block_size}), {format_bytes(self.bytes)}"
+        )
+
+
+@dataclass
+class SharedGroup:
+    """A sharing group as prepared: its module, how its array was initialised, and the notes
+    the report gives about it."""
+
+    name: str
+    module: RobeEmbeddingBagCollection
+    report: ProjectionReport
+    projection: str
+    notes: list[str] = field(default_factory=list)
+    method: ClassVar[str] = METHOD
+
+    @property
+    def tables(self) -> list[str]:
+        return [t.name for t in self.module.tables]
+
+
+class RobeMethod(TableMethod):
+    name = METHOD
+    config_type = ShareConfig
+    shares_arrays = True
+    group_dtypes = ARRAY_PRECISIONS
+
+    # recipe
+    def recipe_keys(self, spelling: str) -> tuple[str, ...]:
+        return ("compression", "bytes", "block_size", "group", "array_dtype", "projection")
+
+    def parse(self, spelling: str, keys: Keys) -> MethodConfig:
+        has_ratio, has_bytes = keys.has("compression"), keys.has("bytes")
+        if has_ratio == has_bytes:
+            keys.fail(
+                f"method {SPELLING!r} needs exactly one of 'compression' (ratio > 1) or 'bytes' "
+                "(array size)"
+            )
+        compression = None
+        if has_ratio:
+            compression = keys.get("compression", NUMBER)
+            if compression <= 1:
+                keys.fail(f"compression must be > 1, got {show(keys.raw['compression'])}")
+        group = keys.get("group", STRING)
+        if group == "":
+            keys.fail("group must be a non-empty name")
+        nbytes = keys.get("bytes", INTEGER, minimum=1)
+        block_size = keys.get("block_size", INTEGER, minimum=1, required=True)
+        return ShareConfig(
+            block_size=block_size,
+            compression=compression,
+            bytes=nbytes,
+            group=group,
+            array_dtype=keys.choice("array_dtype", ARRAY_PRECISIONS) or DEFAULT_ARRAY_DTYPE,
+            projection=keys.choice("projection", PROJECTIONS) or DEFAULT_PROJECTION,
+        )
+
+    def fields(self, config: ShareConfig) -> MethodFields:
+        return MethodFields(SPELLING)
+
+    def recipe_items(self, config: ShareConfig) -> list[tuple[str, Any]]:
+        items = [
+            ("method", SPELLING),
+            ("compression", config.compression),
+            ("bytes", config.bytes),
+            ("block_size", config.block_size),
+            ("group", config.group),
+            ("array_dtype", config.array_dtype),
+            ("projection", config.projection),
+        ]
+        return [(k, v) for k, v in items if v is not None]
+
+    def describe(self, config: ShareConfig) -> str:
+        c = config
+        size = f"1/{c.compression:g}" if c.compression is not None else f"{c.bytes} B"
+        group = f" group={c.group}" if c.group is not None else ""
+        return f"{SPELLING} {size} Z={c.block_size} {c.array_dtype}{group}"
+
+    def trains(self, config: ShareConfig) -> bool:
+        return True
+
+    def check_rules(self, rules: list[tuple[int, Any]], source: str) -> None:
+        """Rules naming one group agree on :data:`GROUP_KEYS`."""
+        groups: dict[str, tuple[int, ShareConfig]] = {}
+        for i, rule in rules:
+            c = rule.config
+            if c.group is None:
+                continue
+            if c.group not in groups:
+                groups[c.group] = (i, c)
+                continue
+            j, first = groups[c.group]
+            for key in GROUP_KEYS:
+                if getattr(c, key) != getattr(first, key):
+                    fail(
+                        source,
+                        f"tables[{i}]",
+                        f"group {c.group!r} has {key} {show(getattr(first, key))} in tables[{j}] "
+                        f"but {show(getattr(c, key))} here (one group is one array)",
+                    )
+
+    # plan
+    def group_name(self, config: ShareConfig, rule_index: int) -> str | None:
+        return config.group if config.group is not None else f"{SPELLING}{rule_index}"
+
+    def plan_group(
+        self, recipe: Recipe, name: str, members: list[tuple[TableSpec, int]]
+    ) -> tuple[ShareGroupPlan, dict[str, int]]:
+        first_index = members[0][1]
+        c: ShareConfig = recipe.rules[first_index].config
+        where = f"{recipe.source}: tables[{first_index}]: share group {name!r}"
+        dims = {t.embedding_dim for t, _ in members}
+        if len(dims) != 1:
+            raise RecipeError(f"{where} mixes embedding dims {sorted(dims)}")
+        dim = dims.pop()
+        rows_total = sum(t.num_embeddings for t, _ in members)
+        cell_bytes = PRECISION_BYTES[c.array_dtype]
+        try:
+            cells = array_size_for(
+                rows_total,
+                dim,
+                compression=c.compression,
+                nbytes=c.bytes,
+                dtype_bytes=cell_bytes,
+                block_size=c.block_size,
+            )
+        except ValueError as e:
+            raise RecipeError(
+                f"{where} ({len(members)} tables, {rows_total} rows x {dim}): {e}"
+            ) from e
+        extra = INT8_SCALE_BYTES if c.array_dtype == "int8" else 0
+        total = cells * cell_bytes + extra
+        group = ShareGroupPlan(
+            name=name,
+            rule_index=first_index,
+            tables=tuple(t.name for t, _ in members),
+            rows_total=rows_total,
+            dim=dim,
+            cells=cells,
+            block_size=c.block_size,
+            array_dtype=c.array_dtype,
+            bytes=total,
+            projection=c.projection,
+        )
+        return group, split_bytes(total, [(t.name, t.num_embeddings) for t, _ in members])
+
+    # prepare
+    def prepare_group(
+        self,
+        group: ShareGroupPlan,
+        spec: DLRMSpec,
+        ebc: nn.Module,
+        row_counts: dict[str, torch.Tensor] | None,
+    ) -> SharedGroup:
+        tables = [spec.table(n) for n in group.tables]
+        weighted = group.projection == "frequency" and row_counts is not None
+        pairs = [(t, ebc.embedding_bags[t.name].weight.detach()) for t in tables]
+        weights = [row_counts[t.name].double() for t in tables] if weighted else None
+        config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=DEFAULT_SEED)
+        # A small array trains faster with dense gradients (the optimizer step over every cell
+        # costs less than sparse bookkeeping; the updates are the same): benchmarks/bench_robe.py
+        sparse = group.cells > DENSE_GRAD_MAX_CELLS
+        module, report = project_module(pairs, config, row_weights=weights, sparse=sparse)
+        if group.array_dtype != DEFAULT_ARRAY_DTYPE:
+            module.set_quantization(ArrayQuantization(precision=group.array_dtype))
+        projection = "frequency" if weighted else "mean"
+        how = "row-frequency weighted " if weighted else ""
+        notes = [
+            f"shared array {group.name}: {config.array_size:,} cells initialised by the {how}"
+            f"least-squares projection of {len(tables)} trained tables (reconstruction RMSE "
+            f"{report.rmse:.4g})"
+        ]
+        if projection != group.projection:
+            notes.append(
+                f"shared array {group.name}: no training data to count row frequencies, so every "
+                "row weighs the same in the projection; give --data for the frequency-weighted one"
+            )
+        return SharedGroup(group.name, module, report, projection, notes)
+
+    # artifacts
+    def write_group(self, group: SharedGroup, save: Callable[[str, torch.Tensor], str]) -> dict:
+        """The manifest's ``shared_arrays`` entry of a prepared group, its array saved with
+        ``save(relative path, tensor) -> relative path``."""
+        module, name = group.module, group.name
+        quant = module.quantization
+        if quant is not None and quant.group_size is not None:
+            raise ArtifactError(
+                f"shared array {name}: int8 with a scale per {quant.group_size} cells cannot be "
+                "exported yet (the artifact format holds one scale per array)"
+            )
+        precision = quant.precision if quant is not None else DEFAULT_ARRAY_DTYPE
+        data, scale = quantize_array(module.weight.detach(), precision)
+        files = {"data": save(f"shared/{name}.npy", data)}
+        if scale is not None:
+            files["scale"] = save(f"shared/{name}.scale.npy", scale)
+        constants = module.config.constants
+        return {
+            "name": name,
+            "tables": [t.name for t in module.tables],
+            "cells": module.config.array_size,
+            "block_size": module.config.block_size,
+            "seed": module.config.seed,
+            "constants": [constants.r1, constants.r2, constants.r3],
+            "prime": ROBE_PRIME,
+            "dtype": precision,
+            "projection": group.projection,
+            "files": files,
+            "bytes": data.numel() * data.element_size()
+            + (scale.numel() * 4 if scale is not None else 0),
+        }
+
+    def stored_arrays(self, rows: int, dim: int, bits: int | None) -> dict[str, ArraySpec]:
+        return {}  # a group's tables store nothing of their own: they read its array
+
+    def group_entry_fields(self, group: SharedGroup, table: str) -> dict:
+        """What a group table's manifest entry adds: its group and its row offset ``O_t``."""
+        offsets = dict(zip(group.tables, table_offsets(group.module.tables), strict=True))
+        return {"group": group.name, "table_offset": offsets[table]}
+
+    def group_arrays(self, dtype: str, cells: int) -> dict[str, ArraySpec]:
+        """The files of a stored group of ``cells`` cells at ``dtype``: the cells (and one int8
+        scale)."""
+        out: dict[str, ArraySpec] = {"data": (PRECISION_DTYPES[dtype], (cells,))}
+        if dtype == "int8":
+            out["scale"] = ("float32", (1,))
+        return out
+
+    def group_hash_problem(
+        self, name: str, seed: int, constants: tuple[int, ...], prime: int
+    ) -> tuple[str, str] | None:
+        """``(key, message)`` when the recorded hash is not the one ``seed`` draws with ROBE's
+        prime (a lookup must never silently use other hash functions), else ``None``."""
+        try:
+            expected = list(robe_constants(seed))
+        except ValueError as e:
+            return "seed", f"shared array {name!r}: not a usable seed ({e})"
+        if list(constants) != expected or prime != ROBE_PRIME:
+            return "constants", (
+                f"shared array {name!r}: hash constants {list(constants)} (P={prime}) do not "
+                f"match seed {seed} ({expected}, P={ROBE_PRIME})"
+            )
+        return None
+
+    # ONNX
+    def group_tables(self, part: RobeEmbeddingBagCollection) -> dict[str, tuple[dict, dict]]:
+        """``{table: (arrays by role, entry)}`` of a converted model's group module, as
+        :meth:`graph_table` reads them from artifacts (the array dequantized once: the graph
+        stores it once)."""
+        array = part.dequantized_array().detach().cpu().contiguous().numpy()
+        c = part.config
+        group = {
+            "name": f"shared_{part.tables[0].name}",
+            "block_size": c.block_size,
+            "prime": ROBE_PRIME,
+            "constants": list(part.constants),
+            "cells": c.array_size,
+        }
+        return {
+            t.name: ({SHARED_ROLE + "data": array}, {"table_offset": offset, "shared": group})
+            for t, offset in zip(part.tables, table_offsets(part.tables), strict=True)
+        }
+
+    def graph_table(self, table: TableArrays) -> Any:
+        group = table.entry["shared"]
+        return RobeTable(
+            array=_stored_array(table),
+            num_rows=table.num_embeddings,
+            block_size=int(group["block_size"]),
+            table_offset=int(table.entry["table_offset"]),
+            seeds=tuple(int(c) for c in group["constants"]),
+            prime=int(group["prime"]),
+            array_name=str(group["name"]),
+        )
+
+    def onnx_rows(self, request: RowsRequest) -> str:
+        return onnx_rows(request)
+
+    # TorchRec
+    def fbgemm_refusal(self, table: TableArrays) -> str:
+        return f"reads shared array {table.entry['shared']['name']!r}"
+
+    def group_module(self, arts: Any, group: Any) -> nn.Module:
+        """The module of one stored shared array: its tables in the group's order, the
+        manifest's hash parameters (checked against what the seed gives), the array dequantized
+        to float32."""
+        from compress.io.model_spec import TableSpec
+
+        where = f"{arts.path}: shared array {group.name!r}"
+        tables = [arts.tables[n] for n in group.tables]
+        specs = [
+            TableSpec(t.name, t.num_embeddings, t.embedding_dim, tuple(t.feature_names))
+            for t in tables
+        ]
+        config = RobeConfig(array_size=group.cells, block_size=group.block_size, seed=group.seed)
+        if tuple(config.constants) != tuple(group.constants) or group.prime != ROBE_PRIME:
+            raise ArtifactError(
+                f"{where}: hash constants {list(group.constants)} (prime {group.prime}) are not "
+                f"what seed {group.seed} gives {list(config.constants)} (prime {ROBE_PRIME})"
+            )
+        for t, offset in zip(tables, table_offsets(specs), strict=True):
+            if int(t.entry["table_offset"]) != offset:
+                raise ArtifactError(
+                    f"{where}: table {t.name!r} has row offset {t.entry['table_offset']}, its "
+                    f"place in the group gives {offset}"
+                )
+        module = RobeEmbeddingBagCollection(specs, config)
+        with torch.no_grad():
+            array = np.array(_stored_array(tables[0]), dtype=np.float32)
+            module.weight.copy_(torch.from_numpy(array))
+        return module
+
+
+def _stored_array(table: TableArrays) -> np.ndarray:
+    """The float32 values of the shared array a stored group table reads."""
+    scale = table.arrays.get(SHARED_ROLE + "scale")
+    try:
+        return dequantize_stored(table.arrays[SHARED_ROLE + "data"], scale)
+    except ValueError as e:
+        raise ArtifactError(f"table {table.name!r}: {e}") from None
+
+
+register(RobeMethod())

@@ -1,0 +1,225 @@
+"""Bit widths and packing of n-bit integer codes into bytes, shared by every quantized format.
+
+Codes are packed **low bits first**, FBGEMM's order (``FloatToFusedNBitRowwiseQuantizedSBHalf``
+and the inference TBE ``IntNBitTableBatchedEmbeddingBagsCodegen``): at INT4 byte ``j`` holds
+element ``2j`` in bits 0-3 and ``2j+1`` in bits 4-7; at INT2 elements ``4j .. 4j+3`` in bits
+0-1, 2-3, 4-5, 6-7; INT8 is one code per byte. Row-wise (:mod:`compress.quant.fbgemm_rowwise`)
+and table-wise (:mod:`compress.quant.tablewise`) tables store their codes this way.
+
+Also the size of the chunks the quantizers convert a table in, so that converting a big table
+never holds more than one chunk of float32 scratch (:func:`chunk_rows`).
+
+Nothing here imports the rest of the project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "SUPPORTED_BITS",
+    "can_pack",
+    "check_bits",
+    "check_float_table",
+    "check_packable",
+    "chunk_rows",
+    "codes_per_byte",
+    "pack_float_codes_into",
+    "pack_nbit",
+    "packed_row_bytes",
+    "quantize_in_chunks",
+    "unpack_nbit",
+]
+
+SUPPORTED_BITS = (8, 4, 2)
+"""Bit widths of the row-wise, table-wise and per-channel quantizers."""
+
+CHUNK_ELEMENTS = 1 << 20
+"""Float32 elements (4 MiB) of scratch a chunked quantizer works on at a time: 65,536 rows of a
+dim-16 table."""
+
+_GRANULARITIES = ("row", "table", "channel")
+
+
+def check_bits(bits: int) -> int:
+    """``bits`` as an int; ``ValueError`` unless it is one of :data:`SUPPORTED_BITS`."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def codes_per_byte(bits: int) -> int:
+    """``8 // bits``: how many codes one byte holds."""
+    return 8 // bits
+
+
+def packed_row_bytes(dim: int, bits: int) -> int:
+    """Bytes of ``dim`` packed ``bits``-bit codes: ``ceil(dim * bits / 8)``."""
+    check_bits(bits)
+    return (dim * bits + 7) // 8
+
+
+def check_packable(dim: int, bits: int) -> None:
+    """``ValueError`` unless rows of ``dim`` codes fill whole bytes at ``bits``."""
+    if dim <= 0 or dim % codes_per_byte(bits) != 0:
+        raise ValueError(
+            f"dim {dim} cannot be packed at {bits} bits: it must be a positive multiple of "
+            f"{codes_per_byte(bits)} (whole bytes per row)"
+        )
+
+
+def can_pack(dim: int, bits: int, granularity: str) -> bool:
+    """Whether a ``dim``-wide table/weight can be stored at ``bits`` with ``granularity``.
+
+    * ``"row"`` (FBGEMM rows): FBGEMM's quantize op requires ``dim*bits/8`` to be a whole, even
+      number of bytes (``ncols % (2 * 8/bits) == 0``): ``dim`` a multiple of 2 at INT8, 4 at INT4,
+      8 at INT2. (The inference TBE alone needs only whole bytes, ``dim % (8/bits) == 0``.)
+    * ``"table"``: codes are one packed stream, any ``dim >= 1``. Converting a table-wise table to
+      FBGEMM rows later additionally needs ``can_pack(dim, bits, "row")``.
+    * ``"channel"``: int8 codes per element, any ``dim >= 1``.
+    """
+    bits = check_bits(bits)
+    if granularity not in _GRANULARITIES:
+        raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+    if dim <= 0:
+        return False
+    if granularity == "row":
+        return dim % (2 * codes_per_byte(bits)) == 0
+    return True
+
+
+def chunk_rows(dim: int) -> int:
+    """Rows per chunk of a ``dim``-wide table: :data:`CHUNK_ELEMENTS` float32 values, at least 1."""
+    return max(1, CHUNK_ELEMENTS // max(1, dim))
+
+
+def check_float_table(w: torch.Tensor, bits: int) -> tuple[int, int]:
+    """``(rows, dim)`` of a float table ``w`` ``[R, D]`` whose rows pack at ``bits``
+    (``ValueError`` otherwise)."""
+    check_bits(bits)
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
+    check_packable(w.shape[1], bits)
+    return w.shape[0], w.shape[1]
+
+
+def quantize_in_chunks(
+    w: torch.Tensor,
+    bits: int,
+    chunk: int | None,
+    codes: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor],
+) -> torch.Tensor:
+    """Packed codes ``[R, D*bits/8]`` of a float table ``w`` ``[R, D]``, ``chunk`` rows at a time.
+
+    ``codes(x, work, rows)`` quantizes one chunk: ``x`` is rows ``rows`` of ``w`` as float32
+    ``[m, D]`` (a view of a contiguous float32 ``w``, else a copy in ``work``), ``work`` float32
+    ``[m, D]`` scratch it may overwrite; it returns float32 codes ``[m, D]`` (whole numbers in
+    ``[0, 2^bits - 1]``, may be ``work``). Memory: the packed output plus one chunk of scratch.
+
+    Args:
+        w: ``[R, D]`` float tensor; ``D`` a positive multiple of ``8 // bits``.
+        bits: 8, 4 or 2.
+        chunk: rows per chunk; default :func:`chunk_rows` of ``D``.
+        codes: the quantizer of one chunk.
+    """
+    rows, dim = check_float_table(w, bits)
+    chunk = chunk_rows(dim) if chunk is None else int(chunk)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    nb = dim * bits // 8
+    packed = torch.empty(rows, nb, dtype=torch.uint8)
+    if rows == 0:
+        return packed
+    w = w.detach()
+    n = min(chunk, rows)
+    work = torch.empty(n, dim, dtype=torch.float32)
+    acc = torch.empty(n, nb, dtype=torch.float32) if bits < 8 else None
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        m = stop - start
+        x = w[start:stop]
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = work[:m].copy_(x)
+        q = codes(x, work[:m], slice(start, stop))
+        pack_float_codes_into(q, bits, packed[start:stop], None if acc is None else acc[:m])
+    return packed
+
+
+def pack_nbit(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``bits``-bit codes, low bits first, into bytes (see the module docstring).
+
+    Args:
+        q: ``[R, D]`` integer codes in ``[0, 2^bits - 1]``; ``D`` a multiple of ``8 // bits``.
+        bits: 8, 4 or 2.
+
+    Returns:
+        ``[R, D * bits / 8]`` uint8.
+    """
+    bits = check_bits(bits)
+    if q.dim() != 2:
+        raise ValueError(f"q must be 2-D [rows, dim], got shape {tuple(q.shape)}")
+    check_packable(q.shape[1], bits)
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] to pack at {bits} bits")
+    q8 = q.to(torch.uint8)
+    out = torch.empty(q.shape[0], q.shape[1] * bits // 8, dtype=torch.uint8)
+    if bits == 8:
+        return out.copy_(q8)
+    per = codes_per_byte(bits)
+    g = q8.reshape(q.shape[0], -1, per)
+    acc = g[..., 0].clone()
+    for k in range(1, per):
+        acc.bitwise_or_(torch.bitwise_left_shift(g[..., k], k * bits))
+    return out.copy_(acc)
+
+
+def pack_float_codes_into(
+    codes: torch.Tensor, bits: int, out: torch.Tensor, acc: torch.Tensor | None
+) -> None:
+    """Pack float32 codes ``[m, D]`` (whole numbers in ``[0, 2^bits - 1]``) into uint8 ``out``
+    ``[m, D*bits/8]`` (may be a strided view), the same bytes as :func:`pack_nbit`.
+
+    The chunked quantizers' packer: it sums ``code_k * 2^(k*bits)`` in float32 (exact: every
+    partial sum is an integer below 256) into the scratch ``acc`` (``[m, D*bits/8]`` float32,
+    ``None`` at INT8) and converts once into ``out``.
+    """
+    per = codes_per_byte(bits)
+    if per == 1:
+        out.copy_(codes)
+        return
+    m, nb = out.shape
+    g = codes.view(m, nb, per)
+    torch.add(g[..., 0], g[..., 1], alpha=float(1 << bits), out=acc)
+    for k in range(2, per):
+        acc.add_(g[..., k], alpha=float(1 << (k * bits)))
+    out.copy_(acc)
+
+
+def unpack_nbit(packed: torch.Tensor, bits: int, dim: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_nbit`.
+
+    Args:
+        packed: ``[R, B]`` uint8.
+        bits: 8, 4 or 2.
+        dim: number of codes per row; defaults to ``B * 8 / bits`` and must equal it.
+
+    Returns:
+        ``[R, dim]`` uint8 codes.
+    """
+    bits = check_bits(bits)
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be 2-D uint8, got {packed.dtype} {tuple(packed.shape)}")
+    per = codes_per_byte(bits)
+    full = packed.shape[1] * per
+    if dim is None:
+        dim = full
+    if dim != full:
+        raise ValueError(f"{packed.shape[1]} bytes hold {full} codes at {bits} bits, not {dim}")
+    if bits == 8:
+        return packed.clone()
+    mask = (1 << bits) - 1
+    parts = [torch.bitwise_right_shift(packed, k * bits).bitwise_and_(mask) for k in range(per)]
+    return torch.stack(parts, dim=2).reshape(packed.shape[0], dim)

@@ -1,0 +1,181 @@
+"""What a recipe is: the validated dataclasses, and the keys a recipe file may hold.
+
+A recipe is a TOML file (read by :mod:`compress.recipe.parse`, written back by
+:mod:`compress.recipe.toml_out`)::
+
+    name = "int4_qat"                # str, required, non-empty
+    description = "..."              # str, default ""
+
+    [[tables]]                       # rules, in order; none at all keeps every table as it is
+    match = ["*", "re:t_cat_\\d+"]   # list of str, required, non-empty: fnmatch globs
+                                     #   (case-sensitive) or "re:<regex>" (re.fullmatch)
+    min_rows = 100                   # int >= 0, optional: the rule applies when rows >= min_rows
+    max_rows = 9999                  # int >= 0, optional: ... and rows <= max_rows
+    method = "qat"                   # str, required: a table method (below)
+    ...                              # the method's own keys
+
+    [mlp]                            # optional; absent = method "keep"
+    method = "qat"                   # str, required: keep | ptq | qat
+    bits = 4                         # int, required for ptq/qat: 8 | 4
+    per_channel = true               # bool, default true (only per-output-channel is implemented)
+
+    [finetune]                       # keys are exactly compress.train.config.TrainConfig's fields; a
+    epochs = 1.0                     #   missing key takes TrainConfig's default. Required when a
+    batch_size = 2048                #   rule's method trains (qat, share) or the MLP uses qat, and
+    ...                              #   an error when nothing is trained. Integers (seed, steps,
+                                     #   sizes) must fit int64, learning rates float32.
+    select_on = "logloss"            # str, default "logloss": keep_best keeps the evaluation with
+                                     #   the lowest log loss ("logloss") or highest AUC ("auc") on
+                                     #   the selection slice (compress.train.validation)
+
+Table methods (:mod:`compress.methods.registry`; each validates its own keys):
+
+* ``keep``: nothing more (:mod:`compress.methods.keep`). ``fp16``: nothing more.
+* ``ptq`` / ``qat``: ``bits`` (int, required: 8 | 4 | 2); ``granularity`` (default ``"row"``:
+  FBGEMM row-wise asymmetric, fp16 scale+bias per row, :mod:`compress.methods.rowwise`;
+  ``"table"``: DQRM, one symmetric scale per table, :mod:`compress.methods.tablewise`);
+  ``scale_refresh`` (int >= 1, default 200, ``qat`` with ``"table"`` only: steps between the
+  table-wide ``max|W|`` scans, DQRM's P).
+* ``share`` (ROBE-Z, :mod:`compress.methods.robe.method`): ``compression`` (float > 1) or ``bytes``
+  (int > 0), exactly one; ``block_size`` (int >= 1, required: Z); ``group`` (rules naming one
+  group share one array; their share keys must agree); ``array_dtype`` (fp32 | fp16 | int8,
+  default fp32); ``projection`` (frequency | mean, default frequency).
+* any other registered method, by its name, with the keys it declares.
+
+Keys that do not apply to a rule's method (``bits`` on a ``keep`` rule, ``scale_refresh`` on a
+row-wise rule) are errors, not ignored. A rule placed after a catch-all rule (``match = ["*"]`` or
+``["re:.*"]`` with no row bounds) could never apply and is an error. Which rule decides which table
+is :mod:`compress.plan`'s business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from compress.methods import registry
+from compress.methods.base import MethodConfig, TableMethod
+from compress.train.config import TrainConfig
+
+MLP_METHODS = ("keep", "ptq", "qat")
+MLP_BITS = (8, 4)
+REGEX_PREFIX = "re:"
+TOP_KEYS = ("name", "description", "tables", "mlp", "finetune")
+#: Keys of every rule, whatever its method (the method's own keys follow: :func:`rule_keys`).
+COMMON_RULE_KEYS = ("match", "min_rows", "max_rows", "method")
+MLP_KEYS = ("method", "bits", "per_channel")
+FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_CATCH_ALL = ("*", "re:.*")
+
+
+def rule_keys() -> tuple[str, ...]:
+    """Every key a ``[[tables]]`` rule may hold: the common ones, then every registered
+    method's."""
+    return COMMON_RULE_KEYS + registry.all_recipe_keys()
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a ``match`` pattern selects table ``name``: ``re:<regex>`` with :func:`re.fullmatch`,
+    anything else as a case-sensitive glob (:func:`fnmatch.fnmatchcase`)."""
+    if pattern.startswith(REGEX_PREFIX):
+        return re.fullmatch(pattern[len(REGEX_PREFIX) :], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class TableRule:
+    """One ``[[tables]]`` entry: which tables (``match`` and row bounds) get which method, with
+    which settings (``config``, the method's own dataclass)."""
+
+    match: tuple[str, ...]
+    config: MethodConfig
+    min_rows: int | None = None
+    max_rows: int | None = None
+
+    @property
+    def table_method(self) -> TableMethod:
+        return registry.for_config(self.config)
+
+    @property
+    def method(self) -> str:
+        """The recipe's spelling of the method (``qat``, ``share``, ...)."""
+        return self.table_method.fields(self.config).method
+
+    def matches_name(self, name: str) -> bool:
+        """Whether any of the rule's patterns selects ``name`` (row bounds not considered)."""
+        return any(pattern_matches(p, name) for p in self.match)
+
+    def fits_rows(self, rows: int) -> bool:
+        """Whether ``min_rows <= rows <= max_rows`` (bounds inclusive, absent = unbounded)."""
+        lo_ok = self.min_rows is None or rows >= self.min_rows
+        return lo_ok and (self.max_rows is None or rows <= self.max_rows)
+
+    def matches(self, name: str, rows: int) -> bool:
+        """Whether the rule applies to a table of ``rows`` rows named ``name``."""
+        return self.matches_name(name) and self.fits_rows(rows)
+
+    @property
+    def is_catch_all(self) -> bool:
+        """Matches every table whatever its size."""
+        no_bounds = self.min_rows is None and self.max_rows is None
+        return no_bounds and any(p in _CATCH_ALL for p in self.match)
+
+    def describe(self) -> str:
+        """One line, e.g. ``* rows>=10000: qat INT4 row``."""
+        return f"{', '.join(self.match)}{_bounds_text(self)}: {self.method_text()}"
+
+    def method_text(self) -> str:
+        """The method and its settings, e.g. ``qat INT4 table P=200``."""
+        return self.table_method.describe(self.config)
+
+
+def _bounds_text(rule: TableRule) -> str:
+    if rule.min_rows is not None and rule.max_rows is not None:
+        return f" rows {rule.min_rows}..{rule.max_rows}"
+    if rule.min_rows is not None:
+        return f" rows>={rule.min_rows}"
+    if rule.max_rows is not None:
+        return f" rows<={rule.max_rows}"
+    return ""
+
+
+@dataclass(frozen=True)
+class MLPSettings:
+    """The ``[mlp]`` table: every ``nn.Linear`` of the dense arch, projection branches and over
+    arch. ``bits`` is set for ``ptq``/``qat`` only; weights are quantized per output channel."""
+
+    method: str = "keep"
+    bits: int | None = None
+    per_channel: bool = True
+
+    def describe(self) -> str:
+        return self.method if self.bits is None else f"{self.method} INT{self.bits} per-channel"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``finetune`` is ``None`` when nothing is trained. ``source`` (the file it
+    came from, for messages) does not take part in equality."""
+
+    name: str
+    description: str
+    rules: tuple[TableRule, ...]
+    mlp: MLPSettings
+    finetune: TrainConfig | None
+    source: str = field(default="<memory>", compare=False)
+
+    @property
+    def needs_finetune(self) -> bool:
+        """Whether any rule's method trains (``qat``, ``share``) or the MLP uses ``qat``."""
+        return bool(training_parts(self.rules, self.mlp))
+
+
+def training_parts(rules: Iterable[TableRule], mlp: MLPSettings) -> list[tuple[str, str]]:
+    """``(where, method)`` of every rule, and the MLP, whose method trains."""
+    parts = [
+        (f"tables[{i}]", r.method) for i, r in enumerate(rules) if r.table_method.trains(r.config)
+    ]
+    return parts + ([("mlp", "qat")] if mlp.method == "qat" else [])
