@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import pipeline  # noqa: E402
-from compress.data.dataset import Dataset  # noqa: E402
+from compress.data.npz import load_npz  # noqa: E402
 from compress.demo import build_demo, demo_paths  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
 from compress.train.evaluate import predict_logits  # noqa: E402
@@ -52,9 +52,9 @@ def main() -> None:
     paths = demo_paths(args.demo)
     if not paths.complete():
         build_demo(args.demo)
-    valid = Dataset.load_npz(paths.valid)
+    valid = load_npz(paths.valid)
     report = split_validation(valid, str(paths.valid)).report
-    train = Dataset.load_npz(paths.train)
+    train = load_npz(paths.train)
     job = pipeline.load(paths.checkpoint)
     names = job.spec.feature_names
     logits = {"fp32": predict_logits(lambda b: job.module(b.dense, b.sparse), report, names)}

@@ -174,11 +174,15 @@ def recipe_arg(name: str, workdir: Path) -> str:
     return name
 
 
-def run_recipe(ckpt: Path, recipe: str, out: Path, steps: int, workdir: Path) -> dict:
+def run_recipe(
+    ckpt: Path, recipe: str, out: Path, steps: int, workdir: Path, chunk_rows: int | None = None
+) -> dict:
     """Run the main job in a fresh process; its JSON document plus wall and peak RSS."""
     doc = workdir / "job.json"
     argv = ["--no-progress", "compress", str(ckpt), "--recipe", recipe_arg(recipe, workdir)]
     argv += ["--out", str(out), "--force", "--json"]
+    if chunk_rows is not None:
+        argv += ["--chunk-rows", str(chunk_rows)]
     if recipe.endswith("_qat") or recipe.startswith("robe"):
         argv += ["--steps", str(steps)]
     code = (
@@ -216,6 +220,7 @@ def main() -> None:
     ap.add_argument("--zero-fraction", type=float, default=0.25, help="share of all-zero rows")
     ap.add_argument("--steps", type=int, default=50, help="fine-tuning steps (QAT, ROBE)")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints in benchmarks/.cache")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="the main job's --chunk-rows")
     args = ap.parse_args()
     for name in args.shape or ["kaggle"]:
         shape = SHAPES[name]
@@ -236,7 +241,9 @@ def main() -> None:
         for recipe in args.recipe or DEFAULT_RECIPES:
             with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".run-") as tmp:
                 try:
-                    r = run_recipe(ckpt, recipe, Path(tmp) / "out", args.steps, Path(tmp))
+                    r = run_recipe(
+                        ckpt, recipe, Path(tmp) / "out", args.steps, Path(tmp), args.chunk_rows
+                    )
                 except subprocess.CalledProcessError as exc:  # a failed run is a row, not the end
                     why = (exc.stderr or "").strip().splitlines() or [f"exit {exc.returncode}"]
                     print(f"{recipe:<18}FAILED: {why[-1][:200]}")

@@ -8,7 +8,7 @@ features (default 8) hold bags of 1..5 ids (mean 3), the others one id; ids unif
 The model is compressed with INT4 row-wise tables (FBGEMM's format) and INT4 per-channel MLPs and
 written as an artifact directory with its ONNX graphs (parity is checked while writing). Timed:
 
-* ``ort int4 (mlp int4)``: ``onnx/model.onnx`` from the artifacts (what ``Predictor`` serves).
+* ``ort int4 (mlp int4)``: ``model.onnx`` from the artifacts (what ``Predictor`` serves).
 * ``ort int4 (mlp fp32)``: the same tables, MLPs as float32 ``MatMul`` (built in memory).
 * ``torchrec fbgemm int4``: TorchRec's quantized ``EmbeddingBagCollection`` (FBGEMM INT4 kernels,
   built from the artifacts) inside the TorchRec DLRM with float32 PyTorch MLPs.
@@ -296,7 +296,7 @@ def stream_variants(cfg: StreamConfig) -> dict[str, Callable[[int], object]]:
     inputs = feature_input_names(graph_spec_from_artifacts(arts))
     feeds = [dataset_feeds(d, inputs) for d in data]
     batches = [d.to_batch(spec.feature_names) for d in data]
-    session = serving_session(Path(cfg.artifacts) / "onnx" / "model.onnx", threads=cfg.threads)
+    session = serving_session(Path(cfg.artifacts) / "model.onnx", threads=cfg.threads)
     fbgemm_model = fbgemm_dlrm(model, quantized_ebc_from_artifacts(arts))
     return {
         "ort int4 (mlp int4)": lambda i: session.run(None, feeds[i]),
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         feeds = [dataset_feeds(d, inputs) for d in data]
         batches = [d.to_batch(names) for d in data]
 
-        ort_int4 = serving_session(out / "onnx" / "model.onnx", threads=args.threads)
+        ort_int4 = serving_session(out / "model.onnx", threads=args.threads)
         ort_fp32_mlp = serving_session(build_full_model(float_mlps(gspec)), threads=args.threads)
         ort_lookups = serving_session(build_lookup_graph(gspec), threads=args.threads)
         ort_dense = serving_session(out / "onnx" / "dense_arch.onnx", threads=args.threads)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from compress.data.npz import save_npz
 from compress.data.synthetic import SyntheticConfig, bayes_auc, demo_synthetic_config, generate
 from compress.io.architecture import spec_to_model_config
 from compress.io.atomic_file import temp_dir_beside
@@ -136,8 +137,8 @@ def build_demo(root: str | Path, seed: int = 0, num_samples: int | None = None) 
         paths = demo_paths(tmp)
         torch.save(model.state_dict(), paths.checkpoint)
         paths.model_config.write_text(json.dumps(spec_to_model_config(spec), indent=2) + "\n")
-        train.save_npz(paths.train)
-        valid.save_npz(paths.valid)
+        save_npz(train, paths.train)
+        save_npz(valid, paths.valid)
         paths.report.write_text(json.dumps(report, indent=2) + "\n")
         if root.exists():
             shutil.rmtree(root)

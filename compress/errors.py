@@ -35,10 +35,21 @@ class ArtifactError(DqrmError):
     """An exported artifact directory that is missing, corrupt or from a newer format."""
 
 
+class SettingError(DqrmError):
+    """A setting given to a command or to the Python API (not in a file) that is out of range."""
+
+
 class QualityGateError(DqrmError):
     """The compressed model lost more AUC than ``--max-auc-drop`` allows (exit code 3)."""
 
     exit_code = 3
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), at most 300
+    characters: what a one-line message quotes of a library's exception."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
 
 
 def os_error_reason(error: OSError) -> str:

@@ -33,9 +33,11 @@ from compress.data.dataset import Dataset
 from compress.data.dense_transform import agreed_transform
 from compress.data.separation import check_separate_content, check_separate_paths
 from compress.data.stream import LoaderSettings, StreamedData, open_data
+from compress.errors import ModelConfigError
 from compress.io.live_model import load_module
 from compress.io.model import LoadedModel, load_model
-from compress.io.model_spec import DLRMSpec
+from compress.io.model_spec import DLRMSpec, feature_input_problem
+from compress.io.table_stream import check_chunk_rows, chunking
 from compress.methods.apply_plan import convert_model, prepare_model
 from compress.plan import Plan, make_plan
 from compress.recipe.parse import load_recipe
@@ -91,10 +93,19 @@ def load(
     return load_model(checkpoint, model_config)
 
 
-def plan(job: LoadedModel, recipe: str | Path | Recipe) -> Plan:
-    """Step 2: decide every table's method (no data touched)."""
+def plan(job: LoadedModel | DLRMSpec, recipe: str | Path | Recipe) -> Plan:
+    """Step 2: decide every table's method (no data touched). ``job`` may be a bare
+    :class:`DLRMSpec`, e.g. a model config's (:func:`compress.io.model_config.read_config_spec`):
+    a plan needs shapes only."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return make_plan(recipe, job.spec)
+    spec = job if isinstance(job, DLRMSpec) else job.spec
+    problem = feature_input_problem(spec.feature_names)  # before any work: the export needs them
+    if problem is not None:
+        where = job.source if isinstance(job, LoadedModel) else "model"
+        raise ModelConfigError(
+            f"{where}: {problem}; give the features distinct names (a model config's feature_names)"
+        )
+    return make_plan(recipe, spec)
 
 
 def load_data(
@@ -149,6 +160,7 @@ def compress(
     on_bad_line: str = "error",
     dense_transform: str | None = None,
     loader: LoaderSettings | None = None,
+    chunk_rows: int | None = None,
 ) -> CompressionResult:
     """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval.
 
@@ -159,8 +171,12 @@ def compress(
     ``loader`` says which inputs stream and how (default :class:`LoaderSettings`: large text and
     npy days stream with two workers); ``result.timings["data_wait"]`` is the time fine-tuning
     waited for batches and ``result.loader`` what the loader did.
+    ``chunk_rows``: rows a chunk when a whole table is read (prepare, convert; default 4 MiB of
+    float32 a chunk), what bounds their memory (:mod:`compress.io.table_stream`); tables a run
+    does not fine-tune are never copied.
     """
     t0 = time.perf_counter()
+    check_chunk_rows(chunk_rows)
     timer = StageTimer()
     with timer("data"):
         train_ds, valid_ds = load_data(
@@ -199,7 +215,8 @@ def compress(
         counts = (
             row_counts(train_ds, job.spec) if train_ds is not None and plan.share_groups else None
         )
-        model, shared = prepare_model(job.module, job.spec, plan, counts)
+        with chunking(chunk_rows):
+            model, shared = prepare_model(job.module, job.spec, plan, counts)
     for g in shared:
         notes.extend(g.notes)
     train_result = None
@@ -259,7 +276,7 @@ def compress(
                 f"fine-tuning did not improve {config.select_on} on the selection slice at any "
                 "evaluation: the model before fine-tuning is kept"
             )
-    with timer("convert"):
+    with timer("convert"), chunking(chunk_rows):
         model = convert_model(model)
     if report is not None:
         with timer("evaluate"):

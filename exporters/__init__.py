@@ -1,20 +1,30 @@
 """Export compressed models: packed tables, ONNX graphs, runtime loaders.
 
-``from exporters import load_torchrec_model`` (:mod:`exporters.runtime.torchrec_model`): an artifact
-directory back as a TorchRec DLRM. It is imported on first use, so importing one submodule does
-not import the others.
+The serving entry points are importable from the package itself, and each is imported on first
+use, so importing one submodule does not import the others:
+
+- ``from exporters import Predictor``: serve an artifact directory with ONNX Runtime
+  (:mod:`exporters.runtime.predictor`).
+- ``from exporters import load_torchrec_model``: an artifact directory back as a TorchRec DLRM
+  (:mod:`exporters.runtime.torchrec_model`).
+- ``from exporters import quantized_ebc_from_artifacts``: row-wise tables as TorchRec's quantized
+  ``EmbeddingBagCollection`` (:mod:`exporters.runtime.torchrec_ebc`).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__all__ = ["load_torchrec_model"]
+_LAZY = {
+    "Predictor": "exporters.runtime.predictor",
+    "load_torchrec_model": "exporters.runtime.torchrec_model",
+    "quantized_ebc_from_artifacts": "exporters.runtime.torchrec_ebc",
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "load_torchrec_model":
-        from exporters.runtime.torchrec_model import load_torchrec_model
-
-        return load_torchrec_model
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'exporters' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compress.data.npz import save_npz
 from compress.io.model_spec import DLRMSpec, TableSpec
 
 ROWS = (7, 50, 300, 1000)
@@ -93,8 +95,8 @@ def tiny_world(tmp_path, model_class: str = "DLRM", n: int = 6000, seed: int = 0
     model = make_dlrm(model_class, seed=seed, rows=rows, dim=DIM)
     ckpt = tmp_path / "model.pt"
     torch.save(model.state_dict(), ckpt)
-    train.save_npz(tmp_path / "train.npz")
-    valid.save_npz(tmp_path / "valid.npz")
+    save_npz(train, tmp_path / "train.npz")
+    save_npz(valid, tmp_path / "valid.npz")
     return ckpt, tmp_path / "train.npz", tmp_path / "valid.npz", model
 
 
@@ -151,3 +153,75 @@ def criteo_sample_path() -> Path:
         f"real Criteo rows not found: set {CRITEO_ROWS_ENV} to a directory holding "
         f"{CRITEO_SAMPLE} (none in a data/ folder beside the checkout either)"
     )
+
+
+#: Mixed PTQ: one INT8 table-wise table, the rest INT4 row-wise, INT8 MLPs.
+MIXED_PTQ_RECIPE = """
+name = "rows_int4"
+[[tables]]
+match = ["t_cat_0"]
+method = "ptq"
+bits = 8
+granularity = "table"
+[[tables]]
+match = ["*"]
+method = "ptq"
+bits = 4
+[mlp]
+method = "ptq"
+bits = 8
+"""
+
+#: INT4 row-wise QAT long enough (150 steps, state every 10) to interrupt mid-run.
+SLOW_QAT_RECIPE = """
+name = "slow"
+[[tables]]
+match = ["*"]
+method = "qat"
+bits = 4
+granularity = "row"
+[finetune]
+steps = 150
+batch_size = 256
+eval_every = 50
+checkpoint_every = 10
+"""
+
+
+def cli_command(*args) -> list[str]:
+    """``python -m compress --no-progress ARGS...`` as a subprocess argv."""
+    return [sys.executable, "-m", "compress", "--no-progress", *map(str, args)]
+
+
+def as_format_2_layout(path: Path) -> dict:
+    """Rewrite the artifact directory ``path`` (this version's format) as dqrm-compress format 2
+    laid it out, and return its manifest: the full graph ``onnx/model.onnx`` carrying its own
+    copy of the tables (inline here: they are small), each graph entry's ``external_data`` a path
+    or null, ``format_version`` 2, the manifest resealed. The table files keep their padded
+    headers (valid ``.npy`` files to any reader)."""
+    import json
+
+    import onnx
+
+    from compress.io.fingerprint import sha256_file
+    from exporters.artifacts.manifest_integrity import dump_manifest, seal
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    graph = manifest["onnx"]["graphs"]["model"]
+    model = onnx.load(str(path / graph["file"]))  # the tables read back into the graph
+    (path / graph["file"]).unlink()
+    manifest["files"].pop(graph["file"])
+    graph["file"] = "onnx/model.onnx"
+    onnx.save_model(model, str(path / graph["file"]))
+    for entry in manifest["onnx"]["graphs"].values():
+        listed = entry["external_data"]
+        assert not listed or entry is graph, "only the full graph reads external data here"
+        entry["external_data"] = None
+    manifest["files"][graph["file"]] = {
+        "sha256": sha256_file(path / graph["file"]),
+        "bytes": (path / graph["file"]).stat().st_size,
+    }
+    manifest["files"] = dict(sorted(manifest["files"].items()))
+    manifest["format_version"] = 2
+    (path / "manifest.json").write_text(dump_manifest(seal(manifest)))
+    return manifest

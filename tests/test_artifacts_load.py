@@ -13,44 +13,31 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_world
+from helpers import MIXED_PTQ_RECIPE, tiny_world
 
 from compress import pipeline
 from compress.cli.main import main
 from compress.data.dataset import Dataset
+from compress.data.npz import load_npz
 from compress.errors import ArtifactError, DataError
+from compress.io.fingerprint import sha256_file
 from compress.train.evaluate import evaluate_model
 from exporters.artifacts import write as artifacts
-from exporters.artifacts.manifest import dump_manifest, seal
-from exporters.artifacts.read import load_artifacts, verify_artifacts
+from exporters.artifacts.manifest_integrity import dump_manifest, seal
+from exporters.artifacts.read import load_artifacts
+from exporters.artifacts.verify import verify_artifacts
 from exporters.onnx.from_model import graph_spec_from_artifacts
 from exporters.onnx.parity import ParityError
 from exporters.onnx.writer import OnnxExportConfig, onnx_writer
 from exporters.runtime.predictor import Predictor
 
-RECIPE = """
-name = "rows_int4"
-[[tables]]
-match = ["t_cat_0"]
-method = "ptq"
-bits = 8
-granularity = "table"
-[[tables]]
-match = ["*"]
-method = "ptq"
-bits = 4
-[mlp]
-method = "ptq"
-bits = 8
-"""
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(job, result, artifact dir, valid .npz) of a small DLRM compressed with ``RECIPE``."""
+    """(job, result, artifact dir, valid .npz) of a small DLRM compressed with ``MIXED_PTQ_RECIPE``."""
     tmp = tmp_path_factory.mktemp("exported")
     ckpt, _, valid, _ = tiny_world(tmp, "DLRM")
-    (tmp / "recipe.toml").write_text(RECIPE)
+    (tmp / "recipe.toml").write_text(MIXED_PTQ_RECIPE)
     job = pipeline.load(ckpt)
     result = pipeline.compress(job, pipeline.plan(job, tmp / "recipe.toml"), valid=valid)
     written = artifacts.save(result, tmp / "out", extra_writers=(onnx_writer(result.model),))
@@ -74,7 +61,7 @@ def run(capsys, *argv):
 def _torch_auc(result, valid) -> float:
     """AUC of the compressed PyTorch model on the whole file ``valid`` (``result.metrics`` are on
     its report slice only)."""
-    data = Dataset.load_npz(valid)
+    data = load_npz(valid)
     return evaluate_model(result.model, data, result.spec.feature_names)["auc"]
 
 
@@ -118,8 +105,8 @@ def test_verify_catches_a_flipped_byte(copy_dir) -> None:
 
 
 def test_verify_catches_a_missing_file(copy_dir) -> None:
-    (copy_dir / "onnx" / "model.onnx").unlink()
-    assert verify_artifacts(copy_dir) == [f"{copy_dir / 'onnx' / 'model.onnx'}: missing"]
+    (copy_dir / "model.onnx").unlink()
+    assert verify_artifacts(copy_dir) == [f"{copy_dir / 'model.onnx'}: missing"]
 
 
 def test_verify_refuses_a_newer_format(copy_dir) -> None:
@@ -151,13 +138,15 @@ def test_verify_catches_an_unexpected_dtype_or_shape(copy_dir) -> None:
 
     def refresh(manifest: dict) -> None:  # checksums updated too: only the header is wrong
         manifest["files"][rel] = {
-            "sha256": artifacts.sha256_file(copy_dir / rel),
+            "sha256": sha256_file(copy_dir / rel),
             "bytes": (copy_dir / rel).stat().st_size,
         }
 
     _edit_manifest(copy_dir, refresh)
-    (problem,) = verify_artifacts(copy_dir)
+    problem, graph_problem = verify_artifacts(copy_dir)
     assert rel in problem and "dtype float32, expected float16" in problem
+    # the full graph reads that file in place: its bytes no longer lie where it points
+    assert "model.onnx: initializer 'emb.t_cat_3.scale' reads" in graph_problem
 
 
 def test_unknown_layout_is_a_clear_error(copy_dir) -> None:
@@ -236,18 +225,23 @@ def test_predictor_without_graphs_builds_them_in_memory(exported, tmp_path) -> N
 
 
 def test_big_tables_go_to_external_data(exported, tmp_path) -> None:
+    """The table files are read in place (but a table-wise table's scalar scale, a constant);
+    other big initializers (here the MLP weights, over a 64-byte threshold) go to
+    ``model.onnx.data`` beside the graph."""
     _, result, _, valid = exported
-    config = OnnxExportConfig(external_data_threshold_bytes=4096, parity_samples=64)
+    config = OnnxExportConfig(external_data_threshold_bytes=64, parity_samples=64)
     written = artifacts.save(
         result, tmp_path / "ext", extra_writers=(onnx_writer(result.model, config),)
     )
     graph = written.manifest["onnx"]["graphs"]["model"]
-    assert graph["external_data"] == "onnx/model.onnx.data"
-    assert graph["external_data"] in written.manifest["files"]
+    tables = [f for t in written.manifest["tables"] for f in t["files"].values()]
+    tables.remove("tables/t_cat_0.scale.npy")  # t_cat_0 is table-wise
+    assert graph["external_data"] == sorted([*tables, "model.onnx.data"])
+    assert set(graph["external_data"]) <= set(written.manifest["files"])
     assert verify_artifacts(written.path) == []
     metrics = Predictor(written.path, threads=1).evaluate(valid)
     assert metrics["auc"] == pytest.approx(_torch_auc(result, valid), abs=1e-6)
-    _flip_byte(written.path / "onnx" / "model.onnx.data", offset=5000)
+    _flip_byte(written.path / "model.onnx.data", offset=5000)
     with pytest.raises(ArtifactError, match=r"model\.onnx\.data: checksum mismatch"):
         Predictor(written.path)
 
@@ -297,10 +291,7 @@ def test_cli_verify(exported, copy_dir, capsys) -> None:
 
 
 def test_cli_eval_on_corrupt_artifacts_is_one_line(exported, copy_dir, capsys) -> None:
-    _flip_byte(
-        copy_dir / "onnx" / "model.onnx",
-        offset=len((copy_dir / "onnx" / "model.onnx").read_bytes()) // 2,
-    )
+    _flip_byte(copy_dir / "model.onnx", offset=len((copy_dir / "model.onnx").read_bytes()) // 2)
     code, stdout, err = run(capsys, "eval", copy_dir, "--data", exported[3])
     assert code == 2 and stdout == "" and err.count("\n") == 1
     assert (
@@ -308,7 +299,7 @@ def test_cli_eval_on_corrupt_artifacts_is_one_line(exported, copy_dir, capsys) -
         and "model.onnx: checksum mismatch" in err
         and "Traceback" not in err
     )
-    shutil.copy(exported[2] / "onnx" / "model.onnx", copy_dir / "onnx" / "model.onnx")
+    shutil.copy(exported[2] / "model.onnx", copy_dir / "model.onnx")
     (copy_dir / "tables" / "t_cat_2.npy").unlink()
     code, _, err = run(capsys, "eval", copy_dir, "--data", exported[3])
     assert code == 2 and "t_cat_2.npy: missing" in err and err.count("\n") == 1

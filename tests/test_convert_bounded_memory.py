@@ -16,7 +16,7 @@ from quant_reference import fbgemm_rows, fused_rows, tablewise_codes
 from torch.profiler import ProfilerActivity, profile
 
 from compress import pipeline
-from compress.quant import fbgemm_rowwise, packing, tablewise
+from compress.quant import fbgemm_rowwise, native, packing, tablewise
 from compress.quant.packing import unpack_nbit
 from compress.quant.tablewise import signed_offset, tablewise_to_rowwise
 
@@ -28,7 +28,7 @@ CHUNK = 96  # rows: below the 300- and 1000-row tables, which then end on chunks
 @pytest.fixture
 def chunks(monkeypatch) -> list[tuple[int, int]]:
     """Makes the default chunk ``CHUNK`` rows of a dim-``DIM`` table and records ``(rows, dim)``
-    of every chunk the quantizers pack."""
+    of every chunk the quantizers pack (in PyTorch, or in the compiled kernels where built)."""
     monkeypatch.setattr(packing, "CHUNK_ELEMENTS", CHUNK * DIM)
     seen: list[tuple[int, int]] = []
     real = packing.pack_float_codes_into
@@ -37,7 +37,20 @@ def chunks(monkeypatch) -> list[tuple[int, int]]:
         seen.append(tuple(codes.shape))
         return real(codes, bits, out, acc)
 
+    def compiled_spy(name):
+        compiled = getattr(native, name)
+
+        def run(x, *args):
+            done = compiled(x, *args)
+            if done not in (None, False):
+                seen.append(tuple(x.shape))
+            return done
+
+        return run
+
     monkeypatch.setattr(packing, "pack_float_codes_into", spy)
+    for name in ("rowwise_quantize_into", "tablewise_quantize_into"):
+        monkeypatch.setattr(native, name, compiled_spy(name))
     return seen
 
 

@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress.data.dataset import Dataset, concat_datasets
 from compress.data.formats import detect_format, open_dataset
+from compress.data.npz import load_npz, save_npz
 from compress.errors import DataError
 from compress.io.model_spec import DLRMSpec
 
@@ -216,8 +217,8 @@ def test_npz_round_trip_is_exact(tmp_path):
     for click_prob in (False, True):
         ds = small(click_prob)
         path = tmp_path / "data.bin"  # the exact path is used, no suffix appended
-        ds.save_npz(path)
-        back = Dataset.load_npz(path)
+        save_npz(ds, path)
+        back = load_npz(path)
         assert back.equals(ds) and back.feature_names == ("a", "b")
         assert (back.click_prob is None) == (not click_prob)
         assert detect_format(path) == "npz"  # recognised by the zip signature, not the suffix
@@ -262,10 +263,10 @@ def _rewrite(src, dst, change) -> None:
 )
 def test_load_npz_rejects_malformed_files(tmp_path, change, message):
     good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
-    small().save_npz(good)
+    save_npz(small(), good)
     _rewrite(good, bad, change)
     with pytest.raises(DataError, match=message) as err:
-        Dataset.load_npz(bad)
+        load_npz(bad)
     assert str(bad) in str(err.value)
 
 
@@ -273,11 +274,11 @@ def test_load_npz_rejects_non_archives(tmp_path):
     path = tmp_path / "x.npz"
     path.write_text("not a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
-        Dataset.load_npz(path)
+        load_npz(path)
     with zipfile.ZipFile(tmp_path / "empty.npz", "w"):
         pass
     with pytest.raises(DataError, match="no 'meta'"):
-        Dataset.load_npz(tmp_path / "empty.npz")
+        load_npz(tmp_path / "empty.npz")
 
 
 def spec_for(features: dict[str, int], dense: int = 2) -> DLRMSpec:
@@ -286,7 +287,7 @@ def spec_for(features: dict[str, int], dense: int = 2) -> DLRMSpec:
 
 def test_open_dataset_npz_selects_spec_features_in_spec_order(tmp_path):
     path = tmp_path / "d.npz"
-    small().save_npz(path)
+    save_npz(small(), path)
     assert detect_format(path) == "npz"
     ds = open_dataset(path, spec_for({"b": 20}))
     assert ds.feature_names == ("b",) and len(ds) == 5
@@ -304,7 +305,7 @@ def test_open_dataset_npz_selects_spec_features_in_spec_order(tmp_path):
 )
 def test_open_dataset_npz_checks_fit(tmp_path, spec, message):
     path = tmp_path / "d.npz"
-    small().save_npz(path)
+    save_npz(small(), path)
     with pytest.raises(DataError, match=message):
         open_dataset(path, spec)
 

@@ -20,7 +20,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compress.cli.main import main
-from compress.data.dataset import Dataset
+from compress.data.npz import load_npz, save_npz
 from compress.data.synthetic import SyntheticConfig, generate
 from exporters.runtime.predictor import Predictor
 
@@ -207,7 +207,7 @@ def test_dcp_checkpoint_through_export_and_predictor(world, tmp_path, capsys):
     assert run(capsys, "verify", "--parity", tmp_path / "from_dcp")[0] == 0
 
     served = Predictor(tmp_path / "from_dcp", threads=1)
-    data = Dataset.load_npz(valid)
+    data = load_npz(valid)
     logits = served.predict(data)
     assert np.array_equal(logits, Predictor(tmp_path / "from_pt", threads=1).predict(data))
     assert served.evaluate(data)["n"] == len(data) == 1500
@@ -228,8 +228,8 @@ def recipe_world(tmp_path_factory):
         )
     )
     train, valid = data.split_tail(0.25)
-    train.save_npz(root / "train.npz")
-    valid.save_npz(root / "valid.npz")
+    save_npz(train, root / "train.npz")
+    save_npz(valid, root / "valid.npz")
     torch.save(make_dlrm(rows=RECIPE_ROWS).state_dict(), root / "model.pt")
     return root
 
@@ -284,3 +284,20 @@ def test_builtin_recipe_end_to_end(recipe_world, tmp_path, capsys, name):
     assert code == 0, err
     report = json.loads(out)
     assert report["ok"] and report["parity"]["max_abs_diff"] <= report["parity"]["atol"]
+
+
+# --------------------------------------------------------------------------------------------
+# distillation (no --data)
+
+
+def test_qat_without_data_distils_saves_state_and_writes_artifacts(world, tmp_path, capsys):
+    """The distillation path saves resumable state with the run's fingerprints like ``--data``
+    runs do (a local name once shadowed the fingerprints with the sampled inputs)."""
+    ckpt = world[0]
+    out = tmp_path / "distilled"
+    code, stdout, err = run(
+        capsys, "--recipe", "int4_qat", ckpt, "--steps", "3", "--out", out, "--json"
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["train"] is not None and (out / "manifest.json").is_file()

@@ -6,40 +6,23 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from helpers import tiny_world
-
-RECIPE = """
-name = "slow"
-[[tables]]
-match = ["*"]
-method = "qat"
-bits = 4
-granularity = "row"
-[finetune]
-steps = 150
-batch_size = 256
-eval_every = 50
-checkpoint_every = 10
-"""
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "compress", "--no-progress", *args]
+from helpers import SLOW_QAT_RECIPE, cli_command, tiny_world
 
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume(tmp_path):
     ckpt, train, valid, _ = tiny_world(tmp_path)
     recipe = tmp_path / "slow.toml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(SLOW_QAT_RECIPE)
     common = ["--recipe", str(recipe), str(ckpt), "--data", str(train), "--valid", str(valid)]
     out, state = tmp_path / "out", tmp_path / ".out.train-state.pt"
 
-    proc = subprocess.Popen(_cli(*common, "--out", str(out)), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli_command(*common, "--out", str(out)), stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -51,14 +34,16 @@ def test_ctrl_c_then_resume(tmp_path):
     assert state.exists()
 
     resumed = subprocess.run(
-        _cli(*common, "--out", str(out), "--resume", "--json"), capture_output=True, text=True
+        cli_command(*common, "--out", str(out), "--resume", "--json"),
+        capture_output=True,
+        text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["train"]["resumed_from"] > 0
     assert not state.exists()  # removed once the artifacts are written
 
     straight = subprocess.run(
-        _cli(*common, "--out", str(tmp_path / "straight")), capture_output=True, text=True
+        cli_command(*common, "--out", str(tmp_path / "straight")), capture_output=True, text=True
     )
     assert straight.returncode == 0, straight.stderr
     files_a = json.loads((out / "manifest.json").read_text())["files"]

@@ -103,3 +103,16 @@ def test_type_checking_imports_are_told_apart(tmp_path):
         "exporters.export",
         "exporters.artifacts",
     }
+
+
+def test_serving_entry_points_import_from_the_package():
+    import exporters
+    from exporters.runtime.predictor import Predictor
+    from exporters.runtime.torchrec_ebc import quantized_ebc_from_artifacts
+    from exporters.runtime.torchrec_model import load_torchrec_model
+
+    assert exporters.Predictor is Predictor
+    assert exporters.load_torchrec_model is load_torchrec_model
+    assert exporters.quantized_ebc_from_artifacts is quantized_ebc_from_artifacts
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        exporters.nope  # noqa: B018

@@ -19,7 +19,7 @@ from test_torchrec_model import _assert_ort_parity
 
 from compress import pipeline
 from compress.cli.main import main
-from compress.data.dataset import Dataset
+from compress.data.npz import load_npz
 from compress.errors import RecipeError
 from compress.io.model_spec import TableSpec
 from compress.methods import registry
@@ -40,7 +40,8 @@ from compress.recipe.parse import parse_recipe
 from compress.recipe.reader import BOOLEAN
 from compress.recipe.toml_out import recipe_to_toml
 from compress.train.evaluate import predict_logits
-from exporters.artifacts.read import load_artifacts, verify_artifacts
+from exporters.artifacts.read import load_artifacts
+from exporters.artifacts.verify import verify_artifacts
 from exporters.export import export
 from exporters.runtime.predictor import Predictor
 from exporters.runtime.torchrec_model import OURS, load_torchrec_model, table_placement
@@ -207,7 +208,7 @@ def test_a_method_defined_in_a_test_runs_the_whole_pipeline(sym, tmp_path):
     assert max(parity["max_abs_diff"].values()) <= parity["atol"] == 1e-5
 
     # ONNX Runtime serves what the converted PyTorch model computes
-    data = Dataset.load_npz(valid)
+    data = load_npz(valid)
     served = Predictor(out, threads=1).predict(data)
     expected = predict_logits(
         lambda b: result.model(b.dense, b.sparse), data, job.spec.feature_names

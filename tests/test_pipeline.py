@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.data.dataset import Dataset
+from compress.data.npz import load_npz
 from compress.errors import ArtifactError
 from compress.train.evaluate import evaluate_model
 from compress.train.validation import split_validation
@@ -83,7 +83,7 @@ def test_qat_mixed_recipe_end_to_end(world, tmp_path):
         assert set(result.metrics[key]) >= {"auc", "logloss", "accuracy", "n"}
     # the converted model scores exactly what the kept step scored on the selection slice; the
     # reported metrics are on the other (report) slice of the validation rows
-    slices = split_validation(Dataset.load_npz(valid), str(valid))
+    slices = split_validation(load_npz(valid), str(valid))
     names = job.spec.feature_names
     assert evaluate_model(result.model, slices.select, names) == result.train.best_metrics
     assert evaluate_model(result.model, slices.report, names) == result.metrics["compressed"]

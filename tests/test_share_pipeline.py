@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_world
 
 from compress import pipeline
-from compress.data.dataset import Dataset
+from compress.data.npz import load_npz
 from compress.errors import ArtifactError, RecipeError
 from compress.methods.apply_plan import embedding_parts
 from compress.methods.robe.array import ArrayQuantization
@@ -92,7 +92,7 @@ def test_shared_resume_equals_uninterrupted(tmp_path):
     from compress.train.loop import fit
 
     plan = pipeline.plan(job, recipe)
-    tr, va = Dataset.load_npz(train), Dataset.load_npz(valid)
+    tr, va = load_npz(train), load_npz(valid)
     counts = pipeline.row_counts(tr, job.spec)
     state = tmp_path / "state.pt"
     first, _ = prepare_model(job.module, job.spec, plan, counts)
@@ -133,7 +133,7 @@ def test_manifest_without_hash_seed_is_refused(tmp_path):
     import json
 
     from compress.errors import ArtifactError
-    from exporters.artifacts.manifest import dump_manifest, seal
+    from exporters.artifacts.manifest_integrity import dump_manifest, seal
     from exporters.artifacts.read import load_artifacts
 
     ckpt, train, valid, _ = tiny_world(tmp_path)

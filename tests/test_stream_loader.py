@@ -5,8 +5,8 @@ from a streamed text file through the pipeline."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,6 +25,7 @@ from compress.data import stream_workers
 from compress.data.criteo_write import write_criteo_text, write_synthetic_criteo
 from compress.data.dataset import Dataset
 from compress.data.formats import open_dataset
+from compress.data.npz import save_npz
 from compress.data.stream import (
     LoaderSettings,
     ShuffleBuffer,
@@ -150,13 +151,8 @@ def test_same_seed_same_order_whatever_the_workers_do(tmp_path, monkeypatch):
     path = tmp_path / "d.tsv"
     write_numbered(path, 2000)
     reference = pass_numbers(stream(path, workers=0), seed=3, passes=2)
-    real_read = stream_workers.read_task
-
-    def jittery(*args):  # workers finish their blocks in varying order
-        time.sleep(random.random() * 0.01)
-        return real_read(*args)
-
-    monkeypatch.setattr(stream_workers, "read_task", jittery)  # forked workers inherit it
+    # workers that finish their blocks in varying order
+    monkeypatch.setattr(stream_workers, "READ_TASK", "stream_jitter:jittery_read_task")
     for workers in (1, 3):
         got = pass_numbers(stream(path, workers=workers), seed=3, passes=2)
         for a, b in zip(got, reference, strict=True):
@@ -356,7 +352,7 @@ def test_auto_streams_large_text_and_npy_only(tmp_path):
     assert isinstance(read(path, min_rows=1000), StreamedData)
     assert isinstance(read(path, min_rows=1200), Dataset)
     assert isinstance(read(path, stream="off", min_rows=0), Dataset)
-    open_dataset(path, SPEC).save_npz(tmp_path / "d.npz")
+    save_npz(open_dataset(path, SPEC), tmp_path / "d.npz")
     assert isinstance(read(tmp_path / "d.npz", stream="on"), Dataset)
     days = tmp_path / "npy"
     days.mkdir()
@@ -444,3 +440,49 @@ def test_batches_of_streamed_rows_feed_a_torchrec_dlrm(tmp_path):
         fh.write("")
     with pytest.raises(DataError, match="no samples"):
         stream(gz)
+
+
+def test_cli_json_reports_data_wait_and_loader_rows_per_second(text_world, tmp_path, capsys):
+    from compress.cli.main import main
+
+    ckpt, data = text_world
+    argv = ["--recipe", "int4_qat", str(ckpt), "--data", str(data), "--steps", "6"]
+    argv += ["--out", str(tmp_path / "out"), "--stream", "on", "--loader-workers", "2"]
+    argv += ["--shuffle-rows", "3000", "--json", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["timings"]["data_wait"] <= summary["timings"]["finetune"]
+    loader = summary["loader"]
+    assert loader["mode"] == {"train": "stream", "valid": "stream"}
+    assert loader["workers"] == 2 and loader["shuffle_rows"] == 3000
+    assert loader["rows"] >= 6 * 2048 and loader["rows_per_second"] > 0
+    assert summary["metrics_on"] == {"slice": f"{data}[10080:12000]", "rows": 1920}
+
+
+def test_id_counts_of_a_stream_equal_the_whole_read(tmp_path):
+    path = tmp_path / "d.tsv"
+    write_numbered(path, 3000)
+    counts = stream(path).id_counts(SPEC)
+    whole = pipeline.row_counts(open_dataset(path, SPEC, dense_transform="none"), SPEC)
+    assert counts.keys() == whole.keys()
+    assert all(torch.equal(counts[k], whole[k]) for k in whole)
+
+
+def test_a_bad_npy_value_names_its_sample_in_the_file(tmp_path):
+    write_npy_days(tmp_path, [1000])
+    sparse = np.load(tmp_path / "day_0_sparse.npy")
+    sparse[700, 1] = -5
+    np.save(tmp_path / "day_0_sparse.npy", sparse)
+    settings = LoaderSettings(stream="on", workers=2, block_bytes=800)
+    data = open_stream(tmp_path, SPEC, settings=settings)
+    with pytest.raises(
+        DataError, match=r"day_0_sparse.npy: negative id -5 at sample 700, column 1"
+    ):
+        list(data.batches(100, feature_names=NAMES))
+
+
+def test_resuming_with_another_shuffle_buffer_is_refused(tmp_path):
+    path = tmp_path / "d.tsv"
+    write_numbered(path, 1000)
+    assert stream(path).fingerprint() == stream(path, workers=3).fingerprint()
+    assert stream(path).fingerprint() != stream(path, shuffle_rows=501).fingerprint()

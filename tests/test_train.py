@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import tiny_world
 
-from compress.data.dataset import Dataset
+from compress.data.npz import load_npz
 from compress.errors import DqrmError
 from compress.io.model import load_model
 from compress.train.loop import TrainConfig, batch_stream, bce_loss, fit
@@ -25,7 +25,7 @@ CONFIG = TrainConfig(
 def _setup(tmp_path):
     ckpt, train, valid, _ = tiny_world(tmp_path)
     job = load_model(ckpt)
-    return job, Dataset.load_npz(train), Dataset.load_npz(valid)
+    return job, load_npz(train), load_npz(valid)
 
 
 def _weights(model):

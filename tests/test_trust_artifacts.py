@@ -16,44 +16,31 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import tiny_world
+from helpers import MIXED_PTQ_RECIPE, as_format_2_layout, tiny_world
 
 from compress import pipeline
 from compress.cli.main import main
 from compress.data.criteo_text import read_criteo
 from compress.data.dataset import Dataset
+from compress.data.npz import load_npz, save_npz
 from compress.errors import ArtifactError, DataError
+from compress.io.fingerprint import sha256_file
 from compress.train.evaluate import evaluate_model
 from exporters.artifacts import write as artifacts
-from exporters.artifacts.manifest import (
-    DIGEST_KEY,
-    MANIFEST,
-    confined_path,
+from exporters.artifacts.confined_paths import confined_path
+from exporters.artifacts.manifest_integrity import (
     dump_manifest,
     manifest_digest,
     read_manifest_bytes,
     seal,
 )
-from exporters.artifacts.read import inspect_artifacts, load_artifacts, verify_artifacts
+from exporters.artifacts.manifest_schema import DIGEST_KEY, FORMAT_VERSION, MANIFEST
+from exporters.artifacts.read import load_artifacts
+from exporters.artifacts.verify import inspect_artifacts, verify_artifacts
 from exporters.onnx.writer import OnnxExportConfig, onnx_writer
 from exporters.runtime.predictor import Predictor
 from exporters.runtime.torchrec_ebc import quantized_ebc_from_artifacts
 
-RECIPE = """
-name = "rows_int4"
-[[tables]]
-match = ["t_cat_0"]
-method = "ptq"
-bits = 8
-granularity = "table"
-[[tables]]
-match = ["*"]
-method = "ptq"
-bits = 4
-[mlp]
-method = "ptq"
-bits = 8
-"""
 ROWWISE = "t_cat_3"  # a row-wise table (the TorchRec loader reads only those)
 
 
@@ -62,7 +49,7 @@ def world(tmp_path_factory):
     """(job, result, artifact dir with ONNX graphs, valid .npz, tmp dir)."""
     tmp = tmp_path_factory.mktemp("trust")
     ckpt, _, valid, _ = tiny_world(tmp, "DLRM", n=2000)
-    (tmp / "recipe.toml").write_text(RECIPE)
+    (tmp / "recipe.toml").write_text(MIXED_PTQ_RECIPE)
     job = pipeline.load(ckpt)
     result = pipeline.compress(job, pipeline.plan(job, tmp / "recipe.toml"), valid=valid)
     writer = onnx_writer(result.model, OnnxExportConfig(parity_samples=16))
@@ -200,11 +187,11 @@ def test_confined_path_rules(tmp_path) -> None:
 
 
 def test_an_onnx_graph_reading_external_data_elsewhere_is_refused(copy_dir, tmp_path) -> None:
-    """ONNX Runtime takes an external-data location from the graph itself: it must be the file the
-    manifest lists (here: a graph rewritten to read ``../stolen.bin``, checksums updated)."""
+    """ONNX Runtime takes an external-data location from the graph itself: it must be a file the
+    manifest lists for it (here: a graph rewritten to read ``../stolen.bin``, checksums updated)."""
     import onnx
 
-    path = copy_dir / "onnx" / "model.onnx"
+    path = copy_dir / "onnx" / "over_arch.onnx"
     model = onnx.load(str(path))
     tensor = next(t for t in model.graph.initializer if t.raw_data)
     tensor.ClearField("raw_data")
@@ -213,8 +200,8 @@ def test_an_onnx_graph_reading_external_data_elsewhere_is_refused(copy_dir, tmp_
     onnx.save(model, str(path))
 
     def refresh(manifest: dict) -> None:
-        manifest["files"]["onnx/model.onnx"] = {
-            "sha256": artifacts.sha256_file(path),
+        manifest["files"]["onnx/over_arch.onnx"] = {
+            "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
         }
 
@@ -343,7 +330,7 @@ def test_verify_says_ok_only_for_a_servable_directory(copy_dir, capsys) -> None:
 
 def test_the_manifest_records_the_digest_of_its_content(world) -> None:
     manifest = manifest_of(world[2])
-    assert manifest["format_version"] == 2 and list(manifest)[-1] == DIGEST_KEY
+    assert manifest["format_version"] == FORMAT_VERSION == 3 and list(manifest)[-1] == DIGEST_KEY
     assert manifest[DIGEST_KEY] == manifest_digest(manifest)
     assert (world[2] / MANIFEST).read_text() == dump_manifest(manifest)
 
@@ -435,6 +422,7 @@ def _as_format_1(manifest: dict, root=None) -> dict:
 
 
 def test_a_format_1_directory_is_read_with_a_warning(world, copy_dir, capsys, tmp_path) -> None:
+    as_format_2_layout(copy_dir)  # the graph and its copy of the tables where format 1 kept them
     (copy_dir / MANIFEST).write_text(dump_manifest(_as_format_1(manifest_of(copy_dir), copy_dir)))
     checked = inspect_artifacts(copy_dir, allow_format_1=True)
     assert checked.ok and len(checked.warnings) == 1 and "re-export" in checked.warnings[0]
@@ -479,10 +467,10 @@ def test_an_npz_export_records_the_npz_transform(world, tmp_path) -> None:
     job, result, out, valid, _ = world
     assert result.dense_transform == "none"  # generated data: no transform made its dense values
     assert manifest_of(out)["inputs"]["dense"]["transform"] == {"name": "none", "formula": "x"}
-    logged = Dataset.load_npz(valid)
+    logged = load_npz(valid)
     logged.dense_transform = "log3"
-    logged.save_npz(tmp_path / "log3.npz")
-    assert Dataset.load_npz(tmp_path / "log3.npz").dense_transform == "log3"
+    save_npz(logged, tmp_path / "log3.npz")
+    assert load_npz(tmp_path / "log3.npz").dense_transform == "log3"
     again = pipeline.compress(job, result.plan, valid=tmp_path / "log3.npz")
     written = artifacts.save(again, tmp_path / "out")
     assert written.manifest["inputs"]["dense"]["transform"] == {
@@ -523,18 +511,18 @@ def test_dense_transform_option_reads_text_and_is_recorded(world, tmp_path, caps
     raw = _criteo_text(tmp_path / "day.tsv")
     plain = pipeline.compress(job, result.plan, valid=tmp_path / "day.tsv", dense_transform="none")
     assert plain.dense_transform == "none"
-    # --dense-transform overrides the manifest for raw text
-    p = Predictor(out, threads=1, dense_transform="log3")
-    assert np.array_equal(
-        p.open_data(tmp_path / "day.tsv").dense, np.log(raw + 3.0).astype(np.float32)
-    )
+    # --dense-transform may repeat the manifest's transform; another one is refused (it would
+    # feed the model inputs it was not trained on)
+    p = Predictor(out, threads=1, dense_transform="none")
+    assert np.array_equal(p.open_data(tmp_path / "day.tsv").dense, raw.astype(np.float32))
+    with pytest.raises(DataError, match="takes 'none'-transformed .* not 'log3'"):
+        Predictor(out, threads=1, dense_transform="log3")
     code, stdout, _ = run(
-        capsys, "eval", out, "--data", tmp_path / "day.tsv", "--dense-transform", "log3", "--json"
+        capsys, "eval", out, "--data", tmp_path / "day.tsv", "--dense-transform", "none", "--json"
     )
     assert code == 0 and json.loads(stdout)["n"] == 40
-    # a stored format keeps its own: asking for another one is an error
     code, stdout, err = run(capsys, "eval", out, "--data", valid, "--dense-transform", "log3")
-    assert_one_error_line(code, stdout, err, "stored 'none'-transformed, but 'log3' is asked for")
+    assert_one_error_line(code, stdout, err, "takes 'none'-transformed", "not 'log3'")
     ckpt = tmp / "model.pt"
     code, stdout, err = run(capsys, "eval", ckpt, "--data", valid, "--dense-transform", "log3")
     assert_one_error_line(code, stdout, err, "stored 'none'-transformed")
@@ -549,7 +537,7 @@ def test_data_with_two_transforms_is_refused(world, tmp_path) -> None:
 
 def test_a_dataset_in_another_transform_is_refused_by_the_predictor(world) -> None:
     _, _, out, valid, _ = world
-    data = Dataset.load_npz(valid)
+    data = load_npz(valid)
     data.dense_transform = "log3"
     with pytest.raises(DataError, match="'log3'-transformed, the model takes 'none'"):
         Predictor(out, threads=1).evaluate(data)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_world
+from helpers import SLOW_QAT_RECIPE, cli_command, tiny_world
 
 from compress import pipeline
 from compress.cli.main import main
@@ -227,7 +227,8 @@ def test_next_run_restores_an_output_a_killed_force_run_was_replacing(tmp_path, 
 def test_force_replaces_and_tidies(tmp_path, capsys):
     world = tiny_world(tmp_path)
     out = tmp_path / "out"
-    _write_tree(out, {**OLD, "manifest.json": b"{}"})  # an (old) artifact directory
+    manifest = b'{"format": "dqrm-compress-artifacts", "format_version": 3}'
+    _write_tree(out, {**OLD, "manifest.json": manifest})  # an (old) artifact directory
     _write_tree(tmp_path / ".out.old-q1w2e3", OLD)  # leftovers of killed runs (out present)
     _write_tree(tmp_path / ".out.partial-q1w2e3", NEW)
     code, _, err = run(capsys, *_ptq_args(world, out), "--force")
@@ -491,34 +492,16 @@ def test_resumed_artifacts_are_byte_identical_manifest_included(tmp_path, capsys
 # --------------------------------------------------------------------------------------------
 # SIGTERM
 
-SLOW_RECIPE = """
-name = "slow"
-[[tables]]
-match = ["*"]
-method = "qat"
-bits = 4
-granularity = "row"
-[finetune]
-steps = 150
-batch_size = 256
-eval_every = 50
-checkpoint_every = 10
-"""
-
-
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "compress", "--no-progress", *map(str, args)]
-
 
 @pytest.mark.slow
 def test_sigterm_cleans_up_like_ctrl_c_and_resume_is_byte_identical(tmp_path):
     ckpt, train, valid, _ = tiny_world(tmp_path)
     recipe = tmp_path / "slow.toml"
-    recipe.write_text(SLOW_RECIPE)
+    recipe.write_text(SLOW_QAT_RECIPE)
     common = ["--recipe", recipe, ckpt, "--data", train, "--valid", valid]
     out, state = tmp_path / "out", tmp_path / ".out.train-state.pt"
 
-    proc = subprocess.Popen(_cli(*common, "--out", out), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli_command(*common, "--out", out), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -529,12 +512,12 @@ def test_sigterm_cleans_up_like_ctrl_c_and_resume_is_byte_identical(tmp_path):
     assert not out.exists() and _hidden(tmp_path, "out") == [".out.train-state.pt"]
 
     resumed = subprocess.run(
-        _cli(*common, "--out", out, "--resume", "--json"), capture_output=True, text=True
+        cli_command(*common, "--out", out, "--resume", "--json"), capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["train"]["resumed_from"] > 0
     straight = subprocess.run(
-        _cli(*common, "--out", tmp_path / "straight"), capture_output=True, text=True
+        cli_command(*common, "--out", tmp_path / "straight"), capture_output=True, text=True
     )
     assert straight.returncode == 0, straight.stderr
     assert _tree(out) == _tree(tmp_path / "straight")  # every file, manifest.json included

@@ -23,6 +23,7 @@ from compress.cli.main import main
 from compress.data import criteo_text as criteo
 from compress.data.criteo_text import MAX_DEC_DIGITS, MAX_HEX_DIGITS, CriteoLayout, parse_block
 from compress.data.dataset import Dataset
+from compress.data.npz import load_npz, save_npz
 from compress.errors import DataError, RecipeError
 from compress.recipe.parse import parse_recipe
 
@@ -257,7 +258,7 @@ def _rewrite_npz(src: Path, dst: Path, **replace: np.ndarray) -> Path:
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_npz_non_finite_dense_names_key_and_sample(world, tmp_path, capsys, value):
     ckpt, _, valid, _ = world
-    dense = Dataset.load_npz(valid).dense.copy()
+    dense = load_npz(valid).dense.copy()
     dense[3, 1] = value
     bad = _rewrite_npz(valid, tmp_path / "bad.npz", dense=dense)
     code, _, err = run(capsys, "eval", ckpt, "--data", bad)
@@ -269,7 +270,7 @@ def test_npz_non_finite_dense_names_key_and_sample(world, tmp_path, capsys, valu
 @pytest.mark.parametrize("value", [2.0, 0.5, -1.0, np.nan])
 def test_npz_label_outside_0_1_names_key_and_sample(world, tmp_path, capsys, value):
     ckpt, _, valid, _ = world
-    labels = Dataset.load_npz(valid).labels.copy()
+    labels = load_npz(valid).labels.copy()
     labels[5] = value
     bad = _rewrite_npz(valid, tmp_path / "bad.npz", labels=labels)
     code, _, err = run(capsys, "eval", ckpt, "--data", bad)
@@ -278,12 +279,12 @@ def test_npz_label_outside_0_1_names_key_and_sample(world, tmp_path, capsys, val
 
 def test_npz_click_prob_outside_0_1_is_rejected(world, tmp_path):
     _, _, valid, _ = world
-    ds = Dataset.load_npz(valid)
+    ds = load_npz(valid)
     ds.click_prob = np.full(len(ds), 0.5)
     ds.click_prob[2] = 1.5
-    ds.save_npz(tmp_path / "p.npz")
+    save_npz(ds, tmp_path / "p.npz")
     with pytest.raises(DataError, match=r"key 'click_prob': value 1.5 at sample 2"):
-        Dataset.load_npz(tmp_path / "p.npz")
+        load_npz(tmp_path / "p.npz")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def _write_day(directory: Path, ds: Dataset, **replace: np.ndarray) -> Path:
 )
 def test_npy_non_finite_dense_names_file_sample_and_column(world, tmp_path, capsys, value, dtype):
     ckpt, _, valid, _ = world
-    ds = Dataset.load_npz(valid)
+    ds = load_npz(valid)
     dense = ds.dense.astype(dtype)
     dense[7, 2] = value
     days = _write_day(tmp_path / "days", ds, dense=dense)
@@ -324,7 +325,7 @@ def test_npy_non_finite_dense_names_file_sample_and_column(world, tmp_path, caps
 
 def test_npy_negative_id_is_an_error_not_a_wrapped_row(world, tmp_path, capsys):
     ckpt, _, valid, _ = world
-    ds = Dataset.load_npz(valid)
+    ds = load_npz(valid)
     days = _write_day(tmp_path / "days", ds)
     sparse = np.load(days / "day_0_sparse.npy")
     sparse[4, 2] = -7
@@ -339,7 +340,7 @@ def test_npy_negative_id_is_an_error_not_a_wrapped_row(world, tmp_path, capsys):
 
 def test_npy_label_outside_0_1_names_the_sample(world, tmp_path, capsys):
     ckpt, _, valid, _ = world
-    ds = Dataset.load_npz(valid)
+    ds = load_npz(valid)
     labels = ds.labels.astype(np.int64)[:, None]
     labels[9, 0] = 2
     days = _write_day(tmp_path / "days", ds, labels=labels)
@@ -349,7 +350,7 @@ def test_npy_label_outside_0_1_names_the_sample(world, tmp_path, capsys):
 
 def test_npy_dense_width_names_the_dense_file(world, tmp_path, capsys):
     ckpt, _, valid, _ = world
-    ds = Dataset.load_npz(valid)
+    ds = load_npz(valid)
     days = _write_day(tmp_path / "days", ds, dense=ds.dense[:, :3])
     code, _, err = run(capsys, "eval", ckpt, "--data", days)
     assert_one_error_line(

@@ -23,7 +23,7 @@ from helpers import make_dlrm, tiny_world
 
 from compress import pipeline
 from compress.cli.main import main
-from compress.data.dataset import Dataset
+from compress.data.npz import load_npz, save_npz
 from compress.data.separation import check_separate_paths
 from compress.data.synthetic import SyntheticConfig, generate
 from compress.errors import DataError, DqrmError, RecipeError
@@ -33,7 +33,8 @@ from compress.train import loop as train_module
 from compress.train.config import MAX_EPOCHS, MAX_STEPS, TrainConfig
 from compress.train.loop import fit
 from exporters.artifacts import atomic_dir
-from exporters.artifacts.manifest import MANIFEST, dump_manifest, seal
+from exporters.artifacts.manifest_integrity import dump_manifest, seal
+from exporters.artifacts.manifest_schema import MANIFEST
 from exporters.runtime.predictor import Predictor
 
 QAT_RECIPE = """
@@ -118,7 +119,7 @@ def _copy_world(src: Path, dst: Path) -> dict[str, Path]:
 
 def _other_data(path: Path, seed: int) -> None:
     """Replace the .npz at ``path`` with other rows of the same shape and tables."""
-    old = Dataset.load_npz(path)
+    old = load_npz(path)
     cfg = SyntheticConfig(
         table_sizes=(20, 300, 2000, 5000),
         num_samples=len(old),
@@ -126,7 +127,7 @@ def _other_data(path: Path, seed: int) -> None:
         num_dense=old.num_dense,
         seed=seed,
     )
-    generate(cfg).save_npz(path)
+    save_npz(generate(cfg), path)
 
 
 def _other_checkpoint(path: Path) -> None:
@@ -209,7 +210,7 @@ def test_a_changed_steps_override_names_the_setting(interrupted, tmp_path, capsy
 def test_fit_records_and_checks_the_inputs_it_is_given(tmp_path):
     ckpt, train, valid, _ = tiny_world(tmp_path)
     job = load_model(ckpt)
-    data = Dataset.load_npz(train)
+    data = load_npz(train)
     config = TrainConfig(steps=6, batch_size=256, checkpoint_every=2)
     state = tmp_path / "state.pt"
     inputs = {"checkpoint": "a" * 64, "data": "b" * 64}
@@ -277,7 +278,7 @@ def test_valid_that_is_data_under_another_name_is_refused(world, tmp_path, capsy
 def test_the_python_api_refuses_the_same_rows_as_validation(world):
     ckpt, train, *_ = world
     job = pipeline.load(ckpt)
-    data = Dataset.load_npz(train)
+    data = load_npz(train)
     with pytest.raises(DataError, match="identical content"):
         pipeline.compress(job, pipeline.plan(job, "int8_ptq"), data=data, valid=data)
 
@@ -406,7 +407,7 @@ def failed_artifacts(tmp_path_factory):
     ckpt, train, valid, _ = tiny_world(tmp)
     job = load_model(ckpt)
     config = TrainConfig(epochs=1, batch_size=128, lr_embedding=0.1, lr_dense=0.05)
-    fit(job.module, Dataset.load_npz(train), None, job.spec.feature_names, config)
+    fit(job.module, load_npz(train), None, job.spec.feature_names, config)
     trained = tmp / "trained.pt"
     torch.save(job.module.state_dict(), trained)
     (tmp / "int2.toml").write_text(INT2)

@@ -30,7 +30,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import CRITEO_ROWS_ENV, CRITEO_SAMPLE, criteo_sample_path, make_dlrm, tiny_world
+from helpers import (
+    CRITEO_ROWS_ENV,
+    CRITEO_SAMPLE,
+    as_format_2_layout,
+    criteo_sample_path,
+    make_dlrm,
+    tiny_world,
+)
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from compress import pipeline
@@ -39,8 +46,9 @@ from compress.errors import ArtifactError, CheckpointError, RecipeError
 from compress.io.checkpoint import load_tensors, open_checkpoint
 from compress.recipe.parse import load_recipe, parse_recipe
 from exporters.artifacts import write as artifacts
-from exporters.artifacts.manifest import DIGEST_KEY, MANIFEST, dump_manifest, seal
-from exporters.artifacts.read import inspect_artifacts
+from exporters.artifacts.manifest_integrity import dump_manifest, seal
+from exporters.artifacts.manifest_schema import DIGEST_KEY, MANIFEST
+from exporters.artifacts.verify import inspect_artifacts
 from exporters.onnx.writer import OnnxExportConfig, onnx_writer
 from exporters.runtime.predictor import Predictor
 
@@ -217,7 +225,7 @@ def test_a_resealed_manifest_that_swaps_features_is_refused(world, copy_dir, cap
     _swap_features(m, "cat_0", "cat_3")
     _reseal(copy_dir, m)
     code, _, err = run(capsys, "verify", copy_dir)
-    one_error_line(code, err, "onnx/model.onnx", "graph 'model' input", "cat_3__values")
+    one_error_line(code, err, "model.onnx", "graph 'model' input", "cat_3__values")
     with pytest.raises(ArtifactError, match="graph 'model' input"):
         Predictor(copy_dir, threads=1)
     code, _, err = run(capsys, "eval", copy_dir, "--data", world[1])
@@ -251,14 +259,16 @@ def test_a_dense_graph_of_another_width_is_refused(copy_dir, capsys):
 
 
 def _sha256(path: Path) -> str:
-    from exporters.artifacts.manifest import sha256_file
+    from compress.io.fingerprint import sha256_file
 
     return sha256_file(path)
 
 
 def _strip_to_format_1(path: Path) -> dict:
     """The directory as dqrm-compress 0.x wrote it: no digest, the transform a bare name, no
-    parity reference data, no out-of-range note, no selection/report slices."""
+    parity reference data, no out-of-range note, no selection/report slices, the graph in
+    ``onnx/`` with its own copy of the tables."""
+    as_format_2_layout(path)
     m = _manifest(path)
     m.pop(DIGEST_KEY)
     m["format_version"] = 1

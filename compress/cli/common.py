@@ -19,7 +19,9 @@ model_config_option = click.option(
     "--model-config",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="JSON naming each table's features (and optionally order and shapes); see README.",
+    metavar="FILE|NAME",
+    help="A model-config JSON file, or a built-in config's name (`dqrm-compress recipes`): each "
+    "table's features, the table order, shapes to check; see README.",
 )
 
 

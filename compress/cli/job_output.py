@@ -4,11 +4,12 @@ what ``--force`` may replace.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
-from compress.errors import ArtifactError
+from compress.errors import ArtifactError, os_error_reason
 
 
 def default_out_dir(checkpoint: Path, recipe: str) -> Path:
@@ -44,8 +45,42 @@ def check_replaceable(out_dir: Path, inputs: list) -> None:
         src = Path(item).resolve()
         if src == out or out in src.parents:
             raise ArtifactError(f"{out_dir}: holds the input {item}; choose another --out")
-    if any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
-        raise ArtifactError(
-            f"{out_dir}: not an artifact directory (no manifest.json); --force replaces only "
-            "artifact directories, so move it or choose another --out"
-        )
+    if any(out_dir.iterdir()):
+        problem = artifact_manifest_problem(out_dir)
+        if problem is not None:
+            raise ArtifactError(
+                f"{out_dir}: not an artifact directory ({problem}); --force replaces only "
+                "artifact directories, so move it or choose another --out"
+            )
+
+
+def artifact_manifest_problem(out_dir: Path) -> str | None:
+    """Why ``out_dir`` is not a dqrm-compress artifact directory, or ``None`` when it is: its
+    ``manifest.json`` must be a JSON object whose ``format`` is this tool's format name and whose
+    ``format_version`` is an integer (another program's ``manifest.json``, such as a browser
+    extension's, is not enough to delete the directory)."""
+    from exporters.artifacts.manifest_schema import FORMAT_NAME, MANIFEST, MAX_MANIFEST_BYTES
+
+    path = out_dir / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return f"no {MANIFEST}"
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        return f"{MANIFEST} unreadable: {os_error_reason(e)}"
+    if len(raw) > MAX_MANIFEST_BYTES:
+        return f"{MANIFEST} larger than any dqrm-compress manifest"
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return f"{MANIFEST} is not JSON"
+    version = obj.get("format_version") if isinstance(obj, dict) else None
+    if (
+        not isinstance(obj, dict)
+        or obj.get("format") != FORMAT_NAME
+        or not isinstance(version, int)
+        or isinstance(version, bool)
+    ):
+        return f"{MANIFEST} is not a {FORMAT_NAME} manifest"
+    return None

@@ -184,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     is_flag=True,
     help="With --max-auc-drop: write the artifacts even when the check fails (still exit 3).",
 )
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Rows read at a time when a whole table is checked, quantized or projected (default: "
+    "4 MiB of float32 a chunk, 65,536 rows at dim 16): what bounds their memory.",
+)
 @dense_transform_option
 @loader_options
 @model_config_option
@@ -206,14 +214,16 @@ def compress_cmd(
     stream: str = "auto",
     loader_workers: int | None = None,
     shuffle_rows: int = SHUFFLE_ROWS,
+    chunk_rows: int | None = None,
 ) -> None:
     """Compress CHECKPOINT following a recipe: plan, quantize, fine-tune, evaluate, write artifacts."""
     started = time.perf_counter()
     from compress import pipeline
     from compress.errors import ArtifactError, CheckpointError, DataError, QualityGateError
+    from compress.io.table_stream import chunking
     from compress.plan import format_plan
     from compress.timings import StageTimer
-    from exporters.artifacts.manifest import QualityGateEntry
+    from exporters.artifacts.manifest_schema import QualityGateEntry
     from exporters.export import export
 
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
@@ -229,7 +239,7 @@ def compress_cmd(
         )
     hold_output(out_dir, say)  # before loading anything: a second run on --out stops here
     timer = StageTimer()
-    with timer("load"):
+    with timer("load"), chunking(chunk_rows):  # the load-time finite check reads every table
         job = pipeline.load(checkpoint, config_or_sidecar(checkpoint, model_config))
     with timer("plan"):
         the_plan = pipeline.plan(job, recipe)
@@ -261,6 +271,7 @@ def compress_cmd(
         on_bad_line=on_bad_line,
         dense_transform=dense_transform,
         loader=loader_settings(stream, loader_workers, shuffle_rows),
+        chunk_rows=chunk_rows,
     )
     failure = auc_drop_failure(result.metrics, max_auc_drop)
     if failure is not None and not keep_failed:

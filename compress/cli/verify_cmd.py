@@ -30,7 +30,8 @@ def verify(artifacts_dir: Path, parity: bool, allow_format_1: bool, as_json: boo
     """Check an artifact directory: its manifest (digest, schema, paths inside the directory), the
     sha256 of every file and no file it does not list, every array's dtype and shape. Exit code 2
     and one line naming the file when it is not intact (--json lists every problem)."""
-    from exporters.artifacts.read import inspect_artifacts, raise_first
+    from exporters.artifacts.read import raise_first
+    from exporters.artifacts.verify import inspect_artifacts
 
     checked = inspect_artifacts(artifacts_dir, allow_format_1=allow_format_1)
     problems = checked.problems

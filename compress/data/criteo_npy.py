@@ -20,11 +20,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compress.data.dataset import Dataset, concat_datasets, describe_first, find_nonbinary
+from compress.data.value_checks import describe_first, find_nonbinary
 from compress.errors import DataError
+
+if TYPE_CHECKING:  # reading rows stays free of torch: stream workers import only numpy
+    from compress.data.dataset import Dataset
 
 _DAY_DENSE = re.compile(r"day_(\d+)_dense\.npy")
 PARTS = ("dense", "sparse", "labels")
@@ -67,6 +71,8 @@ def read_npy_days(
     if not chosen:
         raise DataError(f"{d}: no day_<i>_dense.npy files")
     parts = [read_npy_day(d, day, feature_names, num_embeddings, num_dense) for day in chosen]
+    from compress.data.dataset import concat_datasets
+
     return concat_datasets(parts)
 
 
@@ -139,6 +145,8 @@ def npy_day_rows(
     checked (a :class:`DataError` names the file and the sample's index in the file)."""
     rows, dense32 = npy_rows_arrays(day, start, stop, num_embeddings, feature_names)
     offsets = np.arange(stop - start + 1, dtype=np.int64)
+    from compress.data.dataset import Dataset
+
     return Dataset(
         dense=dense32,
         labels=np.asarray(day.labels[start:stop], dtype=np.float32),

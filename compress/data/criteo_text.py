@@ -34,13 +34,15 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import numpy as np
 
-from compress.data.dataset import Dataset
 from compress.data.dense_transform import DENSE_TRANSFORMS, DenseTransform
 from compress.errors import DataError
+
+if TYPE_CHECKING:  # the block parser stays free of torch: stream workers import only numpy
+    from compress.data.dataset import Dataset
 
 OnBadLine = Literal["error", "skip"]
 ON_BAD_LINE = ("error", "skip")
@@ -155,6 +157,8 @@ def read_criteo(
         raise DataError(f"{path}: no samples{what}")
     rows = np.concatenate(sparse).astype(np.int64)
     offsets = np.arange(n + 1, dtype=np.int64)
+    from compress.data.dataset import Dataset
+
     dataset = Dataset(
         dense=transform_dense(np.concatenate(dense), dense_transform),
         labels=np.concatenate(labels).astype(np.float32),

@@ -1,4 +1,4 @@
-"""An in-memory dataset of click samples and the project's ``.npz`` file format.
+"""An in-memory dataset of click samples, and the batches a TorchRec DLRM reads from it.
 
 A :class:`Dataset` holds plain numpy arrays for ``N`` samples:
 
@@ -14,23 +14,7 @@ A :class:`Dataset` holds plain numpy arrays for ``N`` samples:
 Every reader (:mod:`compress.data.criteo_text`, :mod:`compress.data.criteo_npy`, :mod:`compress.data.synthetic`) returns
 one, and :meth:`Dataset.batches` turns it into :class:`~compress.data.batches.Batch` objects whose
 ``KeyedJaggedTensor`` goes straight into a TorchRec DLRM. Batches are gathered with vectorized numpy
-(no Python loop per sample).
-
-Project file format (``save_npz`` / ``load_npz``), an uncompressed ``np.savez`` archive of plain
-arrays, read back with ``allow_pickle=False``:
-
-=====================  ==========================================================================
-key                    array
-=====================  ==========================================================================
-``meta``               0-d unicode string: JSON ``{"format": "dqrm-compress-dataset", "version": 1,
-                       "feature_names": [...], "dense_transform": "log3"}`` (the feature order;
-                       ``dense_transform`` only when known, absent in files written before it)
-``dense``              float32 ``[N, num_dense]``
-``labels``             float32 ``[N]``
-``click_prob``         float64 ``[N]`` (only for generated data)
-``values/<feature>``   int64 flat rows of that feature
-``offsets/<feature>``  int64 ``[N + 1]``
-=====================  ==========================================================================
+(no Python loop per sample). The project's own file of a dataset is :mod:`compress.data.npz`.
 
 Example::
 
@@ -41,23 +25,17 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress.data.batches import Batch
-from compress.data.dense_transform import DENSE_TRANSFORMS, check_transform
+from compress.data.dense_transform import DENSE_TRANSFORMS
 from compress.errors import DataError
-
-FORMAT_NAME = "dqrm-compress-dataset"
-FORMAT_VERSION = 1
 
 
 @dataclass(eq=False, repr=False)
@@ -160,18 +138,10 @@ class Dataset:
         A tail split, not a random one: Criteo files are ordered by time, and evaluating on the most
         recent samples is how the Criteo benchmarks hold data out. Generated data is i.i.d., so the
         tail is as good as any subset. Raises ``ValueError`` unless ``0 < fraction < 1`` and
-        :class:`DataError` when either side would be empty.
+        :class:`DataError` when either side would be empty (:func:`tail_start`).
         """
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
-        n = len(self)
-        n_valid = int(round(n * fraction))
-        if n_valid == 0 or n_valid == n:
-            raise DataError(
-                f"cannot hold out {fraction:g} of {n} samples: train and valid would not both be "
-                "non-empty"
-            )
-        return self.slice(0, n - n_valid), self.slice(n - n_valid, n)
+        start = tail_start(len(self), fraction)
+        return self.slice(0, start), self.slice(start, len(self))
 
     def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
         """How many batches :meth:`batches` yields."""
@@ -242,58 +212,6 @@ class Dataset:
             pairs += [(self.values[f], other.values[f]), (self.offsets[f], other.offsets[f])]
         return all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in pairs)
 
-    def save_npz(self, path: str | Path) -> None:
-        """Write the project ``.npz`` format (module docstring) to exactly ``path``."""
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "feature_names": list(self.feature_names),
-        }
-        if self.dense_transform is not None:
-            meta["dense_transform"] = self.dense_transform
-        arrays: dict[str, np.ndarray] = {
-            "meta": np.array(json.dumps(meta)),
-            "dense": self.dense,
-            "labels": self.labels,
-        }
-        if self.click_prob is not None:
-            arrays["click_prob"] = self.click_prob
-        for f in self.feature_names:
-            arrays[f"values/{f}"] = self.values[f]
-            arrays[f"offsets/{f}"] = self.offsets[f]
-        with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    @classmethod
-    def load_npz(cls, path: str | Path) -> Dataset:
-        """Read a file written by :meth:`save_npz`; any deviation is a :class:`DataError` naming the
-        key: a missing or extra key, a wrong dtype or shape, a NaN/inf dense value, a label other
-        than 0/1, a negative row id (object arrays are never unpickled)."""
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path}: not a readable .npz archive ({e})") from None
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: a single .npy array, not a dqrm-compress .npz dataset")
-        with archive:
-            arrays = _read_archive(archive, path)
-        feature_names, transform = _parse_meta(arrays.pop("meta"), path)
-        _check_keys(set(arrays), feature_names, "click_prob" in arrays, path)
-        for key, arr in arrays.items():
-            _check_dtype(key, arr, path)
-        _check_contents(arrays, path)
-        try:
-            return cls(
-                dense=arrays["dense"],
-                labels=arrays["labels"],
-                values={f: arrays[f"values/{f}"] for f in feature_names},
-                offsets={f: arrays[f"offsets/{f}"] for f in feature_names},
-                click_prob=arrays.get("click_prob"),
-                dense_transform=transform,
-            )
-        except ValueError as e:
-            raise DataError(f"{path}: {e}") from None
-
     def _check_features(self, feature_names: Sequence[str]) -> tuple[str, ...]:
         keys = tuple(feature_names)
         for f in keys:
@@ -304,6 +222,21 @@ class Dataset:
         if len(set(keys)) != len(keys):
             raise ValueError(f"feature names repeat: {list(keys)}")
         return keys
+
+
+def tail_start(n: int, fraction: float) -> int:
+    """Where the held-out tail of ``n`` samples starts when ``round(n * fraction)`` of them are
+    held out. ``ValueError`` unless ``0 < fraction < 1``; :class:`DataError` when either side would
+    be empty."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+    n_valid = int(round(n * fraction))
+    if n_valid == 0 or n_valid == n:
+        raise DataError(
+            f"cannot hold out {fraction:g} of {n} samples: train and valid would not both be "
+            "non-empty"
+        )
+    return n - n_valid
 
 
 def take_jagged(
@@ -404,117 +337,3 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-
-
-def _read_archive(archive: np.lib.npyio.NpzFile, path: str | Path) -> dict[str, np.ndarray]:
-    arrays = {}
-    for key in archive.files:
-        try:
-            arrays[key] = archive[key]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path}: key {key!r} cannot be read ({e})") from None
-    if "meta" not in arrays:
-        raise DataError(f"{path}: no 'meta' key, not a dqrm-compress .npz dataset")
-    return arrays
-
-
-def _parse_meta(meta: np.ndarray, path: str | Path) -> tuple[tuple[str, ...], str | None]:
-    """``(feature names, dense transform or None)`` from the ``meta`` key."""
-    if meta.dtype.kind != "U" or meta.shape != ():
-        raise DataError(f"{path}: key 'meta' must be a JSON string, got {meta.dtype} {meta.shape}")
-    try:
-        info = json.loads(meta.item())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: key 'meta' is not valid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-        raise DataError(f"{path}: key 'meta' does not name format {FORMAT_NAME!r}")
-    version = info.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise DataError(f"{path}: key 'meta' has no valid format version")
-    if version > FORMAT_VERSION:
-        raise DataError(
-            f"{path}: dataset format version {version} is newer than this dqrm-compress "
-            f"supports ({FORMAT_VERSION})"
-        )
-    names = info.get("feature_names")
-    if not isinstance(names, list) or not all(isinstance(f, str) and f for f in names):
-        raise DataError(f"{path}: key 'meta' needs 'feature_names', a list of non-empty strings")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: key 'meta' lists a feature name twice")
-    transform = info.get("dense_transform")
-    if transform is not None:
-        check_transform(transform, f"{path}: key 'meta' dense_transform")
-    return tuple(names), transform
-
-
-def _check_keys(
-    keys: set[str], feature_names: tuple[str, ...], has_click_prob: bool, path: str | Path
-) -> None:
-    expected = {"dense", "labels"} | {
-        f"{kind}/{f}" for f in feature_names for kind in ("values", "offsets")
-    }
-    if has_click_prob:
-        expected.add("click_prob")
-    for key in sorted(expected - keys):
-        raise DataError(f"{path}: missing key {key!r}")
-    for key in sorted(keys - expected):
-        raise DataError(f"{path}: unexpected key {key!r} (not a feature listed in 'meta')")
-
-
-_DTYPES = {"dense": np.float32, "labels": np.float32, "click_prob": np.float64}
-
-
-def _check_contents(arrays: dict[str, np.ndarray], path: str | Path) -> None:
-    """Raise :class:`DataError` naming the key and position of a NaN/inf dense value, a label that
-    is not 0/1, or a ``click_prob`` outside [0, 1]."""
-    problems = (
-        ("dense", find_nonfinite(arrays["dense"])),
-        ("labels", find_nonbinary(arrays["labels"])),
-    )
-    if "click_prob" in arrays:
-        prob = arrays["click_prob"]
-        outside = ~((prob >= 0) & (prob <= 1))  # NaN too
-        problems += (
-            ("click_prob", describe_first(prob, outside, "is not a probability in [0, 1]")),
-        )
-    for key, problem in problems:
-        if problem is not None:
-            raise DataError(f"{path}: key {key!r}: {problem}")
-
-
-def find_nonfinite(arr: np.ndarray) -> str | None:
-    """Where ``arr`` (float) first holds NaN or +-inf, in words (``"value nan at sample 3, column 1
-    is not finite"``), or None when every value is finite."""
-    return describe_first(arr, ~np.isfinite(arr), "is not finite")
-
-
-def find_nonbinary(arr: np.ndarray, start: int = 0) -> str | None:
-    """Where ``arr`` first holds a label other than 0 or 1 (NaN included), in words, or None
-    (``start``: the sample number of ``arr[0]``, for a part of a file)."""
-    return describe_first(arr, (arr != 0) & (arr != 1), "is not a label (0 or 1)", start)
-
-
-def describe_first(arr: np.ndarray, bad: np.ndarray, what: str, start: int = 0) -> str | None:
-    """``"value <v> at sample i[, column j] <what>"`` for the first True of ``bad`` (``v`` read
-    from ``arr``; ``i`` counted from ``start``, the sample number of ``arr[0]``), or None when
-    ``bad`` holds no True."""
-    if not bad.any():
-        return None
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
-    where = (index[0] + start, *index[1:])
-    return f"value {arr[index].item()!r} at {describe_position(where)} {what}"
-
-
-def describe_position(index: tuple[int, ...]) -> str:
-    """``(3,)`` -> ``"sample 3"``, ``(3, 1)`` -> ``"sample 3, column 1"`` (0-based, as numpy)."""
-    if len(index) == 1:
-        return f"sample {index[0]}"
-    if len(index) == 2:
-        return f"sample {index[0]}, column {index[1]}"
-    return f"index {index}"
-
-
-def _check_dtype(key: str, arr: np.ndarray, path: str | Path) -> None:
-    want = np.dtype(_DTYPES.get(key, np.int64))
-    if arr.dtype != want:
-        raise DataError(f"{path}: key {key!r} has dtype {arr.dtype}, expected {want}")

@@ -6,7 +6,7 @@
 row ids fit each feature's table:
 
 - a file ending in ``.npz`` or starting with the zip signature: the project format
-  (:meth:`Dataset.load_npz`),
+  (:func:`compress.data.npz.load_npz`),
 - a directory holding ``day_<i>_dense.npy`` files: TorchRec's preprocessed days
   (:mod:`compress.data.criteo_npy`),
 - any other file (``.tsv``, ``.txt``, ``.gz``, no suffix) or directory of files: Criteo raw text
@@ -32,6 +32,7 @@ from compress.data.criteo_npy import find_days, read_npy_days
 from compress.data.criteo_text import OnBadLine, read_criteo
 from compress.data.dataset import Dataset
 from compress.data.dense_transform import DEFAULT_TEXT_TRANSFORM, DenseTransform, check_transform
+from compress.data.npz import load_npz
 from compress.errors import DataError
 from compress.io.model_spec import DLRMSpec
 
@@ -91,7 +92,7 @@ def load_dataset(
     rows = [spec.table_of_feature(f).num_embeddings for f in features]
     skipped = 0
     if fmt == "npz":
-        dataset = Dataset.load_npz(p)
+        dataset = load_npz(p)
         check_fits(dataset, spec, p, check_row_ids)
         dataset = dataset.select_features(features)
     elif fmt == "npy_days":

@@ -23,9 +23,12 @@ pass is dropped, as the in-memory loop drops it, so a pass is ``rows // batch_si
 and drops the batches before ``k`` (with ``--on-bad-line skip`` the number of rows of a pass is
 known only after reading it, so a resumed run reads from the first pass).
 
-Memory: the buffer holds at most ``shuffle_rows`` rows (264 bytes a row for Criteo's 13 dense and 26
-sparse columns: 69 MB at the default 262,144), plus the blocks in flight (``workers * (prefetch +
-2)`` blocks of about 60k Criteo rows, 16 MB each) and one batch being cut.
+Memory, in the training process: the buffer holds at most ``shuffle_rows`` rows (264 bytes a row
+for Criteo's 13 dense and 26 sparse columns: 69 MB at the default 262,144), plus one block being
+received (1 MiB of text, about 4,000 Criteo rows) and one batch being cut. Each worker process
+takes about 40 MB and about 36 times a block's bytes while it parses it, with up to ``prefetch +
+2`` parsed blocks. Evaluation keeps a logit and a label per row (8 bytes); computing AUC and log
+loss over them takes about 90 bytes a row while it runs.
 
 Row numbers. A streamed input's rows are numbered by line (text, over the files in order) or by
 sample (npy days); :meth:`StreamedData.slice` and :meth:`StreamedData.split_tail` take ranges of
@@ -38,6 +41,8 @@ yields its valid lines).
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +54,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress.data.batches import Batch
 from compress.data.criteo_text import OnBadLine
-from compress.data.dataset import Dataset
+from compress.data.dataset import Dataset, tail_start
 from compress.data.dense_transform import DEFAULT_TEXT_TRANSFORM, DenseTransform, check_transform
 from compress.data.formats import detect_format, load_dataset
 from compress.data.stream_source import (
@@ -84,7 +89,7 @@ def default_workers() -> int:
 class LoaderSettings:
     """How ``--data``/``--valid`` are read (see the module docstring). ``workers=0`` reads in the
     training process; ``shuffle_rows=0`` shuffles within each block only; ``prefetch``: blocks
-    queued per worker; ``start_method``: ``multiprocessing``'s (``None``: fork where available)."""
+    queued per worker."""
 
     stream: StreamMode = "auto"
     workers: int = field(default_factory=default_workers)
@@ -92,7 +97,6 @@ class LoaderSettings:
     min_rows: int = STREAM_MIN_ROWS
     block_bytes: int = BLOCK_BYTES
     prefetch: int = 2
-    start_method: str | None = None
 
     def __post_init__(self) -> None:
         if self.stream not in STREAM_MODES:
@@ -148,7 +152,9 @@ class ShuffleBuffer:
 
     :meth:`push` takes a block and returns the rows it hands on (``None`` while filling);
     :meth:`drain` returns the remaining rows in a random order. ``max_size`` records the most rows
-    it ever held (instrumentation for the memory bound)."""
+    it ever held (instrumentation for the memory bound). Rows move as whole records (each array
+    viewed as one fixed-size item per row), a gather and a scatter per row and array.
+    """
 
     def __init__(self, capacity: int, rng: np.random.Generator) -> None:
         self.capacity = capacity
@@ -168,34 +174,39 @@ class ShuffleBuffer:
         rows = self._allocate(block)
         n, cap = self.size, self.capacity
         if n + m <= cap:
-            _store(rows, np.arange(n, n + m), block)
+            for mine, theirs in zip(_records(rows), _records(block), strict=True):
+                mine[n : n + m] = theirs
             self.size = n + m
             self.max_size = max(self.max_size, self.size)
             return None
+        # hand on n + m - cap rows drawn from the buffer and the block together, in drawn order
         chosen = self.rng.choice(n + m, size=n + m - cap, replace=False)
         from_buffer = chosen < n
-        from_block = chosen[~from_buffer] - n
-        out = RowBlock(
-            np.empty(chosen.size, np.float32),
-            np.empty((chosen.size, block.dense.shape[1]), np.float32),
-            np.empty((chosen.size, block.ids.shape[1]), np.int64),
-        )
-        _store(out, np.flatnonzero(from_buffer), rows.take(chosen[from_buffer]))
-        _store(out, np.flatnonzero(~from_buffer), block.take(from_block))
+        at_buffer, at_block = np.flatnonzero(from_buffer), np.flatnonzero(~from_buffer)
+        buffer_rows, block_rows = chosen[at_buffer], chosen[at_block] - n
         taken = np.zeros(m, dtype=bool)
-        taken[from_block] = True
-        slots = np.concatenate([chosen[from_buffer], np.arange(n, cap)])
-        _store(rows, slots, block.take(np.flatnonzero(~taken)))
+        taken[block_rows] = True
+        # the block's rows that stay fill the places freed in the buffer, then the free end
+        slots = np.concatenate([buffer_rows, np.arange(n, cap)])
+        stay = np.flatnonzero(~taken)
+        out = []
+        for mine, theirs in zip(_records(rows), _records(block), strict=True):
+            handed = np.empty(chosen.size, dtype=mine.dtype)
+            handed[at_buffer] = np.take(mine, buffer_rows)
+            handed[at_block] = np.take(theirs, block_rows)
+            mine[slots] = np.take(theirs, stay)
+            out.append(handed)
         self.size = cap
         self.max_size = max(self.max_size, self.size)
-        return out
+        return _from_records(out, block)
 
     def drain(self) -> RowBlock | None:
         if self.size == 0 or self._rows is None:
             return None
-        out = self._rows.take(self.rng.permutation(self.size))
+        order = self.rng.permutation(self.size)
+        out = [np.take(r, order) for r in _records(self._rows)]
         self.size = 0
-        return out
+        return _from_records(out, self._rows)
 
     def _allocate(self, block: RowBlock) -> RowBlock:
         if self._rows is None:
@@ -207,10 +218,24 @@ class ShuffleBuffer:
         return self._rows
 
 
-def _store(into: RowBlock, slots: np.ndarray, rows: RowBlock) -> None:
-    into.labels[slots] = rows.labels
-    into.dense[slots] = rows.dense
-    into.ids[slots] = rows.ids
+def _records(block: RowBlock) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``block``'s arrays viewed as one record per row (no copy of C-ordered arrays)."""
+    return tuple(_record_view(a) for a in (block.labels, block.dense, block.ids))  # type: ignore[return-value]
+
+
+def _record_view(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    width = a.itemsize * (int(np.prod(a.shape[1:])) if a.ndim > 1 else 1)
+    return a.reshape(a.shape[0], -1).view(np.dtype((np.void, width)))[:, 0]
+
+
+def _from_records(records: list[np.ndarray], like: RowBlock) -> RowBlock:
+    """A :class:`RowBlock` from record arrays shaped like ``like``'s arrays."""
+    labels, dense, ids = (
+        r.view(a.dtype).reshape((r.shape[0], *a.shape[1:]))
+        for r, a in zip(records, (like.labels, like.dense, like.ids), strict=True)
+    )
+    return RowBlock(labels, dense, ids)
 
 
 class Batcher:
@@ -323,16 +348,8 @@ class StreamedData:
     def split_tail(self, fraction: float) -> tuple[StreamedData, StreamedData]:
         """``(train, valid)`` with the last ``round(N * fraction)`` rows held out, as
         :meth:`Dataset.split_tail <compress.data.dataset.Dataset.split_tail>` does."""
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
-        n = len(self)
-        n_valid = int(round(n * fraction))
-        if n_valid == 0 or n_valid == n:
-            raise DataError(
-                f"cannot hold out {fraction:g} of {n} samples: train and valid would not both be "
-                "non-empty"
-            )
-        return self.slice(0, n - n_valid), self.slice(n - n_valid, n)
+        start = tail_start(len(self), fraction)
+        return self.slice(0, start), self.slice(start, len(self))
 
     def reader(self, first_pass: int = 0, passes: int | None = 1) -> BlockReader:
         """A :class:`BlockReader` over this range from pass ``first_pass`` for ``passes`` passes
@@ -342,14 +359,17 @@ class StreamedData:
             raise DataError(f"{self.name}: no rows in lines {self.start}-{self.stop}")
         s = self.settings
         first = first_pass * len(tasks)
+        workers = s.workers
+        if passes is not None:  # no more workers than blocks; one block is read here
+            blocks = len(tasks) * passes
+            workers = 0 if blocks == 1 else min(workers, blocks)
         return BlockReader(
             self.source,
             tasks,
-            workers=s.workers,
+            workers=workers,
             prefetch=s.prefetch,
             first=first,
             stop=None if passes is None else first + passes * len(tasks),
-            start_method=s.start_method,
         )
 
     def pass_chunks(
@@ -358,10 +378,12 @@ class StreamedData:
         first_pass: int = 0,
         passes: int | None = 1,
         stats: LoaderStats | None = None,
+        reader: BlockReader | None = None,
     ) -> Iterator[tuple[int, RowBlock | None]]:
         """``(pass, rows)`` in training order (shuffled, see the module docstring), then
-        ``(pass, None)`` at the end of each pass. Closing the iterator stops the workers."""
-        reader = self.reader(first_pass, passes)
+        ``(pass, None)`` at the end of each pass. Closing the iterator stops the workers.
+        ``reader``: the caller's ``self.reader(first_pass, passes)`` (to close it from outside)."""
+        reader = reader or self.reader(first_pass, passes)
         n_tasks = len(reader.tasks)
         buffer = ShuffleBuffer(
             self.settings.shuffle_rows, np.random.default_rng([seed, first_pass])
@@ -406,9 +428,12 @@ class StreamedData:
             chunks = (rows for _, rows in self.pass_chunks(seed))
         else:
             chunks = (block for _, block in self.reader())
-        for rows in chunks:
-            for full in batcher.add(rows):
-                yield rows_to_batch(full, keys)
+        try:
+            for rows in chunks:
+                for full in batcher.add(rows):
+                    yield rows_to_batch(full, keys)
+        finally:  # also when the caller stops early: the workers end now
+            chunks.close()
         rest = batcher.flush()
         if rest is not None and not drop_last:
             yield rows_to_batch(rest, keys)
@@ -425,12 +450,14 @@ class StreamedData:
 
     def fingerprint(self) -> str:
         """Hex sha256 of the range's content: the input's bytes (every file, hashed when indexed;
-        npy days on first use), how they are read, the features and the range."""
+        npy days on first use), how they are read, the features and the range, and the settings
+        that decide the training order (shuffle buffer and block size; not the workers)."""
         return sha256_json(
             {
                 "source": self.source.describe(),
                 "features": list(self.feature_names),
                 "rows": [self.start, self.stop],
+                "order": [self.settings.shuffle_rows, self.settings.block_bytes],
             }
         )
 
@@ -460,7 +487,12 @@ class StreamedData:
 class TrainStream:
     """Endless training batches over a :class:`StreamedData`: pass after pass, each shuffled for
     ``(seed, pass)``, the last partial batch of a pass dropped; the first batch is the one of step
-    ``start_step``. ``stats`` counts what was read; :meth:`close` stops the workers."""
+    ``start_step``. ``stats`` counts what was read; :meth:`close` stops the workers.
+
+    A thread of this process starts at once: it fills the shuffle buffer (so the training process
+    can evaluate, or anything else, meanwhile) and keeps up to ``prefetch_batches`` batches ready,
+    cutting and shuffling while the model trains; :meth:`__next__` waits only when none is ready.
+    """
 
     def __init__(
         self,
@@ -469,6 +501,7 @@ class TrainStream:
         batch_size: int,
         seed: int,
         start_step: int,
+        prefetch_batches: int = 4,
     ) -> None:
         self.data = data
         self.feature_names = feature_names
@@ -476,16 +509,34 @@ class TrainStream:
         self.seed = seed
         self.start_step = start_step
         self.stats = LoaderStats(data.settings.workers, data.settings.shuffle_rows)
-        self._iter = self._batches()
+        self._first_pass, self._skip = self._position()
+        self._reader = data.reader(self._first_pass, None)
+        self._ready: queue.Queue = queue.Queue(maxsize=prefetch_batches)
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._produce, name="dqrm-batches", daemon=True)
+        self._thread.start()
 
     def __iter__(self) -> TrainStream:
         return self
 
     def __next__(self) -> Batch:
-        return next(self._iter)
+        if self._closed:
+            raise StopIteration
+        kind, value = self._ready.get()
+        if kind == "error":
+            self.close()
+            raise value
+        return value
 
     def close(self) -> None:
-        self._iter.close()
+        """Stop the thread and the workers (the thread's wait for a block ends with them)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._reader.close()
+        self._thread.join()
 
     def __enter__(self) -> TrainStream:
         return self
@@ -493,18 +544,45 @@ class TrainStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _batches(self) -> Iterator[Batch]:
+    def _position(self) -> tuple[int, int]:
+        """``(pass, batches of it to drop)`` of the first batch (step ``start_step``)."""
         bs = self.batch_size
-        if self.data.exact_rows:
-            per_pass = len(self.data) // bs
-            if per_pass < 1:
-                raise DataError(f"{self.data.name}: fewer rows than one batch of {bs}")
-            first_pass, skip = divmod(self.start_step, per_pass)
-        else:  # rows per pass unknown until read: replay from the first pass
-            first_pass, skip = 0, self.start_step
+        if not self.data.exact_rows:  # rows per pass unknown until read: replay from pass 0
+            return 0, self.start_step
+        per_pass = len(self.data) // bs
+        if per_pass < 1:
+            raise DataError(f"{self.data.name}: fewer rows than one batch of {bs}")
+        return divmod(self.start_step, per_pass)
+
+    def _produce(self) -> None:
+        batches = self._batches()
+        try:
+            for batch in batches:
+                if not self._hand_over(("batch", batch)):
+                    return
+        except BaseException as e:  # the training process raises it at its next batch
+            if not self._stop.is_set():
+                self._hand_over(("error", e))
+        finally:
+            batches.close()
+
+    def _hand_over(self, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _batches(self) -> Iterator[Batch]:
+        bs, skip = self.batch_size, self._skip
         batcher = Batcher(bs)
         yielded_this_pass = 0
-        for _, rows in self.data.pass_chunks(self.seed, first_pass, None, self.stats):
+        chunks = self.data.pass_chunks(
+            self.seed, self._first_pass, None, self.stats, reader=self._reader
+        )
+        for _, rows in chunks:
             if rows is None:  # end of a pass: its last partial batch is dropped
                 batcher.flush()
                 if yielded_this_pass == 0:

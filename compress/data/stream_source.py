@@ -3,10 +3,10 @@
 A streamed input is cut into **blocks** once, by :func:`index_text` or :func:`index_npy_days`, and
 every later pass reads the same blocks (a worker process reads any block alone):
 
-- **Criteo text** (a file, a ``.gz`` or a directory of day files, in natural order): a block is the
-  whole lines of one read of ``block_bytes`` (8 MiB by default), exactly the blocks the in-memory
-  reader parses (:mod:`compress.data.criteo_text`); a line longer than any valid one is a block of
-  its own that holds one bad line and no bytes. The indexing pass reads every byte once (a ``.gz``
+- **Criteo text** (a file, a ``.gz`` or a directory of day files, in natural order): a block is
+  whole lines, about ``block_bytes`` (1 MiB by default) of them, cut where the in-memory reader
+  (:mod:`compress.data.criteo_text`) cuts when it reads that much at a time; a line longer than
+  any valid one is a block of its own that holds one bad line and no bytes. The indexing pass reads every byte once (a ``.gz``
   is decompressed), looks only for line ends (about 1 GB/s, against about 20 MB/s to parse) and
   hashes the bytes for the input's fingerprint. A truncated ``.gz`` is an error naming the last
   line read, before anything is trained.
@@ -31,15 +31,15 @@ import hashlib
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from compress.data import criteo_text
 from compress.data.criteo_npy import day_paths, find_days, npy_rows_arrays, open_npy_day
 from compress.data.criteo_text import (
-    CHUNK_BYTES,
     CriteoLayout,
     criteo_files,
     describe_bad_line,
@@ -50,8 +50,10 @@ from compress.data.criteo_text import (
 )
 from compress.errors import DataError
 
-#: Bytes of input per block (text: one read; npy days: rows of about this many bytes).
-BLOCK_BYTES = CHUNK_BYTES
+#: Bytes of input per block (text: at most this, in whole lines; npy days: rows of about this
+#: many bytes). Parsing takes about 36 times a block's bytes of temporary memory, and blocks of
+#: 1 MiB parse about twice as fast as blocks of 8 MiB (they stay in the CPU caches).
+BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -214,16 +216,45 @@ def index_text(
 def _index_text_file(
     path: Path, number: int, layout: CriteoLayout, block_bytes: int
 ) -> tuple[list[TextBlock], str]:
-    """The blocks of one file and the sha256 of its bytes. Cuts exactly where
-    :mod:`compress.data.criteo_text` cuts when it reads ``block_bytes`` at a time."""
+    """The blocks of one file and the sha256 of its bytes.
+
+    The file is read as :mod:`compress.data.criteo_text` reads it (``CHUNK_BYTES`` at a time, or
+    ``block_bytes`` if less; each read cut after its last newline, an over-long line dropped
+    unread), and consecutive reads are joined into blocks of about ``block_bytes`` (at most); a read that
+    fails is a :class:`DataError` naming the last line read, the line the in-memory reader names.
+    """
     blocks: list[TextBlock] = []
     digest = hashlib.sha256()
     line = 1  # the number of the next line
     offset = 0  # bytes read so far
     rest, rest_start, dropping = b"", 0, False
+    pending: TextBlock | None = None  # reads joined so far
+    read_bytes = min(criteo_text.CHUNK_BYTES, block_bytes)
+
+    def add(block: TextBlock) -> None:
+        nonlocal pending
+        joins = (
+            pending is not None
+            and pending.size + block.size <= block_bytes
+            and not (pending.overlong or block.overlong)
+            and pending.start + pending.size == block.start
+        )
+        if joins:
+            assert pending is not None
+            pending = replace(
+                pending,
+                size=pending.size + block.size,
+                lines=pending.lines + block.lines,
+                terminated=block.terminated,
+            )
+            return
+        if pending is not None:
+            blocks.append(pending)
+        pending = block
+
     try:
         with open_text(path) as fh:
-            while data := fh.read(block_bytes):
+            while data := fh.read(read_bytes):
                 digest.update(data)
                 start, offset = offset, offset + len(data)
                 if dropping:  # inside an over-long line: its bytes are dropped up to its newline
@@ -236,19 +267,21 @@ def _index_text_file(
                 cut = data.rfind(b"\n") + 1
                 if cut:
                     lines = data.count(b"\n", 0, cut)
-                    blocks.append(TextBlock(number, start, cut, line, lines))
+                    add(TextBlock(number, start, cut, line, lines))
                     line += lines
                 rest, rest_start = data[cut:], start + cut
                 if len(rest) > layout.max_line_bytes:
-                    blocks.append(TextBlock(number, rest_start, 0, line, 1, overlong=True))
+                    add(TextBlock(number, rest_start, 0, line, 1, overlong=True))
                     line += 1
                     rest, dropping = b"", True
             if rest:
-                blocks.append(TextBlock(number, rest_start, len(rest), line, 1, terminated=False))
+                add(TextBlock(number, rest_start, len(rest), line, 1, terminated=False))
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(
             f"{path}: cannot be read after line {line - 1} ({e or type(e).__name__})"
         ) from None
+    if pending is not None:
+        blocks.append(pending)
     return blocks, digest.hexdigest()
 
 

@@ -2,27 +2,31 @@
 
 :class:`BlockReader` reads a numbered sequence of tasks (task ``t`` is block part
 ``tasks[t % len(tasks)]`` of pass ``t // len(tasks)``) with ``workers`` processes: worker ``w``
-reads the tasks ``t`` with ``t % workers == w``, in increasing order, into its own bounded queue
-(``prefetch`` blocks), and the consumer takes task ``t`` from queue ``t % workers``. The blocks
-therefore arrive in task order whatever the workers' timing, and what a pass yields does not depend
-on the number of workers. Memory in flight is at most ``workers * (prefetch + 2)`` blocks.
+reads the tasks ``t`` with ``t % workers == w``, in increasing order, at most ``prefetch`` blocks
+ahead, and the consumer takes task ``t`` from worker ``t % workers``. The blocks therefore arrive in
+task order whatever the workers' timing, and what a pass yields does not depend on the number of
+workers. Memory in flight is at most ``workers * (prefetch + 2)`` blocks.
+
+Workers are fresh interpreters (``python -m compress.data.stream_workers``) that import numpy and
+the block reader only, never torch: about 0.2 s and 30-40 MB each to start. They are not forked
+from the training process on purpose: a forked child keeps the parent's pages as they were when it
+forked, so every page the parent writes afterwards (model weights, optimizer state) would exist
+twice, and a model of gigabytes would cost gigabytes more per worker. A worker gets its job (the
+indexed source, its tasks) as a pickle on its standard input and sends each block as a pickle on
+its standard output.
 
 Failures: a :class:`~compress.errors.DqrmError` in a worker (a bad line) is raised again in the
 consumer, with its one-line message, when the consumer reaches that task, so the first bad line in
 file order is the one reported; any other exception in a worker is raised as a ``RuntimeError``
-carrying the worker's traceback; a worker that dies without a word (killed) is a
-:class:`~compress.errors.DqrmError` naming its exit code. Nothing waits forever on a dead worker.
+carrying the worker's traceback; a worker that ends without a word (killed) is a
+:class:`~compress.errors.DqrmError` naming how it ended. Nothing waits on a dead worker: its
+output ends, and reading it stops.
 
-Clean-up: :meth:`BlockReader.close` (also on garbage collection and at interpreter exit) terminates
-the workers and waits for them. Workers ignore Ctrl-C (the terminal sends it to the whole process
-group; the consumer decides), die with their parent on Linux (``PR_SET_PDEATHSIG``), and otherwise
-notice a parent that is gone within a second while waiting to hand over a block, so a killed main
-process leaves no orphans.
-
-Start method: ``fork`` where the platform has it (workers start in milliseconds and import nothing),
-else ``spawn``; any method works, since the worker function and its arguments are picklable. The
-workers use numpy only, never torch, so forking a process whose torch thread pools are running is
-safe (as in PyTorch's own ``DataLoader``).
+Clean-up: :meth:`BlockReader.close` (also when the iteration ends, on garbage collection and at
+interpreter exit) terminates the workers and waits for them. Workers run in their own session
+(Ctrl-C at a terminal reaches only the training process, which decides), and end as soon as their
+parent does: its end closes their standard input (and on Linux ``PR_SET_PDEATHSIG`` sends them
+SIGTERM), so a killed main process leaves no orphans.
 """
 
 from __future__ import annotations
@@ -30,37 +34,39 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import multiprocessing as mp
+import importlib
 import os
+import pickle
 import queue
 import signal
+import subprocess
 import sys
+import threading
 import traceback
+import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
 
-from compress.data.stream_source import BlockFiles, RowBlock, Source, Task, read_task
+from compress.data.stream_source import BlockFiles, RowBlock, Source, Task
 from compress.errors import DqrmError
 
-#: Seconds between checks that a worker (or, from a worker, the parent) is still alive.
-POLL_SECONDS = 0.25
 #: Seconds ``close`` waits for a terminated worker before killing it.
 JOIN_SECONDS = 5.0
+#: The function a worker reads a task with (``module:function``); tests may name another.
+READ_TASK = "compress.data.stream_source:read_task"
 
 _PR_SET_PDEATHSIG = 1
 _open_readers: weakref.WeakSet[BlockReader] = weakref.WeakSet()
-
-
-def default_start_method() -> str:
-    """``fork`` where available, else ``spawn`` (see the module docstring)."""
-    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 class BlockReader:
     """Read tasks ``first`` to ``stop - 1`` (``stop=None``: endlessly) of ``tasks`` over
     ``source``; iterate once for ``(task number, RowBlock)`` in task order (the workers start on
     the first ``next`` and end when the iteration ends or is closed). ``workers=0`` reads in this
-    process (no background work)."""
+    process (no background work). ``read_task`` names the reading function (``module:function``,
+    importable by the workers; default :data:`READ_TASK`)."""
 
     def __init__(
         self,
@@ -71,7 +77,7 @@ class BlockReader:
         prefetch: int = 2,
         first: int = 0,
         stop: int | None = None,
-        start_method: str | None = None,
+        read_task: str | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("a block reader needs at least one task")
@@ -83,10 +89,10 @@ class BlockReader:
         self.prefetch = prefetch
         self.first = first
         self.stop = stop
-        self.start_method = start_method or default_start_method()
-        self._procs: list = []
-        self._queues: list = []
+        self.read_task = read_task or READ_TASK
+        self._procs: list[subprocess.Popen] = []
         self._files: BlockFiles | None = None
+        self._read: Callable[[Source, Task, BlockFiles], RowBlock] | None = None
         self._closed = False
         self._started = False
 
@@ -108,7 +114,7 @@ class BlockReader:
 
     def pids(self) -> list[int]:
         """Process ids of the workers (empty before the first block is asked for)."""
-        return [p.pid for p in self._procs if p.pid is not None]
+        return [p.pid for p in self._procs]
 
     def close(self) -> None:
         """Stop the workers and wait for them; safe to call twice."""
@@ -116,22 +122,24 @@ class BlockReader:
             return
         self._closed = True
         for p in self._procs:
-            if p.is_alive():
+            if p.poll() is None:
                 p.terminate()
         for p in self._procs:
-            p.join(JOIN_SECONDS)
-            if p.is_alive():
+            try:
+                p.wait(JOIN_SECONDS)
+            except subprocess.TimeoutExpired:
                 p.kill()
-                p.join()
-        for q in self._queues:
-            q.cancel_join_thread()
-            q.close()
+                p.wait()
+            for pipe in (p.stdin, p.stdout, p.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         if self._files is not None:
             self._files.close()
         _open_readers.discard(self)
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at shutdown the process module may be gone
+        with contextlib.suppress(Exception):  # at shutdown the modules may be gone already
             self.close()
 
     def _start(self) -> None:
@@ -142,44 +150,48 @@ class BlockReader:
         self._started = True
         if self.workers == 0:
             self._files = BlockFiles()
+            self._read = _import(self.read_task)
             return
-        ctx = mp.get_context(self.start_method)
-        parent = os.getpid()
         _open_readers.add(self)
         for w in range(self.workers):
-            q = ctx.Queue(maxsize=self.prefetch)
-            p = ctx.Process(
-                target=_worker_main,
-                args=(self.source, self.tasks, w, self.workers, self.first, self.stop, q, parent),
-                name=f"dqrm-data-{w}",
-                daemon=True,
+            proc = subprocess.Popen(
+                [sys.executable, "-m", __name__],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C at a terminal is the consumer's to handle
+                env=_worker_env(),
             )
-            self._queues.append(q)
-            self._procs.append(p)
-        for p in self._procs:
-            p.start()
+            self._procs.append(proc)
+            job = {
+                "sys_path": list(sys.path),
+                "read_task": self.read_task,
+                "source": self.source,
+                "tasks": self.tasks,
+                "worker": w,
+                "workers": self.workers,
+                "first": self.first,
+                "stop": self.stop,
+                "prefetch": self.prefetch,
+            }
+            assert proc.stdin is not None
+            pickle.dump(job, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()  # stdin stays open: its end tells the worker that we ended
 
     def _get(self, t: int) -> RowBlock:
         if self.workers == 0:
-            assert self._files is not None
-            return read_task(self.source, self.tasks[t % len(self.tasks)], self._files)
+            assert self._files is not None and self._read is not None
+            return self._read(self.source, self.tasks[t % len(self.tasks)], self._files)
         w = t % self.workers
-        q, p = self._queues[w], self._procs[w]
-        while True:
-            try:
-                kind, number, payload = q.get(timeout=POLL_SECONDS)
-                break
-            except queue.Empty:
-                if p.is_alive():
-                    continue
-                try:  # it may have handed over its last words just before it ended
-                    kind, number, payload = q.get(timeout=POLL_SECONDS)
-                    break
-                except queue.Empty:
-                    raise DqrmError(
-                        f"data loader worker {w} (pid {p.pid}) ended before reading block "
-                        f"{t % len(self.tasks)} ({_exit_reason(p.exitcode)})"
-                    ) from None
+        proc = self._procs[w]
+        assert proc.stdout is not None
+        try:
+            kind, number, payload = pickle.load(proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            raise DqrmError(
+                f"data loader worker {w} (pid {proc.pid}) ended before reading block "
+                f"{t % len(self.tasks)} ({_exit_reason(proc)})"
+            ) from None
         if kind == "error":
             raise payload from None
         if kind == "crash":
@@ -189,73 +201,103 @@ class BlockReader:
         return payload
 
 
-def _exit_reason(code: int | None) -> str:
-    if code is None:
-        return "still running"
+def _worker_env() -> dict[str, str]:
+    """This environment, with the directory holding the ``compress`` package first on
+    ``PYTHONPATH`` (the worker imports it before it reads the job's ``sys.path``)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _exit_reason(proc: subprocess.Popen) -> str:
+    try:
+        code = proc.wait(JOIN_SECONDS)
+    except subprocess.TimeoutExpired:
+        return "its output ended"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    return f"exit code {code}"
+    err = b""
+    if proc.stderr is not None:
+        with contextlib.suppress(OSError):
+            err = proc.stderr.read()
+    last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+    return f"exit code {code}" + (f": {last[0][:200]}" if last[0] else "")
 
 
-def _worker_main(
-    source: Source,
-    tasks: tuple[Task, ...],
-    worker: int,
-    workers: int,
-    first: int,
-    stop: int | None,
-    out: mp.Queue,
-    parent: int,
-) -> None:
-    """Read every ``workers``-th task from the first ``t >= first`` with ``t % workers ==
-    worker`` into ``out`` as ``("block", t, RowBlock)``; on a failure hand over
-    ``("error", t, DqrmError)`` or ``("crash", t, traceback text)`` and end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the consumer to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked child must not run the CLI's handler
-    _die_with_parent(parent)
+def _import(name: str) -> Callable:
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+# ---------------------------------------------------------------------------- the worker side
+
+
+def _worker(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Read the job from ``stdin``, then hand over ``("block", t, RowBlock)`` for every task ``t``
+    of this worker on ``stdout``; on a failure ``("error", t, DqrmError)`` or
+    ``("crash", t, traceback text)``, and end. Reads up to ``prefetch`` blocks ahead of the
+    consumer (a thread writes while the next block is parsed)."""
+    job = pickle.load(stdin)
+    sys.path[:] = job["sys_path"]
+    read = _import(job["read_task"])
+    threading.Thread(target=_end_with_parent, args=(stdin,), daemon=True).start()
+    source, tasks = job["source"], job["tasks"]
+    workers, stop = job["workers"], job["stop"]
+    ready: queue.Queue = queue.Queue(maxsize=job["prefetch"])
+    writer = threading.Thread(target=_write, args=(ready, stdout), daemon=True)
+    writer.start()
     files = BlockFiles()
-    t = first + (worker - first) % workers
+    t = job["first"] + (job["worker"] - job["first"]) % workers
     try:
         while stop is None or t < stop:
-            block = read_task(source, tasks[t % len(tasks)], files)
-            _put(out, ("block", t, block), parent)
+            ready.put(("block", t, read(source, tasks[t % len(tasks)], files)))
             t += workers
     except DqrmError as e:
-        _put(out, ("error", t, e), parent)
+        ready.put(("error", t, e))
     except Exception:
-        _put(out, ("crash", t, traceback.format_exc()), parent)
+        ready.put(("crash", t, traceback.format_exc()))
     finally:
         files.close()
+        ready.put(None)
+        writer.join()
 
 
-def _put(out: mp.Queue, item: tuple, parent: int) -> None:
-    """Hand ``item`` over, waiting while the queue is full; end this process once the parent is
-    gone (nobody will read it)."""
-    while True:
+def _write(ready: queue.Queue, stdout: BinaryIO) -> None:
+    while (item := ready.get()) is not None:
         try:
-            out.put(item, timeout=POLL_SECONDS * 4)
-            return
-        except queue.Full:
-            if os.getppid() != parent:
-                os._exit(0)
+            pickle.dump(item, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+            stdout.flush()
+        except OSError:  # the consumer closed its end: nobody wants more
+            os._exit(0)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to send SIGTERM to this process when its parent ends; end now if it already has."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the parent check in _put remains
+def _end_with_parent(stdin: BinaryIO) -> None:
+    """End this process once the parent is gone (its end of our standard input closes)."""
+    with contextlib.suppress(OSError):
+        while stdin.read(1 << 16):
             pass
-    if os.getppid() != parent:
-        os._exit(0)
+    os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this process when its parent ends."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @atexit.register
 def _close_all() -> None:
     for reader in list(_open_readers):
         reader.close()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")  # stderr is read only once a worker has died
+    _die_with_parent()
+    _worker(sys.stdin.buffer, sys.stdout.buffer)

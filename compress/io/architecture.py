@@ -20,7 +20,8 @@ Only tensor names and shapes are read, so this works on memory-mapped or ``meta`
   after it with a leading ``t_`` removed (``t_cat_0`` -> ``cat_0``; TorchRec's DLRM examples name
   tables ``t_<feature>``); a table named otherwise gives its own name to its feature.
 
-A model config (JSON) can name features, fix the table order, and state shapes to check::
+A model config (JSON, :mod:`compress.io.model_config`) can name features, fix the table order,
+and state shapes to check (table shapes, MLP sizes, the class's interaction keys)::
 
     {"model_class": "DLRM",
      "tables": [{"name": "t_cat_0", "feature_names": ["cat_0"], "num_embeddings": 100,
@@ -29,14 +30,13 @@ A model config (JSON) can name features, fix the table order, and state shapes t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
 
 from compress.errors import CheckpointError, ModelConfigError
-from compress.io.dlrm_classes import detect, known_classes
+from compress.io.dlrm_classes import detect, strategy_for
 from compress.io.dlrm_classes.base import (
     DENSE_GROUP,
     DENSE_MLP,
@@ -47,6 +47,11 @@ from compress.io.dlrm_classes.base import (
     mlp_weights,
     table_of_key,
     table_weight_key,
+)
+from compress.io.model_config import (  # noqa: F401  (re-exported: the config format's home)
+    default_feature_name,
+    load_model_config,
+    spec_to_model_config,
 )
 from compress.io.model_spec import DLRMSpec, TableSpec
 
@@ -95,7 +100,7 @@ def infer_spec(
         if config_order:
             by_name = {t[0]: t for t in tables}
             tables = [by_name[n] for n in config_order]
-    return DLRMSpec(
+    spec = DLRMSpec(
         model_class=strategy.name,
         tables=tuple(
             TableSpec(n, r, d, tuple(feature_names[n]), _dtype_name(sd[table_weight_key(n)]))
@@ -111,6 +116,9 @@ def infer_spec(
         ),
         **interaction.params,
     )
+    if model_config is not None:
+        _check_layer_sizes(model_config, spec, source)
+    return spec
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str, source: str) -> dict[str, torch.Tensor]:
@@ -142,57 +150,6 @@ def _mlps(
             f"{source}: bottom MLP ends at {dense_w[-1].shape[0]} but tables have dim {dim}"
         )
     return dense_w, over_sizes, over_in
-
-
-def load_model_config(path: str | Path) -> dict:
-    """Read a model-config JSON file (see the module docstring for its keys)."""
-    path = Path(path)
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ModelConfigError(f"{path}: no such model config") from e
-    except json.JSONDecodeError as e:
-        raise ModelConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
-    if not isinstance(cfg, dict):
-        raise ModelConfigError(f"{path}: expected a JSON object")
-    unknown = set(cfg) - {"model_class", "tables", "dense_in_features", "format"}
-    if unknown:
-        raise ModelConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
-    tables = cfg.get("tables", [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) and "name" in t for t in tables):
-        raise ModelConfigError(f"{path}: 'tables' must be a list of objects with a 'name'")
-    for i, t in enumerate(tables):
-        bad = set(t) - {"name", "feature_names", "num_embeddings", "embedding_dim"}
-        if bad:
-            raise ModelConfigError(
-                f"{path}: tables[{i}] ({t['name']}): unknown key(s) {sorted(bad)}"
-            )
-    if "model_class" in cfg and cfg["model_class"] not in known_classes():
-        raise ModelConfigError(f"{path}: model_class must be one of {known_classes()}")
-    cfg["_source"] = str(path)
-    return cfg
-
-
-def spec_to_model_config(spec: DLRMSpec) -> dict:
-    """The model-config JSON object that reproduces ``spec``'s names and order."""
-    return {
-        "model_class": spec.model_class,
-        "dense_in_features": spec.dense_in_features,
-        "tables": [
-            {
-                "name": t.name,
-                "feature_names": list(t.feature_names),
-                "num_embeddings": t.num_embeddings,
-                "embedding_dim": t.embedding_dim,
-            }
-            for t in spec.tables
-        ],
-    }
-
-
-def default_feature_name(table_name: str) -> str:
-    """``t_cat_0`` -> ``cat_0``; any other name is its own feature name."""
-    return table_name[2:] if table_name.startswith("t_") and len(table_name) > 2 else table_name
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +258,22 @@ def _check_config(cfg: dict, model_class: str, tables: list, dense_in: int, sour
                 raise ModelConfigError(
                     f"{where}: table {t['name']}: {key} {t[key]} but {source} has {actual}"
                 )
+
+
+def _check_layer_sizes(cfg: dict, spec: DLRMSpec, source: str) -> None:
+    """The MLP sizes and the class's interaction keys (its strategy's ``config_keys``) that
+    ``cfg`` states must be ``spec``'s, inferred from the checkpoint ``source``."""
+    where = cfg.get("_source", "model config")
+    keys = ["dense_arch_layer_sizes", "over_arch_layer_sizes"]
+    keys += [k.name for k in strategy_for(spec.model_class).config_keys]
+    for key in keys:
+        if key not in cfg:
+            continue
+        actual = getattr(spec, key)
+        stated = tuple(cfg[key]) if isinstance(actual, tuple) else cfg[key]
+        if stated != actual:
+            shown = list(actual) if isinstance(actual, tuple) else actual
+            raise ModelConfigError(f"{where}: {key} {cfg[key]} but {source} has {shown}")
 
 
 def _dtype_name(t: torch.Tensor) -> str:

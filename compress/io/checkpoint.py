@@ -10,14 +10,9 @@ Forms understood:
   a state dict, or of a dictionary holding one under those keys.
 
 Files are opened with ``weights_only=True`` and memory-mapped, so reading shapes does not read the
-tables. The DCP ``.metadata`` file is a plain pickle. It is read by :class:`_RestrictedUnpickler`,
-which resolves only an explicit list of (module, name) pairs (DCP's metadata classes, torch's
-``Size``, dtypes and layout lookup, and paths), builds only instances of those classes, and refuses
-anything else before it is constructed; the result is then checked field by field (chunks tile
-each tensor exactly, storage files are plain names inside the directory and hold the bytes they
-claim, each chunk's slice holds at least its elements' bytes, and all tensors together need no more
-bytes than the data files hold), so no size in the metadata makes the reader allocate memory that
-the files do not back.
+tables. A DCP directory's ``.metadata`` pickle is read without running code and checked before any
+size in it is trusted (:mod:`compress.io.dcp`); its tensors are allocated and read only by
+:func:`load_tensors`.
 
 Key order. A torch.save state dict keeps the order in which the model declared its modules. DCP
 writes ``Metadata.state_dict_metadata`` in the order the saving ranks' plans list the items, rank 0
@@ -29,37 +24,24 @@ the rest (items that only other ranks wrote) are not, and are reported in
 
 from __future__ import annotations
 
-import io
+import logging
 import math
-import pathlib
 import pickle
-import re
-import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.serialization
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import filesystem as dcp_filesystem
-from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from compress.errors import CheckpointError, DqrmError
+from compress.errors import CheckpointError, DqrmError, first_line
+from compress.io.dcp import SafeFileSystemReader, rank0_keys, read_dcp_metadata
+from compress.io.pickle_depth import check_torch_file
 
 STATE_DICT_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -127,9 +109,10 @@ def load_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         return ckpt.tensors
     prefix = ckpt.dcp_prefix
     state = {prefix + k: _allocate(ckpt.path, k, t) for k, t in ckpt.tensors.items()}
-    reader = _SafeFileSystemReader(str(ckpt.path), ckpt.dcp_metadata)
+    reader = SafeFileSystemReader(str(ckpt.path), ckpt.dcp_metadata)
     try:
-        with warnings.catch_warnings():  # "torch.distributed is disabled ...": we read locally
+        with warnings.catch_warnings(), _quiet_dcp_tracebacks():
+            # "torch.distributed is disabled ...": we read locally
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=reader, no_dist=True)
     except CheckpointException as e:  # DCP wraps every failure, even KeyboardInterrupt, in this
@@ -137,12 +120,33 @@ def load_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         what = (
             "a tensor slice is not tensor data (corrupt, or it holds other objects)"
             if isinstance(cause, pickle.UnpicklingError)
-            else _first_line(cause)
+            else first_line(cause)
         )
         raise CheckpointError(
             f"{ckpt.path}: cannot read distributed checkpoint data: {what}"
         ) from cause
     return {k[len(prefix) :]: v for k, v in state.items()}
+
+
+class _DropDcpTracebacks(logging.Filter):
+    """Drops the records with a traceback that DCP's loader logs (on the root logger) for a
+    failure it then raises: the user gets that failure as one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and Path(record.pathname).parts[-3:-1] == _DCP_PACKAGE)
+
+
+_DCP_PACKAGE = ("distributed", "checkpoint")  # .../torch/distributed/checkpoint/<module>.py
+
+
+@contextmanager
+def _quiet_dcp_tracebacks() -> Iterator[None]:
+    root, quiet = logging.getLogger(), _DropDcpTracebacks()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _allocate(path: Path, key: str, meta: torch.Tensor) -> torch.Tensor:
@@ -178,6 +182,7 @@ def _input_failure(e: CheckpointException) -> BaseException:
 def _open_file(path: Path) -> Checkpoint:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
+    check_torch_file(path)  # before unpickling: a tuple nested 200,000 deep crashes hashing
     is_zip = zipfile.is_zipfile(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
@@ -185,14 +190,59 @@ def _open_file(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"{path}: refused: the file holds pickled objects other than tensors "
             f"(loading it would run code); re-save it as a plain state dict "
-            f"({_first_line(e).split('. ')[0]})"
+            f"({first_line(e).split('. ')[0]})"
         ) from e
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(
-            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {_first_line(e)}"
+            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {first_line(e)}"
         ) from e
     state, fmt = _find_state_dict(obj, path)
+    for key, tensor in state.items():
+        _check_backed(path, key, tensor)
+    _check_no_aliasing(path, state)
     return Checkpoint(path=path, format=fmt, tensors=state)
+
+
+def _check_backed(path: Path, key: str, t: torch.Tensor) -> None:
+    """Refuse a tensor that claims more elements than its storage holds: overlapping strides (a
+    stride of 0 repeats one row 200 million times from 32 bytes) or a storage too short for the
+    shape. A non-contiguous layout whose elements are all distinct (a transposed view) is read."""
+    if t.layout is not torch.strided:
+        raise CheckpointError(f"{path}: {key} is a {t.layout} tensor; only dense tensors are read")
+    if t.numel() == 0:
+        return
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    span = 1  # elements spanned by the dims of smaller stride: each larger stride must clear it
+    for stride, n in dims:
+        if stride < span:
+            raise CheckpointError(
+                f"{path}: refused: {key} {tuple(t.shape)} has strides {tuple(t.stride())} that "
+                "make elements overlap (it claims more data than the file stores); save it "
+                "with .contiguous()"
+            )
+        span = stride * (n - 1) + span
+    need = (t.storage_offset() + span) * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if need > have:
+        raise CheckpointError(
+            f"{path}: refused: {key} {tuple(t.shape)} needs {need:,} bytes of storage, the file "
+            f"stores {have:,} for it"
+        )
+
+
+def _check_no_aliasing(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors that together claim more bytes than their distinct storages hold (many
+    tables viewing one storage would each be converted as if the file held them all)."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()
+    }
+    claimed = sum(t.numel() * t.element_size() for t in state.values())
+    stored = sum(storages.values())
+    if claimed > stored:
+        raise CheckpointError(
+            f"{path}: refused: its tensors need {claimed:,} bytes, the file stores {stored:,} "
+            "(tensors share storage)"
+        )
 
 
 def _find_state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -257,314 +307,6 @@ def _dcp_container(items: Mapping[str, object]) -> tuple[str, str]:
         if inside and any(not k.startswith(key + ".") for k in items):
             return key + ".", f"dcp:{key}"
     return "", "dcp"
-
-
-_RANK0_FILE = re.compile(r"__0_\d+\.distcp$")
-
-
-def rank0_keys(metadata: Metadata) -> frozenset[str]:
-    """Keys with a chunk stored in a ``__0_*.distcp`` file: the ones rank 0's save plan wrote,
-    which DCP lists in rank 0's state-dict order before any other rank's (see module docstring)."""
-    storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
-    return frozenset(
-        index.fqn
-        for index, info in storage.items()
-        if isinstance(info, dcp_filesystem._StorageInfo)
-        and _RANK0_FILE.fullmatch(str(info.relative_path))
-    )
-
-
-# What a damaged or hostile pickle makes the pure-Python unpickler raise. MemoryError and
-# RecursionError are not here: they propagate as themselves.
-_PICKLE_ERRORS = (
-    pickle.UnpicklingError,
-    EOFError,
-    ValueError,  # includes UnicodeDecodeError
-    TypeError,
-    AttributeError,
-    IndexError,
-    KeyError,
-    struct.error,
-    OverflowError,
-)
-
-
-def read_dcp_metadata(meta_path: Path) -> Metadata:
-    """The checked :class:`Metadata` of a DCP directory's ``.metadata`` file (see module docstring).
-
-    Raises :class:`CheckpointError` naming ``meta_path`` for a refused, corrupt or inconsistent file.
-    """
-    try:
-        # From memory, not the file: a length field in the pickle (BINBYTES8 of 2^62) then reads
-        # what the file holds instead of allocating what the field claims.
-        metadata = _RestrictedUnpickler(io.BytesIO(meta_path.read_bytes())).load()
-    except CheckpointError as e:
-        raise CheckpointError(f"{meta_path}: {e}") from e
-    except OSError as e:
-        raise CheckpointError(f"{meta_path}: cannot read: {e.strerror or e}") from e
-    except _PICKLE_ERRORS as e:
-        raise CheckpointError(f"{meta_path}: corrupt DCP metadata: {_first_line(e)}") from e
-    _check_metadata(metadata, meta_path)
-    return metadata
-
-
-# The dataclasses of torch.distributed.checkpoint.metadata that a .metadata pickle builds.
-_DCP_METADATA_CLASSES = (
-    Metadata,
-    StorageMeta,
-    MetadataIndex,
-    TensorStorageMetadata,
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    TensorProperties,
-)
-
-
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    """Every (module, name) a ``.metadata`` pickle written by DCP's FileSystemWriter references,
-    mapped to the object it stands for. Enumerated from ``dcp.save`` of TorchRec DLRM, DLRM_DCN,
-    DLRM_Projection and DLRMTrain state dicts (fp32/fp16/bf16, with non-tensor entries)."""
-    metadata_classes = (*_DCP_METADATA_CLASSES, dcp_metadata._MEM_FORMAT_ENCODING)
-    allowed: dict[tuple[str, str], object] = {
-        ("torch.distributed.checkpoint.metadata", c.__name__): c for c in metadata_classes
-    }
-    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = (
-        dcp_filesystem._StorageInfo
-    )
-    allowed[("torch", "Size")] = torch.Size
-    # A dtype pickles as its bare name in module torch (torch.float32 -> "float32").
-    for value in vars(torch).values():
-        if isinstance(value, torch.dtype):
-            allowed[("torch", str(value).removeprefix("torch."))] = value
-    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
-    # StorageMeta.checkpoint_id may be a path; keep it as a pure path (no file-system access).
-    for module in ("pathlib", "pathlib._local"):
-        for name in ("PosixPath", "PurePosixPath", "Path"):
-            allowed[(module, name)] = pathlib.PurePosixPath
-        for name in ("WindowsPath", "PureWindowsPath"):
-            allowed[(module, name)] = pathlib.PureWindowsPath
-    return allowed
-
-
-_ALLOWED_GLOBALS = _allowed_globals()
-_CALLABLES = frozenset(id(v) for v in _ALLOWED_GLOBALS.values() if callable(v))
-_BUILDABLE = (*_DCP_METADATA_CLASSES, dcp_filesystem._StorageInfo)
-
-
-class _RestrictedUnpickler(pickle._Unpickler):
-    """A pickle reader that constructs only DCP metadata.
-
-    ``find_class`` answers from :data:`_ALLOWED_GLOBALS` by exact (module, name): no import, no
-    dotted names, nothing reached through a module's globals. The pure-Python unpickler is used so
-    that its calls can be checked too: REDUCE and NEWOBJ only call allowed classes/functions, and
-    BUILD only sets the state of instances of DCP's metadata dataclasses (never of a class).
-    """
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def find_class(self, module: str, name: str) -> object:
-        obj = _ALLOWED_GLOBALS.get((module, name))
-        if obj is None:
-            raise CheckpointError(
-                f"refused: the metadata pickle references {_clean(module)}.{_clean(name)}, "
-                "which is not a DCP metadata class (loading it could run code); nothing was run"
-            )
-        return obj
-
-    def _load_reduce(self) -> None:
-        _check_callable(self.stack[-2])
-        pickle._Unpickler.load_reduce(self)
-
-    def _load_newobj(self) -> None:
-        _check_callable(self.stack[-2])
-        pickle._Unpickler.load_newobj(self)
-
-    def _load_newobj_ex(self) -> None:
-        _check_callable(self.stack[-3])
-        pickle._Unpickler.load_newobj_ex(self)
-
-    def _load_build(self) -> None:
-        target = self.stack[-2]
-        if type(target) not in _BUILDABLE:
-            raise CheckpointError(
-                f"refused: the metadata pickle sets the state of a {_clean(type(target).__name__)}"
-            )
-        pickle._Unpickler.load_build(self)
-
-    dispatch[pickle.REDUCE[0]] = _load_reduce
-    dispatch[pickle.NEWOBJ[0]] = _load_newobj
-    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
-    dispatch[pickle.BUILD[0]] = _load_build
-
-
-def _check_callable(obj: object) -> None:
-    if id(obj) not in _CALLABLES:
-        raise CheckpointError(f"refused: the metadata pickle calls a {_clean(type(obj).__name__)}")
-
-
-# ---- checking what was unpickled
-
-
-def _check_metadata(md: object, meta_path: Path) -> None:
-    """Raise :class:`CheckpointError` unless ``md`` is DCP metadata whose tensors are fully
-    covered by chunks stored in readable files of the directory."""
-
-    def fail(what: str) -> CheckpointError:
-        return CheckpointError(f"{meta_path}: not valid DCP metadata: {what}")
-
-    if type(md) is not Metadata:
-        raise fail(f"holds a {type(md).__name__}")
-    items = md.state_dict_metadata
-    if not isinstance(items, dict):
-        raise fail("state_dict_metadata is not a dict")
-    storage = md.storage_data
-    if not isinstance(storage, dict):
-        raise fail("no storage_data (only FileSystemWriter checkpoints are read)")
-    file_sizes: dict[str, int] = {}
-    tensor_bytes = 0
-    for key, item in items.items():
-        if not isinstance(key, str):
-            raise fail(f"key {key!r} is not a string")
-        if isinstance(item, BytesStorageMetadata):
-            continue
-        if not isinstance(item, TensorStorageMetadata):
-            raise fail(f"{key!r}: entry is a {type(item).__name__}")
-        _check_tensor_entry(key, item, fail)
-        itemsize = item.properties.dtype.itemsize
-        for chunk in item.chunks:
-            info = storage.get(MetadataIndex(key, chunk.offsets))
-            _check_storage(key, info, meta_path.parent, file_sizes, fail)
-            need = math.prod(chunk.sizes) * itemsize
-            if info.length < need:
-                raise fail(
-                    f"{key!r}: a chunk of {tuple(chunk.sizes)} needs {need:,} bytes, its storage "
-                    f"in {info.relative_path} holds {info.length:,}"
-                )
-        tensor_bytes += math.prod(item.size) * itemsize
-    on_disk = sum(file_sizes.values())
-    if tensor_bytes > on_disk:  # chunks sharing storage bytes: more tensor data than the files hold
-        raise fail(f"its tensors need {tensor_bytes:,} bytes, its data files hold {on_disk:,}")
-
-
-def _check_tensor_entry(
-    key: str, item: TensorStorageMetadata, fail: Callable[[str], CheckpointError]
-) -> None:
-    props, size, chunks = item.properties, item.size, item.chunks
-    if not isinstance(props, TensorProperties) or not isinstance(props.dtype, torch.dtype):
-        raise fail(f"{key!r}: no tensor dtype")
-    if not _is_shape(size):
-        raise fail(f"{key!r}: size {size!r} is not a shape")
-    if not isinstance(chunks, list) or not all(isinstance(c, ChunkStorageMetadata) for c in chunks):
-        raise fail(f"{key!r}: chunks are not a list of ChunkStorageMetadata")
-    covered = 0
-    for c in chunks:
-        if not (_is_shape(c.offsets) and _is_shape(c.sizes)):
-            raise fail(f"{key!r}: chunk offsets/sizes are not shapes")
-        if len(c.offsets) != len(size) or len(c.sizes) != len(size):
-            raise fail(f"{key!r}: a chunk has {len(c.sizes)} dims, the tensor {len(size)}")
-        if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size, strict=True)):
-            raise fail(f"{key!r}: chunk at {tuple(c.offsets)} runs past size {tuple(size)}")
-        covered += math.prod(c.sizes)  # Python ints: torch.Size.numel() wraps around int64
-    if covered != math.prod(size):
-        raise fail(
-            f"{key!r}: chunks hold {covered} elements but the tensor has {math.prod(size)} "
-            "(missing or overlapping shards)"
-        )
-    pair = _first_overlap(chunks)
-    if pair is not None:  # as many elements as the tensor, two sharing some: others uncovered
-        a, b = (tuple(chunks[i].offsets) for i in pair)
-        raise fail(f"{key!r}: the chunks at {a} and {b} overlap (part of the tensor has no data)")
-
-
-def _first_overlap(chunks: list[ChunkStorageMetadata]) -> tuple[int, int] | None:
-    """Indices of two chunks (in-bounds boxes) that share an element, or None. Sorted by their
-    start in dim 0, each box is compared only with the later boxes that start before it ends there
-    (one comparison per neighbour for row-wise shards)."""
-    if len(chunks) < 2 or len(chunks[0].offsets) == 0:
-        return None
-    lo = np.array([tuple(c.offsets) for c in chunks], dtype=np.int64)
-    hi = lo + np.array([tuple(c.sizes) for c in chunks], dtype=np.int64)
-    order = np.flatnonzero((hi > lo).all(axis=1))  # empty chunks share nothing
-    order = order[np.argsort(lo[order, 0], kind="stable")]
-    lo, hi = lo[order], hi[order]
-    for i in range(len(order) - 1):
-        end = int(np.searchsorted(lo[:, 0], hi[i, 0], side="left"))
-        if end <= i + 1:
-            continue
-        meets = ((lo[i + 1 : end] < hi[i]) & (lo[i] < hi[i + 1 : end])).all(axis=1)
-        if meets.any():
-            return int(order[i]), int(order[i + 1 + int(meets.argmax())])
-    return None
-
-
-def _check_storage(
-    key: str,
-    info: object,
-    root: Path,
-    file_sizes: dict[str, int],
-    fail: Callable[[str], CheckpointError],
-) -> None:
-    if not isinstance(info, dcp_filesystem._StorageInfo):
-        raise fail(f"{key!r}: a chunk has no storage entry")
-    name = info.relative_path
-    if not isinstance(name, str) or not name or name in (".", "..") or re.search(r"[/\\]", name):
-        raise fail(f"{key!r}: storage file {name!r} is not a plain file name in the directory")
-    for field_name in ("offset", "length"):
-        value = getattr(info, field_name)
-        if type(value) is not int or value < 0:
-            raise fail(f"{key!r}: storage {field_name} {value!r} is not a byte count")
-    if getattr(info, "transform_descriptors", None):  # a compressed slice may expand to anything
-        raise fail(
-            f"{key!r}: storage is transformed ({_clean(str(info.transform_descriptors))}); only "
-            "uncompressed FileSystemWriter checkpoints are read (re-save without _extensions)"
-        )
-    if name not in file_sizes:
-        file = root / name
-        if file.is_symlink():
-            raise fail(
-                f"{key!r}: data file {name} is a symbolic link (refused: it may lead outside)"
-            )
-        if not file.is_file():
-            raise fail(f"{key!r}: data file {name} is missing")
-        file_sizes[name] = file.stat().st_size
-    if info.offset + info.length > file_sizes[name]:
-        raise fail(
-            f"{key!r}: {name} has {file_sizes[name]} bytes, the chunk ends at "
-            f"{info.offset + info.length} (truncated?)"
-        )
-
-
-def _is_shape(value: object) -> bool:
-    return isinstance(value, torch.Size) and all(type(n) is int and 0 <= n < 2**62 for n in value)
-
-
-class _SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader with its ``.metadata`` read by the restricted unpickler."""
-
-    def __init__(self, path: str, metadata: Metadata | None = None) -> None:
-        super().__init__(path)
-        self._checked_metadata = metadata
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        metadata = self._checked_metadata or read_dcp_metadata(Path(self.path) / ".metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-# --------------------------------------------------------------------------------------------
-
-
-def _clean(text: str) -> str:
-    """``text`` fit for a one-line message (escaped if not printable, at most 100 chars)."""
-    text = str(text)
-    return (text if text.isprintable() else ascii(text))[:100]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _preview(items, limit: int = 6) -> str:

@@ -4,7 +4,8 @@ The training state records them so that ``--resume`` continues only the run it w
 (:mod:`compress.train.inputs`); ``--valid`` rows identical to ``--data`` rows are refused with
 them (:mod:`compress.data.separation`). Digests cover what a reader returned (arrays and tensors
 with their names, dtypes and shapes), so they also see options that change what a file reads as,
-and JSON in one canonical spelling (:func:`canonical_json`, also the artifact manifest's).
+and JSON in one canonical spelling (:func:`canonical_json`, also the artifact manifest's). Files
+are hashed as bytes (:func:`sha256_file`: the checksums an artifact manifest lists).
 
 Arrays are fed to sha256 in 8 MiB pieces; above :data:`BAR_BYTES` a progress bar counts them on a
 terminal (:mod:`compress.progress`).
@@ -15,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from compress import progress
+from compress.io.table_stream import row_chunks
 
 #: Bytes handed to sha256 at a time.
 CHUNK_BYTES = 8 << 20
@@ -37,6 +40,16 @@ def canonical_json(obj: Any) -> str:
 def sha256_json(obj: Any) -> str:
     """Hex sha256 of :func:`canonical_json` of ``obj``."""
     return hashlib.sha256(canonical_json(obj).encode("ascii")).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = CHUNK_BYTES) -> str:
+    """Hex sha256 of the bytes of the file at ``path``, read ``chunk`` bytes at a time (the
+    checksum an artifact manifest records for each of its files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def as_bytes(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -60,9 +73,7 @@ def sha256_arrays(
     try:
         for name, array in items:
             h.update(canonical_json([name, str(array.dtype), list(array.shape)]).encode("ascii"))
-            data = as_bytes(array)  # one array's copy at a time, if any
-            for start in range(0, data.size, CHUNK_BYTES):
-                piece = data[start : start + CHUNK_BYTES]
+            for piece in _pieces(array):
                 h.update(piece)
                 if bar is not None:
                     bar.update(piece.size)
@@ -70,6 +81,21 @@ def sha256_arrays(
         if bar is not None:
             bar.close()
     return h.hexdigest()
+
+
+def _pieces(array: np.ndarray | torch.Tensor) -> Iterable[np.ndarray]:
+    """The bytes of ``array`` (C order) in pieces of at most :data:`CHUNK_BYTES`: a memory-mapped
+    tensor read from its file (:func:`compress.io.table_stream.row_chunks`, so hashing a
+    checkpoint maps none of its pages), anything else one array's copy at a time, if any."""
+    if isinstance(array, torch.Tensor):
+        flat = array.detach().cpu().contiguous().reshape(-1)
+        per = max(1, CHUNK_BYTES // max(1, flat.element_size()))
+        for _, _, values in row_chunks(flat, per):
+            yield values.view(torch.uint8).numpy()
+        return
+    data = as_bytes(array)
+    for start in range(0, data.size, CHUNK_BYTES):
+        yield data[start : start + CHUNK_BYTES]
 
 
 def _nbytes(array: np.ndarray | torch.Tensor) -> int:

@@ -4,8 +4,9 @@ The module is built on the ``meta`` device and the checkpoint's tensors are assi
 (``load_state_dict(strict=True, assign=True)``), so a memory-mapped float32 checkpoint is not
 copied: a model whose tables are larger than RAM still loads. Before that, every key must be one
 the rebuilt model has, with its shape (missing and extra keys are named), and every weight must be
-finite: the tables are scanned in chunks (a file's pages are read, not copied), and a NaN or inf is
-an error naming the table and row. float16/bfloat16 weights are converted to float32 (exactly), the
+finite: the tables are scanned in chunks (read from the file into chunk buffers, so the scan maps
+none of the file's pages; :mod:`compress.io.table_stream`), and a NaN or inf is an error naming
+the table and row. float16/bfloat16 weights are converted to float32 (exactly), the
 precision TorchRec's modules compute in; that copy is the one extra memory a half-precision
 checkpoint costs.
 
@@ -16,6 +17,7 @@ then beside the checkpoint (:func:`find_model_config`).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +28,14 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compress.errors import CheckpointError, ModelConfigError
-from compress.io.architecture import infer_spec, load_model_config, spec_to_model_config
+from compress.io.architecture import infer_spec
 from compress.io.checkpoint import Checkpoint, load_tensors, open_checkpoint
 from compress.io.dlrm_classes import strategy_for
 from compress.io.dlrm_classes.base import table_of_key
+from compress.io.model_config import full_model_config, load_model_config
 from compress.io.model_spec import DLRMSpec, TableSpec
+from compress.io.table_stream import progress_bytes, row_chunks
+from compress.quant.tablewise import absmax
 
 
 @dataclass
@@ -98,10 +103,12 @@ def load_model(path: str | Path, model_config: str | Path | dict | None = None) 
     module = build_model(spec, device="meta")
     state = strip_prefix(load_tensors(ckpt), spec.key_prefix)
     check_state_keys(state, module.state_dict(), source=str(ckpt.path), prefix=spec.key_prefix)
-    state = {
-        k: float32_checked(v, _weight_name(k, spec.key_prefix), str(ckpt.path))
-        for k, v in state.items()
-    }
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    with progress_bytes(total, "check weights"):
+        state = {
+            k: float32_checked(v, _weight_name(k, spec.key_prefix), str(ckpt.path))
+            for k, v in state.items()
+        }
     module.load_state_dict(state, strict=True, assign=True)
     module.eval()
     return LoadedModel(checkpoint=ckpt, spec=spec, module=module)
@@ -135,26 +142,24 @@ def check_state_keys(
             )
 
 
-_SCAN_ELEMENTS = 1 << 22  # elements per chunk of the finite scan (16 MiB of float32)
-
-
 def float32_checked(t: torch.Tensor, name: str, source: str) -> torch.Tensor:
-    """``t`` as float32 (itself when it already is, so a memory map stays one), scanned in chunks;
-    a NaN or inf is a :class:`CheckpointError` naming ``name`` and the first bad row."""
+    """``t`` as float32 (itself when it already is, so a memory map stays one), scanned in chunks
+    of rows (a memory-mapped tensor read from its file, :func:`compress.io.table_stream.row_chunks`:
+    the scan maps none of its pages); a NaN or inf is a :class:`CheckpointError` naming ``name``
+    and the first bad row."""
     out = t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32)
-    flat_in, flat_out = t.reshape(-1), out.reshape(-1)
+    if t.numel() == 0:
+        return out
     row = max(1, t.shape[-1]) if t.dim() > 1 else 1
-    step = max(row, _SCAN_ELEMENTS // row * row)  # whole rows per chunk
-    for start in range(0, flat_in.numel(), step):
-        chunk = flat_in[start : start + step]
+    rows_in, rows_out = t.reshape(-1, row), out.reshape(-1, row)
+    for start, stop, chunk in row_chunks(rows_in):
         if out is not t:
-            chunk = flat_out[start : start + step].copy_(chunk)
-        # NaN and inf propagate into the sum, which is several times faster than isfinite()
-        if bool(torch.isfinite(chunk.sum())):
+            chunk = rows_out[start:stop].copy_(chunk)
+        if math.isfinite(absmax(chunk)):  # one compiled pass (else aminmax): inf and NaN show
             continue
-        bad = (~torch.isfinite(chunk)).nonzero()  # or the sum overflowed: look element by element
+        bad = (~torch.isfinite(chunk)).nonzero()
         if len(bad):
-            first = start + int(bad[0, 0])
+            first = (start + int(bad[0, 0])) * row + int(bad[0, 1])
             where = f"row {first // row}" if t.dim() > 1 else f"element {first}"
             raise CheckpointError(f"{source}: {name} has a NaN or inf weight ({where})")
     return out
@@ -214,12 +219,12 @@ def read_spec_for_template(
 
 
 def write_model_config(path: str | Path, spec: DLRMSpec) -> None:
-    """Write ``spec``'s model config (:func:`compress.io.architecture.spec_to_model_config`) as JSON
-    to ``path``; an existing file is not overwritten."""
+    """Write ``spec``'s whole model config (:func:`compress.io.model_config.full_model_config`:
+    names, order, every shape) as JSON to ``path``; an existing file is not overwritten."""
     path = Path(path)
     if path.exists():
         raise ModelConfigError(f"{path}: already exists; remove it or name another file")
     try:
-        path.write_text(json.dumps(spec_to_model_config(spec), indent=2) + "\n")
+        path.write_text(json.dumps(full_model_config(spec), indent=2) + "\n")
     except OSError as e:
         raise ModelConfigError(f"{path}: cannot write: {e.strerror or e}") from e

@@ -7,6 +7,7 @@ plans, exporters) reads the model's shape from here, never from module attribute
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -86,6 +87,33 @@ class DLRMSpec:
             if feature in t.feature_names:
                 return t
         raise KeyError(feature)
+
+
+#: Names of the full ONNX graph's non-feature input and output (``exporters.onnx.model``'s
+#: ``DENSE_INPUT`` and ``LOGITS``): no feature's input name may be one of them.
+GRAPH_IO_NAMES = ("dense", "logits")
+
+
+def sanitize_name(name: str) -> str:
+    """``name`` as an identifier: characters outside ``[A-Za-z0-9_]`` become ``_``, and a leading
+    digit (or an empty name) gets a ``_`` prefix. ``"cat-1"`` -> ``"cat_1"``. A feature's ONNX
+    inputs are named from it (``<sanitized>__values``, ``<sanitized>__lengths``)."""
+    out = "".join(c if (c.isascii() and (c.isalnum() or c == "_")) else "_" for c in name)
+    return out if out and not out[0].isdigit() else "_" + out
+
+
+def feature_input_problem(features: Iterable[str]) -> str | None:
+    """Why ``features`` cannot all be inputs of one ONNX graph (two that sanitize alike, such as
+    ``a.b`` and ``a_b``, or one that sanitizes to :data:`GRAPH_IO_NAMES`), or ``None``."""
+    seen: dict[str, str] = {}
+    for f in features:
+        s = sanitize_name(f)
+        if s in GRAPH_IO_NAMES:
+            return f"feature {f!r} maps to input {s!r} of the ONNX graph, which is not a feature's"
+        if s in seen:
+            return f"features {seen[s]!r} and {f!r} both map to input {s!r} of the ONNX graph"
+        seen[s] = f
+    return None
 
 
 _DTYPE_SIZES = {

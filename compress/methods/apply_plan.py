@@ -1,6 +1,7 @@
 """Apply a plan to a TorchRec DLRM: prepare (fake-quant / shared modules) and convert (integers).
 
-``prepare_model`` copies the model and swaps in, for the tables stored one by one, a
+``prepare_model`` copies the model (its tables only where fine-tuning updates them) and swaps in,
+for the tables stored one by one, a
 :class:`~compress.methods.qat_embedding.QATEmbeddingBagCollection` whose per-table modules their
 methods make (:meth:`~compress.methods.registry.TableMethod.prepare`), one module per sharing group
 (:meth:`~compress.methods.registry.TableMethod.prepare_group`; ROBE-Z initialises its array by
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from compress.io.model_spec import DLRMSpec
+from compress.io.table_stream import copy_rows, progress_bytes
 from compress.methods import registry
 from compress.methods.base import MethodConfig
 from compress.methods.combined import CombinedEmbeddingBagCollection
@@ -55,6 +57,10 @@ def prepare_model(
     """A copy of ``model`` ready for fine-tuning under ``plan`` (``model`` is left untouched),
     and the prepared sharing groups (``name``, ``module``, ``notes``, ...).
 
+    Tables that fine-tuning updates are copied (:func:`copy_trained_weights`); the others (every
+    table of a plan that does not fine-tune: PTQ, ``keep``, ``fp16``) read ``model``'s own weights,
+    which nothing writes, so a memory-mapped checkpoint's tables cost nothing until converted.
+
     ``row_counts`` (table name -> ``[rows]`` occurrence counts from the training data) weight the
     projection of shared groups whose recipe asks for ``projection = "frequency"``.
     """
@@ -64,8 +70,13 @@ def prepare_model(
     own = [t for t in spec.tables if t.name in configs]
     parts: list[nn.Module] = []
     if own:
-        weights = {t.name: ebc.embedding_bags[t.name].weight.detach().clone() for t in own}
-        parts.append(QATEmbeddingBagCollection(own, weights, configs))
+        # the model's own weights (a memory-mapped checkpoint's are not read here); only the
+        # tables that fine-tuning updates get a copy of their own (``model`` stays untouched)
+        weights = {t.name: ebc.embedding_bags[t.name].weight.detach() for t in own}
+        collection = QATEmbeddingBagCollection(own, weights, configs)
+        if plan.needs_finetune:
+            copy_trained_weights(collection)
+        parts.append(collection)
     groups = [
         registry.get(g.method).prepare_group(g, spec, ebc, row_counts) for g in plan.share_groups
     ]
@@ -83,6 +94,20 @@ def prepare_model(
     return student, groups
 
 
+def copy_trained_weights(collection: QATEmbeddingBagCollection) -> list[str]:
+    """Give each table of ``collection`` that fine-tuning updates (its weight requires a
+    gradient) a copy of its weight, read chunk by chunk (:func:`compress.io.table_stream.copy_rows`),
+    in place of the loaded model's; the names of those tables. The others keep reading the loaded
+    model's weights, which nothing writes: a PTQ, ``keep`` or ``fp16`` table of a memory-mapped
+    checkpoint costs no memory of its own until it is converted."""
+    copied = []
+    for name, table in collection.embedding_bags.items():
+        if table.weight.requires_grad:
+            table.weight.data = copy_rows(table.weight.detach())
+            copied.append(name)
+    return copied
+
+
 def embedding_parts(model: nn.Module) -> list[nn.Module]:
     """The embedding modules of a prepared or converted model (one, or a combined collection's parts)."""
     ebc = model.sparse_arch.embedding_bag_collection
@@ -96,14 +121,23 @@ def convert_model(prepared: nn.Module) -> nn.Module:
     precision (fp32, or the dequantized fp16/int8 array).
     """
     ebc = prepared.sparse_arch.embedding_bag_collection
-    if isinstance(ebc, CombinedEmbeddingBagCollection):
-        for i, part in enumerate(ebc.parts):
-            if isinstance(part, QATEmbeddingBagCollection):
-                ebc.parts[i] = QuantizedEmbeddingBagCollection.from_qat(part)
-    else:
-        prepared.sparse_arch.embedding_bag_collection = QuantizedEmbeddingBagCollection.from_qat(
-            ebc
-        )
+    parts = list(ebc.parts) if isinstance(ebc, CombinedEmbeddingBagCollection) else [ebc]
+    total = sum(
+        m.weight.numel() * m.weight.element_size()
+        for part in parts
+        if isinstance(part, QATEmbeddingBagCollection)
+        for m in part.embedding_bags.values()
+        if registry.for_config(m.config).changes_tables  # a kept table is not read
+    )
+    with progress_bytes(total, "convert"):  # every table is read chunk by chunk
+        if isinstance(ebc, CombinedEmbeddingBagCollection):
+            for i, part in enumerate(ebc.parts):
+                if isinstance(part, QATEmbeddingBagCollection):
+                    ebc.parts[i] = QuantizedEmbeddingBagCollection.from_qat(part)
+        else:
+            prepared.sparse_arch.embedding_bag_collection = (
+                QuantizedEmbeddingBagCollection.from_qat(ebc)
+            )
     swap_linears(
         prepared,
         lambda lin: (

@@ -285,7 +285,7 @@ class TableMethod:
         raise NotImplementedError
 
     def stacked_bits(self, table: Any, rowwise_impl: str) -> int | None:
-        """Bit width under which the graph table joins the stacked FBGEMM-row lookup of all
+        """Bit width under which the graph table joins the grouped FBGEMM-row lookup of all
         tables of that width (:mod:`exporters.onnx.stacked_rows`; the table then has
         ``packed``, ``scale`` and ``bias`` as FBGEMM stores them), or ``None``."""
         return None

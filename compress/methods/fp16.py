@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torchrec.modules.embedding_configs import DataType
 
+from compress.io.table_stream import row_chunks
 from compress.methods.base import ArraySpec, ConvertedTable, MethodConfig, PreparedTable
 from compress.methods.keep import KeepMethod
 from compress.methods.registry import register
@@ -73,7 +74,11 @@ class Fp16Method(KeepMethod):
         return Fp16Prepared(weight, config, trainable=True)
 
     def _stored(self, w: torch.Tensor) -> torch.Tensor:
-        return w.half().contiguous()
+        """``w`` rounded to fp16, chunk by chunk (a memory-mapped table read from its file)."""
+        out = torch.empty(w.shape, dtype=torch.float16)
+        for start, stop, rows in row_chunks(w):
+            out[start:stop].copy_(rows)
+        return out
 
     def stored_arrays(self, rows: int, dim: int, bits: int | None) -> dict[str, ArraySpec]:
         return {"data": ("float16", (rows, dim))}

@@ -9,8 +9,8 @@ alone: no table scan).
 Stored: ``data`` uint8 ``[R, D*bits/8]`` packed codes (low bits first), ``scale`` and ``bias``
 float16 ``[R]``; ``rows*(D*bits/8 + 4)`` bytes. ONNX: ``com.microsoft::GatherBlockQuantized`` at
 4 and 8 bits (``rowwise_impl="gbq"``/``"auto"``), else ``Gather`` + unpack + ``code*scale +
-bias`` (exact); the full model stacks the tables of one width into one lookup
-(:mod:`exporters.onnx.stacked_rows`). TorchRec: FBGEMM's INT8/INT4/INT2 rows as stored.
+bias`` (exact); the full model looks the tables of one width up together, reading the stored
+arrays as they are (:mod:`exporters.onnx.stacked_rows`). TorchRec: FBGEMM's INT8/INT4/INT2 rows as stored.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from compress.io.table_stream import row_chunks
 from compress.methods.base import (
     ArraySpec,
     ConvertedTable,
@@ -180,7 +181,8 @@ class RowwiseMethod(TableMethod):
 
     def convert(self, prepared: PreparedTable, name: str) -> ConvertedTable:
         w = prepared.weight.detach()
-        packed, scale, bias = rowwise_quantize_packed(w, prepared.config.bits)  # chunk by chunk
+        # chunk by chunk, a memory-mapped table read from its file (compress.io.table_stream)
+        packed, scale, bias = rowwise_quantize_packed(w, prepared.config.bits, chunks=row_chunks(w))
         arrays = {"data": packed, "scale": scale, "bias": bias}
         return RowwiseConverted(name, w.shape[0], w.shape[1], prepared.config, arrays)
 

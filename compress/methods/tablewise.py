@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from compress.io.table_stream import row_chunks
 from compress.methods.base import (
     ArraySpec,
     ConvertedTable,
@@ -46,6 +47,7 @@ from compress.quant import native
 from compress.quant.fbgemm_rowwise import inference_row_bytes, to_fbgemm_inference_rows
 from compress.quant.packing import unpack_nbit
 from compress.quant.tablewise import (
+    chunks_absmax,
     scale_from_absmax,
     signed_offset,
     table_scale,
@@ -84,7 +86,9 @@ class TablewisePrepared(PreparedTable):
 
     def __init__(self, weight: torch.Tensor, config: TablewiseConfig) -> None:
         super().__init__(weight, config, trainable=config.qat)
-        self.register_buffer("scale", torch.tensor(table_scale(weight.detach(), config.bits)))
+        # max|W| chunk by chunk, a memory-mapped table read from its file
+        amax = chunks_absmax(row_chunks(weight.detach()))
+        self.register_buffer("scale", torch.tensor(scale_from_absmax(amax, config.bits)))
         self.scale_refresh = config.scale_refresh or DEFAULT_SCALE_REFRESH
         # max|W| summary of a tracked table, valid while the weight's version counter equals
         # _blocks_version
@@ -227,7 +231,9 @@ class TablewiseMethod(TableMethod):
     def convert(self, prepared: TablewisePrepared, name: str) -> ConvertedTable:
         w = prepared.weight.detach()
         # at the module's current scale (what training saw); chunk by chunk
-        packed, scale = tablewise_quantize_packed(w, prepared.config.bits, float(prepared.scale))
+        packed, scale = tablewise_quantize_packed(
+            w, prepared.config.bits, float(prepared.scale), chunks=row_chunks(w)
+        )
         arrays = {"data": packed, "scale": torch.tensor(float(scale))}
         return TablewiseConverted(name, w.shape[0], w.shape[1], prepared.config, arrays)
 

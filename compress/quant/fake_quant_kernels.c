@@ -143,3 +143,199 @@ void dqrm_blocks_update(const float *w, int64_t dim, int64_t block, const int64_
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Conversion: quantize whole rows into the stored (packed) form, one pass per row.
+ *
+ *   dqrm_rowwise_quantize:   compress/quant/fbgemm_rowwise.py rowwise_quantize_packed, byte for
+ *                            byte FBGEMM's FloatToFusedNBitRowwiseQuantizedSBHalf (AVX2 kernel),
+ *                            the sign of a zero bias included
+ *   dqrm_tablewise_quantize: compress/quant/tablewise.py tablewise_quantize_packed
+ *
+ * Codes are packed low bits first: byte k holds codes k*per .. k*per+per-1, code p at bits
+ * p*bits.. (per = 8 / bits). The loops are written so that the compiler vectorizes them: codes of
+ * a block of columns into a small float buffer, then packed by exact float sums (every partial
+ * sum is a whole number below 256). */
+
+#define DQRM_LANES 8   /* float32 lanes of FBGEMM's AVX2 min/max scan */
+#define DQRM_BLOCK 512 /* columns (values) quantized per inner step; a multiple of 8 */
+
+/* The zero FBGEMM's AVX2 scan reports as the min of a row whose min is zero (+0.0 or -0.0): 8
+ * lanes take lane = minps(lane, block) over whole blocks of 8 columns (ties return the newer
+ * value), are folded 0..7 with std::min (ties keep the earlier), then the D % 8 tail columns with
+ * std::min (ties keep). So the zero of the first lane that has one, from that lane's last block,
+ * wins; else the first zero of the tail. The same rule as _fbgemm_zero_extremum. */
+static float fbgemm_zero_min(const float *x, int64_t dim) {
+    const int64_t full = dim / DQRM_LANES * DQRM_LANES;
+    for (int64_t lane = 0; lane < DQRM_LANES && lane < full; ++lane) {
+        for (int64_t j = full - DQRM_LANES + lane; j >= 0; j -= DQRM_LANES) {
+            if (x[j] == 0.0f) return x[j];
+        }
+    }
+    for (int64_t j = full; j < dim; ++j) {
+        if (x[j] == 0.0f) return x[j];
+    }
+    return 0.0f; /* not reached for a row whose min is zero */
+}
+
+/* 8 float32 lanes (GCC/Clang vector extensions: AVX where the build enables it, else narrower
+ * vectors or scalars). */
+typedef float dqrm_v8f __attribute__((vector_size(32)));
+typedef int32_t dqrm_v8i __attribute__((vector_size(32)));
+
+static inline dqrm_v8f v8_load(const float *p) {
+    dqrm_v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* m ? a : b per lane (m all ones or all zeros). */
+static inline dqrm_v8f v8_select(dqrm_v8i m, dqrm_v8f a, dqrm_v8f b) {
+    return (dqrm_v8f)((m & (dqrm_v8i)a) | (~m & (dqrm_v8i)b));
+}
+
+/* Min and max of a row, and whether it holds a NaN; 8 lanes over whole blocks of 8 columns,
+ * then the tail (the min's value is the row's min in any order; its sign when zero is settled by
+ * fbgemm_zero_min). */
+static inline int row_minmax(const float *x, int64_t dim, float *lo_out, float *hi_out) {
+    const int64_t full = dim / DQRM_LANES * DQRM_LANES;
+    float lo = x[0], hi = x[0];
+    int nan = 0;
+    if (full) {
+        dqrm_v8f l = v8_load(x), h = l;
+        dqrm_v8i n = l != l;
+        for (int64_t b = DQRM_LANES; b < full; b += DQRM_LANES) {
+            const dqrm_v8f v = v8_load(x + b);
+            l = v8_select(v < l, v, l);
+            h = v8_select(v > h, v, h);
+            n |= v != v;
+        }
+        lo = l[0];
+        hi = h[0];
+        for (int k = 0; k < DQRM_LANES; ++k) {
+            lo = l[k] < lo ? l[k] : lo;
+            hi = h[k] > hi ? h[k] : hi;
+            nan |= n[k];
+        }
+    }
+    for (int64_t j = full; j < dim; ++j) {
+        lo = x[j] < lo ? x[j] : lo;
+        hi = x[j] > hi ? x[j] : hi;
+        nan |= x[j] != x[j];
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+    return nan;
+}
+
+/* Pack n float codes (whole numbers in [0, 2^bits - 1]; n a multiple of 8 / bits) into bytes. */
+static inline void pack_codes(const float *q, int64_t n, int32_t bits, uint8_t *out) {
+    if (bits == 8) {
+        for (int64_t k = 0; k < n; ++k) out[k] = (uint8_t)(int32_t)q[k];
+    } else if (bits == 4) {
+        for (int64_t k = 0; k < n / 2; ++k) out[k] = (uint8_t)(int32_t)(q[2 * k] + 16.0f * q[2 * k + 1]);
+    } else {
+        for (int64_t k = 0; k < n / 4; ++k) {
+            out[k] = (uint8_t)(int32_t)(q[4 * k] + 4.0f * q[4 * k + 1] + 16.0f * q[4 * k + 2] +
+                                        64.0f * q[4 * k + 3]);
+        }
+    }
+}
+
+static inline uint16_t half_bits(float v) {
+    _Float16 h = (_Float16)v;
+    uint16_t b;
+    memcpy(&b, &h, sizeof b);
+    return b;
+}
+
+static inline int finite_half(uint16_t b) { return (b & 0x7c00u) != 0x7c00u; }
+
+#define DQRM_ROWS 8 /* rows whose scale and bias are computed together */
+
+/* Row-wise quantize rows [rows, dim] (contiguous float32) into packed [rows, dim*bits/8] and the
+ * fp16 bits of each row's scale and bias. Returns -1, or the first row whose scale or bias is not
+ * a finite fp16 number (a NaN, an inf, or a range beyond fp16); the rows of its group of
+ * DQRM_ROWS before it are written. Per row, in float32 (FBGEMM's rule): bias = fp16(min),
+ * scale = fp16((max - bias) / (2^b - 1)) (1 when the range or the rounded scale is 0),
+ * q = clamp(rint((x - bias) * (1 / scale)), 0, 2^b - 1). */
+int64_t dqrm_rowwise_quantize(const float *w, int64_t rows, int64_t dim, int32_t bits,
+                              uint8_t *packed, uint16_t *scale_out, uint16_t *bias_out) {
+    const float qmax = (float)((1 << bits) - 1);
+    const int64_t nb = dim * bits / 8;
+    float q[DQRM_BLOCK];
+    for (int64_t r0 = 0; r0 < rows; r0 += DQRM_ROWS) {
+        const int64_t m = rows - r0 < DQRM_ROWS ? rows - r0 : DQRM_ROWS;
+        float lo[DQRM_ROWS] = {0}, hi[DQRM_ROWS] = {0}, bias[DQRM_ROWS], inv[DQRM_ROWS];
+        uint16_t scale16[DQRM_ROWS], bias16[DQRM_ROWS];
+        for (int64_t i = 0; i < m; ++i) {
+            const float *x = w + (r0 + i) * dim;
+            if (row_minmax(x, dim, lo + i, hi + i)) return r0 + i;
+            if (lo[i] == 0.0f) lo[i] = fbgemm_zero_min(x, dim);
+        }
+        for (int i = 0; i < DQRM_ROWS; ++i) { /* vectorized over the rows */
+            bias16[i] = half_bits(lo[i]);
+            bias[i] = fp16_round(lo[i]);
+            const float range = hi[i] - bias[i];
+            float scale = fp16_round(range == 0.0f ? 1.0f : range / qmax);
+            scale = scale == 0.0f ? 1.0f : scale;
+            float v = 1.0f / scale;
+            /* 1/scale overflowed: cannot with an fp16 scale; FBGEMM's rule */
+            const int bad = v - v != 0.0f;
+            scale = bad ? 1.0f : scale;
+            inv[i] = bad ? 1.0f : v;
+            scale16[i] = half_bits(scale);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+            if (!finite_half(scale16[i]) || !finite_half(bias16[i])) return r0 + i;
+            const int64_t r = r0 + i;
+            const float *x = w + r * dim;
+            const float b = bias[i], s = inv[i];
+            scale_out[r] = scale16[i];
+            bias_out[r] = bias16[i];
+            for (int64_t c = 0; c < dim; c += DQRM_BLOCK) {
+                const int64_t n = dim - c < DQRM_BLOCK ? dim - c : DQRM_BLOCK;
+                for (int64_t j = 0; j < n; ++j) {
+                    float v = (x[c + j] - b) * s;
+                    v = v < 0.0f ? 0.0f : (v > qmax ? qmax : v);
+                    q[j] = round_half_even_small(v);
+                }
+                pack_codes(q, n, bits, packed + r * nb + c * bits / 8);
+            }
+        }
+    }
+    return -1;
+}
+
+/* Table-wise quantize n contiguous float32 values (whole rows) into packed unsigned codes
+ * clamp(rint(x / scale), -2^(b-1), 2^(b-1) - 1) + 2^(b-1); n a multiple of 8 / bits. */
+void dqrm_tablewise_quantize(const float *w, int64_t n, float scale, int32_t bits,
+                             uint8_t *packed) {
+    const float lo = (float)(-(1 << (bits - 1)));
+    const float hi = (float)((1 << (bits - 1)) - 1);
+    const float offset = (float)(1 << (bits - 1));
+    float q[DQRM_BLOCK];
+    for (int64_t c = 0; c < n; c += DQRM_BLOCK) {
+        const int64_t m = n - c < DQRM_BLOCK ? n - c : DQRM_BLOCK;
+        for (int64_t j = 0; j < m; ++j) {
+            float v = w[c + j] / scale;
+            v = v < lo ? lo : (v > hi ? hi : v);
+            q[j] = round_half_even_small(v) + offset;
+        }
+        pack_codes(q, m, bits, packed + c * bits / 8);
+    }
+}
+
+/* max |x| over n contiguous float32 values as IEEE bits with the sign cleared: the value's bits
+ * when every value is finite, at least 0x7f800000 (inf) when one is inf or NaN (NaN above inf).
+ * One integer pass (see row_absmax): the finite check of a loaded table and its max|W|. */
+uint32_t dqrm_absmax_bits(const float *x, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t a;
+        memcpy(&a, x + j, sizeof a);
+        a &= 0x7fffffffu;
+        m = a > m ? a : m;
+    }
+    return m;
+}

@@ -22,7 +22,8 @@ TBE inference kernel and TorchRec's quantized ``EmbeddingBagCollection`` keep
 INT8 is this fp16 format with N=8): :func:`to_fbgemm_inference_rows`.
 
 Conversion (:func:`rowwise_quantize_packed`) works chunk by chunk, so quantizing a big table holds
-one chunk of float32 scratch besides its input and its packed output.
+one chunk of float32 scratch besides its input and its packed output; each chunk takes one
+compiled pass (:mod:`compress.quant.native`) where the kernels are available.
 
 Example::
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from compress.quant.packing import (
+    Chunks,
     check_bits,
     check_float_table,
     check_packable,
@@ -66,6 +68,12 @@ FP16_MAX = 65504.0
 """Largest finite fp16 value."""
 
 _AVX2_LANES = 8  # float32 lanes of FBGEMM's AVX2 min/max scan
+
+_NOT_FINITE = (
+    "row-wise quantization: a row's min or (max - min)/(2^bits - 1) is not finite in fp16 "
+    f"(|values| must stay within about +-{FP16_MAX:g} and be finite); FBGEMM would store "
+    "inf/NaN scale or bias"
+)
 
 
 def _fbgemm_zero_extremum(x: torch.Tensor) -> torch.Tensor:
@@ -113,11 +121,21 @@ def _fbgemm_zero_extremum(x: torch.Tensor) -> torch.Tensor:
 
 def _fbgemm_aminmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row min and max ``[R]`` of ``[R, D]`` float32 as FBGEMM's AVX2 scan returns them (a zero
-    min gets FBGEMM's sign; the max is never stored, so its sign does not matter)."""
+    min gets FBGEMM's sign; the max is never stored, so its sign does not matter).
+
+    A row whose min is zero holds no negative value, so its min is ``-0.0`` when every zero in it
+    is ``-0.0``, ``+0.0`` when none is; only rows holding both (rare) need the lane rule of
+    :func:`_fbgemm_zero_extremum`. All-zero rows (never-seen ids) thus cost two cheap passes."""
     mn, mx = x.amin(dim=1), x.amax(dim=1)  # two passes beat torch.aminmax on narrow rows
     rows = (mn == 0).nonzero().squeeze(1)
     if rows.numel():
-        mn[rows] = _fbgemm_zero_extremum(x[rows])
+        zeros = x.index_select(0, rows)
+        negative = torch.signbit(zeros)  # in rows of min 0, exactly the -0.0 entries
+        has_negative = negative.any(dim=1)
+        mixed = has_negative & ~negative.logical_or_(zeros != 0).all(dim=1)
+        mn[rows] = torch.where(has_negative, -0.0, 0.0)
+        if bool(mixed.any()):
+            mn[rows[mixed]] = _fbgemm_zero_extremum(zeros[mixed])
     return mn, mx
 
 
@@ -145,12 +163,8 @@ def _rowwise_params_from_minmax(
         scale = torch.where(bad_inv, torch.ones_like(scale), scale)
         inv = torch.where(bad_inv, torch.ones_like(inv), inv)
     scale16 = scale.to(torch.float16)
-    if not (bool(torch.isfinite(scale16).all()) and bool(torch.isfinite(bias16).all())):
-        raise ValueError(
-            "row-wise quantization: a row's min or (max - min)/(2^bits - 1) is not finite in fp16 "
-            f"(|values| must stay within about +-{FP16_MAX:g} and be finite); FBGEMM would store "
-            "inf/NaN scale or bias"
-        )
+    if not bool(torch.isfinite(scale16.float().add_(bias)).all()):  # one check for both
+        raise ValueError(_NOT_FINITE)
     return scale16, bias16, bias, inv
 
 
@@ -166,20 +180,24 @@ def rowwise_codes_float(
 
 
 def rowwise_quantize_packed(
-    w: torch.Tensor, bits: int, chunk: int | None = None
+    w: torch.Tensor, bits: int, chunk: int | None = None, *, chunks: Chunks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a table row-wise (FBGEMM's rule, see the module docstring) into packed codes and
-    per-row fp16 scale and bias, ``chunk`` rows at a time.
+    per-row fp16 scale and bias, one chunk of rows at a time.
 
     Concatenated per row, ``[packed][scale bytes][bias bytes]`` is byte for byte
     ``torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(w, bits)`` (fp16/bf16 inputs convert
-    exactly, as ``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`` does). Memory: the outputs plus one
-    chunk of float32 scratch; a float32 contiguous ``w`` is read in place, never copied.
+    exactly, as ``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`` does). Each chunk is quantized in
+    one compiled pass where the kernels of :mod:`compress.quant.native` are available, else in
+    PyTorch; the bytes are the same. Memory: the outputs plus one chunk of float32 scratch; a
+    float32 contiguous ``w`` is read in place, never copied.
 
     Args:
         w: ``[R, D]`` float tensor; ``D`` a positive multiple of ``8 // bits``.
         bits: 8, 4 or 2.
         chunk: rows per chunk; default :func:`compress.quant.packing.chunk_rows` of ``D``.
+        chunks: where the rows come from (default: views of ``w``,
+            :func:`compress.quant.packing.quantize_in_chunks`).
 
     Returns:
         ``(packed [R, D*bits/8] uint8, scale [R] float16, bias [R] float16)``.
@@ -188,9 +206,17 @@ def rowwise_quantize_packed(
         ValueError: bad shape, dtype or bits, or a row whose scale or bias is not a finite fp16
             value (FBGEMM would store inf/NaN).
     """
+    from compress.quant import native  # (native imports fake_quant, which imports this module)
+
     rows, _ = check_float_table(w, bits)
     scale = torch.empty(rows, dtype=torch.float16)
     bias = torch.empty(rows, dtype=torch.float16)
+
+    def compiled(x: torch.Tensor, out: torch.Tensor, chunk_rows: slice) -> bool:
+        bad = native.rowwise_quantize_into(x, bits, out, scale[chunk_rows], bias[chunk_rows])
+        if bad is not None and bad >= 0:
+            raise ValueError(_NOT_FINITE)
+        return bad is not None
 
     def codes(x: torch.Tensor, work: torch.Tensor, chunk_rows: slice) -> torch.Tensor:
         mn, mx = _fbgemm_aminmax(x)
@@ -199,7 +225,8 @@ def rowwise_quantize_packed(
         bias[chunk_rows] = bias16
         return rowwise_codes_float(x, bias32, inv, bits, work)
 
-    return quantize_in_chunks(w, bits, chunk, codes), scale, bias
+    packed = quantize_in_chunks(w, bits, chunk, codes, compiled=compiled, chunks=chunks)
+    return packed, scale, bias
 
 
 def rowwise_dequantize(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Compiled fake-quantization kernels for the QAT hot path, with the PyTorch path as reference.
+"""Compiled quantization kernels for the QAT hot path and for conversion, with the PyTorch path
+as reference.
 
 A QAT step fake-quantizes the rows it gathers. In PyTorch that is a dozen small tensor ops (a
 row-wise ``aminmax`` over 16 values a row is the slowest of them), which cost more than the
@@ -7,12 +8,18 @@ rows; :func:`fake_quantize_rowwise_` and :func:`fake_quantize_tablewise_` give t
 :func:`compress.quant.fake_quant.fake_quantize_rowwise_` / ``fake_quantize_tablewise_`` (tested
 bit-exact against FBGEMM and against those functions).
 
+Conversion quantizes whole tables chunk by chunk. :func:`rowwise_quantize_into` and
+:func:`tablewise_quantize_into` write a chunk's packed codes (and row-wise scales and biases) in
+one pass over its rows, the bytes of :func:`compress.quant.fbgemm_rowwise.rowwise_quantize_packed`
+and :func:`compress.quant.tablewise.tablewise_quantize_packed` (which use them when they can; a
+row whose minimum is zero takes FBGEMM's sign of that zero at no extra cost).
+
 The C file is compiled once with the system C compiler (``$CC``, default ``cc``) into
 ``$DQRM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dqrm-compress`` or ``~/.cache/dqrm-compress``),
 named by a hash of the source, flags and machine, written to a temporary file and renamed, and
 loaded with ``ctypes`` (no PyTorch headers, so it builds in well under a second). ``make setup``
 builds it. Where it cannot be built (no compiler, one without ``_Float16``) or ``DQRM_NATIVE=0``,
-QAT uses the PyTorch functions, which give the same values more slowly, and says so once with a
+QAT and conversion use the PyTorch functions, which give the same values more slowly, and says so once with a
 ``RuntimeWarning`` naming the reason.
 """
 
@@ -20,11 +27,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -144,6 +155,9 @@ def load() -> ctypes.CDLL:
         "dqrm_blocks_build": ((ptr, i64, i64, i64, ptr, ptr, ptr), None),
         "dqrm_blocks_rescan": ((ptr, i64, i64, i64, ptr, ptr, ptr), i64),
         "dqrm_blocks_update": ((ptr, i64, i64, ptr, i64, ptr, ptr, ptr), None),
+        "dqrm_rowwise_quantize": ((ptr, i64, i64, i32, ptr, ptr, ptr), i64),
+        "dqrm_tablewise_quantize": ((ptr, i64, ctypes.c_float, i32, ptr), None),
+        "dqrm_absmax_bits": ((ptr, i64), ctypes.c_uint32),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -160,8 +174,8 @@ def _kernels() -> ctypes.CDLL | None:
         return load()
     except NativeUnavailable as exc:
         warnings.warn(
-            f"dqrm-compress: compiled fake-quant kernels unavailable ({exc}); QAT uses the "
-            "PyTorch path, which gives the same values more slowly",
+            f"dqrm-compress: compiled quantization kernels unavailable ({exc}); QAT and "
+            "conversion use the PyTorch path, which gives the same values more slowly",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -169,7 +183,7 @@ def _kernels() -> ctypes.CDLL | None:
 
 
 def enabled() -> bool:
-    """Whether QAT lookups run the compiled kernels in this process."""
+    """Whether QAT lookups and conversion run the compiled kernels in this process."""
     return _kernels() is not None
 
 
@@ -243,3 +257,112 @@ def blocks_update(
 def blocks_rescan(w: torch.Tensor, block: int, summary: tuple[torch.Tensor, ...]) -> int:
     """Rescan the dirty blocks of a summary in place; how many there were."""
     return int(_require().dqrm_blocks_rescan(*_table_args(w, block, summary)))
+
+
+def _packs(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the conversion kernels can read ``x`` (contiguous float32 ``[m, D]`` on the CPU)
+    and write ``out`` (contiguous uint8 on the CPU)."""
+    return (
+        accepts(x)
+        and x.dim() == 2
+        and out.dtype == torch.uint8
+        and out.device.type == "cpu"
+        and out.is_contiguous()
+    )
+
+
+#: Rows below which a chunk is quantized on one thread (splitting costs more than it saves).
+PARALLEL_MIN_ROWS = 8192
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="dqrm-quantize")
+
+
+# a forked child (a data loader worker) has none of the pool's threads: it makes its own
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def _row_parts(rows: int) -> list[tuple[int, int]]:
+    """``rows`` split into ``torch.get_num_threads()`` parts (one when there are few rows)."""
+    n = max(1, min(torch.get_num_threads(), rows // PARALLEL_MIN_ROWS))
+    bounds = [rows * k // n for k in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _in_parts(rows: int, run: Callable[[int, int], int]) -> list[int]:
+    """``run(start, stop)`` over parts of ``rows``, the parts on the pool's threads (a compiled
+    kernel releases the GIL) and the last one on this thread; their results in order."""
+    parts = _row_parts(rows)
+    futures = [_pool().submit(run, a, b) for a, b in parts[:-1]]
+    last = run(*parts[-1])
+    return [f.result() for f in futures] + [last]
+
+
+def rowwise_quantize_into(
+    x: torch.Tensor, bits: int, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> int | None:
+    """FBGEMM's row-wise quantization of ``x`` (float32 ``[m, D]``) into ``packed`` (uint8
+    ``[m, D*bits/8]``) and the fp16 ``scale``/``bias`` ``[m]``, compiled, one pass over the rows
+    (split over ``torch.get_num_threads()`` threads when there are many): the bytes of
+    :func:`compress.quant.fbgemm_rowwise.rowwise_quantize_packed`.
+
+    Returns ``-1`` when every row was written, a row whose scale or bias is not a finite fp16
+    number otherwise, and ``None`` (nothing written) where the kernels are off or cannot take
+    these tensors.
+    """
+    lib = _kernels()
+    outputs = (scale, bias)
+    if (
+        lib is None
+        or not _packs(x, packed)
+        or any(t.dtype != torch.float16 or not t.is_contiguous() for t in outputs)
+    ):
+        return None
+    dim = x.shape[1]
+    pointers = (x.data_ptr(), packed.data_ptr(), scale.data_ptr(), bias.data_ptr())
+    strides = (dim * 4, packed.shape[1], 2, 2)  # bytes a row
+
+    def run(start: int, stop: int) -> int:
+        xp, pp, sp, bp = (p + start * s for p, s in zip(pointers, strides, strict=True))
+        bad = int(lib.dqrm_rowwise_quantize(xp, stop - start, dim, bits, pp, sp, bp))
+        return bad if bad < 0 else start + bad
+
+    bad = [b for b in _in_parts(x.shape[0], run) if b >= 0]
+    return min(bad) if bad else -1
+
+
+def tablewise_quantize_into(x: torch.Tensor, scale: float, bits: int, packed: torch.Tensor) -> bool:
+    """DQRM's table-wise codes of ``x`` (float32 ``[m, D]``) at ``scale``, packed into ``packed``
+    (uint8 ``[m, D*bits/8]``), compiled (split over threads as :func:`rowwise_quantize_into`): the
+    bytes of :func:`compress.quant.tablewise.tablewise_quantize_packed`; ``False`` (nothing
+    written) where the kernels are off or cannot take these tensors."""
+    lib = _kernels()
+    if lib is None or not _packs(x, packed) or x.dim() != 2:
+        return False
+    dim, width = x.shape[1], packed.shape[1]
+    xp, pp = x.data_ptr(), packed.data_ptr()
+
+    def run(start: int, stop: int) -> int:
+        lib.dqrm_tablewise_quantize(
+            xp + start * dim * 4, (stop - start) * dim, scale, bits, pp + start * width
+        )
+        return -1
+
+    _in_parts(x.shape[0], run)
+    return True
+
+
+def absmax(x: torch.Tensor) -> float | None:
+    """``max|x|`` of a contiguous float32 CPU tensor in one compiled pass: ``inf`` when it holds
+    an inf, ``nan`` when it holds a NaN; ``None`` where the kernels are off or cannot take ``x``."""
+    lib = _kernels()
+    if lib is None or not accepts(x):
+        return None
+    if x.numel() == 0:
+        return 0.0
+    bits = int(lib.dqrm_absmax_bits(x.data_ptr(), x.numel()))
+    if bits > 0x7F800000:
+        return math.nan
+    return struct.unpack("<f", struct.pack("<I", bits))[0]

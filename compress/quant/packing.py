@@ -14,12 +14,13 @@ Nothing here imports the rest of the project.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "Chunks",
     "SUPPORTED_BITS",
     "can_pack",
     "check_bits",
@@ -31,6 +32,7 @@ __all__ = [
     "pack_nbit",
     "packed_row_bytes",
     "quantize_in_chunks",
+    "slice_chunks",
     "unpack_nbit",
 ]
 
@@ -106,24 +108,48 @@ def check_float_table(w: torch.Tensor, bits: int) -> tuple[int, int]:
     return w.shape[0], w.shape[1]
 
 
+#: Rows of a table as ``(start, stop, rows)``: consecutive chunks that cover the table in order,
+#: ``rows`` the values of rows ``start:stop`` (``[stop - start, D]``, valid until the next chunk).
+Chunks = Iterable[tuple[int, int, torch.Tensor]]
+
+
+def slice_chunks(w: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """:data:`Chunks` of ``w`` ``[R, D]`` as views, ``chunk`` rows each (the last may be shorter)."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    for start in range(0, w.shape[0], chunk):
+        stop = min(start + chunk, w.shape[0])
+        yield start, stop, w[start:stop]
+
+
 def quantize_in_chunks(
     w: torch.Tensor,
     bits: int,
     chunk: int | None,
     codes: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor],
+    *,
+    compiled: Callable[[torch.Tensor, torch.Tensor, slice], bool] | None = None,
+    chunks: Chunks | None = None,
 ) -> torch.Tensor:
-    """Packed codes ``[R, D*bits/8]`` of a float table ``w`` ``[R, D]``, ``chunk`` rows at a time.
+    """Packed codes ``[R, D*bits/8]`` of a float table ``w`` ``[R, D]``, one chunk of rows at a time.
 
-    ``codes(x, work, rows)`` quantizes one chunk: ``x`` is rows ``rows`` of ``w`` as float32
-    ``[m, D]`` (a view of a contiguous float32 ``w``, else a copy in ``work``), ``work`` float32
-    ``[m, D]`` scratch it may overwrite; it returns float32 codes ``[m, D]`` (whole numbers in
-    ``[0, 2^bits - 1]``, may be ``work``). Memory: the packed output plus one chunk of scratch.
+    Each chunk is quantized by ``compiled(x, out, rows)`` when given and it returns ``True`` (it
+    wrote the packed codes of ``x`` into ``out``, rows ``rows`` of the result), else by
+    ``codes(x, work, rows)``: ``x`` is rows ``rows`` of ``w`` as float32 ``[m, D]`` (the chunk
+    itself when it is contiguous float32, else a copy in ``work``), ``work`` float32 ``[m, D]``
+    scratch it may overwrite; it returns float32 codes ``[m, D]`` (whole numbers in
+    ``[0, 2^bits - 1]``, may be ``work``), which are packed here. Both see the chunks in order.
+    Memory: the packed output plus one chunk of scratch.
 
     Args:
         w: ``[R, D]`` float tensor; ``D`` a positive multiple of ``8 // bits``.
         bits: 8, 4 or 2.
         chunk: rows per chunk; default :func:`chunk_rows` of ``D``.
-        codes: the quantizer of one chunk.
+        codes: the quantizer of one chunk (PyTorch).
+        compiled: the same in one compiled pass, where it can (:mod:`compress.quant.native`).
+        chunks: where the rows come from (default: :func:`slice_chunks` of ``w``), e.g. a reader
+            that streams a memory-mapped table from its file; they must cover ``w``'s rows in
+            order, with ``w``'s shape.
     """
     rows, dim = check_float_table(w, bits)
     chunk = chunk_rows(dim) if chunk is None else int(chunk)
@@ -133,18 +159,32 @@ def quantize_in_chunks(
     packed = torch.empty(rows, nb, dtype=torch.uint8)
     if rows == 0:
         return packed
-    w = w.detach()
-    n = min(chunk, rows)
-    work = torch.empty(n, dim, dtype=torch.float32)
-    acc = torch.empty(n, nb, dtype=torch.float32) if bits < 8 else None
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
+    scratch: dict[str, torch.Tensor] = {}
+
+    def buffer(name: str, m: int, width: int) -> torch.Tensor:
+        held = scratch.get(name)
+        if held is None or held.shape[0] < m:
+            held = scratch[name] = torch.empty(m, width, dtype=torch.float32)
+        return held[:m]
+
+    done = 0
+    for start, stop, x in slice_chunks(w.detach(), chunk) if chunks is None else chunks:
         m = stop - start
-        x = w[start:stop]
+        if start != done or m <= 0 or tuple(x.shape) != (m, dim):
+            raise ValueError(
+                f"chunk of rows {start}:{stop} with shape {tuple(x.shape)} does not continue rows "
+                f"0:{done} of a [{rows}, {dim}] table"
+            )
+        done = stop
+        out, where = packed[start:stop], slice(start, stop)
         if x.dtype != torch.float32 or not x.is_contiguous():
-            x = work[:m].copy_(x)
-        q = codes(x, work[:m], slice(start, stop))
-        pack_float_codes_into(q, bits, packed[start:stop], None if acc is None else acc[:m])
+            x = buffer("work", m, dim).copy_(x)
+        if compiled is not None and compiled(x, out, where):
+            continue
+        q = codes(x, buffer("work", m, dim), where)
+        pack_float_codes_into(q, bits, out, None if bits == 8 else buffer("acc", m, nb))
+    if done != rows:
+        raise ValueError(f"the chunks covered rows 0:{done} of a table of {rows} rows")
     return packed
 
 

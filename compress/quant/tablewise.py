@@ -12,7 +12,8 @@ FBGEMM dequantizes to ``q * s`` bit for bit. Stored codes are unsigned, ``q + 2^
 (:func:`signed_offset`), packed low bits first (:mod:`compress.quant.packing`).
 
 Conversion (:func:`tablewise_quantize_packed`) works chunk by chunk, so quantizing a big table
-holds one chunk of float32 scratch besides its input and its packed output.
+holds one chunk of float32 scratch besides its input and its packed output; the scale can be read
+chunk by chunk too (:func:`chunks_absmax`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 
 from compress.quant.fbgemm_rowwise import FP16_MAX
-from compress.quant.packing import check_bits, check_float_table, quantize_in_chunks
+from compress.quant.packing import Chunks, check_bits, check_float_table, quantize_in_chunks
 
 __all__ = [
+    "absmax",
+    "chunks_absmax",
     "scale_from_absmax",
     "signed_offset",
     "symmetric_range",
@@ -80,8 +83,34 @@ def table_scale(w: torch.Tensor, bits: int) -> float:
     bits = check_bits(bits)
     if w.numel() == 0:
         return 1.0
-    lo, hi = torch.aminmax(w.detach())  # max|W| without a table-sized |W| temporary
-    return scale_from_absmax(max(-float(lo), float(hi)), bits)
+    return scale_from_absmax(absmax(w.detach()), bits)
+
+
+def absmax(w: torch.Tensor) -> float:
+    """``max|W|`` of a float tensor (``inf``/``nan`` when it holds one), without a ``|W|``
+    temporary: one compiled pass over contiguous float32 (:mod:`compress.quant.native`), else
+    ``torch.aminmax``."""
+    from compress.quant import native  # (native imports fake_quant, which imports this module)
+
+    if w.numel() == 0:
+        return 0.0
+    compiled = native.absmax(w)
+    if compiled is not None:
+        return compiled
+    lo, hi = torch.aminmax(w)
+    lo, hi = float(lo), float(hi)
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+
+
+def chunks_absmax(chunks: Chunks) -> float:
+    """:func:`absmax` over every chunk of a table (``nan`` as soon as one holds a NaN)."""
+    amax = 0.0
+    for _, _, x in chunks:
+        a = absmax(x)
+        if math.isnan(a):
+            return a
+        amax = max(amax, a)
+    return amax
 
 
 def scale_from_absmax(amax: float, bits: int) -> float:
@@ -100,13 +129,19 @@ def scale_from_absmax(amax: float, bits: int) -> float:
 
 
 def tablewise_quantize_packed(
-    w: torch.Tensor, bits: int, scale: float | None = None, chunk: int | None = None
+    w: torch.Tensor,
+    bits: int,
+    scale: float | None = None,
+    chunk: int | None = None,
+    *,
+    chunks: Chunks | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Quantize a table with one symmetric scale into packed unsigned codes, ``chunk`` rows at a
-    time: ``q + 2^(b-1)`` with ``q = clamp(rint(W / s), -2^(b-1), 2^(b-1) - 1)``.
+    """Quantize a table with one symmetric scale into packed unsigned codes, one chunk of rows at
+    a time: ``q + 2^(b-1)`` with ``q = clamp(rint(W / s), -2^(b-1), 2^(b-1) - 1)``.
 
-    Memory: the packed output plus one chunk of float32 scratch (``max|W|`` is read without a
-    copy either).
+    Each chunk takes one compiled pass where the kernels of :mod:`compress.quant.native` are
+    available, else PyTorch ops; the bytes are the same. Memory: the packed output plus one chunk
+    of float32 scratch (``max|W|`` is read without a copy either).
 
     Args:
         w: ``[R, D]`` float tensor; ``D`` a positive multiple of ``8 // bits``.
@@ -114,10 +149,15 @@ def tablewise_quantize_packed(
         scale: the table's scale (e.g. the periodically refreshed one of QAT); defaults to
             :func:`table_scale`. A stale scale may clip, which is what training saw.
         chunk: rows per chunk; default :func:`compress.quant.packing.chunk_rows` of ``D``.
+        chunks: where the rows come from (default: views of ``w``,
+            :func:`compress.quant.packing.quantize_in_chunks`); give ``scale`` with them, or the
+            scale is read from ``w`` itself.
 
     Returns:
         ``(packed [R, D*bits/8] uint8, scale)``.
     """
+    from compress.quant import native  # (native imports fake_quant, which imports this module)
+
     check_float_table(w, bits)
     s = table_scale(w, bits) if scale is None else float(scale)
     if not (math.isfinite(s) and s > 0):
@@ -125,10 +165,14 @@ def tablewise_quantize_packed(
     lo, hi = symmetric_range(bits)
     offset = signed_offset(bits)
 
+    def compiled(x: torch.Tensor, out: torch.Tensor, _: slice) -> bool:
+        return native.tablewise_quantize_into(x, s, bits, out)
+
     def codes(x: torch.Tensor, work: torch.Tensor, _: slice) -> torch.Tensor:
         return torch.div(x, s, out=work).round_().clamp_(lo, hi).add_(offset)
 
-    return quantize_in_chunks(w, bits, chunk, codes), s
+    packed = quantize_in_chunks(w, bits, chunk, codes, compiled=compiled, chunks=chunks)
+    return packed, s
 
 
 def tablewise_dequantize(q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -120,6 +120,9 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
     return recipe_from_dict(data, source)
 
 
+#: What a recipe ``name`` may be (it becomes part of the default output directory's name); a
+#: leading ``.`` (``.``, ``..``, hidden names) is refused apart.
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 #: Deepest nesting of tables and arrays a recipe may have (``[[tables]]`` ``match`` lists are 3).
 MAX_NESTING = 32
 #: Integers longer than this (about 100 decimal digits) are refused before any message prints one.
@@ -188,6 +191,11 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
     keys = Keys(data, source, "")
     keys.check_known(TOP_KEYS)
     name = keys.get("name", STRING, required=True)
+    if not NAME_RE.fullmatch(name) or name.startswith("."):
+        keys.fail(
+            f"name must be letters, digits, '_', '.' or '-' (not starting with '.'): it names "
+            f"the default output directory; got {show(name)}"
+        )
     description = keys.get("description", STRING) or ""
     raw_rules = data.get("tables", [])
     if not isinstance(raw_rules, list):

@@ -3,7 +3,7 @@
 A recipe is a TOML file (read by :mod:`compress.recipe.parse`, written back by
 :mod:`compress.recipe.toml_out`)::
 
-    name = "int4_qat"                # str, required, non-empty
+    name = "int4_qat"                # str, required: [A-Za-z0-9_.-]+, not starting with "."
     description = "..."              # str, default ""
 
     [[tables]]                       # rules, in order; none at all keeps every table as it is

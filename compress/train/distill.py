@@ -56,18 +56,18 @@ def distill(
 ) -> TrainResult:
     """Train ``student`` towards ``teacher``'s click probabilities on :func:`sample_inputs`
     (``inputs``: the run's fingerprints, saved with the state; see :func:`fit`)."""
-    inputs = sample_inputs(spec, samples, config.seed)
+    sampled = sample_inputs(spec, samples, config.seed)
     was_training = teacher.training  # the teacher may be the caller's live module: restore it
     teacher.eval()
     try:
-        logits = predict_logits(lambda b: teacher(b.dense, b.sparse), inputs, spec.feature_names)
+        logits = predict_logits(lambda b: teacher(b.dense, b.sparse), sampled, spec.feature_names)
     finally:
         teacher.train(was_training)
     soft = Dataset(
-        dense=inputs.dense,
+        dense=sampled.dense,
         labels=torch.sigmoid(torch.from_numpy(logits)).numpy(),
-        values=inputs.values,
-        offsets=inputs.offsets,
+        values=sampled.values,
+        offsets=sampled.offsets,
     )
     return fit(
         student,

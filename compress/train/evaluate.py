@@ -8,6 +8,7 @@ only each row's logit and label (8 bytes a row), so a streamed set is never held
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,13 +56,11 @@ def predict_with_labels(
     if isinstance(data, Dataset):
         return predict_logits(score, data, feature_names, batch_size, desc), data.labels
     logits, labels = [], []
-    for batch in progress(
-        data.batches(batch_size, feature_names=feature_names),
-        total=data.num_batches(batch_size),
-        desc=desc,
-    ):
-        logits.append(score(batch).reshape(-1).float().numpy())
-        labels.append(batch.labels.numpy())
+    batches = data.batches(batch_size, feature_names=feature_names)
+    with closing(batches):  # an error or Ctrl-C while scoring ends the workers at once
+        for batch in progress(batches, total=data.num_batches(batch_size), desc=desc):
+            logits.append(score(batch).reshape(-1).float().numpy())
+            labels.append(batch.labels.numpy())
     if not logits:
         return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
     return np.concatenate(logits), np.concatenate(labels)

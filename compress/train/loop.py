@@ -253,23 +253,24 @@ def fit(
         }
         write_state(state, state_path)
 
-    if step == 0 and valid is not None and config.keep_best:
-        # step 0 competes too: fine-tuning never returns a model worse than it started from
-        metrics = evaluate_now()
-        best_step, best_metrics, best_state = 0, metrics, copy.deepcopy(model.state_dict())
-        entry = {"step": 0, "loss": None, "metrics": metrics, "samples_per_second": 0.0}
-        history.append(entry)
-        if log is not None:
-            log(entry)
-
-    model.train()
-    t0 = time.perf_counter()
-    samples = 0
+    # a streamed set starts reading (and filling its shuffle buffer) now, during the evaluation
     stream = training_batches(train, feature_names, config.batch_size, config.seed, step)
     data_wait = 0.0
-    bar = _bar(total, step)
-    end = total if stop_after is None else min(total, step + stop_after)
     try:
+        if step == 0 and valid is not None and config.keep_best:
+            # step 0 competes too: fine-tuning never returns a model worse than it started from
+            metrics = evaluate_now()
+            best_step, best_metrics, best_state = 0, metrics, copy.deepcopy(model.state_dict())
+            entry = {"step": 0, "loss": None, "metrics": metrics, "samples_per_second": 0.0}
+            history.append(entry)
+            if log is not None:
+                log(entry)
+
+        model.train()
+        t0 = time.perf_counter()
+        samples = 0
+        bar = _bar(total, step)
+        end = total if stop_after is None else min(total, step + stop_after)
         while step < end:
             waited = time.perf_counter()
             batch = next(stream)

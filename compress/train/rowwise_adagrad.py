@@ -15,23 +15,25 @@ updates_only_gradient_rows`).
 The arithmetic is FBGEMM's CPU path for float32 tables, step by step in float32, so the weights and
 states equal FBGEMM's bit for bit (``tests/test_rowwise_adagrad.py`` runs FBGEMM's
 ``SplitTableBatchedEmbeddingBagsCodegen`` with ``EmbOptimType.EXACT_ROWWISE_ADAGRAD`` on the CPU
-next to it). In the pytorch/FBGEMM sources:
+next to it). In the pytorch/FBGEMM sources (tag v1.8.0, the fbgemm-gpu-cpu version pinned here;
+line numbers at that tag):
 
-- ``fbgemm_gpu/codegen/genscript/optimizers.py``, ``rowwise_adagrad()``: ``g_avg_square =
-  g_local_sum_square / D``; ``new_sum_square_grads = momentum1[idx] + g_avg_square``;
-  ``multiplier = learning_rate / (sqrtf(new_sum_square_grads) + eps)``; ``weight = correction *
-  weight - grad * multiplier`` with ``correction = 1.0`` without weight decay. ``momentum1`` is the
-  per-row state (``split_optimizer_states()``), zero-initialized.
-- ``fbgemm_gpu/codegen/training/backward/embedding_backward_split_cpu_template.cpp``: for float32
-  weights and gradients of a table that serves one feature the CPU backward sums each row's
-  gradient, then calls ``fbgemm::GenerateSparseAdaGrad(D, /*rowwise=*/true)`` with ``eps`` and
-  ``-learning_rate``.
-- ``src/RefImplementations.cc``, ``rowwise_sparse_adagrad_ref`` (the reference of that kernel,
-  ``src/SparseAdagrad.cc``): the squares are summed in 8 lanes (``partial_sum[j % 8] += g*g``),
-  reduced as ``((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))``, divided by ``D``; then ``h +=
-  sum``, ``step = lr / (sqrt(h) + eps)`` (``lr`` negative) and ``w += g * step`` without fused
-  multiply-adds (``vmulps``, ``vaddps``). :func:`row_mean_squares` keeps that order.
-- ``fbgemm_gpu/fbgemm_gpu/split_table_batched_embeddings_ops_training.py``:
+- ``fbgemm_gpu/codegen/genscript/optimizers.py``, ``rowwise_adagrad()`` (line 120; CPU update,
+  lines 240-268): ``g_avg_square = g_local_sum_square / D``; ``new_sum_square_grads =
+  momentum1[idx] + g_avg_square``; ``multiplier = learning_rate / (sqrtf(new_sum_square_grads) +
+  eps)``; ``weight = correction * weight - grad * multiplier``, ``correction = 1.0`` without weight
+  decay. ``momentum1`` is the per-row state (``split_optimizer_states()``), zero-initialized.
+- ``fbgemm_gpu/codegen/training/backward/embedding_backward_split_cpu_template.cpp`` (line 148):
+  for float32 weights and gradients of a table that serves one feature, the CPU backward sums
+  each row's gradient over the batch, then calls ``fbgemm::GenerateSparseAdaGrad(D,
+  /*rowwise=*/true)`` with ``eps`` and ``-learning_rate``.
+- ``src/RefImplementations.cc``, ``rowwise_sparse_adagrad_ref`` (line 1857; the reference of that
+  JIT kernel, ``src/SparseAdagrad.cc``): the squares are summed in 8 lanes (``partial_sum[j % 8]
+  += g*g``), reduced as ``((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))`` and divided by
+  ``D``; then ``h += sum``, ``step = lr / (sqrt(h) + eps)`` (``lr`` negative) and ``w += g *
+  step``, without fused multiply-adds (``vmulps``, ``vaddps``). :func:`row_mean_squares` keeps
+  that order.
+- ``fbgemm_gpu/fbgemm_gpu/split_table_batched_embeddings_ops_training.py`` (line 662):
   ``SplitTableBatchedEmbeddingBagsCodegen(..., eps: float = 1.0e-8)``.
 
 (A table shared by several features goes through the template's generic loop, which sums the

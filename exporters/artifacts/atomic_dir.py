@@ -136,8 +136,13 @@ def output_lock(out_dir: Path) -> OutputLock:
         if not _same_file(path, key):  # the previous holder released (and deleted) it meanwhile
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk, a quota: no empty lock file is left behind
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            raise ArtifactError(f"{path}: cannot write the lock file: {os_error_reason(e)}") from e
         _HELD[key] = _Held(fd, path, 1)
         return OutputLock(path, key)
 

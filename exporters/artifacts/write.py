@@ -1,11 +1,11 @@
 """The artifact directory: packed tables, dense weights, manifest with checksums; written atomically.
 
-Layout (format version 2)::
+Layout (format version 3)::
 
     out/
       manifest.json            everything needed to read the rest, sha256 of every file, the dense
                                transform the data was read with, and the sha256 of its own
-                               canonical content (schema and checks: exporters.artifacts.manifest)
+                               canonical content (schema: exporters.artifacts.manifest_schema)
       tables/<table>.npy       the stored arrays of a table, as its method (the manifest's
       tables/<table>.<role>.npy  ``layout``, compress.methods.registry) converts it: role
                                ``data`` (fp32/fp16 values or packed integer codes), then
@@ -20,8 +20,13 @@ Layout (format version 2)::
                                uint8 [out, ceil(in/2)] packed codes q + 8 at INT4), ``scales`` float32
                                [out] and ``bias`` float32 [out]
       train_log.jsonl          one line per fine-tuning evaluation: step, loss, metrics
+      model.onnx, onnx/        the ONNX graphs, when an extra writer adds them
+                               (exporters.onnx.writer: ``model.onnx`` reads tables/ and shared/
+                               in place through ONNX external data)
 
-Every array is a ``.npy`` file (no pickle; ``numpy.load(..., mmap_mode="r")`` maps it). The
+Every array is a ``.npy`` file (no pickle; ``numpy.load(..., mmap_mode="r")`` maps it); the files
+of ``tables/`` and ``shared/`` have their payload at byte 4096 (compress.io.npy_aligned), where
+the full graph points. The
 directory is built under a temporary name beside ``out`` and swapped in when complete, holding a
 lock on ``out`` (:mod:`exporters.artifacts.atomic_dir`), so a failure, Ctrl-C or kill leaves either the old
 or the new directory and nothing partial once the next run on ``out`` has tidied up. No timestamps
@@ -43,6 +48,8 @@ from compress.data.dense_transform import FORMULAS
 from compress.errors import ArtifactError
 from compress.io.architecture import spec_to_model_config
 from compress.io.dlrm_classes.base import SPARSE_ARCH
+from compress.io.fingerprint import sha256_file
+from compress.io.npy_aligned import save_npy_aligned
 from compress.methods import registry
 from compress.methods.apply_plan import embedding_parts
 from compress.methods.base import ConvertedTable, MethodFields
@@ -52,14 +59,12 @@ from compress.pipeline import CompressionResult
 from compress.quant.packing import pack_nbit
 from compress.recipe.toml_out import recipe_to_toml
 from exporters.artifacts import atomic_dir
-from exporters.artifacts.manifest import (
+from exporters.artifacts.manifest_integrity import dump_manifest, seal
+from exporters.artifacts.manifest_schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
     UNKNOWN_TRANSFORM,
-    dump_manifest,
-    seal,
-    sha256_file,
 )
 
 Writer = Callable[[Path, dict], None]  # extra step: (staging directory, manifest) -> None
@@ -121,7 +126,7 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
             )
 
     def save(rel: str, tensor: torch.Tensor) -> str:
-        return _save_npy(stage, rel, tensor)
+        return _save_npy(stage, rel, tensor, aligned=True)  # the full graph reads them in place
 
     shared = [registry.get(g.method).write_group(g, save) for g in result.shared]
     group_of = {t: g for g in result.shared for t in g.tables}
@@ -216,7 +221,7 @@ def _write_table(stage: Path, table: ConvertedTable) -> dict:
     files = {}
     for role, array in table.arrays().items():
         suffix = "" if role == "data" else f".{role}"
-        files[role] = _save_npy(stage, f"tables/{table.name}{suffix}.npy", array)
+        files[role] = _save_npy(stage, f"tables/{table.name}{suffix}.npy", array, aligned=True)
     method = registry.for_config(table.config)
     return table_entry(
         table.name,
@@ -287,10 +292,16 @@ def pack_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
     return pack_nbit(codes, 4)
 
 
-def _save_npy(stage: Path, rel: str, tensor: torch.Tensor) -> str:
+def _save_npy(stage: Path, rel: str, tensor: torch.Tensor, aligned: bool = False) -> str:
+    """Write ``tensor`` as ``stage/rel``; ``aligned``: payload at byte 4096
+    (:mod:`compress.io.npy_aligned`), as the files the full ONNX graph reads in place."""
     (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+    array = tensor.detach().contiguous().numpy()
     with open(stage / rel, "wb") as f:
-        np.save(atomic_dir.PlainWriter(f), tensor.detach().contiguous().numpy(), allow_pickle=False)
+        if aligned:
+            save_npy_aligned(atomic_dir.PlainWriter(f), array)
+        else:
+            np.save(atomic_dir.PlainWriter(f), array, allow_pickle=False)
     return rel
 
 

@@ -10,14 +10,15 @@ the value it produced. Only the gathered rows are ever dequantized, never a whol
   ones, an int64 hash + ``Gather`` for shared (ROBE-Z) arrays.
 * **Out-of-range ids** (:data:`OUT_OF_RANGE_IDS`): an id outside ``[0, rows)`` of its table reads
   row 0 of its own table, as FBGEMM's bounds check does (``BoundsCheckMode.WARNING``), in every
-  layout (:func:`add_valid_ids`; stacked tables clip instead, :mod:`exporters.onnx.stacked_rows`):
+  layout (:func:`~exporters.onnx.ops.add_valid_ids`, :mod:`exporters.onnx.stacked_rows` too):
   never a neighbour table's row, a wrapped negative index or an arbitrary hashed cell.
 * **Pooling** (:mod:`exporters.onnx.pooling`): running sums, deterministic at any thread count.
 * **All features at once** (:func:`add_sparse_arch`, what the full model uses): features are
   grouped by how their rows are computed and each group runs one chain of ops over all its ids:
-  row-wise tables of one bit width are stacked and read by one ``Gather``
-  (:mod:`exporters.onnx.stacked_rows`), other tables are gathered feature by feature and pooled
-  together. Features the data shows one-hot form groups of their own (a layout hint only: any
+  row-wise tables of one bit width are gathered table by table from their stored arrays and
+  dequantized in one pass (:mod:`exporters.onnx.stacked_rows`), other tables are gathered feature
+  by feature and pooled together. No table initializer is derived from a stored array (a saved
+  graph reads the table files in place, :mod:`exporters.onnx.stored_arrays`). Features the data shows one-hot form groups of their own (a layout hint only: any
   batch is served exactly).
 
 Example::
@@ -38,7 +39,7 @@ import onnx
 from onnx import TensorProto
 
 from compress.methods import registry
-from exporters.onnx.ops import FeatureInputs, add_unpack, concat
+from exporters.onnx.ops import FeatureInputs, add_unpack, add_valid_ids, concat
 from exporters.onnx.pooling import add_cumsum_pool, pool_group
 from exporters.onnx.spec import (
     BATCH,
@@ -51,24 +52,13 @@ from exporters.onnx.stacked_rows import add_stacked_group
 
 #: How row-wise tables are looked up (:func:`compress.methods.rowwise.resolve_rowwise_impl`):
 #: ``gbq`` (``com.microsoft::GatherBlockQuantized``), ``standard`` ops, or ``auto`` (by bit width;
-#: the full model stacks them unless ``gbq``).
+#: the full model groups them by bit width unless ``gbq``, which adds float32 scales and zero
+#: points computed from the stored arrays).
 RowwiseImpl = Literal["auto", "gbq", "standard"]
 #: The pooling every graph uses, recorded in the manifest's ``onnx.export`` section.
 POOLING = "cumsum"
 #: What a lookup does with an id outside ``[0, rows)``, recorded in the manifest's ``onnx`` section.
 OUT_OF_RANGE_IDS = "row0_of_own_table"
-
-
-def add_valid_ids(gb: GraphBuilder, ids: str, num_rows: int) -> str:
-    """``ids`` (int64 ``[N]``) with every id outside ``[0, num_rows)`` replaced by 0.
-
-    One comparison covers both ends: as uint64, a negative id is larger than any row count
-    (``Cast`` + ``Less`` + ``Where``, a few us per feature at batch 2048).
-    """
-    as_unsigned = gb.op("Cast", [ids], "ids_u64", to=TensorProto.UINT64)
-    bound = gb.const(f"num_rows_{num_rows}", num_rows, np.uint64)
-    valid = gb.op("Less", [as_unsigned, bound], "ids_in_range")
-    return gb.op("Where", [valid, ids, gb.const("zero_id", 0, np.int64)], "ids_valid")
 
 
 @dataclass(frozen=True)
@@ -118,7 +108,7 @@ def add_gather(
     """Rows of ``table`` for int64 ``ids`` ``[N]`` as float32 ``[N, D]``, built by the table's
     method. Its arrays become initializers named ``emb.<table>.*`` (a shared array: its own
     name), added once however many features look the table up. Ids outside ``[0, rows)`` read
-    row 0 (:func:`add_valid_ids`)."""
+    row 0 (:func:`~exporters.onnx.ops.add_valid_ids`)."""
     ids = add_valid_ids(gb, ids, table.num_rows)
     method = registry.get(table.kind.METHOD)
     return method.onnx_rows(RowsRequest(gb, table, ids, rowwise_impl))
@@ -163,7 +153,7 @@ def build_pool_model(table: TableLookup, rowwise_impl: RowwiseImpl = "auto") -> 
 
 def _group_key(table: TableLookup, rowwise_impl: RowwiseImpl) -> tuple:
     """Features whose tables share a group key are dequantized and pooled together: tables that
-    join the stacked FBGEMM-row lookup by bit width, every other table in one group."""
+    join the grouped FBGEMM-row lookup by bit width, every other table in one group."""
     bits = registry.get(table.kind.METHOD).stacked_bits(table.kind, rowwise_impl)
     return ("stacked", bits) if bits is not None else ("rows",)
 

@@ -21,9 +21,11 @@ Saving: protobuf cannot hold more than 2 GB, so :func:`save_model` moves every i
 least ``external_data_threshold_bytes`` (and, largest first, more until the rest fits) to one
 external data file ``<model file name>.data`` next to the ``.onnx``. :func:`export_full_model`
 does the same while building, writing big tables straight from numpy without ever copying them
-into protobuf (the path for tables over 2 GB). Both write into a temporary folder beside the
-target, run ``onnx.checker`` on the written path, then rename, so a crash never leaves a
-half-written model.
+into protobuf (the path for tables over 2 GB); given the memory-mapped ``.npy`` files the tables
+are stored in (``stored``, :mod:`exporters.onnx.stored_arrays`), it points those initializers at
+the files instead, and the graph carries no copy of them (what an artifact directory's
+``model.onnx`` does). Both write temporary files beside the target, run ``onnx.checker`` on the
+written path, then rename, so a crash never leaves a half-written model.
 
 Example::
 
@@ -34,16 +36,17 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from compress.io.atomic_file import temp_dir_beside
+from compress.io.atomic_file import replacing
+from compress.io.model_spec import feature_input_problem
 from exporters.onnx.dense import (
     add_dense_arch,
     add_interaction,
@@ -59,6 +62,7 @@ from exporters.onnx.spec import (
     GraphBuilder,
     sanitize_name,
 )
+from exporters.onnx.stored_arrays import StoredArray, TensorReference, references
 
 #: Protobuf's hard limit on one serialized message.
 PROTOBUF_LIMIT_BYTES = 2**31
@@ -104,15 +108,12 @@ class GraphShape:
 
 def feature_input_names(spec: DLRMGraphSpec | GraphShape) -> dict[str, tuple[str, str]]:
     """``feature -> (values input, lengths input)``; raises if two features sanitize alike."""
-    names: dict[str, tuple[str, str]] = {}
-    seen: dict[str, str] = {}
-    for f in spec.features:
-        s = sanitize_name(f)
-        if s in seen or s in (DENSE_INPUT, LOGITS):
-            raise ValueError(f"features {seen.get(s, s)!r} and {f!r} both map to input {s!r}")
-        seen[s] = f
-        names[f] = (f"{s}__values", f"{s}__lengths")
-    return names
+    problem = feature_input_problem(spec.features)
+    if problem is not None:
+        raise ValueError(problem)
+    return {
+        f: (f"{sanitize_name(f)}__values", f"{sanitize_name(f)}__lengths") for f in spec.features
+    }
 
 
 def full_model_io(spec: DLRMGraphSpec | GraphShape) -> tuple[list[TensorDecl], list[TensorDecl]]:
@@ -273,17 +274,28 @@ def plan_external_data(
 
 
 class ExternalDataFile(ExternalRouting):
-    """Appends tensors to one open data file and returns TensorProtos that point into it."""
+    """Appends tensors to one open data file and returns TensorProtos that point into it; the
+    initializers in ``stored`` point at the files that already hold them instead
+    (:mod:`exporters.onnx.stored_arrays`)."""
 
-    def __init__(self, handle: BinaryIO, location: str, names: set[str]) -> None:
+    def __init__(
+        self,
+        handle: BinaryIO,
+        location: str,
+        names: set[str],
+        stored: Mapping[str, TensorReference] | None = None,
+    ) -> None:
         self.handle = handle
         self.location = location
         self.names = names
+        self.stored = dict(stored or {})
 
     def wants(self, name: str) -> bool:
-        return name in self.names
+        return name in self.names or name in self.stored
 
     def write(self, name: str, value: np.ndarray | TensorProto) -> TensorProto:
+        if name in self.stored:
+            return self.stored[name].tensor(name, value)
         if isinstance(value, np.ndarray):
             arr = np.ascontiguousarray(value)
             data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
@@ -314,31 +326,86 @@ class ExternalDataFile(ExternalRouting):
         return tensor
 
 
+def external_tensors(graph: onnx.GraphProto) -> list[TensorProto]:
+    """Every externally stored tensor of an ONNX graph and its subgraphs (initializers, sparse
+    initializers, tensor and sparse-tensor attributes such as a ``Constant``'s ``value`` and
+    ``sparse_value``, the ``g``/``graphs`` bodies of ``If``/``Loop``/``Scan``)."""
+    tensors = list(graph.initializer)
+    tensors += [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
+    out = [t for t in tensors if t.data_location == TensorProto.EXTERNAL]
+    return out + _external_in_nodes(graph.node)
+
+
+def _external_in_nodes(nodes) -> list[TensorProto]:
+    """Externally stored tensors of ``nodes``' attributes and of their subgraphs."""
+    tensors: list[TensorProto] = []
+    subgraphs = []
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+            tensors.extend(attr.tensors)
+            sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+            for s in (*sparse, *attr.sparse_tensors):
+                tensors += [s.values, s.indices]
+            if attr.HasField("g"):
+                subgraphs.append(attr.g)
+            subgraphs.extend(attr.graphs)
+    out = [t for t in tensors if t.data_location == TensorProto.EXTERNAL]
+    for sub in subgraphs:
+        out += external_tensors(sub)
+    return out
+
+
+def model_external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    """Every externally stored tensor of ``model``: its graph's (:func:`external_tensors`) and
+    those of its model-local functions' nodes (ONNX Runtime inlines them, data included)."""
+    out = external_tensors(model.graph)
+    for function in model.functions:
+        out += _external_in_nodes(function.node)
+    return out
+
+
+def external_files(model: onnx.ModelProto, rel: str) -> list[str]:
+    """The files the external data of ``model`` (saved as ``rel`` in a directory) lies in, as
+    sorted paths relative to that directory."""
+    folder = PurePosixPath(rel).parent
+    locations = {
+        e.value
+        for t in model_external_tensors(model)
+        for e in t.external_data
+        if e.key == "location"
+    }
+    return sorted((folder / loc).as_posix() for loc in locations)
+
+
 def external_data_location(path: str | Path) -> str:
     """File name of the external data of the model at ``path``: ``<name>.data``."""
     return Path(path).name + ".data"
 
 
 def _atomic_save(path: Path, write: Callable[[Path, BinaryIO], None]) -> Path:
-    """Run ``write(model_path, data_handle)`` in a temporary folder beside ``path``, check the
-    result by path, then move the data file and the model into place (model last)."""
+    """Run ``write(model_path, data_handle)`` on temporary files beside ``path`` (the model's
+    external data locations are relative to its directory: files it points at are found from
+    there), move the data file into place, check the model by path, then move it into place."""
     path = Path(path)
-    location = external_data_location(path)
-    with temp_dir_beside(path) as tmp:
-        tmp_model, tmp_data = tmp / path.name, tmp / location
-        with open(tmp_data, "wb") as handle:
-            write(tmp_model, handle)
-        has_data = tmp_data.stat().st_size > 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    final_data = path.parent / external_data_location(path)
+    # fixed temporary names (a later save overwrites what a killed one left), created by open():
+    # the files get the usual mode, not mkstemp's private one
+    with replacing(path, _temp_name(path)) as tmp_model:
+        with replacing(final_data, _temp_name(final_data)) as tmp_data:
+            with open(tmp_data, "wb") as handle:
+                write(tmp_model, handle)
+            has_data = tmp_data.stat().st_size > 0
         if not has_data:
-            tmp_data.unlink()
+            final_data.unlink()  # nothing external (or a stale file of an earlier save)
         check_model(tmp_model)
-        final_data = path.parent / location
-        if has_data:
-            os.replace(tmp_data, final_data)
-        elif final_data.exists():
-            final_data.unlink()  # a stale table file from an earlier save of this model
-        os.replace(tmp_model, path)
     return path
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
 
 
 def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -400,19 +467,24 @@ def export_full_model(
     path: str | Path,
     external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     rowwise_impl: RowwiseImpl = "auto",
+    stored: Sequence[StoredArray] = (),
 ) -> Path:
     """Build the full model and write it to ``path``, streaming big tables to external data.
 
-    Same graph as :func:`build_full_model`, but initializers chosen by
-    :func:`plan_external_data` go from numpy to the data file directly, so models with tables
-    over 2 GB can be written without holding a second copy in memory.
+    Same graph as :func:`build_full_model`, but an initializer that is one of the ``stored``
+    arrays (memory-mapped ``.npy`` files under ``path``'s directory) points at its file
+    (:mod:`exporters.onnx.stored_arrays`: the graph carries no copy of it), and of the others
+    those chosen by :func:`plan_external_data` go from numpy to the data file directly, so models
+    with tables over 2 GB can be written without holding a second copy in memory.
     """
     gb = _full_builder(spec, rowwise_impl)
-    external = plan_external_data(gb.initializer_sizes(), external_data_threshold_bytes)
+    in_files = references(gb.initializers, list(stored), Path(path).parent)
+    sizes = {n: b for n, b in gb.initializer_sizes().items() if n not in in_files}
+    external = plan_external_data(sizes, external_data_threshold_bytes)
 
     def write(model_path: Path, handle: BinaryIO) -> None:
-        sink = ExternalDataFile(handle, external_data_location(path), external)
-        model = gb.make_model(sink if external else None)
+        sink = ExternalDataFile(handle, external_data_location(path), external, in_files)
+        model = gb.make_model(sink if external or in_files else None)
         handle.flush()
         onnx.save_model(model, str(model_path))
 

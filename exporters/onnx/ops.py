@@ -20,6 +20,18 @@ def int64(values: list[int] | int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def add_valid_ids(gb: GraphBuilder, ids: str, num_rows: int) -> str:
+    """``ids`` (int64 ``[N]``) with every id outside ``[0, num_rows)`` replaced by 0.
+
+    One comparison covers both ends: as uint64, a negative id is larger than any row count
+    (``Cast`` + ``Less`` + ``Where``, a few us per feature at batch 2048).
+    """
+    as_unsigned = gb.op("Cast", [ids], "ids_u64", to=TensorProto.UINT64)
+    bound = gb.const(f"num_rows_{num_rows}", num_rows, np.uint64)
+    valid = gb.op("Less", [as_unsigned, bound], "ids_in_range")
+    return gb.op("Where", [valid, ids, gb.const("zero_id", 0, np.int64)], "ids_valid")
+
+
 def concat(gb: GraphBuilder, parts: list[str], hint: str, axis: int = 0) -> str:
     return parts[0] if len(parts) == 1 else gb.op("Concat", parts, hint, axis=axis)
 

@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -156,7 +157,9 @@ def make_session(
 ) -> ort.InferenceSession:
     """A CPU ``InferenceSession`` with the session ``config`` entries and one inter-op thread, or,
     with ``config=None``, a plain one (no entry, ORT's default inter-op threads); ``threads``
-    intra-op threads (``None``: ORT's default). Models with external data: by path."""
+    intra-op threads (``None``: ORT's default). Models with external data: by path. A graph file
+    this ONNX Runtime cannot load (a newer opset or IR version, an unknown operator) is an
+    :class:`ArtifactError` naming it and the ONNX Runtime version."""
     options = ort.SessionOptions()
     if config is not None:
         for key, value in config.items():
@@ -168,7 +171,42 @@ def make_session(
         model = model.SerializeToString()
     elif isinstance(model, Path):
         model = str(model)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as e:
+        if not isinstance(model, str):  # a graph built in this process: a bug, not an input
+            raise
+        raise ArtifactError(
+            f"{model}: ONNX Runtime {ort.__version__} cannot load this graph: {_ort_reason(e)}"
+        ) from e
+
+
+#: What ``InferenceSession`` raises for a graph it cannot load (a newer opset or IR version than
+#: this ONNX Runtime knows, an unknown operator, a malformed protobuf): the pybind11 error classes.
+_ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls
+    for name in (
+        "Fail",
+        "InvalidArgument",
+        "InvalidGraph",
+        "InvalidProtobuf",
+        "NoSuchFile",
+        "NotImplemented",
+        "RuntimeException",
+        "EPFail",
+    )
+    if isinstance(cls := getattr(ort.capi.onnxruntime_pybind11_state, name, None), type)
+)
+_ORT_PREFIX_RE = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (?:Load model from .*? failed:)?")
+_ORT_SOURCE_RE = re.compile(r"^/\S+:\d+ .*?\) (?=[A-Z])")
+_MAX_REASON = 500
+
+
+def _ort_reason(error: BaseException) -> str:
+    """ORT's message on one line, without its error-code prefix and C++ source location."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    text = _ORT_SOURCE_RE.sub("", _ORT_PREFIX_RE.sub("", lines[0]).strip())
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
 def run_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict:

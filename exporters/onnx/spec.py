@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from compress.io.model_spec import sanitize_name  # noqa: F401  (one home; imported from here)
 from compress.quant.tablewise import symmetric_range
 
 #: ONNX IR version of every graph: onnxruntime 1.31 loads 3..13 (onnx 1.23 writes 14 by default);
@@ -48,13 +49,6 @@ SESSION_CONFIG = {
     "session.inter_op.allow_spinning": "0",
     "session.qdq_matmulnbits_accuracy_level": "1",
 }
-
-
-def sanitize_name(name: str) -> str:
-    """``name`` as an identifier: characters outside ``[A-Za-z0-9_]`` become ``_``, and a leading
-    digit (or an empty name) gets a ``_`` prefix. ``"cat-1"`` -> ``"cat_1"``."""
-    out = "".join(c if (c.isascii() and (c.isalnum() or c == "_")) else "_" for c in name)
-    return out if out and not out[0].isdigit() else "_" + out
 
 
 class GraphTable(Protocol):

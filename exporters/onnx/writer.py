@@ -6,9 +6,11 @@ staging directory after the tables and dense weights are written, it
 1. reads those files back (memory-mapped) and describes them as a graph spec
    (:func:`exporters.onnx.from_model.graph_spec_from_artifacts`), so the graphs hold exactly the stored
    arrays;
-2. writes ``onnx/model.onnx`` (dense + jagged sparse inputs -> logits; tables of 256 MiB or more
-   go to ``onnx/model.onnx.data`` beside it), ``onnx/dense_arch.onnx`` and ``onnx/over_arch.onnx``
-   (each passes ``onnx.checker``);
+2. writes ``model.onnx`` at the directory's root (dense + jagged sparse inputs -> logits), whose
+   table initializers point at the table files through ONNX external data instead of carrying a
+   copy (:mod:`exporters.onnx.stored_arrays`; ONNX refuses locations with ``..``, hence the root;
+   anything else of 256 MiB or more would go to ``model.onnx.data`` beside it),
+   ``onnx/dense_arch.onnx`` and ``onnx/over_arch.onnx`` (each passes ``onnx.checker``);
 3. runs ONNX Runtime, both in a plain ``InferenceSession(path)`` (no session option: the graphs
    must not depend on any) and with the session settings the Predictor serves with
    (:data:`~exporters.onnx.parity.SERVING_SESSION_CONFIG`), on a few hundred sampled inputs of
@@ -46,7 +48,9 @@ from compress.io.dlrm_classes import strategy_for
 from compress.io.model_spec import DLRMSpec
 from compress.timings import StageTimer
 from compress.train.distill import sample_inputs
-from exporters.artifacts.manifest import PARITY_DIR  # parity inputs and logits (verify --parity)
+from exporters.artifacts.manifest_schema import (
+    PARITY_DIR,  # parity inputs and logits (verify --parity)
+)
 from exporters.artifacts.read import artifacts_from_manifest
 from exporters.artifacts.write import Writer
 from exporters.onnx.from_model import graph_spec_from_artifacts
@@ -59,7 +63,7 @@ from exporters.onnx.model import (
     build_over_graph,
     dense_graph_io,
     export_full_model,
-    external_data_location,
+    external_files,
     feature_input_names,
     full_model_io,
     over_graph_io,
@@ -73,11 +77,12 @@ from exporters.onnx.parity import (
     serving_session,
 )
 from exporters.onnx.spec import IR_VERSION, DLRMGraphSpec
+from exporters.onnx.stored_arrays import stored_arrays
 from exporters.runtime.predictor import dataset_feeds
 
 ONNX_DIR = "onnx"
 GRAPH_FILES = {
-    "model": f"{ONNX_DIR}/model.onnx",
+    "model": "model.onnx",  # at the root: it reads tables/*.npy and shared/*.npy in place
     "dense_arch": f"{ONNX_DIR}/dense_arch.onnx",
     "over_arch": f"{ONNX_DIR}/over_arch.onnx",
 }
@@ -142,11 +147,12 @@ def export_onnx(
         paths["model"],
         config.external_data_threshold_bytes,
         config.rowwise_impl,
+        stored=stored_arrays(arts),
     )
     save_model(build_dense_graph(gspec), paths["dense_arch"], config.external_data_threshold_bytes)
     save_model(build_over_graph(gspec), paths["over_arch"], config.external_data_threshold_bytes)
     with timer("parity") if timer is not None else nullcontext():
-        parity = check_parity(reference, arts.spec, gspec, paths, config)
+        parity = check_parity(reference, arts.spec, gspec, root, paths, config)
     return onnx_section(root, gspec, config, parity)
 
 
@@ -255,14 +261,14 @@ def check_parity(
     reference: nn.Module,
     spec: DLRMSpec,
     gspec: DLRMGraphSpec,
+    root: Path,
     paths: dict[str, Path],
     config: OnnxExportConfig,
 ) -> dict:
     """Score every parity set with PyTorch and with ORT in each of :data:`PARITY_SESSIONS`; raise
     :class:`~exporters.onnx.parity.ParityError` above :func:`parity_atol`. The full model's feeds
     and reference logits are stored under ``onnx/parity/`` for ``verify --parity``. One session
-    kind is open at a time (a session holds its own copy of the tables)."""
-    root = paths["model"].parents[1]
+    kind is open at a time."""
     inputs = feature_input_names(gspec)
     sets = parity_sets(spec, config)
     atol = parity_atol(spec, config)
@@ -321,12 +327,10 @@ def _decls(decls: list[TensorDecl]) -> list[dict]:
 
 
 def _graph_entry(root: Path, rel: str, io: tuple[list[TensorDecl], list[TensorDecl]]) -> dict:
-    path = root / rel
-    data = path.parent / external_data_location(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(root / rel), load_external_data=False)
     return {
         "file": rel,
-        "external_data": data.relative_to(root).as_posix() if data.exists() else None,
+        "external_data": external_files(model, rel),
         "inputs": _decls(io[0]),
         "outputs": _decls(io[1]),
         "opset_imports": {o.domain or "ai.onnx": o.version for o in model.opset_import},

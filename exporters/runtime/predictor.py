@@ -3,7 +3,9 @@
 :class:`Predictor` verifies the directory first (every checksum, every array header: see
 :mod:`exporters.artifacts.read`), so a corrupt artifact is an :class:`~compress.errors.ArtifactError` naming
 the file, never a crash inside ONNX Runtime, and no path in the manifest reaches outside the
-directory. It then opens ``onnx/model.onnx`` with the session settings the manifest records
+directory. It then opens the manifest's full graph (``model.onnx``, which reads the table files
+in place: ONNX Runtime maps them, no copy is made; ``onnx/model.onnx`` in format 2 directories)
+with the session settings the manifest records
 (:data:`~exporters.onnx.parity.SERVING_SESSION_CONFIG`: worker spinning off; the graphs are
 exact without any session option). A directory exported without graphs is served from a graph
 built in memory from its arrays.
@@ -11,7 +13,7 @@ built in memory from its arrays.
 Inputs are what the model was trained on: dense features already transformed (the manifest's
 ``inputs.dense.transform``, the one the data it was fine-tuned and evaluated on was read with, e.g.
 ``log3`` = ``log(max(x, -2) + 3)``; :meth:`Predictor.predict_raw` and :meth:`Predictor.open_data`
-apply it to raw Criteo text, ``dense_transform=`` overrides it), and per sparse feature the row ids of
+apply it to raw Criteo text, ``dense_transform=`` gives it where the manifest does not), and per sparse feature the row ids of
 every bag, concatenated, with the bag lengths. Inputs are checked before any batch reaches ORT:
 lengths must be non-negative and sum to the number of ids of their feature, and an id outside
 ``[0, rows)`` of its table is an :class:`OutOfRangeIdError` naming the feature and the id, unless
@@ -74,9 +76,9 @@ class Predictor:
         out_of_range: ``"error"`` (default): an id outside its table raises
             :class:`OutOfRangeIdError`; ``"row0"``: it reads row 0 of its own table, like the graph
             and FBGEMM's bounds check.
-        dense_transform: the dense transform raw text is read with, overriding the manifest's
-            ``inputs.dense.transform`` (``None``: the manifest's; needed for raw text when the
-            manifest does not know it). Data read or given in another transform is refused.
+        dense_transform: the dense transform raw text is read with where the manifest's
+            ``inputs.dense.transform`` does not know it (``None``: the manifest's); one that
+            differs from a recorded transform is refused, as is data read in another one.
     """
 
     def __init__(
@@ -95,11 +97,7 @@ class Predictor:
         self.artifacts: Artifacts = load_artifacts(path, verify=True)
         self.spec = self.artifacts.spec
         #: the transform the model's dense inputs are made with (``None``: not known)
-        self.dense_transform = (
-            check_transform(dense_transform, "dense_transform")
-            if dense_transform is not None
-            else self.artifacts.parsed.dense_transform.name
-        )
+        self.dense_transform = self._agreed_transform(dense_transform)
         self.batch_size = batch_size
         self._rows = {f: t.num_embeddings for t in self.spec.tables for f in t.feature_names}
         section = self.artifacts.onnx
@@ -113,6 +111,21 @@ class Predictor:
             model, self.feature_inputs = self._build_in_memory()
         self.session = serving_session(model, threads=threads)
         self.runtime = "onnxruntime"
+
+    def _agreed_transform(self, given: str | None) -> str | None:
+        """The manifest's dense transform, or ``given`` where the manifest does not know it; a
+        ``given`` one that differs from what the manifest records is a :class:`DataError`."""
+        recorded = self.artifacts.parsed.dense_transform.name
+        if given is None:
+            return recorded
+        given = check_transform(given, "dense_transform")
+        if recorded is not None and given != recorded:
+            raise DataError(
+                f"{self.artifacts.path / 'manifest.json'}: the model takes {recorded!r}-transformed "
+                f"dense features (inputs.dense.transform), not {given!r} (--dense-transform): "
+                "leave the option out"
+            )
+        return given
 
     def _build_in_memory(self) -> tuple[bytes, dict[str, tuple[str, str]]]:
         from exporters.onnx.from_model import graph_spec_from_artifacts

@@ -57,7 +57,7 @@ from compress.methods import registry
 from compress.methods.combined import CombinedEmbeddingBagCollection
 from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
 from compress.quant.fbgemm_rowwise import ROW_ALIGNMENT
-from exporters.artifacts.manifest import SharedGroupEntry
+from exporters.artifacts.manifest_schema import SharedGroupEntry
 from exporters.artifacts.read import Artifacts, TableArrays, load_artifacts
 from exporters.onnx.from_model import linear_from_artifacts, linear_paths
 from exporters.runtime.torchrec_ebc import DEFAULT_CHUNK_ROWS, fbgemm_data_type, fbgemm_ebc

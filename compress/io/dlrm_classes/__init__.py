@@ -1,7 +1,8 @@
 """One strategy object per TorchRec DLRM class, registered by class name.
 
 A strategy (:class:`~compress.io.dlrm_classes.base.DLRMClass`) is the one place that knows a
-class: its interaction's state-dict keys, how its shape is inferred from a state dict, its TorchRec
+class: its interaction's state-dict keys, how its shape is inferred from a state dict, its
+model-config keys (``config_keys``, read by :mod:`compress.io.model_config`), its TorchRec
 constructor, its interaction and over-arch widths, its linear and cross layers, the name of its
 graph interaction (built by :mod:`exporters.onnx.dense`), its dummy inputs and its parity
 tolerance. The keys every class shares (tables, bottom and top MLPs, the ``DLRMTrain`` prefix) are

@@ -125,6 +125,21 @@ class CrossLayerKeys:
         }
 
 
+#: Kinds of a model-config value (:class:`ConfigKey`): a positive integer; a non-empty list of them.
+COUNT, SIZES = "count", "sizes"
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One model-config key of a class's interaction (:attr:`DLRMClass.config_keys`): named as the
+    :class:`~compress.io.model_spec.DLRMSpec` field and the TorchRec constructor argument it
+    sets; ``kind`` is :data:`COUNT` or :data:`SIZES`; ``help`` says what it is, for messages."""
+
+    name: str
+    kind: str
+    help: str
+
+
 @dataclass(frozen=True)
 class InteractionShape:
     """What a state dict says about one class's interaction: the number of sparse features it
@@ -190,7 +205,11 @@ class DLRMClass(ABC):
     #: The interaction's kind: the ``type`` of ``inspect``'s ``interaction`` and the name of the
     #: graph interaction that exporters build for it.
     interaction: ClassVar[str]
-    #: The :class:`~compress.io.model_spec.DLRMSpec` fields this class needs set.
+    #: The model-config keys of this class's interaction, beyond those every class has
+    #: (:mod:`compress.io.model_config`): the one place its config format is defined.
+    config_keys: ClassVar[tuple[ConfigKey, ...]] = ()
+    #: The :class:`~compress.io.model_spec.DLRMSpec` fields this class needs set (those of its
+    #: :attr:`config_keys`).
     interaction_fields: ClassVar[tuple[str, ...]] = ()
     #: Largest absolute logit difference accepted between the exported graphs and PyTorch.
     parity_atol: ClassVar[float] = 1e-5
@@ -263,6 +282,11 @@ class DLRMClass(ABC):
     def interaction_summary(self, spec: DLRMSpec) -> dict[str, Any]:
         """The ``interaction`` entry of ``inspect``: its ``type`` and parameters."""
         return {"type": self.interaction}
+
+    def shape_problem(self, spec: DLRMSpec) -> str | None:
+        """What makes ``spec``'s interaction parameters unbuildable for this class (``None``: they
+        fit), for a model config read without a checkpoint; none by default."""
+        return None
 
     def missing_fields(self, values: Mapping[str, Any]) -> list[str]:
         """The :attr:`interaction_fields` that ``values`` lacks or holds as ``None``."""

@@ -17,7 +17,14 @@ import torch
 from torchrec.models.dlrm import DLRM_DCN
 
 from compress.errors import CheckpointError
-from compress.io.dlrm_classes.base import CrossLayerKeys, DLRMClass, InteractionShape, exact_div
+from compress.io.dlrm_classes.base import (
+    COUNT,
+    ConfigKey,
+    CrossLayerKeys,
+    DLRMClass,
+    InteractionShape,
+    exact_div,
+)
 from compress.io.model_spec import DLRMSpec
 
 #: Key of one cross-layer tensor: ``kind`` is ``W_kernels``, ``V_kernels`` or ``bias``.
@@ -35,7 +42,11 @@ class DCNDLRM(DLRMClass):
     name = "DLRM_DCN"
     module_type = DLRM_DCN
     interaction = "dcn"
-    interaction_fields = ("dcn_num_layers", "dcn_low_rank_dim")
+    config_keys = (
+        ConfigKey("dcn_num_layers", COUNT, "number of low-rank cross layers"),
+        ConfigKey("dcn_low_rank_dim", COUNT, "rank of each cross layer's W and V kernels"),
+    )
+    interaction_fields = tuple(k.name for k in config_keys)
 
     def claims(self, sd: Mapping[str, torch.Tensor]) -> bool:
         return any(_CROSS_RE.match(k) for k in sd)

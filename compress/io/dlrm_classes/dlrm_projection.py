@@ -15,6 +15,8 @@ import torch
 from torchrec.models.dlrm import DLRM_Projection
 
 from compress.io.dlrm_classes.base import (
+    SIZES,
+    ConfigKey,
     DLRMClass,
     InteractionShape,
     LinearLayer,
@@ -46,7 +48,19 @@ class ProjectionDLRM(DLRMClass):
     name = "DLRM_Projection"
     module_type = DLRM_Projection
     interaction = "projection"
-    interaction_fields = ("interaction_branch1_layer_sizes", "interaction_branch2_layer_sizes")
+    config_keys = (
+        ConfigKey(
+            "interaction_branch1_layer_sizes",
+            SIZES,
+            "branch 1's MLP layer sizes; the last is a multiple of the embedding dim",
+        ),
+        ConfigKey(
+            "interaction_branch2_layer_sizes",
+            SIZES,
+            "branch 2's MLP layer sizes; the last is a multiple of the embedding dim",
+        ),
+    )
+    interaction_fields = tuple(k.name for k in config_keys)
 
     def claims(self, sd: Mapping[str, torch.Tensor]) -> bool:
         patterns = [mlp_key_pattern(branch_template(k)) for k in BRANCHES.values()]
@@ -64,6 +78,17 @@ class ProjectionDLRM(DLRMClass):
                 "interaction_branch2_layer_sizes": tuple(w.shape[0] for w in b2),
             },
         )
+
+    def shape_problem(self, spec: DLRMSpec) -> str | None:
+        # TorchRec reshapes branch k's output to (F_k, D): it must be a multiple of D
+        for key in self.config_keys:
+            last = getattr(spec, key.name)[-1]
+            if last % spec.embedding_dim:
+                return (
+                    f"{key.name} ends at {last}, not a multiple of the embedding dim "
+                    f"{spec.embedding_dim}"
+                )
+        return None
 
     def constructor_kwargs(self, spec: DLRMSpec) -> dict[str, Any]:
         return {

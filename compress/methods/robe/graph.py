@@ -1,9 +1,11 @@
 """The ROBE-Z lookup as ONNX nodes: a table's graph table and the int64 hash of (row, dim).
 
-:class:`RobeTable` is what the exporter holds for a table reading a shared array (the array
-dequantized to float32 once per group); :func:`onnx_rows` hashes every element the ids read with
-int64 ``Add``/``Mul``/``Mod`` exactly as :mod:`compress.methods.robe.hashing` does and gathers it
-from the array (:meth:`compress.methods.robe.method.RobeMethod.onnx_rows`).
+:class:`RobeTable` is what the exporter holds for a table reading a shared array (the array as
+stored: float32, float16, or int8 with one scale); :func:`onnx_rows` hashes every element the ids
+read with int64 ``Add``/``Mul``/``Mod`` exactly as :mod:`compress.methods.robe.hashing` does,
+gathers it from the array and dequantizes only what it gathered (``Cast``, then ``Mul`` by the
+scale for int8: the same float32 values as dequantizing the whole array first), so a saved graph
+can read the stored file in place (:meth:`compress.methods.robe.method.RobeMethod.onnx_rows`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RobeTable:
-    """Graph table: the ROBE-Z view of a shared float32 ``array`` [M]; element ``(i, d)`` =
+    """Graph table: the ROBE-Z view of a shared ``array`` [M] (float32, float16, or int8 whose
+    values are ``q * scale``); element ``(i, d)`` =
     ``array[((i + O)*R3 + (d // Z)*R2 + R1) mod P mod (M - Z + 1) + d mod Z]``.
 
     Tables that share one array must pass the same ``array_name`` (and the same array); the graph
@@ -37,11 +40,14 @@ class RobeTable:
     seeds: tuple[int, int, int] = tuple(robe_constants(DEFAULT_SEED))
     prime: int = ROBE_PRIME
     array_name: str = "robe_array"
+    scale: float | None = None
     METHOD: ClassVar[str] = METHOD
 
     def validate(self, dim: int, what: str) -> None:
-        if self.array.dtype != np.float32 or self.array.ndim != 1:
-            raise ValueError(f"{what}: ROBE array must be float32 [M]")
+        if self.array.dtype not in (np.float32, np.float16, np.int8) or self.array.ndim != 1:
+            raise ValueError(f"{what}: ROBE array must be float32, float16 or int8 [M]")
+        if (self.scale is not None) != (self.array.dtype == np.int8):
+            raise ValueError(f"{what}: an int8 ROBE array needs one scale (other arrays none)")
         if not 1 <= self.block_size <= self.array.shape[0]:
             raise ValueError(f"{what}: block size {self.block_size} does not fit the array")
         if self.table_offset < 0 or self.num_rows < 0 or min(self.seeds) < 0:
@@ -60,7 +66,8 @@ def robe_index_constants(kind: RobeTable, dim: int) -> tuple[np.ndarray, np.ndar
 
 
 def onnx_rows(request: RowsRequest) -> str:
-    """int64 ``Add``/``Mul``/``Mod`` hash of (row, dim), then ``Gather`` from the array."""
+    """int64 ``Add``/``Mul``/``Mod`` hash of (row, dim), ``Gather`` from the array as stored,
+    then ``Cast`` to float32 (and ``Mul`` by the scale) when it is not float32."""
     gb, kind, dim = request.gb, request.table.kind, request.table.dim
     array = gb.initializer(f"robe.{request.sanitize(kind.array_name)}", kind.array)
     dim_key, dim_off = robe_index_constants(kind, dim)
@@ -74,4 +81,9 @@ def onnx_rows(request: RowsRequest) -> str:
     span = kind.array.shape[0] - kind.block_size + 1
     key = gb.op("Mod", [key, gb.const("robe_span", span, np.int64)], "robe_block", fmod=0)
     index = gb.op("Add", [key, gb.const("robe_dim_offset", dim_off)], "robe_index")
-    return gb.op("Gather", [array, index], "rows", axis=0)
+    if kind.array.dtype == np.float32:
+        return gb.op("Gather", [array, index], "rows", axis=0)
+    cells = request.to_float(gb.op("Gather", [array, index], "robe_cells", axis=0), "robe_f32")
+    if kind.scale is None:
+        return cells
+    return gb.op("Mul", [cells, gb.const("robe_scale", np.float32(kind.scale))], "rows")

@@ -30,6 +30,7 @@ from torch import nn
 
 from compress.errors import ArtifactError, RecipeError
 from compress.io.summary import format_bytes
+from compress.io.table_stream import chunk_rows_setting, progress_bytes
 from compress.methods.base import SHARED_ROLE, ArraySpec, MethodConfig, MethodFields, TableMethod
 from compress.methods.registry import register
 from compress.methods.robe.array import (
@@ -54,7 +55,11 @@ from compress.methods.robe.module import (
     RobeEmbeddingBagCollection,
     table_offsets,
 )
-from compress.methods.robe.projection import ProjectionReport, project_module
+from compress.methods.robe.projection import (
+    DEFAULT_CHUNK_ROWS,
+    ProjectionReport,
+    project_module,
+)
 from compress.plan import split_bytes
 from compress.recipe.reader import INTEGER, NUMBER, STRING, fail, show
 
@@ -285,7 +290,13 @@ class RobeMethod(TableMethod):
         # A small array trains faster with dense gradients (the optimizer step over every cell
         # costs less than sparse bookkeeping; the updates are the same): benchmarks/bench_robe.py
         sparse = group.cells > DENSE_GRAD_MAX_CELLS
-        module, report = project_module(pairs, config, row_weights=weights, sparse=sparse)
+        # the --chunk-rows setting, else 262,144 rows at dim 16 (as many values at other dims)
+        chunk = chunk_rows_setting() or max(1, DEFAULT_CHUNK_ROWS * 16 // tables[0].embedding_dim)
+        nbytes = sum(w.numel() * w.element_size() for _, w in pairs)
+        with progress_bytes(2 * nbytes, f"project {group.name}"):  # projection, then its error
+            module, report = project_module(
+                pairs, config, row_weights=weights, chunk_rows=chunk, sparse=sparse
+            )
         if group.array_dtype != DEFAULT_ARRAY_DTYPE:
             module.set_quantization(ArrayQuantization(precision=group.array_dtype))
         projection = "frequency" if weighted else "mean"
@@ -386,9 +397,13 @@ class RobeMethod(TableMethod):
         }
 
     def graph_table(self, table: TableArrays) -> Any:
+        """The group's array as stored (the graph dequantizes what it gathers), so that a saved
+        graph reads the stored file in place."""
         group = table.entry["shared"]
+        array, scale = _stored_array_and_scale(table)
         return RobeTable(
-            array=_stored_array(table),
+            array=array,
+            scale=scale,
             num_rows=table.num_embeddings,
             block_size=int(group["block_size"]),
             table_offset=int(table.entry["table_offset"]),
@@ -433,6 +448,20 @@ class RobeMethod(TableMethod):
             array = np.array(_stored_array(tables[0]), dtype=np.float32)
             module.weight.copy_(torch.from_numpy(array))
         return module
+
+
+def _stored_array_and_scale(table: TableArrays) -> tuple[np.ndarray, float | None]:
+    """The shared array a stored group table reads, as stored, and its scale (int8 only)."""
+    data = table.arrays[SHARED_ROLE + "data"]
+    if data.dtype != np.int8:
+        return data, None
+    scale = table.arrays.get(SHARED_ROLE + "scale")
+    if scale is None or scale.size != 1:
+        got = None if scale is None else scale.size
+        raise ArtifactError(
+            f"table {table.name!r}: shared int8 array needs exactly one scale, got {got}"
+        )
+    return data, float(np.asarray(scale).reshape(()))
 
 
 def _stored_array(table: TableArrays) -> np.ndarray:

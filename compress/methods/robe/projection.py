@@ -7,7 +7,9 @@ ROBE-Z papers, arXiv 2207.10731 and 2108.02191, train the array from scratch; co
 tables is this project's addition.) Cells no value hits, or only values of weight 0, get 0.
 
 Rows are processed in chunks (``chunk_rows``, default 262,144) so a 10M x 16 table never builds
-an index tensor for all its elements at once; sums accumulate in float64 with ``index_add_``.
+an index tensor for all its elements at once; sums accumulate in float64 with ``index_add_``. A
+memory-mapped table is read from its file chunk by chunk (:func:`compress.io.table_stream.row_chunks`),
+so the projection never maps its pages.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.io.model_spec import TableSpec
+from compress.io.table_stream import row_chunks
 from compress.methods.robe.hashing import robe_indices
 from compress.methods.robe.module import (
     RobeConfig,
@@ -81,11 +84,6 @@ def _check_inputs(
     return out
 
 
-def _chunks(rows: int, chunk_rows: int):
-    for start in range(0, rows, chunk_rows):
-        yield start, min(rows, start + chunk_rows)
-
-
 def project_tables(
     tables: Sequence[tuple[TableSpec, torch.Tensor]],
     array_size: int,
@@ -129,11 +127,11 @@ def project_tables(
     num = torch.zeros(array_size, dtype=torch.float64)
     den = torch.zeros(array_size, dtype=torch.float64)
     counts = torch.zeros(array_size, dtype=torch.int32) if weighted else None
-    for (spec, table), offset, rw in zip(tables, offsets, weights, strict=True):
-        for start, end in _chunks(spec.num_embeddings, chunk_rows):
+    for (_, table), offset, rw in zip(tables, offsets, weights, strict=True):
+        for start, end, rows in row_chunks(table, chunk_rows):
             ids = torch.arange(start, end, dtype=torch.int64)
             idx = robe_indices(ids, offset, dim, block_size, array_size, constants).view(-1)
-            vals = table[start:end].detach().to(torch.float64)  # [c, D]
+            vals = rows.to(torch.float64)  # [c, D]
             if rw is None:
                 num.index_add_(0, idx, vals.reshape(-1))
                 den.index_add_(0, idx, torch.ones(1, dtype=torch.float64).expand(idx.numel()))
@@ -177,11 +175,11 @@ def _reconstruction_rmse(
     sq = wsq = wsum = 0.0
     count = 0
     dim = tables[0][0].embedding_dim
-    for (spec, table), offset, rw in zip(tables, offsets, weights, strict=True):
-        for start, end in _chunks(spec.num_embeddings, chunk_rows):
+    for (_, table), offset, rw in zip(tables, offsets, weights, strict=True):
+        for start, end, rows in row_chunks(table, chunk_rows):
             ids = torch.arange(start, end, dtype=torch.int64)
             idx = robe_indices(ids, offset, dim, block_size, array.numel(), constants)
-            err = (table[start:end].detach().to(torch.float64) - array[idx].double()).pow(2)
+            err = (rows.to(torch.float64) - array[idx].double()).pow(2)
             row_sq = err.sum(dim=1)  # [c]
             sq += float(row_sq.sum())
             count += err.numel()
