@@ -24,46 +24,18 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import KAGGLE_ROWS, cache_dir, python_child  # noqa: E402
+from benchmarks.common import cache_dir, python_child  # noqa: E402
 from compress.io.atomic_file import replacing, temp_dir_beside  # noqa: E402
 from compress.io.model import build_model  # noqa: E402
-from compress.io.model_spec import DLRMSpec, TableSpec  # noqa: E402
-
-TERABYTE_ROWS = (
-    9980333,
-    36084,
-    17217,
-    7378,
-    20134,
-    3,
-    7112,
-    1442,
-    61,
-    9758201,
-    1333352,
-    313829,
-    10,
-    2208,
-    11156,
-    122,
-    4,
-    970,
-    14,
-    9994222,
-    7267859,
-    9946608,
-    415421,
-    12420,
-    101,
-    36,
-)  # fmt: skip  (rows of the 26 Criteo Terabyte tables, 10M cap, dim 64)
+from compress.io.model_config import read_config_spec  # noqa: E402
+from compress.io.model_spec import DLRMSpec  # noqa: E402
 
 DEFAULT_RECIPES = ("int4_rowwise_ptq", "int8_ptq", "int4_ptq", "robe_10000x", "int4_qat")
 
@@ -85,42 +57,24 @@ lr_dense = 0.001
 """
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    rows: tuple[int, ...]
-    dim: int
-    bottom: tuple[int, ...]
-    top: tuple[int, ...]
-
-    def spec(self) -> DLRMSpec:
-        tables = tuple(
-            TableSpec(
-                name=f"t_cat_{i}",
-                num_embeddings=r,
-                embedding_dim=self.dim,
-                feature_names=(f"cat_{i}",),
-            )
-            for i, r in enumerate(self.rows)
-        )
-        return DLRMSpec("DLRM", tables, 13, self.bottom, self.top)
-
-    @property
-    def table_bytes(self) -> int:
-        return sum(self.rows) * self.dim * 4
+def shrunk(spec: DLRMSpec, factor: int) -> DLRMSpec:
+    """``spec`` with every table ``factor`` times smaller (at least 2 rows)."""
+    tables = tuple(
+        replace(t, num_embeddings=max(t.num_embeddings // factor, 2)) for t in spec.tables
+    )
+    return replace(spec, tables=tables)
 
 
+def table_bytes(spec: DLRMSpec) -> int:
+    return sum(t.num_embeddings * t.embedding_dim * 4 for t in spec.tables)
+
+
+#: The papers' shapes, from the built-in model configs (``recipes/models/``).
 SHAPES = {
-    "kaggle": Shape("kaggle", KAGGLE_ROWS, 16, (512, 256, 64, 16), (512, 256, 1)),
-    "terabyte": Shape("terabyte", TERABYTE_ROWS, 64, (512, 256, 64), (512, 512, 256, 1)),
+    "kaggle": read_config_spec("criteo_kaggle_dlrm"),
+    "terabyte": read_config_spec("criteo_terabyte_dlrm"),
     # 1% of the Kaggle rows: a quick check that the benchmark itself runs
-    "kaggle_1pct": Shape(
-        "kaggle_1pct",
-        tuple(max(r // 100, 2) for r in KAGGLE_ROWS),
-        16,
-        (512, 256, 64, 16),
-        (512, 256, 1),
-    ),
+    "kaggle_1pct": shrunk(read_config_spec("criteo_kaggle_dlrm"), 100),
 }
 
 
@@ -136,7 +90,7 @@ def fill_table(out: np.ndarray, seed: int, zero_fraction: float, chunk: int = 1 
 def write_checkpoint(shape_name: str, path: Path, zero_fraction: float) -> None:
     """Write a ``torch.save`` checkpoint of the shape without holding its tables in memory."""
     shape = SHAPES[shape_name]
-    meta = build_model(shape.spec(), device="meta").state_dict()
+    meta = build_model(shape, device="meta").state_dict()
     g = torch.Generator().manual_seed(0)
     with temp_dir_beside(path, "tables") as scratch:
         state = {}
@@ -157,7 +111,7 @@ def ensure_checkpoint(shape: str, zero_fraction: float) -> Path:
     path = cache_dir() / f"scale_{shape}_z{int(round(zero_fraction * 100))}.pt"
     if not path.exists():
         print(
-            f"writing {path} ({SHAPES[shape].table_bytes / 1e9:.2f} GB of tables) ...", flush=True
+            f"writing {path} ({table_bytes(SHAPES[shape]) / 1e9:.2f} GB of tables) ...", flush=True
         )
         python_child(
             "from pathlib import Path\nfrom benchmarks.bench_scale import write_checkpoint\n"
@@ -197,11 +151,11 @@ def run_recipe(
     return {"wall": wall, "peak": peak, "disk": disk, "job": result}
 
 
-def report(shape: Shape, ckpt: Path, recipe: str, r: dict, read_once: float) -> None:
+def report(shape: DLRMSpec, ckpt: Path, recipe: str, r: dict, read_once: float) -> None:
     t = r["job"].get("timings", {})
     planned = r["job"]["bytes_planned"]
     quantize = t.get("quantize", 0.0) + t.get("convert", 0.0)
-    gbps = shape.table_bytes / 1e9 / quantize if quantize > 0 else float("nan")
+    gbps = table_bytes(shape) / 1e9 / quantize if quantize > 0 else float("nan")
     limit = planned * 1.02 + 2e6
     size = ckpt.stat().st_size
     print(
