@@ -486,3 +486,19 @@ def test_resuming_with_another_shuffle_buffer_is_refused(tmp_path):
     write_numbered(path, 1000)
     assert stream(path).fingerprint() == stream(path, workers=3).fingerprint()
     assert stream(path).fingerprint() != stream(path, shuffle_rows=501).fingerprint()
+
+
+def test_a_buffer_of_zero_rows_shuffles_within_each_block():
+    """``--shuffle-rows 0``: each block's rows come out at once, in a seeded order (the empty
+    buffer once crashed reshaping its zero-row arrays)."""
+    buffer = ShuffleBuffer(0, np.random.default_rng(0))
+    for start in (0, 500):
+        block = RowBlock(
+            np.zeros(500, np.float32),
+            np.arange(start, start + 500, dtype=np.float32)[:, None],
+            np.zeros((500, 1), np.int64),
+        )
+        out = buffer.push(block).dense[:, 0]
+        np.testing.assert_array_equal(np.sort(out), np.arange(start, start + 500))
+        assert not np.array_equal(out, np.arange(start, start + 500))
+    assert buffer.drain() is None and buffer.max_size == 0

@@ -171,6 +171,9 @@ class ShuffleBuffer:
         m = len(block)
         if m == 0:
             return None
+        if self.capacity == 0:  # no buffer: the block's own rows in a seeded random order
+            order = self.rng.permutation(m)
+            return _from_records([np.take(r, order) for r in _records(block)], block)
         rows = self._allocate(block)
         n, cap = self.size, self.capacity
         if n + m <= cap:
