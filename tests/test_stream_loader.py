@@ -26,13 +26,12 @@ from compress.data.criteo_write import write_criteo_text, write_synthetic_criteo
 from compress.data.dataset import Dataset
 from compress.data.formats import open_dataset
 from compress.data.npz import save_npz
+from compress.data.row_batches import ShuffleBuffer, rows_to_batch
 from compress.data.stream import (
     LoaderSettings,
-    ShuffleBuffer,
     StreamedData,
     open_data,
     open_stream,
-    rows_to_batch,
 )
 from compress.data.stream_source import RowBlock
 from compress.data.synthetic import SyntheticConfig
