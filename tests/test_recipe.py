@@ -403,3 +403,19 @@ def test_parse_recipe_names_its_source() -> None:
         parse_recipe('name = "a"\nx = 1\n')
     with pytest.raises(RecipeError, match=r"^mine: missing required key 'name'"):
         parse_recipe("", "mine")
+
+
+def test_an_unreadable_recipe_file_is_one_line(tmp_path, monkeypatch):
+    """A recipe the user may not read is a RecipeError naming it, not a PermissionError."""
+    path = tmp_path / "secret.toml"
+    path.write_text('name = "x"\n')
+    real_read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(RecipeError, match="secret.toml: cannot read: Permission denied"):
+        load_recipe(path)

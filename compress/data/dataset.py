@@ -145,7 +145,7 @@ class Dataset:
 
     def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
         """How many batches :meth:`batches` yields."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
 
     def batches(
@@ -334,6 +334,7 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a, copy=True, order="C"))
 
 
-def _check_batch_size(batch_size: int) -> None:
+def check_batch_size(batch_size: int) -> None:
+    """``ValueError`` unless ``batch_size`` is at least 1."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

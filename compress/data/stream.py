@@ -53,7 +53,7 @@ import torch
 
 from compress.data.batches import Batch
 from compress.data.criteo_text import OnBadLine
-from compress.data.dataset import Dataset, tail_start
+from compress.data.dataset import Dataset, check_batch_size, tail_start
 from compress.data.dense_transform import DEFAULT_TEXT_TRANSFORM, DenseTransform, check_transform
 from compress.data.formats import detect_format, load_dataset
 from compress.data.row_batches import Batcher, ShuffleBuffer, rows_to_batch
@@ -282,8 +282,7 @@ class StreamedData:
         """One pass as :class:`Batch` objects, in file order (``shuffle``: in the training order
         of pass 0 for ``seed``); the last batch is smaller unless ``drop_last``."""
         keys = self._check_features(feature_names)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_batch_size(batch_size)
         batcher = Batcher(batch_size)
         if shuffle:
             chunks = (rows for _, rows in self.pass_chunks(seed))

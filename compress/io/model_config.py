@@ -43,6 +43,7 @@ from compress.errors import ModelConfigError
 from compress.io.dlrm_classes import known_classes, strategy_for
 from compress.io.dlrm_classes.base import COUNT, SIZES, ConfigKey
 from compress.io.model_spec import DLRMSpec, TableSpec, feature_input_problem
+from compress.io.user_files import read_user_text
 
 #: Model-config keys every class has, with their kind (``model_class`` is a class name).
 MODEL_KEYS: dict[str, str] = {
@@ -170,16 +171,7 @@ def load_model_config(name_or_path: str | Path) -> dict:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise ModelConfigError(f"{path}: no such model config") from e
-    except IsADirectoryError as e:
-        raise ModelConfigError(f"{path}: is a directory, not a model config file") from e
-    except UnicodeDecodeError as e:
-        raise ModelConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except OSError as e:
-        raise ModelConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    text = read_user_text(path, "model config", ModelConfigError, file_kind="model config file")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import RecipeError
+from compress.io.user_files import read_user_text
 from compress.methods import registry
 from compress.methods.base import TableMethod
 from compress.recipe.builtin import builtin_names, builtin_path
@@ -96,14 +97,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 def _load_path(path: Path) -> Recipe:
     if path.suffix != ".toml":
         raise RecipeError(f"{path}: a recipe file must be a .toml file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise RecipeError(f"{path}: no such recipe file") from e
-    except IsADirectoryError as e:
-        raise RecipeError(f"{path}: is a directory, not a recipe file") from e
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    text = read_user_text(path, "recipe file", RecipeError)
     return parse_recipe(text, str(path))
 
 
