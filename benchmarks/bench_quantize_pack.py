@@ -3,9 +3,15 @@
 Quantizes a ``rows x dim`` float32 table (default 2M x 16) with
 ``torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf`` and with
 :func:`compress.quant.fbgemm_rowwise.rowwise_quantize_packed`, the function convert calls for
-every row-wise table (``compress.methods.qat_embedding.quantize_table``, default chunk), asserts
-the bytes are equal, and prints throughput in GB/s of float32 input, the ratio ours/FBGEMM, and
-each one's peak memory beyond the input table (measured in fresh processes).
+every row-wise table with min/max ranges (default chunk), asserts the bytes are equal, and prints
+throughput in GB/s of float32 input, the ratio ours/FBGEMM, and each one's peak memory beyond the
+input table (measured in fresh processes).
+
+Then the same table with L2 ranges (:func:`compress.quant.l2_ranges.rowwise_quantize_packed_l2`,
+what ``ranges = "l2"`` converts with): PyTorch's search (bytes checked against
+``torch.ops.quantized.embedding_bag_{4,2}bit_prepack(optimized_qparams=True)`` on the first rows,
+and that op's own speed on them) and the default search of ``ranges = "l2"`` at these bits, each
+as a time ratio to the min/max quantizer.
 
 Run: ``.venv/bin/python benchmarks/bench_quantize_pack.py [--rows N] [--dim D] [--bits B]``
 """
@@ -25,6 +31,14 @@ import fbgemm_gpu  # noqa: E402,F401  (registers torch.ops.fbgemm)
 
 from benchmarks.common import python_child  # noqa: E402
 from compress.quant.fbgemm_rowwise import rowwise_quantize_packed  # noqa: E402
+from compress.quant.l2_ranges import (  # noqa: E402
+    DEFAULT_SEARCH,
+    PYTORCH_SEARCH,
+    rowwise_quantize_packed_l2,
+)
+
+#: Rows checked against (and timed with) PyTorch's prepack op, which runs at about 10 MB/s.
+PREPACK_ROWS = 20_000
 
 _CHILD = """
 import sys
@@ -101,7 +115,35 @@ def main(argv: list[str] | None = None) -> int:
         f"{gb / t_ours:6.2f} GB/s  peak beyond the table {extra['ours']:7.1f} MB"
     )
     print(f"ratio ours/FBGEMM throughput: {t_fbgemm / t_ours:.2f}x; bytes equal: True")
+    if args.bits in (4, 2):
+        _l2_lines(w, args.bits, args.repeats, t_ours, gb)
     return 0
+
+
+def _l2_lines(w: torch.Tensor, bits: int, repeats: int, t_minmax: float, gb: float) -> None:
+    """The L2-range lines: bytes against PyTorch's prepack op, times against min/max."""
+    prepack = getattr(torch.ops.quantized, f"embedding_bag_{bits}bit_prepack")
+    head = w[:PREPACK_ROWS]
+    t_op = _best_of(lambda: prepack(head, optimized_qparams=True), 1) * w.shape[0] / head.shape[0]
+    same = torch.equal(
+        prepack(head, optimized_qparams=True),
+        _fused(*rowwise_quantize_packed_l2(head, bits, search=PYTORCH_SEARCH)),
+    )
+    assert same, "PyTorch's search differs from embedding_bag_prepack"
+    t_torch = _best_of(lambda: rowwise_quantize_packed_l2(w, bits, search=PYTORCH_SEARCH), repeats)
+    t_l2 = _best_of(lambda: rowwise_quantize_packed_l2(w, bits), repeats)
+    print(
+        f"L2 ranges, PyTorch's search (nbins=200, ratio=0.16): {t_torch * 1e3:8.1f} ms "
+        f"{gb / t_torch:6.2f} GB/s  (embedding_bag_{bits}bit_prepack: {gb / t_op:.3f} GB/s, "
+        f"bytes equal on {head.shape[0]:,} rows: True)"
+    )
+    print(
+        f'L2 ranges, ranges = "l2" ({DEFAULT_SEARCH}): {t_l2 * 1e3:8.1f} ms {gb / t_l2:6.2f} GB/s'
+    )
+    print(
+        f"ratio L2/min-max time: {t_torch / t_minmax:.1f}x (PyTorch's search), "
+        f'{t_l2 / t_minmax:.1f}x (ranges = "l2"); PyTorch\'s op: {t_op / t_minmax:.0f}x'
+    )
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ def run_recipe(
     wall, peak, _ = python_child(code)
     result = json.loads(doc.read_text())
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"wall": wall, "peak": peak, "disk": disk, "job": result}
+    # the staged tables, stage and lock beside --out must all be gone
+    left = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+    return {"wall": wall, "peak": peak, "disk": disk, "job": result, "left": left}
 
 
 def report(shape: DLRMSpec, ckpt: Path, recipe: str, r: dict, read_once: float) -> None:
@@ -165,6 +167,15 @@ def report(shape: DLRMSpec, ckpt: Path, recipe: str, r: dict, read_once: float) 
     )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if v >= 0.05)
     print(f"{'':<18}stages (s): {stages}")
+    if r["left"]:
+        print(f"{'':<18}LEFT BESIDE THE OUTPUT: {', '.join(r['left'])}")
+    train = r["job"].get("train") or {}
+    if train.get("steps") and train.get("seconds"):
+        print(
+            f"{'':<18}training loop: {train['steps']} steps in {train['seconds']:.1f} s "
+            f"({train['steps'] / train['seconds']:.2f} steps/s, "
+            f"{train.get('samples_per_second', 0):,.0f} samples/s)"
+        )
 
 
 def main() -> None:

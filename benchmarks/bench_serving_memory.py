@@ -11,20 +11,22 @@ file-backed (shared, reclaimable) memory. Measured in fresh processes:
 Each opens the session, then serves ``--batches`` batches of ``--batch`` samples whose ids are
 uniform over every table (the worst case for resident table pages: a real id distribution touches
 far fewer), and reports peak RSS (``VmHWM``), RSS at the end split into anonymous and file-backed
-pages (``RssAnon``, ``RssFile``), and the time to open the session. Target (issue "Scale on one
-machine"): serving RSS <= packed table bytes + 400 MB.
+pages (``RssAnon``, ``RssFile``), the time to open the session, and whether the process imported
+torch, TorchRec or FBGEMM. Target (issue "Scale on one machine"): serving RSS <= packed table bytes
++ 400 MB.
 
 Artifacts: ``--artifacts DIR``, or the Kaggle shape's ``int4_rowwise_ptq`` written by the main job
 from ``benchmarks/bench_scale.py``'s checkpoint (``--shape kaggle``, 2.16 GB, written once into
 ``benchmarks/.cache``), whose bytes on disk are checked against the plan (<= planned + 2% + 2 MB).
 
 Measured (2 vCPUs shared with other jobs, ORT 1.31, 50 batches of 2048): Kaggle
-``int4_rowwise_ptq``, tables 405.2 MB packed, 406.8 MB on disk (plan 405.4 MB; the format 2
+``int4_rowwise_ptq``, tables 405.2 MB packed, 407.0 MB on disk (plan 405.4 MB; the format 2
 layout wrote 811 MB). ``plain``: peak 519 MB = packed + 114 MB (74 MB anonymous, 445 MB of mapped
-file pages); after opening, 60 MB, of which 28 MB anonymous with ONNX Runtime itself loaded (no
-table copied). ``predictor``: peak 849 MB = packed + 444 MB, of which about 255 MB anonymous and
-80 MB of libraries are torch and torchrec, which the Predictor's modules import before any table
-is read (a torch-free import path would bring it to the ``plain`` figure).
+file pages); after opening, 61 MB, of which 28 MB anonymous with ONNX Runtime itself loaded: ONNX
+Runtime maps the table files, it does not copy them. ``predictor``: peak 541 MB = packed + 136 MB
+(92 MB anonymous, 449 MB mapped; 92 MB after opening, 1.1 s to open with every checksum). Its
+import path is numpy, onnxruntime, onnx and the artifact readers; before it stopped importing
+torch and TorchRec the peak was 849 MB = packed + 444 MB (324 MB anonymous, 2.9 s to open).
 
     .venv/bin/python benchmarks/bench_serving_memory.py                 # Kaggle INT4 (~3 min)
     .venv/bin/python benchmarks/bench_serving_memory.py --shape kaggle_1pct
@@ -61,6 +63,8 @@ def status():
             out[key] = int(value.split()[0]) * 1024
     return out
 
+import sys
+
 root = Path(ROOT)
 manifest = json.loads((root / "manifest.json").read_text())  # (the Predictor checks it)
 features = manifest["onnx"]["graphs"]["model"]["features"]
@@ -90,7 +94,9 @@ for _ in range(BATCHES):
     else:
         feeds = {"dense": dense, "values": values, "lengths": lengths}
     run(feeds)
-print(json.dumps({"before": before, "open": after_open, "end": status(), "open_s": opened}))
+heavy = [m for m in ("torch", "torchrec", "fbgemm_gpu") if m in sys.modules]
+print(json.dumps({"before": before, "open": after_open, "end": status(), "open_s": opened,
+                  "heavy": heavy}))
 """
 
 
@@ -144,7 +150,8 @@ def report(root: Path, batch: int, batches: int, planned: int | None) -> None:
         print(
             f"{'':<10}interpreter and imports: RSS {m['before']['VmRSS'] / MB:.0f} MB; "
             f"after opening: RSS {m['open']['VmRSS'] / MB:.0f} MB "
-            f"(anon {m['open']['RssAnon'] / MB:.0f}, file {m['open']['RssFile'] / MB:.0f})"
+            f"(anon {m['open']['RssAnon'] / MB:.0f}, file {m['open']['RssFile'] / MB:.0f}); "
+            f"imports torch/TorchRec/FBGEMM: {', '.join(m['heavy']) or 'none'}"
         )
 
 

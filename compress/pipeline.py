@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,20 +33,27 @@ from compress.data.dataset import Dataset
 from compress.data.dense_transform import agreed_transform
 from compress.data.separation import check_separate_content, check_separate_paths
 from compress.data.stream import LoaderSettings, StreamedData, open_data
-from compress.errors import ModelConfigError
+from compress.errors import ModelConfigError, SettingError
 from compress.io.live_model import load_module
 from compress.io.model import LoadedModel, load_model
 from compress.io.model_spec import DLRMSpec, feature_input_problem
+from compress.io.staged_arrays import release_pages, staged_tensors
 from compress.io.table_stream import check_chunk_rows, chunking
 from compress.methods.apply_plan import convert_model, prepare_model
 from compress.plan import Plan, make_plan
 from compress.recipe.parse import load_recipe
 from compress.recipe.schema import Recipe
+from compress.report_data import collect_report_data
 from compress.timings import StageTimer
+from compress.train.device import on_device, resolve_device
 from compress.train.evaluate import evaluate_model
 from compress.train.inputs import run_inputs
 from compress.train.loop import TrainConfig, TrainResult, fit
+from compress.train.score_histogram import evaluate_with_histogram
 from compress.train.validation import HOLDOUT_FRACTION, ValidationSlices, split_validation
+
+if TYPE_CHECKING:  # a data-parallel worker's context; single-process runs never import it
+    from compress.train.distributed.context import DistContext
 
 
 @dataclass
@@ -80,6 +87,9 @@ class CompressionResult:
     #: by the caller that checks it, recorded in the manifest so that readers of artifacts kept
     #: with ``--keep-failed`` see that they failed
     quality_gate: dict | None = None
+    #: what the report draws beyond the manifest, JSON-ready (``report_data.json``,
+    #: :mod:`compress.report_data`)
+    report_data: dict | None = None
 
 
 def load(
@@ -161,7 +171,10 @@ def compress(
     dense_transform: str | None = None,
     loader: LoaderSettings | None = None,
     chunk_rows: int | None = None,
-) -> CompressionResult:
+    staging_dir: str | Path | None = None,
+    device: str = "cpu",
+    distributed: DistContext | None = None,
+) -> CompressionResult | None:
     """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval.
 
     Every metric is measured on the report slice of the validation data; fine-tuning evaluates and
@@ -174,8 +187,26 @@ def compress(
     ``chunk_rows``: rows a chunk when a whole table is read (prepare, convert; default 4 MiB of
     float32 a chunk), what bounds their memory (:mod:`compress.io.table_stream`); tables a run
     does not fine-tune are never copied.
+    ``staging_dir``: an existing directory, on the file system the artifacts will be written to,
+    where converted tables are written chunk by chunk as they are made and held as memory maps
+    (:mod:`compress.io.staged_arrays`): no converted table is ever whole in memory, and
+    :func:`exporters.export.export` moves those files into the artifact directory instead of
+    writing them again. The caller removes the directory (the main job makes one beside
+    ``--out``); ``None``: converted tables are held in memory.
+    ``device``: where fine-tuning runs (``"cpu"`` or ``"cuda"``; the rest stays on the CPU).
+    ``distributed``: this process is a worker of a data-parallel run
+    (:mod:`compress.train.distributed`, its device wins): every worker fine-tunes on its share of
+    each batch; rank 0 alone evaluates, converts and returns the result, the others return
+    ``None`` when fine-tuning ends.
     """
     t0 = time.perf_counter()
+    is_main = distributed is None or distributed.is_main
+    if distributed is not None and distributed.world_size > 1 and not plan.needs_finetune:
+        raise SettingError(
+            f"recipe {plan.recipe.name!r} does not fine-tune: there is nothing to share between "
+            f"{distributed.world_size} workers (run it in one process)"
+        )
+    train_device = distributed.device if distributed is not None else resolve_device(device)
     check_chunk_rows(chunk_rows)
     timer = StageTimer()
     with timer("data"):
@@ -207,9 +238,12 @@ def compress(
         "before_finetune": None,
         "compressed": None,
     }
-    if report is not None:
+    scores = {}  # score histograms for the report's ROC and calibration curves
+    if report is not None and is_main:
         with timer("evaluate"):
-            metrics["baseline"] = evaluate_model(job.module, report, names)
+            metrics["baseline"], scores["baseline"] = evaluate_with_histogram(
+                job.module, report, names
+            )
 
     with timer("quantize"):
         counts = (
@@ -219,22 +253,33 @@ def compress(
             model, shared = prepare_model(job.module, job.spec, plan, counts)
     for g in shared:
         notes.extend(g.notes)
-    train_result = None
+    train_result = inputs = None
     if plan.needs_finetune:
         config = plan.recipe.finetune or TrainConfig()
         if steps is not None:
             config = replace(config, steps=steps)
-        if report is not None:  # quantized / projected, not yet fine-tuned
+        if report is not None and is_main:  # quantized / projected, not yet fine-tuned
             with timer("evaluate"):
                 metrics["before_finetune"] = evaluate_model(model, report, names)
         select = slices.select if slices is not None else None
         finetune_start = time.perf_counter()
+        workers = None
+        if distributed is not None:
+            from compress.train.distributed.data_parallel import DataParallel
+
+            workers = DataParallel(distributed, config)
+        model = on_device(model, train_device)
         inputs = (  # recorded with the training state: --resume refuses changed inputs
             None
             if state_path is None
             else run_inputs(job.module, job.spec, plan, train_ds, valid_ds, config.seed)
         )
         if train_ds is not None:
+            loss = {}
+            if config.target == "teacher":  # distil from the original on the real inputs
+                from compress.train.teacher import teacher_loss
+
+                loss["loss_fn"] = teacher_loss(job.module)
             train_result = fit(
                 model,
                 train_ds,
@@ -245,6 +290,8 @@ def compress(
                 resume=resume,
                 log=log,
                 inputs=inputs,
+                distributed=workers,
+                **loss,
             )
         else:
             from compress.train.distill import distill
@@ -263,8 +310,14 @@ def compress(
                 resume=resume,
                 log=log,
                 inputs=inputs,
+                distributed=workers,
             )
+        model = on_device(model, torch.device("cpu"))
         timer.add("finetune", time.perf_counter() - finetune_start)
+        if workers is not None:
+            notes.extend(workers.notes)
+        if not is_main:  # rank 0 converts, evaluates and writes; this worker is done
+            return None
         if slices is not None and config.keep_best:
             train_result.selected_on = {
                 "slice": slices.select_name,
@@ -277,12 +330,30 @@ def compress(
                 "evaluation: the model before fine-tuning is kept"
             )
     with timer("convert"), chunking(chunk_rows):
-        model = convert_model(model)
+        model = convert_model(model, staging_dir)
     if report is not None:
         with timer("evaluate"):
-            metrics["compressed"] = evaluate_model(model, report, names)
+            metrics["compressed"], scores["compressed"] = evaluate_with_histogram(
+                model, report, names
+            )
+        release_pages(staged_tensors(model))  # the pages of staged tables it read
     else:
         notes.append("no validation data: AUC before/after not measured")
+    with timer("report"):
+        report_data = collect_report_data(
+            job,
+            plan,
+            model,
+            shared,
+            scores=scores,
+            slices=slices,
+            train_data=train_ds,
+            train_name=_name(data),
+            counts=counts,
+            finetuned=train_result is not None,
+            checkpoint_sha256=None if inputs is None else inputs["checkpoint"],
+        )
+        release_pages(staged_tensors(model))
     return CompressionResult(
         spec=job.spec,
         recipe=plan.recipe,
@@ -305,8 +376,14 @@ def compress(
             "report": slices.report_name if slices is not None else None,
         },
         timings=dict(timer.seconds)
-        | ({"data_wait": train_result.data_wait} if train_result is not None else {}),
+        | ({"data_wait": train_result.data_wait} if train_result is not None else {})
+        | (
+            {"communication": train_result.communication}
+            if train_result is not None and train_result.distributed is not None
+            else {}
+        ),
         loader=_loader_report(train_ds, valid_ds, train_result),
+        report_data=report_data,
     )
 
 

@@ -60,7 +60,7 @@ from compress.io.dlrm_classes.base import LinearLayer
 from compress.io.model_spec import DLRMSpec, TableSpec, dtype_size
 from compress.io.summary import format_bytes
 from compress.methods import registry
-from compress.methods.base import MethodConfig
+from compress.methods.handler import MethodConfig
 from compress.quant.packing import can_pack
 from compress.quant.per_channel import channel_weight_bytes
 from compress.recipe.schema import Recipe, TableRule, pattern_matches

@@ -1,4 +1,8 @@
-"""Progress bars for long work: tqdm on a terminal, silent when output is piped or ``--json``."""
+"""Progress bars for long work: tqdm on a terminal, silent when output is piped or ``--json``.
+
+tqdm is imported when a bar is drawn, not with this module (the command line imports it for
+``--no-progress``, and ``--help`` should not pay for tqdm).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
-
-from tqdm import tqdm
 
 T = TypeVar("T")
 
@@ -31,6 +33,8 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", **kwa
     if not enabled():
         yield from items
         return
+    from tqdm import tqdm
+
     yield from tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True, **kwargs)
 
 
@@ -39,4 +43,6 @@ def byte_bar(total: int, desc: str = ""):
     when progress is disabled."""
     if not enabled():
         return None
+    from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False, dynamic_ncols=True)

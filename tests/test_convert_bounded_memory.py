@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from compress import pipeline
 from compress.quant import fbgemm_rowwise, native, packing, tablewise
+from compress.quant.l2_ranges import rowwise_quantize_packed_l2
 from compress.quant.packing import unpack_nbit
 from compress.quant.tablewise import signed_offset, tablewise_to_rowwise
 
@@ -49,7 +50,11 @@ def chunks(monkeypatch) -> list[tuple[int, int]]:
         return run
 
     monkeypatch.setattr(packing, "pack_float_codes_into", spy)
-    for name in ("rowwise_quantize_into", "tablewise_quantize_into"):
+    for name in (
+        "rowwise_quantize_into",
+        "rowwise_quantize_params_into",
+        "tablewise_quantize_into",
+    ):
         monkeypatch.setattr(native, name, compiled_spy(name))
     return seen
 
@@ -65,8 +70,12 @@ def _convert(recipe: str):
     return weights, result.model.sparse_arch.embedding_bag_collection.quantized
 
 
-@pytest.mark.parametrize(("recipe", "bits"), [("int8_ptq", 8), ("int4_rowwise_ptq", 4)])
+@pytest.mark.parametrize(
+    ("recipe", "bits"), [("int8_ptq", 8), ("int4_rowwise_ptq", 4), ("int2_rowwise_ptq", 2)]
+)
 def test_rowwise_convert_is_chunked_and_equals_fbgemm(chunks, recipe, bits):
+    """Chunked bytes equal the whole table's: FBGEMM's quantizer (min/max ranges) or, for
+    ``int2_rowwise_ptq``, the L2 ranges, in the same FBGEMM rows."""
     weights, tables = _convert(recipe)
     expected = [(min(CHUNK, r - s), DIM) for r in ROWS for s in range(0, r, CHUNK)]
     assert chunks == expected  # each table in chunks of at most CHUNK rows, in order
@@ -74,7 +83,11 @@ def test_rowwise_convert_is_chunked_and_equals_fbgemm(chunks, recipe, bits):
     for name, w in weights.items():
         t = tables[name]
         rows = fused_rows(t.data, t.scale, t.bias)
-        assert torch.equal(rows, fbgemm_rows(w, bits)), name
+        if recipe == "int2_rowwise_ptq":
+            whole = rowwise_quantize_packed_l2(w, bits, chunk=max(ROWS))
+            assert torch.equal(rows, fused_rows(*whole)), name
+        else:
+            assert torch.equal(rows, fbgemm_rows(w, bits)), name
 
 
 def test_tablewise_convert_is_chunked_and_exact(chunks):

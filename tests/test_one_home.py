@@ -80,8 +80,8 @@ def test_robe_hash_constants_live_in_robe_hashing():
     assert set(_where(_is_robe_number)) == {"compress/methods/robe/hashing.py"}
 
 
-def test_the_signed_code_offset_lives_in_tablewise():
-    assert _where(_is_signed_offset) == {"compress/quant/tablewise.py": 1}
+def test_the_signed_code_offset_lives_in_quant_sizes():
+    assert _where(_is_signed_offset) == {"compress/quant/sizes.py": 1}
 
 
 def test_the_default_scale_refresh_lives_in_train_config():
@@ -89,7 +89,7 @@ def test_the_default_scale_refresh_lives_in_train_config():
 
 
 def test_one_onnx_runtime_session_factory():
-    assert _where(_calls("InferenceSession")) == {"exporters/onnx/parity.py": 1}
+    assert _where(_calls("InferenceSession")) == {"exporters/onnx/sessions.py": 1}
 
 
 def test_temporary_files_beside_a_target_are_made_in_one_place():

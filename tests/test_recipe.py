@@ -18,6 +18,8 @@ from compress.recipe.toml_out import recipe_to_toml
 from compress.train.loop import TrainConfig
 
 BUILTINS = (
+    "int2_qat",
+    "int2_rowwise_ptq",
     "int4_ptq",
     "int4_qat",
     "int4_rowwise_ptq",
@@ -184,7 +186,7 @@ def test_pattern_matching() -> None:
 
 
 def test_unknown_builtin_and_bad_paths(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match=r"unknown recipe 'int3_qat': not a built-in \(int4_ptq"):
+    with pytest.raises(RecipeError, match=r"unknown recipe 'int3_qat': not a built-in \(int2_qat"):
         load_recipe("int3_qat")
     with pytest.raises(RecipeError, match="nope.toml: no such recipe file"):
         load_recipe(tmp_path / "nope.toml")

@@ -445,6 +445,7 @@ def test_json_seconds_is_the_whole_command_and_timings_cover_each_stage(
         "quantize",
         "finetune",
         "convert",
+        "report",
         "export",
         "parity",
     ]

@@ -55,11 +55,7 @@ def eval_cmd(
 ) -> None:
     """Score a checkpoint, or an artifact directory with ONNX Runtime (after checking every
     checksum), on labelled data: AUC, log loss, accuracy."""
-    from compress.data.stream import open_data
-    from compress.io.model import load_model
-    from compress.train.evaluate import evaluate_model
-
-    if is_artifact_dir(model_path):
+    if is_artifact_dir(model_path):  # ONNX Runtime: torch is not imported
         from exporters.runtime.predictor import Predictor
 
         if model_config is not None:
@@ -79,6 +75,10 @@ def eval_cmd(
             "runtime": predictor.runtime,
         }
     else:
+        from compress.data.stream import open_data
+        from compress.io.model import load_model
+        from compress.train.evaluate import evaluate_model
+
         loaded = load_model(model_path, config_or_sidecar(model_path, model_config))
         t0 = time.perf_counter()
         data = open_data(  # large text or npy days stream: memory stays bounded

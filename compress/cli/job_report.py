@@ -5,7 +5,18 @@ from __future__ import annotations
 from compress.io.summary import format_bytes
 
 #: The stages of the main job, in the order ``timings`` lists them.
-STAGES = ("load", "plan", "data", "evaluate", "quantize", "finetune", "convert", "export", "parity")
+STAGES = (
+    "load",
+    "plan",
+    "data",
+    "evaluate",
+    "quantize",
+    "finetune",
+    "convert",
+    "report",
+    "export",
+    "parity",
+)
 
 
 def stage_timings(seconds: dict[str, float]) -> dict[str, float]:
@@ -50,6 +61,17 @@ def _slice_lines(s: dict) -> list[str]:
     return lines
 
 
+def _distributed_line(d: dict) -> str:
+    """How a data-parallel fine-tuning run exchanged gradients (``--json``'s ``distributed``)."""
+    widths = f"INT{d['embedding_grad_bits']}" if d["embedding_grad_bits"] == 8 else "FP32"
+    mlp = f"INT{d['mlp_grad_bits']}" if d["mlp_grad_bits"] == 8 else "FP32"
+    return (
+        f"fine-tuned on {d['world_size']} workers ({d['backend']}): embedding rows {widths}, MLP "
+        f"{mlp}; {format_bytes(int(d['bytes_per_step']))} sent per worker and step, "
+        f"{d['dense_over_sent']:,.0f}x less than a dense FP32 all-reduce"
+    )
+
+
 def format_before_after(s: dict) -> str:
     rows = [(f"baseline ({s['baseline_precision']})", s["metrics"]["baseline"], s["bytes_before"])]
     if s["metrics"].get("before_finetune") is not None:
@@ -67,7 +89,11 @@ def format_before_after(s: dict) -> str:
                 f"{format_bytes(size):>13}"
             )
     lines += _slice_lines(s)
+    if s.get("distributed"):
+        lines.append(_distributed_line(s["distributed"]))
     lines.append(f"ratio {s['ratio']:.2f}x   artifacts: {s['out']}")
+    if s.get("report"):
+        lines.append(f"report: {s['report']}")
     if s.get("onnx_max_abs_diff"):
         worst = max(s["onnx_max_abs_diff"].values())
         lines.append(

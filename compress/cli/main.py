@@ -1,14 +1,14 @@
 """The ``dqrm-compress`` command line: the one place that ties the steps together.
 
-``dqrm-compress CKPT --recipe R`` runs the main job; subcommands inspect, evaluate, plan and
-verify. Every user mistake ends as one line on stderr and exit code 2 (``--debug`` shows the
-traceback); ``--json`` prints one JSON document on stdout for pipelines.
+``dqrm-compress CKPT --recipe R`` runs the main job; subcommands inspect, evaluate, plan,
+verify and report. Every user mistake ends as one line on stderr and exit code 2 (``--debug``
+shows the traceback); ``--json`` prints one JSON document on stdout for pipelines.
 
 This module holds the command group, :func:`main` (errors, Ctrl-C and SIGTERM to exit codes) and
 the main job (``compress``); the other commands live in a module each (``inspect_cmd``,
-``eval_cmd``, ``verify_cmd``, ``plan_cmd`` for ``recipes`` and ``plan``, ``demo_cmd``), the options
-they share in :mod:`compress.cli.common`, and the main job's output directory and report in
-:mod:`compress.cli.job_output` and :mod:`compress.cli.job_report`.
+``eval_cmd``, ``verify_cmd``, ``plan_cmd`` for ``recipes`` and ``plan``, ``demo_cmd``,
+``report_cmd``), the options they share in :mod:`compress.cli.common`, and the main job's output
+directory and report in :mod:`compress.cli.job_output` and :mod:`compress.cli.job_report`.
 """
 
 from __future__ import annotations
@@ -33,17 +33,21 @@ from compress.cli.common import (
     recipe_option,
 )
 from compress.cli.demo_cmd import demo
+from compress.cli.distributed_options import distributed_options
 from compress.cli.eval_cmd import eval_cmd
 from compress.cli.inspect_cmd import inspect
-from compress.cli.job_output import check_replaceable, default_out_dir, hold_output
+from compress.cli.job_output import check_replaceable, default_out_dir
 from compress.cli.job_report import auc_drop_failure, format_before_after, stage_timings
 from compress.cli.loader_options import loader_options, loader_settings
 from compress.cli.plan_cmd import plan, recipes
+from compress.cli.report_cmd import report
 from compress.cli.verify_cmd import verify
 from compress.data.stream import SHUFFLE_ROWS
 from compress.errors import DqrmError
 from compress.io.model_spec import precision_label
 from compress.train.config import MAX_STEPS
+from compress.train.distributed.worker import error_kind
+from compress.train.distributed.worker import report as report_failure
 
 
 class _DefaultCommandGroup(click.Group):
@@ -80,9 +84,10 @@ def cli(ctx: click.Context, debug: bool, no_progress: bool) -> None:
     dqrm-compress eval ckpt.pt --data day_0.gz  # AUC / log loss / accuracy
     dqrm-compress eval OUT_DIR --data day_0.gz  # the same, artifacts served by ONNX Runtime
     dqrm-compress verify OUT_DIR                # checksums of an artifact directory
+    dqrm-compress report OUT_DIR --out r.html   # the artifacts as one HTML page
     dqrm-compress demo                          # build the demo model and run the main job
     """
-    ctx.obj = {"debug": debug}
+    ctx.obj = {**(ctx.obj or {}), "debug": debug}  # main() put its arguments there ("argv")
     if no_progress:
         progress.set_enabled(False)
 
@@ -100,24 +105,28 @@ def _on_sigterm(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: maps :class:`DqrmError` to one line on stderr and exit code 2;
     Ctrl-C to "interrupted" and 130, SIGTERM to "terminated" and 143, both after cleaning up."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv) if argv is not None else sys.argv[1:]
+    debug = "--debug" in args
     # torch.fx logs a deprecation notice on every TorchRec forward; it says nothing to our users
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        cli.main(args=argv, prog_name="dqrm-compress", standalone_mode=False)
+        cli.main(args=args, prog_name="dqrm-compress", standalone_mode=False, obj={"argv": args})
     except DqrmError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        if report_failure(error_kind(e), str(e), e.exit_code):  # a worker: for its launcher
+            click.echo(f"error: {e}", err=True)
         return e.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C into Abort
         if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
-            click.echo("terminated", err=True)
+            if report_failure("terminated", "terminated", 143):
+                click.echo("terminated", err=True)
             return 143
-        click.echo("interrupted", err=True)
+        if report_failure("interrupted", "interrupted", 130):
+            click.echo("interrupted", err=True)
         return 130
     except click.ClickException as e:
         e.show()
@@ -195,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 @dense_transform_option
 @loader_options
 @model_config_option
+@distributed_options
 @json_option
 def compress_cmd(
     recipe: str,
@@ -215,10 +225,14 @@ def compress_cmd(
     loader_workers: int | None = None,
     shuffle_rows: int = SHUFFLE_ROWS,
     chunk_rows: int | None = None,
+    nproc: int = 1,
+    device: str = "cpu",
+    max_restarts: int = 0,
 ) -> None:
     """Compress CHECKPOINT following a recipe: plan, quantize, fine-tune, evaluate, write artifacts."""
     started = time.perf_counter()
     from compress import pipeline
+    from compress.cli import job_distributed
     from compress.errors import ArtifactError, CheckpointError, DataError, QualityGateError
     from compress.io.table_stream import chunking
     from compress.plan import format_plan
@@ -227,6 +241,8 @@ def compress_cmd(
     from exporters.export import export
 
     say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
+    role = job_distributed.role(nproc, max_restarts)  # single, launcher of --nproc, or worker
+    job_distributed.check_device(role, device, nproc)
     for path in (data_path, valid_path):
         if path is not None and not path.exists():
             raise DataError(f"{path}: no such file or directory")
@@ -237,7 +253,19 @@ def compress_cmd(
         raise DataError(
             "--max-auc-drop needs validation data to measure AUC: give --valid or --data"
         )
-    hold_output(out_dir, say)  # before loading anything: a second run on --out stops here
+    state_path = out_dir.parent / f".{out_dir.name}.train-state.pt"
+    if role == "launcher":  # the workers run the job with these arguments; rank 0 prints
+        job_distributed.check_trains(recipe)
+        if out_dir.exists() and not force:
+            raise ArtifactError(f"{out_dir}: already exists (use --force to replace it, or --out)")
+        argv = click.get_current_context().find_root().obj["argv"]
+        job_distributed.launch(argv, nproc, max_restarts, resume, state_path)
+        return
+    workers = job_distributed.start_worker(device, nproc) if role == "worker" else None
+    if workers is not None and not workers.is_main:
+        say = lambda *a, **k: None  # noqa: E731 - rank 0 alone prints
+    # before loading anything: a second run on --out stops here
+    job_distributed.hold_output(workers, out_dir, say)
     timer = StageTimer()
     with timer("load"), chunking(chunk_rows):  # the load-time finite check reads every table
         job = pipeline.load(checkpoint, config_or_sidecar(checkpoint, model_config))
@@ -247,7 +275,6 @@ def compress_cmd(
         raise ArtifactError(f"{out_dir}: already exists (use --force to replace it, or --out)")
     if out_dir.exists():
         check_replaceable(out_dir, [checkpoint, data_path, valid_path, model_config])
-    state_path = out_dir.parent / f".{out_dir.name}.train-state.pt"
     say(format_plan(the_plan))
     say()
 
@@ -259,31 +286,53 @@ def compress_cmd(
             f"step {entry['step']:>6}  {loss}{scores}  {entry['samples_per_second']:,.0f} samples/s"
         )
 
-    result = pipeline.compress(
-        job,
-        the_plan,
-        data=data_path,
-        valid=valid_path,
-        steps=steps,
-        state_path=state_path,
-        resume=resume,
-        log=log,
-        on_bad_line=on_bad_line,
-        dense_transform=dense_transform,
-        loader=loader_settings(stream, loader_workers, shuffle_rows),
-        chunk_rows=chunk_rows,
-    )
+    # converted tables go straight to files beside --out (removed when the command ends); the
+    # export moves them into the artifacts (compress.io.staged_arrays)
+    from exporters.artifacts.atomic_dir import table_errors, table_staging
+
+    staging_dir = None
+    if workers is None or workers.is_main:
+        staging_dir = click.get_current_context().with_resource(table_staging(out_dir))
+    with table_errors(out_dir, staging_dir):  # a full disk names --out
+        result = pipeline.compress(
+            job,
+            the_plan,
+            data=data_path,
+            valid=valid_path,
+            steps=steps,
+            state_path=state_path,
+            resume=job_distributed.resumes(workers, resume, state_path),
+            log=log,
+            on_bad_line=on_bad_line,
+            dense_transform=dense_transform,
+            loader=loader_settings(
+                stream, job_distributed.loader_workers(workers, loader_workers), shuffle_rows
+            ),
+            chunk_rows=chunk_rows,
+            staging_dir=staging_dir,
+            device=device,
+            distributed=workers,
+        )
+    if result is None:  # a worker other than rank 0: fine-tuning is over, rank 0 writes
+        return
     failure = auc_drop_failure(result.metrics, max_auc_drop)
     if failure is not None and not keep_failed:
         raise QualityGateError(f"{failure}; nothing written to {out_dir} (--keep-failed writes it)")
     if max_auc_drop is not None:  # recorded: readers of kept failed artifacts are warned
         result.quality_gate = QualityGateEntry(max_auc_drop, failure is None, failure).to_json()
+    from compress.report_format import REPORT_HTML
+    from exporters.report.render import matplotlib_problem
+
+    no_report = matplotlib_problem()  # the report is drawn unless matplotlib is missing: noted
+    if no_report is not None:
+        result.notes.append(f"report.html not written: {no_report}")
     export_started = time.perf_counter()
-    written = export(result, out_dir, force=force, timer=timer)
+    written = export(result, out_dir, force=force, timer=timer, report=no_report is None)
     timer.add("export", time.perf_counter() - export_started - timer.seconds.get("parity", 0.0))
     state_path.unlink(missing_ok=True)
     summary = {
         "out": str(written.path),
+        "report": None if no_report is not None else str(written.path / REPORT_HTML),
         "recipe": the_plan.recipe_name,
         "bytes_before": the_plan.bytes_before,
         "baseline_precision": precision_label(job.spec),
@@ -309,6 +358,7 @@ def compress_cmd(
         },
         "timings": stage_timings({**timer.seconds, **result.timings}),
         "loader": result.loader,
+        "distributed": None if result.train is None else result.train.distributed,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if as_json:
@@ -321,5 +371,5 @@ def compress_cmd(
         raise QualityGateError(f"{failure}; artifacts kept in {written.path} (--keep-failed)")
 
 
-for _command in (inspect, eval_cmd, verify, recipes, plan, demo):
+for _command in (inspect, eval_cmd, verify, recipes, plan, demo, report):
     cli.add_command(_command)

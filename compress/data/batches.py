@@ -8,9 +8,11 @@ model's order (``DLRMSpec.feature_names``), so a batch goes straight into a ``to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+if TYPE_CHECKING:  # annotations only: importing this module does not import torch
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclass

@@ -28,14 +28,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compress.data.batches import Batch
 from compress.data.dense_transform import DENSE_TRANSFORMS
 from compress.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from compress.data.batches import Batch
 
 
 @dataclass(eq=False, repr=False)
@@ -173,6 +176,11 @@ class Dataset:
 
     def to_batch(self, feature_names: Sequence[str]) -> Batch:
         """All samples as one :class:`Batch` whose KJT keys are ``feature_names`` in that order."""
+        import torch  # here, not at import: serving datasets with ONNX Runtime needs no torch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        from compress.data.batches import Batch
+
         keys = self._check_features(feature_names)
         parts = [self.values[f] for f in keys]
         values = np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -331,6 +339,8 @@ def _find_problem(ds: Dataset) -> str | None:
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """A tensor over a fresh C-ordered copy of ``a``: a batch never aliases the dataset's memory."""
+    import torch
+
     return torch.from_numpy(np.array(a, copy=True, order="C"))
 
 

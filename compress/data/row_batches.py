@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compress.data.batches import Batch
 from compress.data.stream_source import RowBlock, concat_blocks
@@ -138,6 +136,9 @@ class Batcher:
 
 def rows_to_batch(rows: RowBlock, feature_names: Sequence[str]) -> Batch:
     """A :class:`Batch` of one-hot rows; equal to ``Dataset.to_batch`` of the same rows."""
+    import torch  # here, not at import: the command line reads the loader settings without torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
     n, f = rows.ids.shape
     values = np.ascontiguousarray(rows.ids.T).reshape(-1)
     sparse = KeyedJaggedTensor(

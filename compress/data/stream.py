@@ -46,10 +46,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from compress.data.batches import Batch
 from compress.data.criteo_text import OnBadLine
@@ -70,6 +69,9 @@ from compress.data.stream_workers import BlockReader
 from compress.errors import DataError
 from compress.io.fingerprint import sha256_json
 from compress.io.model_spec import DLRMSpec
+
+if TYPE_CHECKING:  # the loader settings (the command line's options) are read without torch
+    import torch
 
 StreamMode = Literal["auto", "on", "off"]
 STREAM_MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -303,10 +305,17 @@ class StreamedData:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
     def train_batches(
-        self, feature_names: Sequence[str], batch_size: int, seed: int, start_step: int = 0
+        self,
+        feature_names: Sequence[str],
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        share: tuple[int, int] | None = None,
     ) -> TrainStream:
-        """Endless training batches from step ``start_step`` (see :class:`TrainStream`)."""
-        return TrainStream(self, self._check_features(feature_names), batch_size, seed, start_step)
+        """Endless training batches from step ``start_step`` (see :class:`TrainStream`);
+        ``share``: rows ``[lo, hi)`` of each batch only."""
+        keys = self._check_features(feature_names)
+        return TrainStream(self, keys, batch_size, seed, start_step, share=share)
 
     def fingerprint(self) -> str:
         """Hex sha256 of the range's content: the input's bytes (every file, hashed when indexed;
@@ -323,6 +332,8 @@ class StreamedData:
 
     def id_counts(self, spec: DLRMSpec) -> dict[str, torch.Tensor]:
         """How often each row of each table occurs in the range (one pass in file order)."""
+        import torch
+
         counts = {t.name: np.zeros(t.num_embeddings, dtype=np.int64) for t in spec.tables}
         column = {f: j for j, f in enumerate(self.feature_names)}
         for _, block in self.reader():
@@ -347,7 +358,10 @@ class StreamedData:
 class TrainStream:
     """Endless training batches over a :class:`StreamedData`: pass after pass, each shuffled for
     ``(seed, pass)``, the last partial batch of a pass dropped; the first batch is the one of step
-    ``start_step``. ``stats`` counts what was read; :meth:`close` stops the workers.
+    ``start_step``. ``stats`` counts what was read; :meth:`close` stops the workers. ``share``
+    (a data-parallel worker's): only rows ``[lo, hi)`` of each batch are made into a batch; every
+    worker reads the whole stream in the same seeded order, so the shares of one step are disjoint
+    parts of the batch a single process would train on.
 
     A thread of this process starts at once: it fills the shuffle buffer (so the training process
     can evaluate, or anything else, meanwhile) and keeps up to ``prefetch_batches`` batches ready,
@@ -362,8 +376,10 @@ class TrainStream:
         seed: int,
         start_step: int,
         prefetch_batches: int = 4,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.data = data
+        self.share = share
         self.feature_names = feature_names
         self.batch_size = batch_size
         self.seed = seed
@@ -457,6 +473,8 @@ class TrainStream:
                 if skip:
                     skip -= 1
                     continue
+                if self.share is not None:
+                    full = full.tail(self.share[0]).head(self.share[1] - self.share[0])
                 yield rows_to_batch(full, self.feature_names)
 
 

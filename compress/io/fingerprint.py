@@ -8,22 +8,25 @@ and JSON in one canonical spelling (:func:`canonical_json`, also the artifact ma
 are hashed as bytes (:func:`sha256_file`: the checksums an artifact manifest lists).
 
 Arrays are fed to sha256 in 8 MiB pieces; above :data:`BAR_BYTES` a progress bar counts them on a
-terminal (:mod:`compress.progress`).
+terminal (:mod:`compress.progress`). torch is imported only to hash tensors: reading an artifact
+directory (file checksums, the manifest digest) needs numpy alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from compress import progress
-from compress.io.table_stream import row_chunks
+
+if TYPE_CHECKING:
+    import torch
 
 #: Bytes handed to sha256 at a time.
 CHUNK_BYTES = 8 << 20
@@ -52,13 +55,28 @@ def sha256_file(path: str | Path, chunk: int = CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
+def is_tensor(array: object) -> bool:
+    """Whether ``array`` is a torch tensor (one exists only once torch is imported, so numpy
+    callers never import it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(array, torch.Tensor)
+
+
 def as_bytes(array: np.ndarray | torch.Tensor) -> np.ndarray:
     """The bytes of ``array`` (C order) as a flat ``uint8`` array, without a copy when it is
     already contiguous on the CPU."""
-    if isinstance(array, torch.Tensor):
+    if is_tensor(array):
+        import torch
+
         t = array.detach().cpu().contiguous()
         return t.reshape(-1).view(torch.uint8).numpy()
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def array_header(name: str, array: np.ndarray | torch.Tensor) -> bytes:
+    """What :func:`sha256_arrays` feeds sha256 before an array's bytes: its name, dtype and shape
+    (a caller that reads the bytes itself, chunk by chunk, feeds the same)."""
+    return canonical_json([name, str(array.dtype), list(array.shape)]).encode("ascii")
 
 
 def sha256_arrays(
@@ -72,7 +90,7 @@ def sha256_arrays(
     h = hashlib.sha256()
     try:
         for name, array in items:
-            h.update(canonical_json([name, str(array.dtype), list(array.shape)]).encode("ascii"))
+            h.update(array_header(name, array))
             for piece in _pieces(array):
                 h.update(piece)
                 if bar is not None:
@@ -87,7 +105,11 @@ def _pieces(array: np.ndarray | torch.Tensor) -> Iterable[np.ndarray]:
     """The bytes of ``array`` (C order) in pieces of at most :data:`CHUNK_BYTES`: a memory-mapped
     tensor read from its file (:func:`compress.io.table_stream.row_chunks`, so hashing a
     checkpoint maps none of its pages), anything else one array's copy at a time, if any."""
-    if isinstance(array, torch.Tensor):
+    if is_tensor(array):
+        import torch
+
+        from compress.io.table_stream import row_chunks
+
         flat = array.detach().cpu().contiguous().reshape(-1)
         per = max(1, CHUNK_BYTES // max(1, flat.element_size()))
         for _, _, values in row_chunks(flat, per):
@@ -99,7 +121,7 @@ def _pieces(array: np.ndarray | torch.Tensor) -> Iterable[np.ndarray]:
 
 
 def _nbytes(array: np.ndarray | torch.Tensor) -> int:
-    if isinstance(array, torch.Tensor):
+    if is_tensor(array):
         return array.numel() * array.element_size()
     return int(array.nbytes)
 

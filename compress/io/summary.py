@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from compress.io.checkpoint import Checkpoint
+from typing import TYPE_CHECKING
+
 from compress.io.dlrm_classes import strategy_for
 from compress.io.dlrm_classes.base import EBC_PREFIX
 from compress.io.model_spec import DLRMSpec
+
+if TYPE_CHECKING:  # a Checkpoint is given, never built here (format_bytes needs no torch)
+    from compress.io.checkpoint import Checkpoint
 
 
 def checkpoint_summary(ckpt: Checkpoint, spec: DLRMSpec) -> dict:

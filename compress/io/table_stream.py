@@ -10,7 +10,9 @@ the ROBE-Z projection) go through :func:`row_chunks` instead:
   the one that is mapped) is read with ``preadv`` into two reusable chunk buffers (a thread reads
   the next chunk while the caller works on this one): none of its pages is mapped into the
   process by the pass, so RSS grows by two chunks, not by the table (the file stays in the page
-  cache, which is not the process's memory);
+  cache, which is not the process's memory). Pages of a private map that the process wrote (a
+  copy-on-write master weight, :mod:`compress.io.cow_map`) are not the file's: they are copied
+  from memory (:mod:`compress.io.pagemap` says which);
 * any other table (in memory: fine-tuned weights, a live module, an fp16 checkpoint upcast on
   load, a DCP checkpoint) is read as views of itself.
 
@@ -32,10 +34,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compress import progress
 from compress.errors import CheckpointError, SettingError
+from compress.io.pagemap import own_byte_ranges
 from compress.quant.packing import chunk_rows as default_chunk_rows
 from compress.quant.packing import slice_chunks
 
@@ -49,6 +53,7 @@ __all__ = [
     "file_range",
     "progress_bytes",
     "row_chunks",
+    "within_chunk",
 ]
 
 _MAPS = Path("/proc/self/maps")
@@ -58,6 +63,7 @@ MIN_FILE_READ_BYTES = 1 << 20
 
 _chunk_rows: ContextVar[int | None] = ContextVar("dqrm_chunk_rows", default=None)
 _bar: ContextVar[object | None] = ContextVar("dqrm_chunk_bar", default=None)
+_in_chunk: ContextVar[bool] = ContextVar("dqrm_in_chunk", default=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,13 +109,19 @@ def chunk_rows_for(dim: int) -> int:
 
 @dataclass(frozen=True)
 class FileRange:
-    """Bytes ``offset .. offset + nbytes`` of the file at ``path`` (device and inode as mapped)."""
+    """Bytes ``offset .. offset + nbytes`` of the file at ``path`` (device and inode as mapped).
+
+    ``private``: the mapping is private (``MAP_PRIVATE``, as ``torch.load(mmap=True)`` and the
+    copy-on-write tables of :mod:`compress.io.cow_map` map): a page written through it is the
+    process's own copy, and the file no longer holds those bytes (:mod:`compress.io.pagemap`).
+    """
 
     path: str
     offset: int
     nbytes: int
     device: tuple[int, int]
     inode: int
+    private: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class _Mapping:
     device: tuple[int, int]
     inode: int
     path: str
+    private: bool = False
 
 
 def _parse_maps_line(line: str) -> _Mapping | None:
@@ -138,6 +151,7 @@ def _parse_maps_line(line: str) -> _Mapping | None:
             (int(major, 16), int(minor, 16)),
             int(parts[4]),
             path,
+            parts[1][3:4] == "p",
         )
     except ValueError:
         return None
@@ -183,7 +197,7 @@ def file_range(t: torch.Tensor) -> FileRange | None:
     same = (st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))) == (first.inode, first.device)
     if not same or st.st_size < offset + nbytes:
         return None
-    return FileRange(first.path, offset, nbytes, first.device, first.inode)
+    return FileRange(first.path, offset, nbytes, first.device, first.inode, first.private)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +223,7 @@ def row_chunks(
     width = t[0].numel() if t.shape[0] else 1
     chunk = chunk_rows_for(max(1, width)) if chunk is None else int(chunk)
     row_bytes = width * t.element_size()
-    big = t.numel() * t.element_size() >= MIN_FILE_READ_BYTES
+    big = t.numel() * t.element_size() >= MIN_FILE_READ_BYTES and not _in_chunk.get()
     source = file_range(t) if big else None
     chunks = slice_chunks(t, chunk) if source is None else _read_chunks(t, chunk, source)
     bar = _bar.get()
@@ -260,11 +274,32 @@ def _read_chunks(
             pending = pool.submit(read, index + 1) if pool and index + 1 < count else None
             start = index * chunk
             stop = min(start + chunk, rows)
+            if source.private:  # pages written through a private map: the file lacks them
+                _own_pages_from_memory(t, start, stop, raws[index % len(raws)], row_bytes)
             yield start, stop, buffers[index % len(buffers)][: stop - start]
     finally:
         if pool is not None:
             pool.shutdown(wait=True)  # a read in flight finishes before its file is closed
         os.close(fd)
+
+
+def _own_pages_from_memory(
+    t: torch.Tensor, start: int, stop: int, into: memoryview, row_bytes: int
+) -> None:
+    """Copy into ``into`` (rows ``start .. stop`` of ``t`` as read from the file) the bytes of the
+    pages of those rows that the process holds as its own (written through a private map,
+    :mod:`compress.io.pagemap`): the file does not hold them. An unreadable pagemap means no
+    copy-on-write table exists (:func:`compress.io.cow_map.cow_copy` makes none then), and a
+    private map that nothing wrote is the file's bytes."""
+    address = t.data_ptr() + start * row_bytes
+    ranges = own_byte_ranges(address, (stop - start) * row_bytes)
+    if not ranges:
+        return
+    memory = t.reshape(-1).view(torch.uint8).numpy()
+    dest = np.frombuffer(into, dtype=np.uint8)
+    lead = start * row_bytes
+    for a, b in ranges:
+        dest[a:b] = memory[lead + a : lead + b]
 
 
 def _read_exactly(fd: int, into: memoryview, offset: int, path: str) -> None:
@@ -291,6 +326,19 @@ def progress_bytes(total: int, desc: str) -> Iterator[None]:
         _bar.reset(token)
         if bar is not None:
             bar.close()
+
+
+@contextmanager
+def within_chunk() -> Iterator[None]:
+    """Within the block, passes over rows read a chunk that an enclosing pass holds in memory
+    already: they count on no :func:`progress_bytes` bar (the enclosing pass counted it) and read
+    it as views of itself, without looking for a file behind it."""
+    bar, inside = _bar.set(None), _in_chunk.set(True)
+    try:
+        yield
+    finally:
+        _in_chunk.reset(inside)
+        _bar.reset(bar)
 
 
 def copy_rows(t: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,13 @@ shared arrays at their stored precision). QAT and PTQ share the quantizers in
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from compress.io.cow_map import cow_copy
 from compress.io.model_spec import DLRMSpec
 from compress.io.table_stream import copy_rows, progress_bytes
 from compress.methods import registry
@@ -34,6 +36,7 @@ from compress.methods.qat_embedding import (
     QuantizedEmbeddingBagCollection,
 )
 from compress.methods.qat_linear import FakeQuantLinear, QuantizedLinear, swap_linears
+from compress.methods.staged_convert import convert_staged
 from compress.plan import Plan
 
 
@@ -96,14 +99,21 @@ def prepare_model(
 
 def copy_trained_weights(collection: QATEmbeddingBagCollection) -> list[str]:
     """Give each table of ``collection`` that fine-tuning updates (its weight requires a
-    gradient) a copy of its weight, read chunk by chunk (:func:`compress.io.table_stream.copy_rows`),
-    in place of the loaded model's; the names of those tables. The others keep reading the loaded
-    model's weights, which nothing writes: a PTQ, ``keep`` or ``fp16`` table of a memory-mapped
-    checkpoint costs no memory of its own until it is converted."""
+    gradient) a copy of its weight in place of the loaded model's; the names of those tables.
+
+    A memory-mapped checkpoint's table gets a copy-on-write map of its bytes in the file
+    (:func:`compress.io.cow_map.cow_copy`: it costs only the pages fine-tuning writes, and the
+    file is never written); any other table (in memory, or a map that cannot be made) a copy read
+    chunk by chunk (:func:`compress.io.table_stream.copy_rows`). The values are the same either
+    way. The other tables keep reading the loaded model's weights, which nothing writes: a PTQ,
+    ``keep`` or ``fp16`` table of a memory-mapped checkpoint costs no memory of its own until it
+    is converted."""
     copied = []
     for name, table in collection.embedding_bags.items():
         if table.weight.requires_grad:
-            table.weight.data = copy_rows(table.weight.detach())
+            weight = table.weight.detach()
+            mapped = cow_copy(weight)
+            table.weight.data = mapped if mapped is not None else copy_rows(weight)
             copied.append(name)
     return copied
 
@@ -114,11 +124,16 @@ def embedding_parts(model: nn.Module) -> list[nn.Module]:
     return list(ebc.parts) if isinstance(ebc, CombinedEmbeddingBagCollection) else [ebc]
 
 
-def convert_model(prepared: nn.Module) -> nn.Module:
+def convert_model(prepared: nn.Module, staging_dir: str | Path | None = None) -> nn.Module:
     """Replace fake-quant modules of a prepared model with integer ones (in place; returns it).
 
     Shared-array modules stay as they are: their forward already reads the array at its stored
     precision (fp32, or the dequantized fp16/int8 array).
+
+    ``staging_dir``: a directory where every table stored on its own is converted into files chunk
+    by chunk and then held as memory maps of them
+    (:func:`compress.methods.staged_convert.convert_staged`; the same bytes), so that no converted
+    table is ever whole in memory; ``None``: converted in memory.
     """
     ebc = prepared.sparse_arch.embedding_bag_collection
     parts = list(ebc.parts) if isinstance(ebc, CombinedEmbeddingBagCollection) else [ebc]
@@ -127,17 +142,16 @@ def convert_model(prepared: nn.Module) -> nn.Module:
         for part in parts
         if isinstance(part, QATEmbeddingBagCollection)
         for m in part.embedding_bags.values()
-        if registry.for_config(m.config).changes_tables  # a kept table is not read
+        # a kept table is not read in memory, and copied into a file when staged
+        if staging_dir is not None or registry.for_config(m.config).changes_tables
     )
     with progress_bytes(total, "convert"):  # every table is read chunk by chunk
         if isinstance(ebc, CombinedEmbeddingBagCollection):
             for i, part in enumerate(ebc.parts):
                 if isinstance(part, QATEmbeddingBagCollection):
-                    ebc.parts[i] = QuantizedEmbeddingBagCollection.from_qat(part)
+                    ebc.parts[i] = _convert_collection(part, staging_dir)
         else:
-            prepared.sparse_arch.embedding_bag_collection = (
-                QuantizedEmbeddingBagCollection.from_qat(ebc)
-            )
+            prepared.sparse_arch.embedding_bag_collection = _convert_collection(ebc, staging_dir)
     swap_linears(
         prepared,
         lambda lin: (
@@ -145,6 +159,19 @@ def convert_model(prepared: nn.Module) -> nn.Module:
         ),
     )
     return prepared.eval()
+
+
+def _convert_collection(
+    qat: QATEmbeddingBagCollection, staging_dir: str | Path | None
+) -> QuantizedEmbeddingBagCollection:
+    """The converted collection of ``qat``: in memory, or staged table by table in
+    ``staging_dir``."""
+    if staging_dir is None:
+        return QuantizedEmbeddingBagCollection.from_qat(qat)
+    converted = {
+        t.name: convert_staged(qat.embedding_bags[t.name], t.name, staging_dir) for t in qat.tables
+    }
+    return QuantizedEmbeddingBagCollection(qat.tables, converted)
 
 
 def _copy_without(model: nn.Module, path: str) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Prepared: trainable FP32 master weights whose gathered rows are rounded to fp16 in the forward.
 Stored: ``data`` float16 ``[R, D]``. ONNX: ``Gather`` + ``Cast`` to float32. TorchRec: FBGEMM's
-``FP16`` rows. Everything else as :mod:`compress.methods.keep`.
+``FP16`` rows. Everything else as :mod:`compress.methods.keep` (the PyTorch modules too:
+:mod:`compress.methods.table_modules`).
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torchrec.modules.embedding_configs import DataType
 
-from compress.io.table_stream import row_chunks
-from compress.methods.base import ArraySpec, ConvertedTable, MethodConfig, PreparedTable
+from compress.methods.handler import ArraySpec, MethodConfig
 from compress.methods.keep import KeepMethod
 from compress.methods.registry import register
 
 if TYPE_CHECKING:
+    import torch
+
     from compress.io.model_spec import TableSpec
+    from compress.methods.base import ConvertedTable, PreparedTable
     from exporters.artifacts.read import TableArrays
     from exporters.onnx.lookup import RowsRequest
 
@@ -30,16 +31,6 @@ class Fp16Config(MethodConfig):
     """No settings."""
 
     METHOD: ClassVar[str] = "fp16"
-
-
-class Fp16Prepared(PreparedTable):
-    def fake_quantize_(self, rows: torch.Tensor) -> None:
-        rows.copy_(rows.half())
-
-
-class Fp16Converted(ConvertedTable):
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.data.index_select(0, ids).float()
 
 
 @dataclass(frozen=True)
@@ -61,20 +52,31 @@ class Fp16Table:
 class Fp16Method(KeepMethod):
     name = Fp16Config.METHOD
     config_type = Fp16Config
-    converted_type = Fp16Converted
     changes_tables = True
     spelling = "fp16"
-    fbgemm_type = DataType.FP16
+    fbgemm_type = "FP16"
     value_bytes = 2
+
+    @property
+    def converted_type(self) -> type[ConvertedTable]:
+        from compress.methods.table_modules import Fp16Converted
+
+        return Fp16Converted
 
     def table_bytes(self, config: MethodConfig, table: TableSpec) -> int:
         return table.num_embeddings * table.embedding_dim * self.value_bytes
 
     def prepare(self, config: MethodConfig, weight: torch.Tensor) -> PreparedTable:
+        from compress.methods.table_modules import Fp16Prepared
+
         return Fp16Prepared(weight, config, trainable=True)
 
     def _stored(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` rounded to fp16, chunk by chunk (a memory-mapped table read from its file)."""
+        import torch
+
+        from compress.io.table_stream import row_chunks
+
         out = torch.empty(w.shape, dtype=torch.float16)
         for start, stop, rows in row_chunks(w):
             out[start:stop].copy_(rows)

@@ -2,7 +2,9 @@
 
 Prepared: trainable FP32 weights (a fine-tuning run updates them like any other parameter).
 Stored: ``data`` float32 ``[R, D]`` (``tables/<t>.npy``). ONNX: one ``Gather``. TorchRec: FBGEMM's
-``FP32`` rows (the values' bytes, zero-padded to the row alignment).
+``FP32`` rows (the values' bytes, zero-padded to the row alignment). The PyTorch modules are
+:mod:`compress.methods.table_modules` (imported when a table is prepared or converted: reading a
+manifest needs no torch).
 """
 
 from __future__ import annotations
@@ -11,28 +13,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch.nn import functional as F  # noqa: N812
-from torchrec.modules.embedding_configs import DataType
 
-from compress.methods.base import (
-    ArraySpec,
-    ConvertedTable,
-    MethodConfig,
-    MethodFields,
-    PreparedTable,
-    TableMethod,
-)
+from compress.methods.handler import ArraySpec, MethodConfig, MethodFields, TableMethod
 from compress.methods.registry import get, register
 
 if TYPE_CHECKING:
+    import torch
+
     from compress.io.model_spec import TableSpec
+    from compress.methods.base import ConvertedTable, PreparedTable
     from exporters.artifacts.read import TableArrays
     from exporters.onnx.lookup import RowsRequest
 
 
 #: ``TableSpec.dtype`` of a half-precision checkpoint table.
 HALF = "float16"
+#: The roles of a stored table's arrays: its values.
+ROLES = ("data",)
 
 
 @dataclass(frozen=True)
@@ -40,16 +37,6 @@ class KeepConfig(MethodConfig):
     """No settings: the table is kept."""
 
     METHOD: ClassVar[str] = "fp32"
-
-
-class KeepPrepared(PreparedTable):
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight, sparse=True)
-
-
-class KeepConverted(ConvertedTable):
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.data.index_select(0, ids)
 
 
 @dataclass(frozen=True)
@@ -71,6 +58,8 @@ class Fp32Table:
 def fbgemm_float_rows(values: np.ndarray, row_bytes: int) -> torch.Tensor:
     """FBGEMM's FP32/FP16 inference rows of ``values`` ``[n, D]``: their bytes, zero-padded to
     ``row_bytes`` (uint8 ``[n, row_bytes]``)."""
+    import torch
+
     t = torch.from_numpy(np.array(values))
     raw = t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
     out = torch.zeros(t.shape[0], row_bytes, dtype=torch.uint8)
@@ -86,12 +75,21 @@ def aligned(nbytes: int, row_alignment: int) -> int:
 class KeepMethod(TableMethod):
     name = KeepConfig.METHOD
     config_type = KeepConfig
-    converted_type = KeepConverted
     changes_tables = False
+    converts_rows_independently = True  # fp16 too: a cast of each value
     spelling: ClassVar[str] = "keep"
-    #: FBGEMM rows of this method's stored values, and bytes per value.
-    fbgemm_type: ClassVar[DataType] = DataType.FP32
+    #: The name of this method's FBGEMM rows in TorchRec's ``DataType``, and bytes per value.
+    fbgemm_type: ClassVar[str] = "FP32"
     value_bytes: ClassVar[int] = 4
+
+    @property
+    def converted_type(self) -> type[ConvertedTable]:
+        from compress.methods.table_modules import KeepConverted
+
+        return KeepConverted
+
+    def stored_roles(self) -> tuple[str, ...]:
+        return ROLES
 
     def fields(self, config: MethodConfig) -> MethodFields:
         return MethodFields(self.spelling)
@@ -112,6 +110,8 @@ class KeepMethod(TableMethod):
         return config
 
     def prepare(self, config: MethodConfig, weight: torch.Tensor) -> PreparedTable:
+        from compress.methods.table_modules import KeepPrepared
+
         return KeepPrepared(weight, config, trainable=True)
 
     def convert(self, prepared: PreparedTable, name: str) -> ConvertedTable:
@@ -134,7 +134,9 @@ class KeepMethod(TableMethod):
         return gb.op("Gather", [weight, request.ids], "rows", axis=0)
 
     def fbgemm_data_type(self, table: TableArrays) -> Any:
-        return self.fbgemm_type
+        from torchrec.modules.embedding_configs import DataType
+
+        return DataType[self.fbgemm_type]
 
     def fbgemm_row_bytes(self, table: TableArrays, row_alignment: int) -> int:
         return aligned(table.embedding_dim * self.value_bytes, row_alignment)

@@ -2,20 +2,21 @@
 
 Both store ``data`` uint8 ``[R, D*bits/8]`` (codes packed low bits first, FBGEMM's order,
 :mod:`compress.quant.packing`) at 8, 4 or 2 bits, and both convert to FBGEMM's integer rows of the
-same width for TorchRec (:data:`FBGEMM_DATA_TYPES`).
+same width for TorchRec (:func:`fbgemm_data_type`). torch and TorchRec are imported by the
+functions that build tensors, not here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torchrec.modules.embedding_configs import DataType
 
-from compress.quant.packing import SUPPORTED_BITS, unpack_nbit
+from compress.quant.sizes import SUPPORTED_BITS
 
 if TYPE_CHECKING:
+    import torch
+
     from compress.recipe.reader import Keys
     from exporters.artifacts.read import TableArrays
 
@@ -23,13 +24,32 @@ if TYPE_CHECKING:
 RECIPE_BITS = SUPPORTED_BITS
 #: Bit widths a manifest entry may record (``bits``), in the order its messages list them.
 STORED_BITS = tuple(sorted(SUPPORTED_BITS))
-#: FBGEMM data type of integer rows of ``bits``.
-FBGEMM_DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
+#: Bit widths FBGEMM has integer rows of (:func:`fbgemm_data_type`).
+FBGEMM_BITS = (8, 4, 2)
+
+
+def fbgemm_data_type(bits: int) -> Any:
+    """TorchRec's ``DataType`` of FBGEMM integer rows of ``bits`` (one of :data:`FBGEMM_BITS`)."""
+    from torchrec.modules.embedding_configs import DataType
+
+    return {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}[bits]
 
 
 def read_bits(keys: Keys) -> int:
     """The rule's required ``bits``."""
     return keys.choice("bits", RECIPE_BITS, required=True)
+
+
+#: How a rule chooses the ranges of its codes (recipe key ``ranges``): ``minmax`` (row-wise: each
+#: row's min and max, FBGEMM's quantizer; table-wise: DQRM's ``max|W|``) or ``l2`` (the ranges that
+#: minimize the L2 error, :mod:`compress.quant.l2_ranges`).
+RANGES = ("minmax", "l2")
+
+
+def read_ranges(keys: Keys, default: str) -> str:
+    """The rule's ``ranges`` (one of :data:`RANGES`), ``default`` when it gives none."""
+    value = keys.choice("ranges", RANGES)
+    return default if value is None else value
 
 
 def packed_width(dim: int, bits: int) -> int:
@@ -52,5 +72,9 @@ def check_packed(bits: int, dim: int, packed: np.ndarray, what: str) -> None:
 
 def stored_codes(table: TableArrays, start: int, stop: int) -> torch.Tensor:
     """uint8 codes ``[stop - start, D]`` of rows ``start:stop`` of a stored packed table."""
+    import torch
+
+    from compress.quant.packing import unpack_nbit
+
     packed = torch.from_numpy(np.array(table.arrays["data"][start:stop]))
     return unpack_nbit(packed, int(table.bits), table.embedding_dim)

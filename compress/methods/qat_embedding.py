@@ -26,6 +26,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from compress.io.cow_map import ResidentGuard, cow_map_of, prefault
 from compress.io.model import embedding_bag_configs
 from compress.io.model_spec import TableSpec
 from compress.methods import registry
@@ -130,16 +131,31 @@ class _CollectionBase(nn.Module):
         pooled = []
         for feature, table in self._feature_table:
             jt = jagged[feature]
-            pooled.append(pool_bags(self.embedding_bags[table].lookup(jt.values()), jt.lengths()))
+            ids = jt.values()
+            self._before_lookup(table, ids)
+            pooled.append(pool_bags(self.embedding_bags[table].lookup(ids), jt.lengths()))
+            self._after_lookup(table)
         return KeyedTensor(
             keys=self._keys,
             length_per_key=self._dims,
             values=pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1),
         )
 
+    def _before_lookup(self, table: str, ids: torch.Tensor) -> None:
+        """Called before table ``table`` looks up rows ``ids``."""
+
+    def _after_lookup(self, table: str) -> None:
+        """Called after each lookup of table ``table``."""
+
 
 class QATEmbeddingBagCollection(_CollectionBase):
     """Fake-quantizing drop-in for TorchRec's ``EmbeddingBagCollection``.
+
+    A table whose master weight is a copy-on-write map of the checkpoint
+    (:mod:`compress.io.cow_map`, made by :func:`compress.methods.apply_plan.copy_trained_weights`)
+    faults the pages of the rows a lookup reads in before it reads them (for writing when the
+    table trains), and after the lookup the file pages that maps hold are given back once they
+    exceed a budget (:class:`~compress.io.cow_map.ResidentGuard`): memory, never values, changes.
 
     Args:
         tables: the tables, in the model's order.
@@ -162,6 +178,18 @@ class QATEmbeddingBagCollection(_CollectionBase):
         self.embedding_bags = nn.ModuleDict(prepared)
         # training forwards so far (a table-wise table rescans max|W| every scale_refresh of them)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._resident = ResidentGuard()
+
+    def _before_lookup(self, table: str, ids: torch.Tensor) -> None:
+        weight = self.embedding_bags[table].weight
+        cow = cow_map_of(weight)
+        if cow is not None:
+            trains = self.training and weight.requires_grad and torch.is_grad_enabled()
+            prefault(cow, ids, write=trains)
+
+    def _after_lookup(self, table: str) -> None:
+        if cow_map_of(self.embedding_bags[table].weight) is not None:
+            self._resident.check()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.training:

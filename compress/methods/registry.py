@@ -15,7 +15,7 @@ prepare / convert       :meth:`~TableMethod.prepare` (a :class:`PreparedTable`: 
                         trainable) and :meth:`~TableMethod.convert` (a :class:`ConvertedTable`: the
                         stored arrays as buffers, dequantized at lookup)
 artifacts               :attr:`~TableMethod.name` (the manifest ``layout``), the files it writes
-                        (:attr:`ConvertedTable.ROLES`), :meth:`~TableMethod.stored_arrays`
+                        (:meth:`~TableMethod.stored_roles`), :meth:`~TableMethod.stored_arrays`
 ONNX                    :meth:`~TableMethod.graph_table` (arrays -> graph table) and
                         :meth:`~TableMethod.onnx_rows` (the lookup's nodes)
 TorchRec                :meth:`~TableMethod.fbgemm_data_type`, :meth:`~TableMethod.fbgemm_rows`,
@@ -44,6 +44,12 @@ exporter-side module per method registered under one name, would split what a me
 packages and two registrations; the single module keeps a method readable in one place, and its
 ONNX code is a few plain node calls.
 
+The registry, the manifest reader and ONNX Runtime serving import no torch: the built-in methods'
+modules import it only in the hooks that build tensors, and keep their PyTorch modules (prepared
+and converted tables) in :mod:`compress.methods.table_modules`, imported when a table is prepared
+or converted. A new method may define its modules beside its handler (it then imports torch when
+it is registered).
+
 A method's registered ``name`` is the ``layout`` its tables have in ``manifest.json``. The
 built-ins keep the recipe spellings that predate the registry (:data:`RECIPE_SPELLINGS`); any
 other method is spelled by its name. Methods that share one array among several tables
@@ -57,11 +63,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from torch import nn
-
-from compress.methods.base import MethodConfig, TableMethod
+from compress.methods.handler import MethodConfig, TableMethod
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from compress.recipe.reader import Keys
 
 #: How recipes spell the built-in methods (the recipe syntax predates the registry): ``method`` ->

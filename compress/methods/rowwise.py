@@ -4,13 +4,18 @@ Each row ``r`` is stored as ``bits``-bit codes with its own fp16 ``scale`` and `
 FBGEMM's ``FloatToFusedNBitRowwiseQuantizedSBHalf`` rule, :mod:`compress.quant.fbgemm_rowwise`);
 value = ``code * scale + bias``. ``ptq`` freezes the weights and quantizes them once; ``qat``
 fake-quantizes the gathered rows of trainable FP32 weights (a row's scale depends on the row
-alone: no table scan).
+alone: no table scan). ``ranges``: each row's range is its min and max (``"minmax"``, FBGEMM's
+quantizer) or the one of least L2 error (``"l2"``: PyTorch's greedy search and a least-squares
+refinement, :mod:`compress.quant.l2_ranges`; the default of ``ptq`` at 2 bits); the stored rows
+have the same format either way.
 
 Stored: ``data`` uint8 ``[R, D*bits/8]`` packed codes (low bits first), ``scale`` and ``bias``
 float16 ``[R]``; ``rows*(D*bits/8 + 4)`` bytes. ONNX: ``com.microsoft::GatherBlockQuantized`` at
 4 and 8 bits (``rowwise_impl="gbq"``/``"auto"``), else ``Gather`` + unpack + ``code*scale +
 bias`` (exact); the full model looks the tables of one width up together, reading the stored
 arrays as they are (:mod:`exporters.onnx.stacked_rows`). TorchRec: FBGEMM's INT8/INT4/INT2 rows as stored.
+The PyTorch modules are :mod:`compress.methods.table_modules` (imported when a table is prepared
+or converted: reading a manifest needs no torch).
 """
 
 from __future__ import annotations
@@ -19,69 +24,55 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
-from compress.io.table_stream import row_chunks
-from compress.methods.base import (
-    ArraySpec,
-    ConvertedTable,
-    MethodConfig,
-    MethodFields,
-    PreparedTable,
-    TableMethod,
-)
+from compress.methods.handler import ArraySpec, MethodConfig, MethodFields, TableMethod
 from compress.methods.packed import (
-    FBGEMM_DATA_TYPES,
+    FBGEMM_BITS,
     STORED_BITS,
     check_packed,
+    fbgemm_data_type,
     packed_width,
     read_bits,
+    read_ranges,
     stored_codes,
 )
 from compress.methods.registry import register
-from compress.quant import native
-from compress.quant.fbgemm_rowwise import (
-    inference_row_bytes,
-    rowwise_bytes,
-    rowwise_dequantize,
-    rowwise_quantize_packed,
-    to_fbgemm_inference_rows,
-)
-from compress.quant.packing import can_pack, unpack_nbit
+from compress.quant.sizes import can_pack, inference_row_bytes, rowwise_bytes
 
 if TYPE_CHECKING:
+    import torch
+
     from compress.io.model_spec import TableSpec
+    from compress.methods.base import ConvertedTable, PreparedTable
     from compress.recipe.reader import Keys
     from exporters.artifacts.read import TableArrays
     from exporters.onnx.lookup import RowsRequest
 
 GRANULARITY = "row"
+#: Bit widths at which a ``ptq`` rule that gives no ``ranges`` takes ``l2`` (the same stored
+#: format; :mod:`compress.quant.l2_ranges`): INT2, where it scored +0.0010 and +0.0024 AUC over
+#: min/max (``benchmarks/bench_ranges_quality.py``'s case; the demo). Elsewhere the default is
+#: ``minmax``: at INT4 ``l2`` lowered the error but scored -0.0002 and +0.0001, at INT8 nothing,
+#: for a conversion about 7x slower; and a ``qat`` lookup with ``l2`` runs the search on every
+#: gathered row.
+L2_DEFAULT_BITS = (2,)
+#: The roles of a stored table's arrays: packed codes, fp16 scale and bias per row.
+ROLES = ("data", "scale", "bias")
 #: Bit widths that ``rowwise_impl="auto"`` sends to GatherBlockQuantized.
 GBQ_AUTO_BITS = (4, 8)
 
 
 @dataclass(frozen=True)
 class RowwiseConfig(MethodConfig):
-    """``bits`` 8, 4 or 2; ``qat``: fake-quantized and fine-tuned (else quantized once, frozen)."""
+    """``bits`` 8, 4 or 2; ``qat``: fake-quantized and fine-tuned (else quantized once, frozen);
+    ``ranges``: each row's range from its min and max (``"minmax"``, FBGEMM's quantizer) or the
+    one that minimizes its L2 error (``"l2"``, :mod:`compress.quant.l2_ranges`); the same stored
+    format either way."""
 
     bits: int
     qat: bool = False
+    ranges: str = "minmax"
     METHOD: ClassVar[str] = "rowwise"
-
-
-class RowwisePrepared(PreparedTable):
-    def fake_quantize_(self, rows: torch.Tensor) -> None:
-        native.fake_quantize_rowwise_(rows, self.config.bits)
-
-
-class RowwiseConverted(ConvertedTable):
-    ROLES = ("data", "scale", "bias")
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        codes = unpack_nbit(self.data.index_select(0, ids), self.config.bits, self.embedding_dim)
-        return rowwise_dequantize(
-            codes, self.scale.index_select(0, ids), self.bias.index_select(0, ids)
-        )
 
 
 @dataclass(frozen=True)
@@ -130,16 +121,30 @@ def resolve_rowwise_impl(bits: int, impl: str = "auto") -> Literal["gbq", "stand
     return impl
 
 
+def default_ranges(qat: bool, bits: int) -> str:
+    """``ranges`` of a rule that gives none (:data:`L2_DEFAULT_BITS`)."""
+    return "l2" if not qat and bits in L2_DEFAULT_BITS else "minmax"
+
+
 class RowwiseMethod(TableMethod):
     name = RowwiseConfig.METHOD
     config_type = RowwiseConfig
-    converted_type = RowwiseConverted
     packed_bits = STORED_BITS
     fbgemm_native = True
+    converts_rows_independently = True  # a row's codes, scale and bias depend on the row alone
+
+    @property
+    def converted_type(self) -> type[ConvertedTable]:
+        from compress.methods.table_modules import RowwiseConverted
+
+        return RowwiseConverted
+
+    def stored_roles(self) -> tuple[str, ...]:
+        return ROLES
 
     # recipe
     def recipe_keys(self, spelling: str) -> tuple[str, ...]:
-        return ("bits", "granularity")
+        return ("bits", "granularity", "ranges")
 
     def parse(self, spelling: str, keys: Keys) -> MethodConfig:
         bits = read_bits(keys)
@@ -148,18 +153,21 @@ class RowwiseMethod(TableMethod):
             "scale_refresh applies only to granularity 'table' (row-wise scales depend on the "
             "row alone)",
         )
-        return RowwiseConfig(bits, qat=spelling == "qat")
+        qat = spelling == "qat"
+        return RowwiseConfig(bits, qat=qat, ranges=read_ranges(keys, default_ranges(qat, bits)))
 
     def fields(self, config: RowwiseConfig) -> MethodFields:
         return MethodFields("qat" if config.qat else "ptq", config.bits, GRANULARITY)
 
     def recipe_items(self, config: RowwiseConfig) -> list[tuple[str, Any]]:
         f = self.fields(config)
-        return [("method", f.method), ("bits", f.bits), ("granularity", f.granularity)]
+        items = [("method", f.method), ("bits", f.bits), ("granularity", f.granularity)]
+        return items + [("ranges", config.ranges)]
 
     def describe(self, config: RowwiseConfig) -> str:
         f = self.fields(config)
-        return f"{f.method} INT{f.bits} {f.granularity}"
+        ranges = "" if config.ranges == "minmax" else f" {config.ranges}"
+        return f"{f.method} INT{f.bits} {f.granularity}{ranges}"
 
     def trains(self, config: RowwiseConfig) -> bool:
         return config.qat
@@ -177,12 +185,20 @@ class RowwiseMethod(TableMethod):
 
     # prepare / convert
     def prepare(self, config: RowwiseConfig, weight: torch.Tensor) -> PreparedTable:
+        from compress.methods.table_modules import RowwisePrepared
+
         return RowwisePrepared(weight, config, trainable=config.qat)
 
     def convert(self, prepared: PreparedTable, name: str) -> ConvertedTable:
-        w = prepared.weight.detach()
+        from compress.io.table_stream import row_chunks
+        from compress.methods.table_modules import RowwiseConverted
+        from compress.quant.fbgemm_rowwise import rowwise_quantize_packed
+        from compress.quant.l2_ranges import rowwise_quantize_packed_l2
+
+        w, config = prepared.weight.detach(), prepared.config
+        quantize = rowwise_quantize_packed_l2 if config.ranges == "l2" else rowwise_quantize_packed
         # chunk by chunk, a memory-mapped table read from its file (compress.io.table_stream)
-        packed, scale, bias = rowwise_quantize_packed(w, prepared.config.bits, chunks=row_chunks(w))
+        packed, scale, bias = quantize(w, config.bits, chunks=row_chunks(w))
         arrays = {"data": packed, "scale": scale, "bias": bias}
         return RowwiseConverted(name, w.shape[0], w.shape[1], prepared.config, arrays)
 
@@ -212,11 +228,16 @@ class RowwiseMethod(TableMethod):
 
     # TorchRec
     def fbgemm_data_type(self, table: TableArrays) -> Any:
-        return FBGEMM_DATA_TYPES.get(int(table.bits))
+        bits = int(table.bits)
+        return fbgemm_data_type(bits) if bits in FBGEMM_BITS else None
 
     def fbgemm_rows(
         self, table: TableArrays, start: int, stop: int, row_alignment: int
     ) -> torch.Tensor:
+        import torch
+
+        from compress.quant.fbgemm_rowwise import to_fbgemm_inference_rows
+
         scale = torch.from_numpy(np.array(table.arrays["scale"][start:stop]))
         bias = torch.from_numpy(np.array(table.arrays["bias"][start:stop]))
         codes = stored_codes(table, start, stop)

@@ -13,7 +13,9 @@ float32 ``[]``; ``ceil(R*D*bits/8) + 4`` bytes. ONNX: ``Gather`` packed bytes, u
 ``DequantizeLinear`` with the scalar scale and zero point ``2^(bits-1)``. TorchRec: converted
 exactly to FBGEMM's integer rows (codes as stored, fp16 scale ``s``, bias ``-2^(b-1)*s``) when the
 scale allows it (:func:`~compress.quant.tablewise.tablewise_scale_fits_fbgemm`), else served by
-:class:`TablewiseConverted`.
+:class:`~compress.methods.table_modules.TablewiseConverted`. The PyTorch modules are
+:mod:`compress.methods.table_modules` (imported when a table is prepared or converted: reading a
+manifest needs no torch).
 """
 
 from __future__ import annotations
@@ -22,137 +24,51 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
-from compress.io.table_stream import row_chunks
-from compress.methods.base import (
-    ArraySpec,
-    ConvertedTable,
-    MethodConfig,
-    MethodFields,
-    PreparedTable,
-    TableMethod,
-)
+from compress.methods.handler import ArraySpec, MethodConfig, MethodFields, TableMethod
 from compress.methods.packed import (
-    FBGEMM_DATA_TYPES,
+    FBGEMM_BITS,
     STORED_BITS,
     check_packed,
+    fbgemm_data_type,
     packed_width,
     read_bits,
+    read_ranges,
     stored_codes,
 )
 from compress.methods.registry import register
-from compress.methods.scale_tracking import BlockAbsmax
-from compress.quant import native
-from compress.quant.fbgemm_rowwise import inference_row_bytes, to_fbgemm_inference_rows
-from compress.quant.packing import unpack_nbit
-from compress.quant.tablewise import (
-    chunks_absmax,
-    scale_from_absmax,
-    signed_offset,
-    table_scale,
-    tablewise_bytes,
-    tablewise_dequantize,
-    tablewise_quantize_packed,
-    tablewise_scale_fits_fbgemm,
-    tablewise_to_rowwise,
-)
+from compress.quant.sizes import inference_row_bytes, signed_offset, tablewise_bytes
 from compress.recipe.reader import INTEGER
 from compress.train.config import DEFAULT_SCALE_REFRESH
 
 if TYPE_CHECKING:
+    import torch
+
     from compress.io.model_spec import TableSpec
+    from compress.methods.base import ConvertedTable, PreparedTable
+    from compress.methods.table_modules import TablewisePrepared
     from compress.recipe.reader import Keys
     from exporters.artifacts.read import TableArrays
     from exporters.onnx.lookup import RowsRequest
 
 GRANULARITY = "table"
+#: The roles of a stored table's arrays: packed codes and the one scale.
+ROLES = ("data", "scale")
 
 
 @dataclass(frozen=True)
 class TablewiseConfig(MethodConfig):
     """``bits`` 8, 4 or 2; ``qat``: fake-quantized and fine-tuned (else quantized once, frozen);
     ``scale_refresh``: training steps between ``max|W|`` scans (QAT only; ``None`` there means
-    :data:`~compress.train.config.DEFAULT_SCALE_REFRESH`)."""
+    :data:`~compress.train.config.DEFAULT_SCALE_REFRESH`); ``ranges``: the scale from ``max|W|``
+    (``"minmax"``, DQRM's rule: nothing clips) or the one of least L2 error over the table
+    (``"l2"``: values beyond it clip; :func:`~compress.quant.l2_ranges.tablewise_l2_scale`)."""
 
     bits: int
     qat: bool = False
     scale_refresh: int | None = None
+    ranges: str = "minmax"
     METHOD: ClassVar[str] = "tablewise"
-
-
-class TablewisePrepared(PreparedTable):
-    """FP32 master weight and the table's ``scale`` buffer."""
-
-    def __init__(self, weight: torch.Tensor, config: TablewiseConfig) -> None:
-        super().__init__(weight, config, trainable=config.qat)
-        # max|W| chunk by chunk, a memory-mapped table read from its file
-        amax = chunks_absmax(row_chunks(weight.detach()))
-        self.register_buffer("scale", torch.tensor(scale_from_absmax(amax, config.bits)))
-        self.scale_refresh = config.scale_refresh or DEFAULT_SCALE_REFRESH
-        # max|W| summary of a tracked table, valid while the weight's version counter equals
-        # _blocks_version
-        self._tracked = False
-        self._blocks: BlockAbsmax | None = None
-        self._blocks_version = -1
-
-    @property
-    def refreshes_scale(self) -> bool:
-        return self.config.qat
-
-    def fake_quantize_(self, rows: torch.Tensor) -> None:
-        native.fake_quantize_tablewise_(rows, float(self.scale), self.config.bits)
-
-    def training_step(self, step: int) -> None:
-        if self.refreshes_scale and step > 0 and step % self.scale_refresh == 0:
-            self.refresh_scale()
-
-    def refresh_scale(self) -> None:
-        """Set ``scale`` from ``max|W|``: the whole-table pass DQRM amortizes over P steps.
-
-        A tracked table reads its :class:`BlockAbsmax` summary instead: the same value, for a few
-        percent of the reading.
-        """
-        w = self.weight.detach()
-        bits = self.config.bits
-        with torch.no_grad():
-            if not self._tracked:
-                self.scale.fill_(table_scale(w, bits))
-                return
-            if self._blocks is None or self.weight._version != self._blocks_version:
-                self._blocks = BlockAbsmax.build(w)  # (re)build: one pass over the table
-                self._blocks_version = self.weight._version
-            self.scale.fill_(scale_from_absmax(self._blocks.maximum(w), bits))
-
-    def track(self) -> None:
-        self._tracked = True
-
-    def before_optimizer_step(self) -> None:
-        # something other than our optimizer changed the weight since the summary was up to date
-        if self._blocks is not None and self.weight._version != self._blocks_version:
-            self._blocks = None
-
-    def after_optimizer_step(self) -> None:
-        # the optimizer changed only the rows of the sparse gradient: fold them into the summary
-        # while they are still in the CPU cache
-        if self._blocks is None or self.weight._version == self._blocks_version:
-            return  # no summary yet, or the optimizer skipped this table
-        grad = self.weight.grad
-        if grad is None or not grad.is_sparse:
-            self._blocks = None  # a dense update may have changed any row: rebuild at refresh
-            return
-        self._blocks.update(self.weight, grad._indices()[0])
-        self._blocks_version = self.weight._version
-
-
-class TablewiseConverted(ConvertedTable):
-    ROLES = ("data", "scale")
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        bits = self.config.bits
-        codes = unpack_nbit(self.data.index_select(0, ids), bits, self.embedding_dim)
-        q = codes.to(torch.int16) - signed_offset(bits)
-        return tablewise_dequantize(q.to(torch.int8), float(self.scale))
 
 
 @dataclass(frozen=True)
@@ -188,12 +104,22 @@ def tablewise_scale(table: TableArrays) -> float:
 class TablewiseMethod(TableMethod):
     name = TablewiseConfig.METHOD
     config_type = TablewiseConfig
-    converted_type = TablewiseConverted
     packed_bits = STORED_BITS
+    converts_rows_independently = True  # at the prepared table's scale
+
+    @property
+    def converted_type(self) -> type[ConvertedTable]:
+        from compress.methods.table_modules import TablewiseConverted
+
+        return TablewiseConverted
+
+    def stored_roles(self) -> tuple[str, ...]:
+        return ROLES
 
     # recipe
     def recipe_keys(self, spelling: str) -> tuple[str, ...]:
-        return ("bits", "granularity", *(("scale_refresh",) if spelling == "qat" else ()))
+        refresh = ("scale_refresh",) if spelling == "qat" else ()
+        return ("bits", "granularity", *refresh, "ranges")
 
     def parse(self, spelling: str, keys: Keys) -> MethodConfig:
         bits = read_bits(keys)
@@ -201,7 +127,8 @@ class TablewiseMethod(TableMethod):
         refresh = keys.get("scale_refresh", INTEGER, minimum=1)
         if qat and refresh is None:
             refresh = DEFAULT_SCALE_REFRESH
-        return TablewiseConfig(bits, qat=qat, scale_refresh=refresh)
+        ranges = read_ranges(keys, "minmax")
+        return TablewiseConfig(bits, qat=qat, scale_refresh=refresh, ranges=ranges)
 
     def fields(self, config: TablewiseConfig) -> MethodFields:
         method = "qat" if config.qat else "ptq"
@@ -210,12 +137,14 @@ class TablewiseMethod(TableMethod):
     def recipe_items(self, config: TablewiseConfig) -> list[tuple[str, Any]]:
         f = self.fields(config)
         items = [("method", f.method), ("bits", f.bits), ("granularity", f.granularity)]
-        return items + ([("scale_refresh", f.scale_refresh)] if f.scale_refresh is not None else [])
+        items += [("scale_refresh", f.scale_refresh)] if f.scale_refresh is not None else []
+        return items + ([("ranges", config.ranges)] if config.ranges != "minmax" else [])
 
     def describe(self, config: TablewiseConfig) -> str:
         f = self.fields(config)
         refresh = f" P={f.scale_refresh}" if f.scale_refresh is not None else ""
-        return f"{f.method} INT{f.bits} {f.granularity}{refresh}"
+        ranges = "" if config.ranges == "minmax" else f" {config.ranges}"
+        return f"{f.method} INT{f.bits} {f.granularity}{ranges}{refresh}"
 
     def trains(self, config: TablewiseConfig) -> bool:
         return config.qat
@@ -226,9 +155,17 @@ class TablewiseMethod(TableMethod):
 
     # prepare / convert
     def prepare(self, config: TablewiseConfig, weight: torch.Tensor) -> PreparedTable:
+        from compress.methods.table_modules import TablewisePrepared
+
         return TablewisePrepared(weight, config)
 
     def convert(self, prepared: TablewisePrepared, name: str) -> ConvertedTable:
+        import torch
+
+        from compress.io.table_stream import row_chunks
+        from compress.methods.table_modules import TablewiseConverted
+        from compress.quant.tablewise import tablewise_quantize_packed
+
         w = prepared.weight.detach()
         # at the module's current scale (what training saw); chunk by chunk
         packed, scale = tablewise_quantize_packed(
@@ -261,9 +198,11 @@ class TablewiseMethod(TableMethod):
 
     # TorchRec
     def fbgemm_data_type(self, table: TableArrays) -> Any:
+        from compress.quant.tablewise import tablewise_scale_fits_fbgemm
+
         bits = int(table.bits)
-        if bits in FBGEMM_DATA_TYPES and tablewise_scale_fits_fbgemm(tablewise_scale(table), bits):
-            return FBGEMM_DATA_TYPES[bits]
+        if bits in FBGEMM_BITS and tablewise_scale_fits_fbgemm(tablewise_scale(table), bits):
+            return fbgemm_data_type(bits)
         return None
 
     def fbgemm_rows(
@@ -271,6 +210,11 @@ class TablewiseMethod(TableMethod):
     ) -> torch.Tensor:
         """The stored codes, fp16 scale ``s`` and bias ``-2^(b-1)*s`` (``ValueError`` when the
         scale does not convert)."""
+        import torch
+
+        from compress.quant.fbgemm_rowwise import to_fbgemm_inference_rows
+        from compress.quant.tablewise import tablewise_to_rowwise
+
         bits = int(table.bits)
         signed = (stored_codes(table, start, stop).to(torch.int16) - signed_offset(bits)).to(
             torch.int8

@@ -12,7 +12,11 @@
  * with no contraction into FMA (-ffp-contract=off) and no fast-math; native.py passes those flags.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #ifndef __FLT16_MAX__
 #error "dqrm-compress fake-quant kernels need a compiler with _Float16 (GCC >= 12 or Clang >= 15)"
@@ -338,4 +342,355 @@ uint32_t dqrm_absmax_bits(const float *x, int64_t n) {
         m = a > m ? a : m;
     }
     return m;
+}
+
+
+/* ------------------------------------------------------------------------------------------------
+ * L2 ranges (compress/quant/l2_ranges.py): per-row scale and bias chosen to minimize the row's L2
+ * quantization error.
+ *
+ * 1. The greedy range search of Guan et al. 2019 ("Post-training 4-bit quantization on embedding
+ *    tables"), value for value PyTorch's choose_qparams_optimized (what
+ *    torch.ops.quantized.embedding_bag_4bit_prepack / _2bit_prepack run with optimized_qparams):
+ *      xmin, xmax = min(x) (the first minimum, as std::min_element), max(x)
+ *      step = (xmax - xmin) / nbins; thr = int(nbins * (1 - ratio)) * step
+ *      loss(a, b): bias = fp16(a), scale = fp16((b - bias) / (2^bits - 1)) (1 when b - bias is 0),
+ *        inv = 1 / scale (1 when scale is 0), q = clamp(rint((x - bias) * inv), 0, 2^bits - 1),
+ *        sqrt(sum over the columns, in order, of (x - (q * scale + bias))^2), all in float32
+ *      walk: while cur_min + thr < cur_max: l1 = loss(cur_min + step, cur_max),
+ *        l2 = loss(cur_min, cur_max - step); the current range becomes the best when
+ *        cur < l1, cur < l2 and cur < best; then move to the smaller of l1, l2 (a tie moves max).
+ *    The best range gives FBGEMM's stored parameters (range_params).
+ * 2. Optionally `refine` least-squares steps (HQQ-style alternating minimization): for the codes
+ *    of the current parameters, the scale and bias that minimize the error in closed form, rounded
+ *    to fp16; kept only when the row's error (float64, of the values as stored) falls.
+ *
+ * Each lane of L2_LANES follows one row (its column sums stay sequential, so the losses are
+ * PyTorch's to the bit); the lane loops are written for the compiler to vectorize. L2_MAX_STEPS
+ * bounds the walk where float steps stop moving the range (PyTorch's loop would not end). The
+ * search is compiled once per instruction set where GCC can clone functions (x86-64), so AVX-512
+ * and AVX2 machines use their widest vectors; every clone performs the same IEEE operations. */
+
+#define L2_LANES 16
+#define L2_FOR _Pragma("GCC unroll 1") for (int k = 0; k < L2_LANES; ++k)
+#define L2_MAX_STEPS_PER_BIN 4
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define L2_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define L2_CLONES
+#endif
+#define L2_INLINE static inline __attribute__((always_inline))
+
+/* fp16(in) per lane, as float32 (F16C vector conversions where the build has them). */
+L2_INLINE void l2_half(const float *in, float *out) {
+#if defined(__F16C__)
+    for (int k = 0; k < L2_LANES; k += 8) {
+        const __m256 v = _mm256_loadu_ps(in + k);
+        _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)));
+    }
+#else
+    L2_FOR { out[k] = (float)(_Float16)in[k]; }
+#endif
+}
+
+/* fp16(x) per lane as float32, in float arithmetic that vectorizes (no conversion instructions):
+ * x rounded to a multiple of fp16's unit in the last place at x, 2^max(e - 10, -24) for
+ * 2^e <= |x| < 2^(e + 1), by adding and subtracting 1.5 * 2^(ulp exponent + 23) (round to nearest
+ * even, as the conversion); beyond 65504 the result becomes inf. The same value as
+ * (float)(_Float16)x for every finite x, except that a zero result is +0.0 (the sign of a zero
+ * does not change the loss: only l2_loss_params uses it). */
+L2_INLINE void l2_half_value(const float *in, float *out) {
+    L2_FOR {
+        uint32_t u;
+        memcpy(&u, in + k, sizeof u);
+        int32_t e = (int32_t)((u >> 23) & 0xffu) - 127 - 10;
+        e = e < -24 ? -24 : (e > 5 ? 5 : e);
+        const uint32_t cbits = ((uint32_t)(e + 23 + 127) << 23) | 0x400000u;
+        float c;
+        memcpy(&c, &cbits, sizeof c);
+        const float r = (in[k] + c) - c;
+        const float inf = __builtin_inff();
+        out[k] = r > 65504.0f ? inf : (r < -65504.0f ? -inf : r);
+    }
+}
+
+/* Parameters of ranges [lo, hi] as the search's loss uses them (no FBGEMM corner rule for a scale
+ * that rounds to 0: the loss keeps scale 0 with inv 1, as PyTorch's does). */
+L2_INLINE void l2_loss_params(const float *lo, const float *hi, float qmax, float *b, float *s,
+                              float *inv) {
+    float q[L2_LANES], h[L2_LANES], span[L2_LANES];
+    l2_half_value(lo, h);
+    L2_FOR {
+        span[k] = hi[k] - h[k];
+        q[k] = span[k] / qmax;
+    }
+    l2_half_value(q, q);
+    L2_FOR {
+        const float sc = span[k] == 0.0f ? 1.0f : q[k];
+        const float v = 1.0f / sc;
+        b[k] = h[k];
+        s[k] = sc;
+        inv[k] = sc == 0.0f ? 1.0f : v;
+    }
+}
+
+/* The search's losses of two parameter sets (b1, s1, i1) and (b2, s2, i2) for the rows xt
+ * [dim][L2_LANES], in one pass. */
+L2_INLINE void l2_losses(const float *xt, int64_t dim, float qmax, const float *b1,
+                         const float *s1, const float *i1, const float *b2, const float *s2,
+                         const float *i2, float *n1, float *n2) {
+    float a1[L2_LANES], a2[L2_LANES];
+    L2_FOR { a1[k] = a2[k] = 0.0f; }
+    for (int64_t j = 0; j < dim; ++j) {
+        const float *x = xt + j * L2_LANES;
+        L2_FOR {
+            float t1 = (x[k] - b1[k]) * i1[k], t2 = (x[k] - b2[k]) * i2[k];
+            /* clamp to [0, qmax] as max/min instructions (a -0 becomes +0: the same loss) */
+            t1 = t1 > 0.0f ? t1 : 0.0f;
+            t2 = t2 > 0.0f ? t2 : 0.0f;
+            t1 = __builtin_rintf(qmax < t1 ? qmax : t1);
+            t2 = __builtin_rintf(qmax < t2 ? qmax : t2);
+            const float d1 = x[k] - (t1 * s1[k] + b1[k]), d2 = x[k] - (t2 * s2[k] + b2[k]);
+            a1[k] += d1 * d1;
+            a2[k] += d2 * d2;
+        }
+    }
+    L2_FOR {
+        n1[k] = __builtin_sqrtf(a1[k]);
+        n2[k] = __builtin_sqrtf(a2[k]);
+    }
+}
+
+/* The greedy walk for L2_LANES rows (transposed in xt) from their minima and maxima; the chosen
+ * ranges into lo, hi. */
+L2_INLINE void l2_walk(const float *xt, int64_t dim, float qmax, int64_t nbins, float ratio,
+                       const float *xmin, const float *xmax, float *lo, float *hi) {
+    float step[L2_LANES], thr[L2_LANES], best[L2_LANES], cmin[L2_LANES], cmax[L2_LANES];
+    float closs[L2_LANES], up[L2_LANES], down[L2_LANES], l1[L2_LANES], l2[L2_LANES];
+    float b1[L2_LANES], s1[L2_LANES], i1[L2_LANES], b2[L2_LANES], s2[L2_LANES], i2[L2_LANES];
+    int32_t active[L2_LANES];
+    const int min_bins = (int)((double)nbins * (1.0 - (double)ratio));
+    L2_FOR {
+        step[k] = (xmax[k] - xmin[k]) / (float)nbins;
+        thr[k] = (float)min_bins * step[k];
+        cmin[k] = lo[k] = xmin[k];
+        cmax[k] = hi[k] = xmax[k];
+    }
+    l2_loss_params(xmin, xmax, qmax, b1, s1, i1);
+    l2_losses(xt, dim, qmax, b1, s1, i1, b1, s1, i1, closs, l2);
+    int32_t any = 0;
+    L2_FOR {
+        best[k] = closs[k];
+        active[k] = -(cmin[k] + thr[k] < cmax[k]);
+    }
+    L2_FOR { any |= active[k]; }
+    const int64_t limit = nbins * L2_MAX_STEPS_PER_BIN;
+    for (int64_t it = 0; it < limit && any; ++it) {
+        L2_FOR {
+            up[k] = cmin[k] + step[k];
+            down[k] = cmax[k] - step[k];
+        }
+        l2_loss_params(up, cmax, qmax, b1, s1, i1);
+        l2_loss_params(cmin, down, qmax, b2, s2, i2);
+        l2_losses(xt, dim, qmax, b1, s1, i1, b2, s2, i2, l1, l2);
+        L2_FOR {
+            const float c = closs[k];
+            const int32_t local = active[k] & -(c < l1[k]) & -(c < l2[k]) & -(c < best[k]);
+            const int32_t left = -(l1[k] < l2[k]);
+            best[k] = local ? c : best[k];
+            lo[k] = local ? cmin[k] : lo[k];
+            hi[k] = local ? cmax[k] : hi[k];
+            cmin[k] = (active[k] & left) ? up[k] : cmin[k];
+            cmax[k] = (active[k] & ~left) ? down[k] : cmax[k];
+            closs[k] = active[k] ? (left ? l1[k] : l2[k]) : c;
+            active[k] &= -(cmin[k] + thr[k] < cmax[k]);
+        }
+        any = 0;
+        L2_FOR { any |= active[k]; }
+    }
+}
+
+/* FBGEMM's stored parameters of a range [lo, hi]: bias = fp16(lo), scale = fp16((hi - bias) /
+ * (2^b - 1)), 1 when the range or the rounded scale is 0 (or 1/scale overflows). fp16 rounding
+ * keeps the sign of a zero bias. */
+L2_INLINE void l2_stored_params(const float *lo, const float *hi, float qmax, float *b, float *s) {
+    float q[L2_LANES];
+    l2_half(lo, b);
+    L2_FOR { q[k] = hi[k] - b[k] == 0.0f ? 1.0f : (hi[k] - b[k]) / qmax; }
+    l2_half(q, s);
+    L2_FOR {
+        const float sc = s[k] == 0.0f ? 1.0f : s[k];
+        const float v = 1.0f / sc;
+        s[k] = v - v != 0.0f ? 1.0f : sc;
+    }
+}
+
+/* The float64 error of the rows as stored with (b, s), and the sums of their codes q, q^2 and
+ * x * q (sequential over the columns). */
+L2_INLINE void l2_stored_error(const float *xt, int64_t dim, float qmax, const float *b,
+                               const float *s, double *err, double *sq, double *sqq,
+                               double *sxq) {
+    float inv[L2_LANES];
+    L2_FOR {
+        inv[k] = 1.0f / s[k];
+        err[k] = sq[k] = sqq[k] = sxq[k] = 0.0;
+    }
+    for (int64_t j = 0; j < dim; ++j) {
+        const float *x = xt + j * L2_LANES;
+        L2_FOR {
+            float t = (x[k] - b[k]) * inv[k];
+            t = t < 0.0f ? 0.0f : t;
+            t = __builtin_rintf(t > qmax ? qmax : t);
+            const double d = (double)x[k] - (double)(t * s[k] + b[k]);
+            err[k] += d * d;
+            sq[k] += (double)t;
+            sqq[k] += (double)t * (double)t;
+            sxq[k] += (double)x[k] * (double)t;
+        }
+    }
+}
+
+/* `refine` least-squares steps from the stored parameters (b, s), in place (see above). */
+L2_INLINE void l2_refine(const float *xt, int64_t dim, float qmax, int32_t refine, float *b,
+                         float *s) {
+    double err[L2_LANES], sq[L2_LANES], sqq[L2_LANES], sxq[L2_LANES], sx[L2_LANES];
+    double err2[L2_LANES], sq2[L2_LANES], sqq2[L2_LANES], sxq2[L2_LANES];
+    float nb[L2_LANES], ns[L2_LANES], cs[L2_LANES], cb[L2_LANES];
+    int32_t live[L2_LANES];
+    const double n = (double)dim;
+    L2_FOR { sx[k] = 0.0; }
+    for (int64_t j = 0; j < dim; ++j) {
+        L2_FOR { sx[k] += (double)xt[j * L2_LANES + k]; }
+    }
+    l2_stored_error(xt, dim, qmax, b, s, err, sq, sqq, sxq);
+    L2_FOR { live[k] = 1; }
+    for (int32_t it = 0; it < refine; ++it) {
+        int any = 0;
+        L2_FOR {
+            const double den = n * sqq[k] - sq[k] * sq[k];
+            const double slope = den > 0.0 ? (n * sxq[k] - sq[k] * sx[k]) / den : 0.0;
+            cs[k] = (float)slope;
+            cb[k] = (float)((sx[k] - slope * sq[k]) / n);
+        }
+        l2_half(cs, cs);
+        l2_half(cb, cb);
+        L2_FOR {
+            const double den = n * sqq[k] - sq[k] * sq[k];
+            const float v = 1.0f / cs[k];
+            const int ok = live[k] & (den > 0.0) & (cs[k] > 0.0f) & (cs[k] - cs[k] == 0.0f) &
+                           (cb[k] - cb[k] == 0.0f) & (v - v == 0.0f);
+            ns[k] = ok ? cs[k] : s[k];
+            nb[k] = ok ? cb[k] : b[k];
+            live[k] = ok;
+            any |= ok;
+        }
+        if (!any) break;
+        l2_stored_error(xt, dim, qmax, nb, ns, err2, sq2, sqq2, sxq2);
+        any = 0;
+        L2_FOR {
+            const int take = live[k] & (err2[k] < err[k]);
+            b[k] = take ? nb[k] : b[k];
+            s[k] = take ? ns[k] : s[k];
+            err[k] = take ? err2[k] : err[k];
+            sq[k] = take ? sq2[k] : sq[k];
+            sqq[k] = take ? sqq2[k] : sqq[k];
+            sxq[k] = take ? sxq2[k] : sxq[k];
+            live[k] = take;
+            any |= take;
+        }
+        if (!any) break;
+    }
+}
+
+/* Per-row stored scale and bias (float32 holding fp16 values; a zero bias keeps its sign) of
+ * rows [rows, dim] (contiguous float32) by the greedy walk (nbins, ratio), then `refine`
+ * least-squares steps. Returns -1; -2 when its scratch (dim * L2_LANES floats) cannot be
+ * allocated; or the first row holding a NaN or an inf (its group of L2_LANES rows and the rows
+ * after are not written). */
+L2_CLONES
+int64_t dqrm_l2_params(const float *w, int64_t rows, int64_t dim, int32_t bits, int64_t nbins,
+                       float ratio, int32_t refine, float *scale_out, float *bias_out) {
+    const float qmax = (float)((1 << bits) - 1);
+    float *xt = malloc((size_t)dim * L2_LANES * sizeof(float));
+    if (xt == NULL) return -2;
+    for (int64_t r0 = 0; r0 < rows; r0 += L2_LANES) {
+        const int64_t m = rows - r0 < L2_LANES ? rows - r0 : L2_LANES;
+        float xmin[L2_LANES] = {0}, xmax[L2_LANES] = {0}, lo[L2_LANES], hi[L2_LANES];
+        float b[L2_LANES], s[L2_LANES];
+        for (int64_t i = 0; i < m; ++i) {
+            const float *x = w + (r0 + i) * dim;
+            float a = x[0], z = x[0], bad = 0.0f;
+            for (int64_t j = 0; j < dim; ++j) {
+                const float v = x[j];
+                bad += v - v; /* NaN once a value is a NaN or an inf */
+                a = v < a ? v : a; /* the first minimum, as std::min_element */
+                z = v > z ? v : z;
+                xt[j * L2_LANES + i] = v;
+            }
+            if (bad != 0.0f || bad != bad) {
+                free(xt);
+                return r0 + i;
+            }
+            xmin[i] = a;
+            xmax[i] = z;
+        }
+        for (int64_t i = m; i < L2_LANES; ++i) {
+            for (int64_t j = 0; j < dim; ++j) xt[j * L2_LANES + i] = 0.0f;
+        }
+        l2_walk(xt, dim, qmax, nbins, ratio, xmin, xmax, lo, hi);
+        l2_stored_params(lo, hi, qmax, b, s);
+        if (refine > 0) l2_refine(xt, dim, qmax, refine, b, s);
+        for (int64_t i = 0; i < m; ++i) {
+            scale_out[r0 + i] = s[i];
+            bias_out[r0 + i] = b[i];
+        }
+    }
+    free(xt);
+    return -1;
+}
+
+/* Quantize rows [rows, dim] with the given per-row scale and bias (float32 holding fp16 values)
+ * into packed codes q = clamp(rint((x - bias) * (1 / scale)), 0, 2^b - 1) and the fp16 bits of
+ * scale and bias. Returns -1, or the first row whose scale or bias is not a finite fp16 number
+ * (rows before it are written). */
+int64_t dqrm_rowwise_quantize_params(const float *w, int64_t rows, int64_t dim, int32_t bits,
+                                     const float *scale, const float *bias, uint8_t *packed,
+                                     uint16_t *scale_out, uint16_t *bias_out) {
+    const float qmax = (float)((1 << bits) - 1);
+    const int64_t nb = dim * bits / 8;
+    float q[DQRM_BLOCK];
+    for (int64_t r = 0; r < rows; ++r) {
+        scale_out[r] = half_bits(scale[r]);
+        bias_out[r] = half_bits(bias[r]);
+        if (!finite_half(scale_out[r]) || !finite_half(bias_out[r])) return r;
+        const float *x = w + r * dim;
+        const float b = bias[r], inv = 1.0f / scale[r];
+        for (int64_t c = 0; c < dim; c += DQRM_BLOCK) {
+            const int64_t n = dim - c < DQRM_BLOCK ? dim - c : DQRM_BLOCK;
+            for (int64_t j = 0; j < n; ++j) {
+                float v = (x[c + j] - b) * inv;
+                v = v < 0.0f ? 0.0f : (v > qmax ? qmax : v);
+                q[j] = round_half_even_small(v);
+            }
+            pack_codes(q, n, bits, packed + r * nb + c * bits / 8);
+        }
+    }
+    return -1;
+}
+
+/* Fake-quantize rows [rows, dim] in place with per-row scale and bias (float32 holding fp16
+ * values): x = q * scale + bias with the codes dqrm_rowwise_quantize_params stores. */
+void dqrm_fq_rowwise_params(float *w, int64_t rows, int64_t dim, int32_t bits, const float *scale,
+                            const float *bias) {
+    const float qmax = (float)((1 << bits) - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+        float *x = w + r * dim;
+        const float b = bias[r], s = scale[r], inv = 1.0f / s;
+        for (int64_t j = 0; j < dim; ++j) {
+            float v = (x[j] - b) * inv;
+            v = v < 0.0f ? 0.0f : (v > qmax ? qmax : v);
+            x[j] = round_half_even_small(v) * s + b;
+        }
+    }
 }

@@ -42,8 +42,13 @@ from compress.quant.packing import (
     check_float_table,
     check_packable,
     pack_nbit,
-    packed_row_bytes,
     quantize_in_chunks,
+)
+from compress.quant.sizes import (  # defined there (no torch), re-exported here
+    ROW_ALIGNMENT,
+    SCALE_BIAS_BYTES,
+    inference_row_bytes,
+    rowwise_bytes,
 )
 
 __all__ = [
@@ -58,11 +63,6 @@ __all__ = [
     "to_fbgemm_inference_rows",
 ]
 
-SCALE_BIAS_BYTES = 4
-"""Bytes of the per-row ``fp16 scale`` + ``fp16 bias`` pair in FBGEMM's N-bit rows."""
-
-ROW_ALIGNMENT = 16
-"""Row alignment (bytes) of FBGEMM's inference TBE, TorchRec's ``DEFAULT_ROW_ALIGNMENT``."""
 
 FP16_MAX = 65504.0
 """Largest finite fp16 value."""
@@ -252,20 +252,6 @@ def rowwise_dequantize(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor)
     out = q.to(torch.float32)
     out.mul_(s)
     return out.add_(b)
-
-
-def rowwise_bytes(rows: int, dim: int, bits: int) -> int:
-    """Bytes of a table in FBGEMM fused rows: ``rows * (ceil(dim*bits/8) + 4)``.
-
-    (The inference TBE pads each row further to 16 bytes: see :func:`inference_row_bytes`.)
-    """
-    return rows * (packed_row_bytes(dim, bits) + SCALE_BIAS_BYTES)
-
-
-def inference_row_bytes(dim: int, bits: int, row_alignment: int = ROW_ALIGNMENT) -> int:
-    """Bytes per row of FBGEMM's inference TBE: ``round_up(4 + dim*bits/8, row_alignment)``."""
-    unpadded = SCALE_BIAS_BYTES + packed_row_bytes(dim, bits)
-    return -(-unpadded // row_alignment) * row_alignment
 
 
 def _fp16_bytes(t: torch.Tensor) -> torch.Tensor:

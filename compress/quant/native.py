@@ -46,8 +46,9 @@ from compress.quant import fake_quant
 
 SOURCE = Path(__file__).with_name("fake_quant_kernels.c")
 #: IEEE float32 arithmetic, no FMA contraction: the values must equal PyTorch's op by op.
-#: ``-fno-trapping-math`` (no FP exceptions are ever unmasked) lets the clamps vectorize; it
-#: changes no result.
+#: ``-fno-trapping-math`` (no FP exceptions are ever unmasked) lets the clamps vectorize, and
+#: ``-fno-math-errno`` the square roots of the L2 range search (never of a negative number); they
+#: change no result.
 CFLAGS = (
     "-O3",
     "-std=c11",
@@ -56,6 +57,7 @@ CFLAGS = (
     "-ffp-contract=off",
     "-fno-fast-math",
     "-fno-trapping-math",
+    "-fno-math-errno",
 )
 ENV_SWITCH = "DQRM_NATIVE"
 ENV_CACHE = "DQRM_CACHE_DIR"
@@ -158,6 +160,9 @@ def load() -> ctypes.CDLL:
         "dqrm_rowwise_quantize": ((ptr, i64, i64, i32, ptr, ptr, ptr), i64),
         "dqrm_tablewise_quantize": ((ptr, i64, ctypes.c_float, i32, ptr), None),
         "dqrm_absmax_bits": ((ptr, i64), ctypes.c_uint32),
+        "dqrm_l2_params": ((ptr, i64, i64, i32, i64, ctypes.c_float, i32, ptr, ptr), i64),
+        "dqrm_rowwise_quantize_params": ((ptr, i64, i64, i32, ptr, ptr, ptr, ptr, ptr), i64),
+        "dqrm_fq_rowwise_params": ((ptr, i64, i64, i32, ptr, ptr), None),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -273,6 +278,8 @@ def _packs(x: torch.Tensor, out: torch.Tensor) -> bool:
 
 #: Rows below which a chunk is quantized on one thread (splitting costs more than it saves).
 PARALLEL_MIN_ROWS = 8192
+#: The same for the L2 range search, which spends about 65 passes on each row.
+L2_PARALLEL_MIN_ROWS = 512
 
 
 @lru_cache(maxsize=1)
@@ -284,17 +291,21 @@ def _pool() -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def _row_parts(rows: int) -> list[tuple[int, int]]:
-    """``rows`` split into ``torch.get_num_threads()`` parts (one when there are few rows)."""
-    n = max(1, min(torch.get_num_threads(), rows // PARALLEL_MIN_ROWS))
+def _row_parts(rows: int, min_rows: int = PARALLEL_MIN_ROWS) -> list[tuple[int, int]]:
+    """``rows`` split into ``torch.get_num_threads()`` parts (one when there are fewer than
+    ``min_rows`` a part)."""
+    n = max(1, min(torch.get_num_threads(), rows // min_rows))
     bounds = [rows * k // n for k in range(n + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def _in_parts(rows: int, run: Callable[[int, int], int]) -> list[int]:
-    """``run(start, stop)`` over parts of ``rows``, the parts on the pool's threads (a compiled
-    kernel releases the GIL) and the last one on this thread; their results in order."""
-    parts = _row_parts(rows)
+def _in_parts(
+    rows: int, run: Callable[[int, int], int], min_rows: int = PARALLEL_MIN_ROWS
+) -> list[int]:
+    """``run(start, stop)`` over parts of ``rows`` (:func:`_row_parts`), the parts on the pool's
+    threads (a compiled kernel releases the GIL) and the last one on this thread; their results
+    in order."""
+    parts = _row_parts(rows, min_rows)
     futures = [_pool().submit(run, a, b) for a, b in parts[:-1]]
     last = run(*parts[-1])
     return [f.result() for f in futures] + [last]
@@ -331,6 +342,106 @@ def rowwise_quantize_into(
 
     bad = [b for b in _in_parts(x.shape[0], run) if b >= 0]
     return min(bad) if bad else -1
+
+
+def l2_params(
+    x: torch.Tensor, bits: int, bins: int, ratio: float, refine: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row stored ``(scale, bias)`` (float32 ``[m]`` holding fp16 values) of ``x`` (float32
+    ``[m, D]``) by the greedy L2 range search and ``refine`` least-squares steps
+    (:mod:`compress.quant.l2_ranges`), compiled and split over threads as
+    :func:`rowwise_quantize_into`; ``None`` where the kernels are off or cannot take ``x``.
+
+    Raises:
+        ValueError: a row holds a NaN or an inf (the message names it).
+        MemoryError: the kernel's scratch could not be allocated.
+    """
+    lib = _kernels()
+    if lib is None or not accepts(x) or x.dim() != 2 or x.shape[1] == 0:
+        return None
+    rows, dim = x.shape
+    scale = torch.empty(rows, dtype=torch.float32)
+    bias = torch.empty(rows, dtype=torch.float32)
+    xp, sp, bp = x.data_ptr(), scale.data_ptr(), bias.data_ptr()
+
+    def run(start: int, stop: int) -> int:
+        n = stop - start
+        off = start * 4
+        bad = int(
+            lib.dqrm_l2_params(
+                xp + start * dim * 4, n, dim, bits, bins, ratio, refine, sp + off, bp + off
+            )
+        )
+        return bad if bad < 0 else start + bad
+
+    results = _in_parts(rows, run, L2_PARALLEL_MIN_ROWS)
+    if -2 in results:
+        raise MemoryError(f"L2 range search: no memory for {dim * 16} floats of scratch")
+    bad = [b for b in results if b >= 0]
+    if bad:
+        raise ValueError(f"row {min(bad)} holds a NaN or an infinite value")
+    return scale, bias
+
+
+def rowwise_quantize_params_into(
+    x: torch.Tensor,
+    bits: int,
+    scale32: torch.Tensor,
+    bias32: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+) -> int | None:
+    """Row-wise codes of ``x`` (float32 ``[m, D]``) at the given per-row ``scale32``/``bias32``
+    (float32 ``[m]`` holding fp16 values; :func:`rowwise_quantize_into` takes them from each row's
+    min and max), ``clamp(rint((x - bias) * (1 / scale)), 0, 2^bits - 1)``, into ``packed``, and
+    the parameters as fp16 into ``scale``/``bias``. Returns ``-1``, the first row whose scale or
+    bias is not a finite fp16 number, or ``None`` (nothing written) where the kernels are off or
+    cannot take these tensors."""
+    lib = _kernels()
+    if (
+        lib is None
+        or not _packs(x, packed)
+        or any(not accepts(t) or t.numel() != x.shape[0] for t in (scale32, bias32))
+        or any(t.dtype != torch.float16 or not t.is_contiguous() for t in (scale, bias))
+    ):
+        return None
+    dim = x.shape[1]
+    pointers = (x.data_ptr(), scale32.data_ptr(), bias32.data_ptr(), packed.data_ptr())
+    pointers += (scale.data_ptr(), bias.data_ptr())
+    strides = (dim * 4, 4, 4, packed.shape[1], 2, 2)
+
+    def run(start: int, stop: int) -> int:
+        xp, s32, b32, pp, sp, bp = (p + start * s for p, s in zip(pointers, strides, strict=True))
+        bad = int(
+            lib.dqrm_rowwise_quantize_params(xp, stop - start, dim, bits, s32, b32, pp, sp, bp)
+        )
+        return bad if bad < 0 else start + bad
+
+    bad = [b for b in _in_parts(x.shape[0], run) if b >= 0]
+    return min(bad) if bad else -1
+
+
+def fake_quantize_rowwise_params_(
+    w: torch.Tensor, bits: int, scale32: torch.Tensor, bias32: torch.Tensor
+) -> bool:
+    """Fake-quantize float32 ``w`` ``[R, D]`` in place at per-row ``scale32``/``bias32`` (float32
+    ``[R]`` holding fp16 values): the values :func:`rowwise_quantize_params_into` stores,
+    dequantized. ``False`` (nothing written) where the kernels are off or cannot take these
+    tensors."""
+    lib = _kernels()
+    if (
+        lib is None
+        or not accepts(w)
+        or w.dim() != 2
+        or any(not accepts(t) or t.numel() != w.shape[0] for t in (scale32, bias32))
+    ):
+        return False
+    lib.dqrm_fq_rowwise_params(
+        w.data_ptr(), w.shape[0], w.shape[1], bits, scale32.data_ptr(), bias32.data_ptr()
+    )
+    _written(w)
+    return True
 
 
 def tablewise_quantize_into(x: torch.Tensor, scale: float, bits: int, packed: torch.Tensor) -> bool:

@@ -9,7 +9,8 @@ and table-wise (:mod:`compress.quant.tablewise`) tables store their codes this w
 Also the size of the chunks the quantizers convert a table in, so that converting a big table
 never holds more than one chunk of float32 scratch (:func:`chunk_rows`).
 
-Nothing here imports the rest of the project.
+The bit widths and byte counts are defined in :mod:`compress.quant.sizes` (no torch) and
+re-exported here. Nothing here imports the rest of the project but that module.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+
+from compress.quant.sizes import (
+    SUPPORTED_BITS,
+    can_pack,
+    check_bits,
+    check_packable,
+    codes_per_byte,
+    packed_row_bytes,
+)
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -36,61 +46,10 @@ __all__ = [
     "unpack_nbit",
 ]
 
-SUPPORTED_BITS = (8, 4, 2)
-"""Bit widths of the row-wise, table-wise and per-channel quantizers."""
 
 CHUNK_ELEMENTS = 1 << 20
 """Float32 elements (4 MiB) of scratch a chunked quantizer works on at a time: 65,536 rows of a
 dim-16 table."""
-
-_GRANULARITIES = ("row", "table", "channel")
-
-
-def check_bits(bits: int) -> int:
-    """``bits`` as an int; ``ValueError`` unless it is one of :data:`SUPPORTED_BITS`."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    return int(bits)
-
-
-def codes_per_byte(bits: int) -> int:
-    """``8 // bits``: how many codes one byte holds."""
-    return 8 // bits
-
-
-def packed_row_bytes(dim: int, bits: int) -> int:
-    """Bytes of ``dim`` packed ``bits``-bit codes: ``ceil(dim * bits / 8)``."""
-    check_bits(bits)
-    return (dim * bits + 7) // 8
-
-
-def check_packable(dim: int, bits: int) -> None:
-    """``ValueError`` unless rows of ``dim`` codes fill whole bytes at ``bits``."""
-    if dim <= 0 or dim % codes_per_byte(bits) != 0:
-        raise ValueError(
-            f"dim {dim} cannot be packed at {bits} bits: it must be a positive multiple of "
-            f"{codes_per_byte(bits)} (whole bytes per row)"
-        )
-
-
-def can_pack(dim: int, bits: int, granularity: str) -> bool:
-    """Whether a ``dim``-wide table/weight can be stored at ``bits`` with ``granularity``.
-
-    * ``"row"`` (FBGEMM rows): FBGEMM's quantize op requires ``dim*bits/8`` to be a whole, even
-      number of bytes (``ncols % (2 * 8/bits) == 0``): ``dim`` a multiple of 2 at INT8, 4 at INT4,
-      8 at INT2. (The inference TBE alone needs only whole bytes, ``dim % (8/bits) == 0``.)
-    * ``"table"``: codes are one packed stream, any ``dim >= 1``. Converting a table-wise table to
-      FBGEMM rows later additionally needs ``can_pack(dim, bits, "row")``.
-    * ``"channel"``: int8 codes per element, any ``dim >= 1``.
-    """
-    bits = check_bits(bits)
-    if granularity not in _GRANULARITIES:
-        raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
-    if dim <= 0:
-        return False
-    if granularity == "row":
-        return dim % (2 * codes_per_byte(bits)) == 0
-    return True
 
 
 def chunk_rows(dim: int) -> int:

@@ -25,6 +25,11 @@ import torch
 
 from compress.quant.fbgemm_rowwise import FP16_MAX
 from compress.quant.packing import Chunks, check_bits, check_float_table, quantize_in_chunks
+from compress.quant.sizes import (  # defined there (no torch), re-exported here
+    signed_offset,
+    symmetric_range,
+    tablewise_bytes,
+)
 
 __all__ = [
     "absmax",
@@ -41,18 +46,6 @@ __all__ = [
 ]
 
 _FP16_MIN_POSITIVE = 2.0**-24  # smallest positive (subnormal) fp16
-
-
-def signed_offset(bits: int) -> int:
-    """``2^(bits-1)`` (8 at INT4, 128 at INT8): ``bits``-bit symmetric codes ``q`` lie in
-    ``[-2^(bits-1), 2^(bits-1) - 1]`` and are stored unsigned as ``q + 2^(bits-1)`` (the zero point
-    of the packed table-wise codes)."""
-    return 1 << (bits - 1)
-
-
-def symmetric_range(bits: int) -> tuple[int, int]:
-    """The smallest and largest ``bits``-bit symmetric code: ``(-2^(bits-1), 2^(bits-1) - 1)``."""
-    return -signed_offset(bits), signed_offset(bits) - 1
 
 
 def _fp16_ceil(v: float) -> float:
@@ -234,12 +227,3 @@ def tablewise_to_rowwise(
     s16 = torch.full((rows,), float(scale), dtype=torch.float16)
     b16 = torch.full((rows,), -float(signed_offset(bits)) * float(scale), dtype=torch.float16)
     return codes, s16, b16
-
-
-def tablewise_bytes(rows: int, dim: int, bits: int) -> int:
-    """Bytes of a table-wise table: ``ceil(rows*dim*bits/8)`` packed codes + one 4-byte scale.
-
-    The scale is counted as fp32 (4 bytes); its value is fp16-exact.
-    """
-    check_bits(bits)
-    return (rows * dim * bits + 7) // 8 + 4

@@ -30,7 +30,7 @@ from typing import Any
 from compress.errors import RecipeError
 from compress.io.user_files import read_user_text
 from compress.methods import registry
-from compress.methods.base import TableMethod
+from compress.methods.handler import TableMethod
 from compress.recipe.builtin import builtin_names, builtin_path
 from compress.recipe.reader import (
     BOOLEAN,
@@ -60,11 +60,13 @@ from compress.recipe.schema import (
 )
 from compress.train.config import (
     DENSE_OPTIMIZERS,
+    GRAD_BITS,
     MAX_EPOCHS,
     MAX_STEPS,
     OPTIMIZERS,
     SELECT_METRICS,
     SPARSE_OPTIMIZERS,
+    TARGETS,
     TrainConfig,
 )
 
@@ -372,6 +374,9 @@ def _parse_finetune(raw: dict, source: str) -> TrainConfig:
         ("optimizer", OPTIMIZERS),
         ("dense_optimizer", DENSE_OPTIMIZERS),
         ("select_on", SELECT_METRICS),
+        ("embedding_grad_bits", GRAD_BITS),
+        ("mlp_grad_bits", GRAD_BITS),
+        ("target", TARGETS),
     ):
         if key in values and values[key] not in choices:
             fail(

@@ -35,7 +35,10 @@ Table methods (:mod:`compress.methods.registry`; each validates its own keys):
   FBGEMM row-wise asymmetric, fp16 scale+bias per row, :mod:`compress.methods.rowwise`;
   ``"table"``: DQRM, one symmetric scale per table, :mod:`compress.methods.tablewise`);
   ``scale_refresh`` (int >= 1, default 200, ``qat`` with ``"table"`` only: steps between the
-  table-wide ``max|W|`` scans, DQRM's P).
+  table-wide ``max|W|`` scans, DQRM's P); ``ranges`` (``"minmax"`` | ``"l2"``: each row's range,
+  or the table's scale, from its extremes or chosen for the least L2 error,
+  :mod:`compress.quant.l2_ranges`; default ``"l2"`` for ``ptq`` with ``"row"`` at 2 bits,
+  else ``"minmax"``).
 * ``share`` (ROBE-Z, :mod:`compress.methods.robe.method`): ``compression`` (float > 1) or ``bytes``
   (int > 0), exactly one; ``block_size`` (int >= 1, required: Z); ``group`` (rules naming one
   group share one array; their share keys must agree); ``array_dtype`` (fp32 | fp16 | int8,
@@ -57,7 +60,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from compress.methods import registry
-from compress.methods.base import MethodConfig, TableMethod
+from compress.methods.handler import MethodConfig, TableMethod
 from compress.train.config import TrainConfig
 
 MLP_METHODS = ("keep", "ptq", "qat")

@@ -24,6 +24,13 @@ DEFAULT_SCALE_REFRESH = 200
 #: years), close enough that a typo such as ``epochs = 1e300`` is an error, not an endless run.
 MAX_STEPS = 10**9
 MAX_EPOCHS = 1000
+#: What ``embedding_grad_bits`` and ``mlp_grad_bits`` may be: the width gradients are exchanged at
+#: between the workers of a data-parallel run (``--nproc``, :mod:`compress.train.distributed`).
+GRAD_BITS = (8, 32)
+#: What fine-tuning fits (``target``): the data's click labels, or the original (FP32) model's
+#: click probabilities on the same inputs (distillation on real data,
+#: :mod:`compress.train.teacher`).
+TARGETS = ("labels", "teacher")
 
 
 @dataclass
@@ -37,6 +44,11 @@ class TrainConfig:
     ``keep_best`` keeps the weights of the evaluation with the best ``select_on`` metric
     (``"logloss"``, lower is better and also catches calibration damage; or ``"auc"``) on the
     validation rows the loop is given (the pipeline gives it the selection slice only).
+    ``embedding_grad_bits`` / ``mlp_grad_bits``: the width of the sparse embedding gradients and
+    of the dense (MLP) gradients exchanged between workers (8: INT8, a scale per row / per 256
+    values with error feedback; 32: exact); ``None`` means 32. A single process ignores them.
+    ``target``: what the loss fits on the training inputs, their labels (``"labels"``) or the
+    original model's click probabilities (``"teacher"``; :data:`TARGETS`).
     """
 
     steps: int | None = None
@@ -52,6 +64,9 @@ class TrainConfig:
     select_on: str = DEFAULT_SELECT_ON
     seed: int = 0
     checkpoint_every: int = 200
+    embedding_grad_bits: int | None = None
+    mlp_grad_bits: int | None = None
+    target: str = "labels"
 
     def dense_optimizer_kind(self) -> str:
         """The optimizer of the dense parameters: ``dense_optimizer``, else the embeddings' kind

@@ -66,6 +66,24 @@ def predict_with_labels(
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def model_logits(
+    module: torch.nn.Module,
+    dataset: Dataset | StreamedData,
+    feature_names: tuple[str, ...],
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits [N], labels [N])`` of a TorchRec DLRM (called as ``module(dense, kjt)``, in eval
+    mode) on an in-memory or streamed set."""
+    was_training = module.training
+    module.eval()
+    try:
+        return predict_with_labels(
+            lambda b: module(b.dense, b.sparse), dataset, feature_names, batch_size
+        )
+    finally:
+        module.train(was_training)
+
+
 def evaluate_model(
     module: torch.nn.Module,
     dataset: Dataset | StreamedData,
@@ -74,12 +92,4 @@ def evaluate_model(
 ) -> dict:
     """``{"auc", "logloss", "accuracy", "n"}`` of a TorchRec DLRM (called as ``module(dense, kjt)``)
     on an in-memory or streamed set."""
-    was_training = module.training
-    module.eval()
-    try:
-        logits, labels = predict_with_labels(
-            lambda b: module(b.dense, b.sparse), dataset, feature_names, batch_size
-        )
-    finally:
-        module.train(was_training)
-    return evaluate(logits, labels)
+    return evaluate(*model_logits(module, dataset, feature_names, batch_size))

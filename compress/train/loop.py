@@ -12,12 +12,12 @@ exactly the steps an uninterrupted run would have taken, so both end with identi
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,11 +30,16 @@ from compress.errors import DqrmError, os_error_in, os_error_reason
 from compress.io.atomic_file import atomic_open
 from compress.methods.qat_embedding import track_scale_updates
 from compress.progress import enabled as progress_enabled
+from compress.train import snapshot
 from compress.train.config import OPTIMIZERS, SELECT_METRICS, TrainConfig
+from compress.train.device import follow_model, model_device, scores_on_cpu
 from compress.train.evaluate import predict_with_labels
 from compress.train.inputs import changed_input
 from compress.train.metrics import evaluate
 from compress.train.rowwise_adagrad import RowwiseAdagrad
+
+if TYPE_CHECKING:  # the distributed hooks are imported only by the runs that use them
+    from compress.train.distributed.data_parallel import DataParallel
 
 
 @dataclass
@@ -58,6 +63,10 @@ class TrainResult:
     #: what a streamed training set's loader did (:meth:`compress.data.stream.LoaderStats.to_json`;
     #: ``None`` for an in-memory set)
     loader: dict | None = None
+    #: a data-parallel run's exchange (:mod:`compress.train.distributed.accounting`; ``None`` for
+    #: a single process) and the seconds the exchanges took
+    distributed: dict | None = None
+    communication: float = 0.0
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -85,9 +94,15 @@ def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def batch_stream(
-    data: Dataset, feature_names: tuple[str, ...], batch_size: int, seed: int, start_step: int
+    data: Dataset,
+    feature_names: tuple[str, ...],
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    share: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
-    """Endless shuffled batches; the batch at step ``k`` depends only on ``(seed, k)``."""
+    """Endless shuffled batches; the batch at step ``k`` depends only on ``(seed, k)``.
+    ``share``: only rows ``[lo, hi)`` of each batch (a data-parallel worker's share)."""
     n = len(data)
     per_epoch = max(1, n // batch_size)
     step = start_step
@@ -96,6 +111,8 @@ def batch_stream(
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         for i in range(offset, per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
+            if share is not None:
+                idx = idx[share[0] : share[1]]
             yield data.take(idx).to_batch(feature_names)
             step += 1
 
@@ -106,13 +123,18 @@ def training_batches(
     batch_size: int,
     seed: int,
     start_step: int,
+    share: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
     """Endless training batches from step ``start_step``: :func:`batch_stream` for an in-memory
     set; for a streamed one its :meth:`~compress.data.stream.StreamedData.train_batches` (passes
-    through a seeded shuffle buffer, read by worker processes; ``close()`` stops them)."""
+    through a seeded shuffle buffer, read by worker processes; ``close()`` stops them).
+    ``share``: rows ``[lo, hi)`` of each batch only (a data-parallel worker's share of the same
+    global batches)."""
     if isinstance(data, Dataset):
-        return batch_stream(data, feature_names, batch_size, seed, start_step)
-    return data.train_batches(feature_names, batch_size, seed, start_step)
+        return batch_stream(data, feature_names, batch_size, seed, start_step, share)
+    if share is None:
+        return data.train_batches(feature_names, batch_size, seed, start_step)
+    return data.train_batches(feature_names, batch_size, seed, start_step, share=share)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -156,6 +178,7 @@ def fit(
     log: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
     inputs: Mapping[str, str] | None = None,
+    distributed: DataParallel | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``config.total_steps(len(train))`` steps.
 
@@ -166,6 +189,12 @@ def fit(
     would), leaving the resumable state at ``state_path``. ``inputs`` (fingerprints of what the
     run depends on, :func:`compress.train.inputs.run_inputs`) are saved with the state, and
     ``resume`` refuses a state whose recorded inputs differ, naming the input that changed.
+
+    ``distributed``: this process is one worker of a data-parallel run
+    (:mod:`compress.train.distributed.data_parallel`): it trains on its share of every global
+    batch, exchanges gradients before each optimizer step, and applies rank 0's evaluations;
+    only rank 0 saves the state and keeps the best weights. A model on another device than the CPU
+    gets its batches moved there.
     """
     torch.manual_seed(config.seed)
     total = config.total_steps(len(train))
@@ -177,6 +206,11 @@ def fit(
     opt_emb = make_optimizer(config.optimizer, emb_params, config.lr_embedding)
     opt_dense = make_optimizer(config.dense_optimizer_kind(), dense_params, config.lr_dense)
     optimizers = [o for o in (opt_emb, opt_dense) if o is not None]
+    if distributed is not None:
+        distributed.attach(emb_params, dense_params)
+    device = model_device(model)
+    loss_fn, score_fn = follow_model(loss_fn, device), scores_on_cpu(score_fn, device)
+    keeps_weights = distributed is None or distributed.is_main  # others never restore or save
     if opt_emb is not None:
         # table-wise QAT scales refresh from a summary kept up to date after each step (exact)
         track_scale_updates(model, opt_emb)
@@ -198,16 +232,18 @@ def fit(
                     f"{state_path}: cannot --resume: {changed}; give the same inputs, or run "
                     "without --resume to start afresh"
                 )
-        if saved["config"] != asdict(config) or saved["total"] != total:
+        if not same_settings(saved["config"], asdict(config)) or saved["total"] != total:
             raise DqrmError(
                 f"{state_path}: saved training state was made with different settings "
                 f"({_settings_diff(saved['config'], asdict(config), saved['total'], total)}); "
                 "run without --resume to start afresh"
             )
         try:
-            model.load_state_dict(saved["model"])
+            snapshot.restore(model, saved["model"])
             for opt, s in zip(optimizers, saved["optimizers"], strict=True):
                 opt.load_state_dict(s)
+            if distributed is not None:
+                distributed.load_state_extras(saved.get("distributed"))
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise DqrmError(
                 f"{state_path}: saved training state does not fit this model ({_first_line(e)}); "
@@ -219,7 +255,7 @@ def fit(
             saved["best_metrics"],
             saved["history"],
         )
-        best_state = saved.get("best_state")
+        best_state = saved.get("best_state") if keeps_weights else None
         running = saved["running_loss"]
         torch.set_rng_state(saved["torch_rng"])
         resumed_from = step
@@ -227,21 +263,33 @@ def fit(
     def evaluate_now() -> dict | None:
         if valid is None:
             return None
-        model.eval()
-        logits, labels = predict_with_labels(
-            lambda b: score_fn(model, b), valid, feature_names, config.eval_batch_size, desc="valid"
-        )
-        model.train()
-        return evaluate(logits, labels)
+        metrics = None
+        if keeps_weights:
+            model.eval()
+            logits, labels = predict_with_labels(
+                lambda b: score_fn(model, b),
+                valid,
+                feature_names,
+                config.eval_batch_size,
+                desc="valid",
+            )
+            model.train()
+            metrics = evaluate(logits, labels)
+        if distributed is not None:  # rank 0 evaluated; every rank applies its metrics
+            metrics = distributed.agree(metrics)  # type: ignore[assignment]
+        return metrics
 
     def save_state() -> None:
         if state_path is None:
             return
+        extras = distributed.state_extras() if distributed is not None else None
+        if not keeps_weights:
+            return  # rank 0 saves for every rank
         state = {
             "config": asdict(config),
             "total": total,
             "step": step,
-            "model": model.state_dict(),
+            "model": snapshot.take(model, keep=False),  # a checkpoint map: its changed rows
             "optimizers": [o.state_dict() for o in optimizers],
             "best_step": best_step,
             "best_metrics": best_metrics,
@@ -251,16 +299,22 @@ def fit(
             "running_loss": running,
             "inputs": None if inputs is None else dict(inputs),
         }
+        if extras is not None:
+            state["distributed"] = extras
         write_state(state, state_path)
 
     # a streamed set starts reading (and filling its shuffle buffer) now, during the evaluation
-    stream = training_batches(train, feature_names, config.batch_size, config.seed, step)
+    share = None if distributed is None else distributed.share(config.batch_size)
+    stream = training_batches(
+        train, feature_names, config.batch_size, config.seed, step, share=share
+    )
     data_wait = 0.0
     try:
         if step == 0 and valid is not None and config.keep_best:
             # step 0 competes too: fine-tuning never returns a model worse than it started from
             metrics = evaluate_now()
-            best_step, best_metrics, best_state = 0, metrics, copy.deepcopy(model.state_dict())
+            best_step, best_metrics = 0, metrics
+            best_state = snapshot.take(model, keep=True) if keeps_weights else None
             entry = {"step": 0, "loss": None, "metrics": metrics, "samples_per_second": 0.0}
             history.append(entry)
             if log is not None:
@@ -276,14 +330,18 @@ def fit(
             batch = next(stream)
             data_wait += time.perf_counter() - waited
             loss = loss_fn(model, batch)
+            if distributed is not None:  # this rank's part of the global batch's mean loss
+                loss = loss * distributed.loss_scale(len(batch), config.batch_size)
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             loss.backward()
+            # every rank now gets the gradient summed over the ranks, and the global loss
+            shared_loss = None if distributed is None else distributed.step(loss.item())
             for o in optimizers:
                 o.step()
             step += 1
-            samples += len(batch)
-            value = loss.item()
+            samples += len(batch) if distributed is None else config.batch_size
+            value = loss.item() if shared_loss is None else shared_loss
             if not math.isfinite(value):
                 raise DqrmError(
                     f"fine-tuning diverged at step {step} (loss {value}); lower the learning rates "
@@ -307,16 +365,20 @@ def fit(
                 history.append(entry)
                 if log is not None:
                     log(entry)
+                if distributed is not None:
+                    distributed.check_replicas(model, step)
                 if metrics is not None and (
                     best_metrics is None or is_better(config.select_on, metrics, best_metrics)
                 ):
                     best_step, best_metrics = step, metrics
-                    if config.keep_best and step != total:
-                        best_state = copy.deepcopy(model.state_dict())
+                    if config.keep_best and step != total and keeps_weights:
+                        best_state = snapshot.take(model, keep=True)
                     elif config.keep_best:
                         best_state = None  # the final weights are the best ones
             if state_path is not None and (step % config.checkpoint_every == 0 or step == end):
                 save_state()
+        if distributed is not None:
+            distributed.check_replicas(model, step)
     finally:  # a streamed set's workers end with the loop, also on an error or Ctrl-C
         close = getattr(stream, "close", None)
         if close is not None:
@@ -326,7 +388,7 @@ def fit(
     seconds = time.perf_counter() - t0
     final_metrics = history[-1]["metrics"] if history and history[-1]["step"] == step else None
     if step == total and config.keep_best and best_state is not None and best_step != total:
-        model.load_state_dict(best_state)
+        snapshot.restore(model, best_state)
     model.eval()
     return TrainResult(
         steps=step,
@@ -339,6 +401,8 @@ def fit(
         resumed_from=resumed_from,
         data_wait=data_wait,
         loader=stream.stats.to_json() if hasattr(stream, "stats") else None,
+        distributed=None if distributed is None else distributed.report(),
+        communication=0.0 if distributed is None else distributed.seconds,
     )
 
 
@@ -384,6 +448,15 @@ def load_state(state_path: Path) -> dict:
             f"{state_path}: not a training state (no {', '.join(sorted(missing))}); {afresh}"
         )
     return saved
+
+
+def same_settings(saved: object, now: dict) -> bool:
+    """Whether a saved state's fine-tuning settings are ``now``'s. A setting added since the state
+    was saved counts as the same while it is unset (``None``): states saved before
+    ``embedding_grad_bits`` / ``mlp_grad_bits`` existed still resume."""
+    if not isinstance(saved, dict):
+        return False
+    return {k: v for k, v in now.items() if k in saved or v is not None} == saved
 
 
 def _settings_diff(saved: object, now: dict, saved_total: object, total: int) -> str:

@@ -12,12 +12,17 @@ reference code). Example::
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, TypeAlias
+
 import numpy as np
-import torch
 
 from compress.errors import DataError
 
-ArrayLike = np.ndarray | torch.Tensor
+if TYPE_CHECKING:  # torch is not imported here: ONNX Runtime serving scores numpy logits
+    import torch
+
+ArrayLike: TypeAlias = "np.ndarray | torch.Tensor"
 
 LOGLOSS_EPS = 1e-7
 
@@ -90,7 +95,8 @@ def evaluate(logits: ArrayLike, labels: ArrayLike) -> dict[str, float | int]:
 
 
 def _as_float64(a: ArrayLike) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(a, torch.Tensor):
         a = a.detach().cpu().to(torch.float64).numpy()
     return np.asarray(a, dtype=np.float64)
 

@@ -5,13 +5,16 @@ Everything lives beside ``out`` under hidden names derived from it::
     .<out>.lock              taken (``flock``) by the one run writing ``out``; holds its pid
     .<out>.partial-<id>      a directory being built; after a swap, the old output being deleted
     .<out>.old-<id>          the previous output between the two renames of the fallback swap
+    .<out>.tables-<id>       converted tables written while the run converts them
+                             (:func:`table_staging`), moved into the stage when it is built
 
 A run on ``out`` holds :func:`output_lock` from its start to its end, so a second run on the same
 ``out`` is refused at once (one line naming the lock file and the holder's pid). Under the lock,
 :func:`recover` first repairs what a killed run left: when ``out`` is missing and a ``.old-*``
 directory exists, a kill fell between the two renames of the fallback swap, and the old output is
 renamed back (the killed run did not finish, so its ``out`` is what was there before it); then every
-``.partial-*`` and ``.old-*`` of ``out`` is removed. An ``out`` that is itself a symbolic link is
+``.partial-*``, ``.old-*`` and ``.tables-*`` of ``out`` is removed (but the ``.tables-*`` this
+process is using). An ``out`` that is itself a symbolic link is
 refused before the lock is taken (the swap would replace the link, not fill its target).
 
 The swap (:func:`swap_in`) never leaves nothing at ``out`` that :func:`recover` cannot put back:
@@ -49,6 +52,7 @@ from compress.io.atomic_file import temp_dir_beside
 
 _PARTIAL = "partial-"
 _OLD = "old-"
+_TABLES = "tables-"
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")  # tempfile's name alphabet
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 1 << 1
@@ -238,7 +242,8 @@ def recover(out_dir: Path) -> Recovery:
                 f"{source}: cannot put the previous output back at {out_dir}: {os_error_reason(e)}"
             ) from e
         restored = out_dir
-    removed = (*leftovers(out_dir, _PARTIAL), *olds)
+    stale_tables = [p for p in leftovers(out_dir, _TABLES) if p.resolve() not in _LIVE_TABLES]
+    removed = (*leftovers(out_dir, _PARTIAL), *olds, *stale_tables)
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     # a link swapped out of ``out`` by versions that accepted a symbolic link as the output
@@ -302,6 +307,54 @@ def _user_path(error: OSError, stage: Path, out_dir: Path) -> Path:
         return out_dir / path.relative_to(stage)
     except ValueError:
         return path
+
+
+_LIVE_TABLES: set[Path] = set()  # this process's table_staging directories (resolved)
+
+
+@contextmanager
+def table_staging(out_dir: Path) -> Iterator[Path]:
+    """A new private directory ``.<out>.tables-<id>`` beside ``out_dir`` for the tables a run
+    converts straight into files (``pipeline.compress(..., staging_dir=...)``,
+    :mod:`compress.io.staged_arrays`); the artifact writer moves them into its stage, on the same
+    file system. Removed when the block ends, whatever happens; one a killed run left is removed
+    by the next :func:`recover` of ``out``. Hold :func:`output_lock` around the block. An
+    ``OSError`` making it is an :class:`ArtifactError` naming the directory."""
+    out_dir = Path(out_dir)
+    _mkdir_parent(out_dir)
+    with ExitStack() as removal:
+        try:
+            tables = removal.enter_context(temp_dir_beside(out_dir, _TABLES))
+        except OSError as e:
+            raise ArtifactError(f"{out_dir.parent}: {os_error_reason(e)}") from e
+        live = tables.resolve()
+        _LIVE_TABLES.add(live)
+        removal.callback(_LIVE_TABLES.discard, live)
+        yield tables
+
+
+@contextmanager
+def table_errors(out_dir: Path, tables: Path | None) -> Iterator[None]:
+    """An ``OSError`` writing a file in ``tables`` (a :func:`table_staging` directory; a full disk
+    most often) in the block becomes one :class:`ArtifactError` naming ``out_dir``, whose files
+    they are; any other error passes as it is."""
+    try:
+        yield
+    except Exception as e:
+        cause = None if tables is None or isinstance(e, DqrmError) else os_error_in(e)
+        if cause is None or not _within(cause.filename, Path(tables)):
+            raise
+        raise ArtifactError(f"{out_dir}: {_reason(cause, Path(tables))}") from e
+
+
+def _within(filename: object, directory: Path) -> bool:
+    if not filename:
+        return False
+    try:
+        Path(os.fsdecode(filename)).resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def swap_in(stage: Path, out_dir: Path) -> None:

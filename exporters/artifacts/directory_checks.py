@@ -21,7 +21,7 @@ import numpy as np
 from compress.errors import ArtifactError
 from compress.io.fingerprint import sha256_file
 from compress.methods import registry
-from compress.methods.base import ArraySpec
+from compress.methods.handler import ArraySpec
 from exporters.artifacts.confined_paths import confined_path
 from exporters.artifacts.graph_checks import onnx_graph_problems
 from exporters.artifacts.manifest_schema import (

@@ -36,7 +36,7 @@ import numpy as np
 
 from compress.errors import ArtifactError
 from compress.io.model_spec import DLRMSpec
-from compress.methods.base import SHARED_ROLE
+from compress.methods.handler import SHARED_ROLE
 from exporters.artifacts.confined_paths import confined_path
 from exporters.artifacts.directory_checks import directory_problems
 from exporters.artifacts.manifest_integrity import read_manifest_bytes

@@ -74,7 +74,7 @@ def verify_artifacts(
 def servable_problems(root: Path, manifest: Manifest) -> list[str]:
     """``[problem]`` when the runtime cannot assemble the directory into a model (a dense weight
     the architecture needs is not stored, shapes that do not chain), else ``[]``."""
-    from exporters.onnx.from_model import graph_spec_from_artifacts
+    from exporters.onnx.from_artifacts import graph_spec_from_artifacts
 
     try:
         graph_spec_from_artifacts(artifacts_from_manifest(root, manifest))

@@ -20,6 +20,8 @@ Layout (format version 3)::
                                uint8 [out, ceil(in/2)] packed codes q + 8 at INT4), ``scales`` float32
                                [out] and ``bias`` float32 [out]
       train_log.jsonl          one line per fine-tuning evaluation: step, loss, metrics
+      report_data.json         what the report draws beyond the manifest (compress.report_data)
+      report.html              the report, when an extra writer adds it (exporters.report)
       model.onnx, onnx/        the ONNX graphs, when an extra writer adds them
                                (exporters.onnx.writer: ``model.onnx`` reads tables/ and shared/
                                in place through ONNX external data)
@@ -36,6 +38,7 @@ are recorded: the same inputs and seed give byte-identical artifacts.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +52,9 @@ from compress.errors import ArtifactError
 from compress.io.architecture import spec_to_model_config
 from compress.io.dlrm_classes.base import SPARSE_ARCH
 from compress.io.fingerprint import sha256_file
-from compress.io.npy_aligned import save_npy_aligned
+from compress.io.npy_aligned import aligned_npy_header, save_npy_aligned
+from compress.io.staged_arrays import StagedArray, move_or_copy, staged_array_of
+from compress.io.table_stream import row_chunks
 from compress.methods import registry
 from compress.methods.apply_plan import embedding_parts
 from compress.methods.base import ConvertedTable, MethodFields
@@ -58,6 +63,7 @@ from compress.methods.qat_linear import QuantizedLinear, mlp_linears
 from compress.pipeline import CompressionResult
 from compress.quant.packing import pack_nbit
 from compress.recipe.toml_out import recipe_to_toml
+from compress.report_format import REPORT_DATA_FILE
 from exporters.artifacts import atomic_dir
 from exporters.artifacts.manifest_integrity import dump_manifest, seal
 from exporters.artifacts.manifest_schema import (
@@ -102,16 +108,17 @@ def _save_staged(
     """Build the directory in a stage beside ``out_dir`` and swap it in (exporters.artifacts.atomic_dir);
     an OS error (full disk, permissions) is one ArtifactError naming the path, stage removed."""
     with atomic_dir.staging(out_dir) as stage:
-        manifest = _write_contents(result, stage)
+        known: dict[str, KnownFile] = {}  # files hashed as they were written
+        manifest = _write_contents(result, stage, known)
         for writer in extra_writers:
             writer(stage, manifest)
-        manifest["files"] = checksums(stage)
+        manifest["files"] = checksums(stage, known)
         _write_json(stage / MANIFEST, manifest)
         atomic_dir.swap_in(stage, out_dir)
     return WrittenArtifacts(out_dir, manifest)
 
 
-def _write_contents(result: CompressionResult, stage: Path) -> dict:
+def _write_contents(result: CompressionResult, stage: Path, known: dict[str, KnownFile]) -> dict:
     model = result.model
     (stage / "tables").mkdir()
     (stage / "dense").mkdir()
@@ -134,7 +141,7 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
     for t in result.spec.tables:
         planned = result.plan.table(t.name)
         if t.name in converted:
-            entry = _write_table(stage, converted[t.name])
+            entry = _write_table(stage, converted[t.name], known)
         else:
             group = group_of[t.name]
             method = registry.get(group.method)
@@ -163,6 +170,9 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
                 f.write(
                     json.dumps({k: v for k, v in entry.items() if k != "samples_per_second"}) + "\n"
                 )
+    if result.report_data is not None:
+        text = json.dumps(result.report_data, sort_keys=True, separators=(",", ":"))
+        (stage / REPORT_DATA_FILE).write_text(text + "\n", encoding="utf-8")
     spec = result.spec
     return {
         "format": FORMAT_NAME,
@@ -215,13 +225,20 @@ def _write_contents(result: CompressionResult, stage: Path) -> dict:
     }
 
 
-def _write_table(stage: Path, table: ConvertedTable) -> dict:
+def _write_table(stage: Path, table: ConvertedTable, known: dict[str, KnownFile]) -> dict:
     """Save a converted table's arrays (role ``data`` as ``tables/<t>.npy``, any other as
-    ``tables/<t>.<role>.npy``) and return its manifest entry."""
+    ``tables/<t>.<role>.npy``) and return its manifest entry. An array that is a staged file
+    (converted straight into a file, :mod:`compress.io.staged_arrays`) is moved into place, not
+    written again, its sha256 the one taken while it was written (recorded in ``known``)."""
     files = {}
     for role, array in table.arrays().items():
         suffix = "" if role == "data" else f".{role}"
-        files[role] = _save_npy(stage, f"tables/{table.name}{suffix}.npy", array, aligned=True)
+        rel = f"tables/{table.name}{suffix}.npy"
+        staged = staged_array_of(array)
+        if staged is not None and _place_staged(stage, rel, staged, known):
+            files[role] = rel
+        else:
+            files[role] = _save_npy(stage, rel, array, aligned=True)
     method = registry.for_config(table.config)
     return table_entry(
         table.name,
@@ -292,17 +309,61 @@ def pack_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
     return pack_nbit(codes, 4)
 
 
+@dataclass(frozen=True)
+class KnownFile:
+    """A file of the stage whose sha256 was taken as it was written, and the identity of the file
+    then (inode, device, size, modification time): :func:`checksums` trusts the hash only while
+    the file is still that one."""
+
+    sha256: str
+    identity: tuple[int, int, int, int]
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def _place_staged(stage: Path, rel: str, staged: StagedArray, known: dict[str, KnownFile]) -> bool:
+    """Move (or, across file systems, copy) the staged file to ``stage/rel`` and record its hash;
+    ``False`` when the staged file is gone or changed, e.g. moved by an earlier export of the same
+    model (the caller writes the array instead)."""
+    dest = stage / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        digest = move_or_copy(staged, dest)
+    except ValueError:
+        dest.unlink(missing_ok=True)
+        return False
+    known[rel] = KnownFile(digest, _identity(dest))
+    return True
+
+
 def _save_npy(stage: Path, rel: str, tensor: torch.Tensor, aligned: bool = False) -> str:
     """Write ``tensor`` as ``stage/rel``; ``aligned``: payload at byte 4096
-    (:mod:`compress.io.npy_aligned`), as the files the full ONNX graph reads in place."""
+    (:mod:`compress.io.npy_aligned`), as the files the full ONNX graph reads in place, written
+    chunk by chunk (:func:`compress.io.table_stream.row_chunks`: a memory-mapped table, a kept
+    one of the checkpoint, is read from its file without mapping its pages)."""
     (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-    array = tensor.detach().contiguous().numpy()
+    tensor = tensor.detach()
     with open(stage / rel, "wb") as f:
-        if aligned:
-            save_npy_aligned(atomic_dir.PlainWriter(f), array)
+        if aligned and tensor.dim() > 0:
+            header = aligned_npy_header(tensor.numpy().dtype, tuple(tensor.shape))
+            _write_all(f, header)
+            for _, _, rows in row_chunks(tensor):
+                flat = rows.contiguous().numpy().reshape(-1).view(np.uint8)
+                _write_all(f, memoryview(flat))
+        elif aligned:
+            save_npy_aligned(atomic_dir.PlainWriter(f), tensor.contiguous().numpy())
         else:
-            np.save(atomic_dir.PlainWriter(f), array, allow_pickle=False)
+            np.save(atomic_dir.PlainWriter(f), tensor.contiguous().numpy(), allow_pickle=False)
     return rel
+
+
+def _write_all(f, data: bytes | memoryview) -> None:
+    written = f.write(data)
+    if written is not None and written != len(data):
+        raise OSError(f"short write: {written} of {len(data)} bytes")
 
 
 def _opt_list(x) -> list | None:
@@ -322,11 +383,19 @@ def dense_transform_record(name: str | None) -> dict:
     return {"name": name, "formula": FORMULAS[name]}
 
 
-def checksums(root: Path) -> dict[str, dict]:
-    """``{relative path: {"sha256", "bytes"}}`` for every file under ``root`` but the manifest."""
+def checksums(root: Path, known: dict[str, KnownFile] | None = None) -> dict[str, dict]:
+    """``{relative path: {"sha256", "bytes"}}`` for every file under ``root`` but the manifest;
+    a file of ``known`` that is still the file it was is not read again."""
     out = {}
+    known = known or {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST:
-            out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        if rel == MANIFEST:
+            continue
+        hashed = known.get(rel)
+        if hashed is not None and hashed.identity == _identity(path):
+            digest = hashed.sha256
+        else:
+            digest = sha256_file(path)
+        out[rel] = {"sha256": digest, "bytes": path.stat().st_size}
     return out

@@ -1,30 +1,28 @@
-"""Describe a compressed DLRM as a :class:`~exporters.onnx.spec.DLRMGraphSpec` (arrays only).
+"""Describe a converted PyTorch DLRM as a :class:`~exporters.onnx.spec.DLRMGraphSpec` (arrays only).
 
 Two sources give the same spec:
 
-* :func:`graph_spec_from_model`: a converted model from :func:`compress.pipeline.compress`
+* :func:`graph_spec_from_model` (here): a converted model from :func:`compress.pipeline.compress`
   (tables from its ``QuantizedEmbeddingBagCollection.quantized``, MLP linears as
   :class:`~compress.methods.qat_linear.QuantizedLinear` or float ``nn.Linear``, DCN cross-net kernels,
   projection branches). A plain TorchRec ``EmbeddingBagCollection`` gives FP32 tables.
-* :func:`graph_spec_from_artifacts`: a loaded artifact directory (arrays stay memory-mapped, so a
-  model larger than RAM can be described and exported).
+* :func:`~exporters.onnx.from_artifacts.graph_spec_from_artifacts`: a loaded artifact directory
+  (arrays stay memory-mapped, so a model larger than RAM can be described and exported). It lives
+  in :mod:`exporters.onnx.from_artifacts` (no torch) and is importable from here too.
 
 Both first reduce every table to a :class:`~exporters.artifacts.read.TableArrays` (layout = the
 table's method, arrays by role), then the table's method makes its graph table
 (:meth:`compress.methods.registry.TableMethod.graph_table`; a shared array is dequantized to
-float32 once per group).
+float32 once per group), and both assemble the spec with
+:func:`~exporters.onnx.from_artifacts.assemble_graph_spec`.
 
 Example::
 
-    gspec = graph_spec_from_artifacts(load_artifacts("out/dlrm.int4_qat"))
+    gspec = graph_spec_from_model(result.model, result.spec)
     onnx_model = build_full_model(gspec)
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,88 +30,31 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compress.errors import ArtifactError
-from compress.io.dlrm_classes import strategy_for
-from compress.io.dlrm_classes.base import DENSE_GROUP, OVER_GROUP
 from compress.io.model_spec import DLRMSpec
 from compress.methods import registry
 from compress.methods.apply_plan import embedding_parts
 from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
 from compress.methods.qat_linear import FakeQuantLinear, QuantizedLinear
-from exporters.artifacts.read import Artifacts, TableArrays, load_artifacts
-from exporters.onnx.dense import validate_graph
-from exporters.onnx.spec import CrossLayer, DLRMGraphSpec, GraphTable, Linear, TableLookup
+from exporters.artifacts.read import TableArrays
+from exporters.onnx.from_artifacts import (  # the artifact side, importable from here too
+    as_float32,
+    assemble_graph_spec,
+    graph_spec_from_artifacts,
+    linear_from_artifacts,
+    linear_paths,
+    table_kind,
+)
+from exporters.onnx.spec import DLRMGraphSpec, Linear
 
-
-def table_kind(table: TableArrays) -> GraphTable:
-    """The graph table of one stored table, made by its method; an unknown layout or a missing
-    array is an :class:`ArtifactError`."""
-    try:
-        method = registry.get(table.layout)
-    except KeyError:
-        raise ArtifactError(
-            f"table {table.name!r}: layout {table.layout!r} is not supported by this exporter yet "
-            f"(supported: {', '.join(registry.names())})"
-        ) from None
-    try:
-        return method.graph_table(table)
-    except KeyError as e:
-        raise ArtifactError(
-            f"table {table.name!r}: layout {table.layout!r} needs array {e}"
-        ) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Module paths of a TorchRec DLRM's linears (the same names as the state dict / manifest keys)
-
-
-def linear_paths(spec: DLRMSpec) -> dict[str, list[str]]:
-    """``{group: [module path, ...]}`` in layer order: ``dense_arch``, the interaction's groups
-    (``branch1``/``branch2`` of a projection), ``over_arch``, as the class's strategy lays them out
-    (:meth:`compress.io.dlrm_classes.base.DLRMClass.linear_groups`)."""
-    groups = strategy_for(spec.model_class).linear_groups(spec)
-    return {group: [layer.name for layer in layers] for group, layers in groups.items()}
-
-
-def _assemble(
-    spec: DLRMSpec,
-    tables: dict[str, TableArrays],
-    linear: Callable[[str], Linear],
-    tensor: Callable[[str], np.ndarray],
-) -> DLRMGraphSpec:
-    lookups = tuple(
-        TableLookup(t.name, tuple(t.feature_names), t.embedding_dim, table_kind(tables[t.name]))
-        for t in spec.tables
-    )
-    strategy = strategy_for(spec.model_class)
-    groups = {g: tuple(linear(p) for p in paths) for g, paths in linear_paths(spec).items()}
-    extra: dict = {g: layers for g, layers in groups.items() if g not in (DENSE_GROUP, OVER_GROUP)}
-    cross = strategy.cross_layers(spec)
-    if cross:
-        extra["crossnet"] = tuple(CrossLayer(*(_f32(tensor(k)) for k in c.keys)) for c in cross)
-    gspec = DLRMGraphSpec(
-        model_class=spec.model_class,
-        dense_in_features=spec.dense_in_features,
-        features=spec.feature_names,
-        tables=lookups,
-        dense_arch=groups[DENSE_GROUP],
-        over_arch=groups[OVER_GROUP],
-        **extra,
-    )
-    try:
-        validate_graph(gspec)
-    except ValueError as e:
-        raise ArtifactError(
-            f"model does not describe a valid {spec.model_class} graph: {e}"
-        ) from None
-    return gspec
-
-
-def _f32(a: np.ndarray) -> np.ndarray:
-    return a if a.dtype == np.float32 else np.asarray(a, dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# From a converted model
+__all__ = [
+    "graph_spec_from_artifacts",
+    "graph_spec_from_model",
+    "linear_from_artifacts",
+    "linear_from_module",
+    "linear_paths",
+    "table_arrays_from_model",
+    "table_kind",
+]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -159,7 +100,7 @@ def _part_tables(part: nn.Module) -> dict[str, TableArrays]:
     elif isinstance(part, EmbeddingBagCollection):  # a plain FP32 TorchRec collection
         kept = registry.get(registry.DEFAULT_METHOD)
         for cfg in part.embedding_bag_configs():
-            weight = _f32(_np(part.embedding_bags[cfg.name].weight))
+            weight = as_float32(_np(part.embedding_bags[cfg.name].weight))
             out[cfg.name] = TableArrays(
                 cfg.name,
                 kept.name,
@@ -192,14 +133,14 @@ def linear_from_module(module: nn.Module, where: str) -> Linear:
     if isinstance(module, QuantizedLinear):
         bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
         return Linear(
-            bias=_f32(_np(bias)),
+            bias=as_float32(_np(bias)),
             qweight=_np(module.qweight),
-            scales=_f32(_np(module.scales)),
+            scales=as_float32(_np(module.scales)),
             bits=module.bits,
         )
     if isinstance(module, nn.Linear) and not isinstance(module, FakeQuantLinear):
         bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
-        return Linear(bias=_f32(_np(bias)), weight=_f32(_np(module.weight)))
+        return Linear(bias=as_float32(_np(bias)), weight=as_float32(_np(module.weight)))
     raise ArtifactError(
         f"{where}: {type(module).__name__} is not a converted linear (convert the model first)"
     )
@@ -215,62 +156,4 @@ def graph_spec_from_model(model: nn.Module, spec: DLRMSpec) -> DLRMGraphSpec:
     def linear(path: str) -> Linear:
         return linear_from_module(model.get_submodule(path), path)
 
-    return _assemble(spec, table_arrays_from_model(model, spec), linear, tensor)
-
-
-# ---------------------------------------------------------------------------------------------
-# From an artifact directory
-
-
-def unpack_int4_weight(packed: np.ndarray, in_features: int) -> np.ndarray:
-    """uint8 ``[out, ceil(in/2)]`` codes ``q + 8`` (low nibble first) -> int8 ``[out, in]``."""
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
-    return (codes[:, :in_features].astype(np.int16) - 8).astype(np.int8)
-
-
-def linear_from_artifacts(arts: Artifacts, path: str) -> Linear:
-    """The graph :class:`Linear` stored under module ``path`` (``<path>.qweight`` or ``.weight``)."""
-    dense = arts.dense
-    try:
-        bias = _f32(dense[f"{path}.bias"])
-        entry = arts.dense_entries.get(f"{path}.qweight")
-        if entry is None:
-            return Linear(bias=bias, weight=_f32(dense[f"{path}.weight"]))
-        stored = dense[f"{path}.qweight"]
-        if entry.get("layout") == "int4_offset_packed":
-            qweight = unpack_int4_weight(np.asarray(stored), int(entry["shape"][1]))
-        elif entry.get("layout") == "int8":
-            qweight = np.asarray(stored)
-        else:
-            raise ArtifactError(
-                f"{arts.path}: {path}.qweight has unknown layout {entry.get('layout')!r}"
-            )
-        return Linear(
-            bias=bias,
-            qweight=qweight,
-            scales=_f32(dense[f"{path}.scales"]),
-            bits=int(entry["bits"]),
-        )
-    except KeyError as e:
-        raise ArtifactError(f"{arts.path}: no dense weight {e.args[0]!r} in the manifest") from None
-
-
-def graph_spec_from_artifacts(artifacts: Artifacts | str | Path) -> DLRMGraphSpec:
-    """The graph spec of a loaded (or, given a path, freshly loaded and verified) artifact dir,
-    with the one-hot layout hint its ONNX export recorded (none without graphs)."""
-    arts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
-    one_hot = frozenset(((arts.onnx or {}).get("export") or {}).get("one_hot_features") or ())
-
-    def tensor(key: str) -> np.ndarray:
-        if key not in arts.dense:
-            raise ArtifactError(f"{arts.path}: no dense weight {key!r} in the manifest")
-        return arts.dense[key]
-
-    try:
-        gspec = _assemble(arts.spec, arts.tables, lambda p: linear_from_artifacts(arts, p), tensor)
-        return replace(gspec, one_hot_features=one_hot)
-    except ArtifactError as e:
-        msg = str(e)
-        raise ArtifactError(
-            msg if msg.startswith(str(arts.path)) else f"{arts.path}: {msg}"
-        ) from None
+    return assemble_graph_spec(spec, table_arrays_from_model(model, spec), linear, tensor)

@@ -30,7 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.io.model_spec import sanitize_name  # noqa: F401  (one home; imported from here)
-from compress.quant.tablewise import symmetric_range
+from compress.quant.sizes import symmetric_range
+from exporters.onnx.sessions import SESSION_CONFIG
 
 #: ONNX IR version of every graph: onnxruntime 1.31 loads 3..13 (onnx 1.23 writes 14 by default);
 #: INT4 initializers need at least 10.
@@ -41,14 +42,6 @@ MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
 #: Symbolic name of the batch dimension in every graph.
 BATCH = "batch"
-#: ORT session config entries the graphs are meant to run with; stored in every model's
-#: ``metadata_props`` under ``dqrm.ort_session_config`` (JSON). ORT 1.31 otherwise fuses
-#: ``DequantizeLinear`` -> ``MatMul`` into ``MatMulNBits`` with int8 activations (level 4).
-SESSION_CONFIG = {
-    "session.intra_op.allow_spinning": "0",
-    "session.inter_op.allow_spinning": "0",
-    "session.qdq_matmulnbits_accuracy_level": "1",
-}
 
 
 class GraphTable(Protocol):

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from onnx import TensorProto, helper
 
-from compress.methods.base import SHARED_ROLE
+from compress.methods.handler import SHARED_ROLE
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ the file, never a crash inside ONNX Runtime, and no path in the manifest reaches
 directory. It then opens the manifest's full graph (``model.onnx``, which reads the table files
 in place: ONNX Runtime maps them, no copy is made; ``onnx/model.onnx`` in format 2 directories)
 with the session settings the manifest records
-(:data:`~exporters.onnx.parity.SERVING_SESSION_CONFIG`: worker spinning off; the graphs are
+(:data:`~exporters.onnx.sessions.SERVING_SESSION_CONFIG`: worker spinning off; the graphs are
 exact without any session option). A directory exported without graphs is served from a graph
 built in memory from its arrays.
 
@@ -40,7 +40,7 @@ from compress.data.formats import detect_format, open_dataset
 from compress.errors import DataError
 from compress.train.metrics import evaluate as score_logits
 from exporters.artifacts.read import Artifacts, load_artifacts
-from exporters.onnx.parity import serving_session
+from exporters.onnx.sessions import serving_session
 
 DENSE_INPUT = "dense"
 LOGITS = "logits"
@@ -128,7 +128,7 @@ class Predictor:
         return given
 
     def _build_in_memory(self) -> tuple[bytes, dict[str, tuple[str, str]]]:
-        from exporters.onnx.from_model import graph_spec_from_artifacts
+        from exporters.onnx.from_artifacts import graph_spec_from_artifacts
         from exporters.onnx.model import build_full_model, feature_input_names
 
         gspec = graph_spec_from_artifacts(self.artifacts)

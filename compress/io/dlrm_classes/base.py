@@ -15,6 +15,10 @@ Key templates (without the ``model.`` prefix of a ``DLRMTrain`` wrapper, :data:`
 - top MLP: ``over_arch.model.0._mlp.<i>._linear.*`` (:data:`OVER_MLP`) then the final
   ``over_arch.model.1.*`` (:data:`OVER_FINAL`);
 - interaction: ``inter_arch.*``, per class (see the class's module).
+
+Nothing here or in the built-in strategies imports torch at import time (the TorchRec class a
+strategy builds is imported on first use of :attr:`DLRMClass.module_type`): the manifest reader
+and ONNX Runtime serving ask strategies about a class without torch.
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
-from torchrec.models.dlrm import DLRMTrain
 
 from compress.data.dataset import Dataset
 from compress.errors import CheckpointError
 from compress.io.model_spec import DLRMSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 #: The DLRM submodule that holds the embedding tables (every other one is dense).
 SPARSE_ARCH = "sparse_arch"
@@ -88,6 +93,8 @@ def set_ebc(dlrm: nn.Module, ebc: nn.Module) -> None:
 
 def unwrap(module: nn.Module) -> tuple[nn.Module, str]:
     """``(the DLRM, state-dict key prefix)``: a ``DLRMTrain``'s ``model`` with :data:`TRAIN_PREFIX`."""
+    from torchrec.models.dlrm import DLRMTrain
+
     if isinstance(module, DLRMTrain):
         return module.model, TRAIN_PREFIX
     return module, ""
@@ -200,7 +207,8 @@ class DLRMClass(ABC):
 
     #: The TorchRec class name, as in a model config and a manifest (``model_class``).
     name: ClassVar[str]
-    #: The ``torch.nn.Module`` class it builds (subclasses of it count as this class).
+    #: The ``torch.nn.Module`` class it builds (subclasses of it count as this class). The
+    #: built-in strategies import their TorchRec class on first use (a property).
     module_type: ClassVar[type[nn.Module]]
     #: The interaction's kind: the ``type`` of ``inspect``'s ``interaction`` and the name of the
     #: graph interaction that exporters build for it.

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torchrec.models.dlrm import DLRM
+from typing import TYPE_CHECKING, Any
 
 from compress.errors import CheckpointError
 from compress.io.dlrm_classes.base import INTER_ARCH, DLRMClass, InteractionShape
 from compress.io.model_spec import DLRMSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def dot_output_width(num_features: int, dim: int) -> int:
@@ -31,7 +32,13 @@ class DotDLRM(DLRMClass):
     """TorchRec ``DLRM``."""
 
     name = "DLRM"
-    module_type = DLRM
+
+    @property
+    def module_type(self) -> type[nn.Module]:
+        from torchrec.models.dlrm import DLRM
+
+        return DLRM
+
     interaction = "dot"
 
     def claims(self, sd: Mapping[str, torch.Tensor]) -> bool:

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torchrec.models.dlrm import DLRM_DCN
+from typing import TYPE_CHECKING, Any
 
 from compress.errors import CheckpointError
 from compress.io.dlrm_classes.base import (
@@ -26,6 +23,10 @@ from compress.io.dlrm_classes.base import (
     exact_div,
 )
 from compress.io.model_spec import DLRMSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 #: Key of one cross-layer tensor: ``kind`` is ``W_kernels``, ``V_kernels`` or ``bias``.
 CROSS_KEY = "inter_arch.crossnet.{kind}.{layer}"
@@ -40,7 +41,13 @@ class DCNDLRM(DLRMClass):
     """TorchRec ``DLRM_DCN``."""
 
     name = "DLRM_DCN"
-    module_type = DLRM_DCN
+
+    @property
+    def module_type(self) -> type[nn.Module]:
+        from torchrec.models.dlrm import DLRM_DCN
+
+        return DLRM_DCN
+
     interaction = "dcn"
     config_keys = (
         ConfigKey("dcn_num_layers", COUNT, "number of low-rank cross layers"),

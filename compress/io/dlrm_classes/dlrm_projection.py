@@ -9,10 +9,7 @@ output is ``cat(dense, bmm(b1.reshape(F1, D), b2.reshape(D, F2)).flatten())``: `
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torchrec.models.dlrm import DLRM_Projection
+from typing import TYPE_CHECKING, Any
 
 from compress.io.dlrm_classes.base import (
     SIZES,
@@ -26,6 +23,10 @@ from compress.io.dlrm_classes.base import (
     mlp_weights,
 )
 from compress.io.model_spec import DLRMSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 #: Module path template of branch ``k``'s linears (``{}``: the layer index).
 BRANCH_MLP = "inter_arch.interaction_branch{k}.model._mlp.{{}}._linear"
@@ -46,7 +47,13 @@ class ProjectionDLRM(DLRMClass):
     """TorchRec ``DLRM_Projection``."""
 
     name = "DLRM_Projection"
-    module_type = DLRM_Projection
+
+    @property
+    def module_type(self) -> type[nn.Module]:
+        from torchrec.models.dlrm import DLRM_Projection
+
+        return DLRM_Projection
+
     interaction = "projection"
     config_keys = (
         ConfigKey(

@@ -8,12 +8,14 @@ is an :class:`UnknownModelClassError` that lists the known ones.
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from compress.errors import CheckpointError, DqrmError
 from compress.io.dlrm_classes.base import DLRMClass
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _REGISTRY: dict[str, DLRMClass] = {}
 #: The name of the class a state dict that no class claims is taken for (at most one; none:

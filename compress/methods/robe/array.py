@@ -15,11 +15,14 @@ values an exported model reads) and passes gradients straight through to the flo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from compress.errors import RecipeError
+
+if TYPE_CHECKING:  # imported by the functions that take tensors: stored arrays need numpy alone
+    import torch
 
 ARRAY_PRECISIONS = ("fp32", "fp16", "int8")
 #: Bytes a cell at each precision (int8 adds one float32 scale: :data:`INT8_SCALE_BYTES`).
@@ -59,6 +62,8 @@ def _check_precision(precision: str, group_size: int | None) -> None:
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """``x`` [M] padded with zeros to a multiple of ``group_size`` and viewed ``[G, group_size]``."""
+    import torch
+
     pad = (-x.numel()) % group_size
     if pad:
         x = torch.cat([x, x.new_zeros(pad)])
@@ -85,6 +90,8 @@ def quantize_array(
         >>> q.tolist(), float(s)
         ([64, -127, 32], 0.007874015718698502)
     """
+    import torch
+
     _check_precision(precision, group_size)
     w = weight.detach().reshape(-1).float()
     if precision == "fp32":

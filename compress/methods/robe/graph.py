@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from compress.methods.robe.config import METHOD
 from compress.methods.robe.hashing import DEFAULT_SEED, ROBE_PRIME, robe_constants
-from compress.methods.robe.module import METHOD
 
 if TYPE_CHECKING:
     from exporters.onnx.lookup import RowsRequest

@@ -24,16 +24,19 @@ fewer than ``2**27`` blocks. We enforce ``total_rows <= MAX_TOTAL_ROWS = 2**32``
 ``g * R3 < 2**63`` and every later sum is below ``2 * P``. The result equals the literal formula
 evaluated with unbounded integers (tested against pure Python).
 
-Pure functions: imports only ``math``, ``numpy`` and ``torch``.
+Pure functions: imports only ``math``, ``numpy`` and ``torch`` (torch in the functions that take
+tensors, so that the hash constants and sizes are read without it: the manifest reader does).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 ROBE_PRIME = 2038074743
 """``P`` of the hash (a prime below ``2**31``)."""
@@ -182,6 +185,8 @@ def robe_block_starts(
     Returns:
         int64 ``[N, ceil(D / Z)]``, each in ``[0, |M| - Z]``.
     """
+    import torch
+
     if validate:
         dim = check_dim(dim)
         array_size, block_size = check_array(array_size, block_size)
@@ -205,6 +210,8 @@ def robe_block_starts(
 
 def block_cells(starts: torch.Tensor, dim: int, block_size: int) -> torch.Tensor:
     """int64 ``[N, D]`` cells from block starts ``[N, ceil(D / Z)]``: ``start + (d mod Z)``."""
+    import torch
+
     n, n_blocks = starts.shape
     within = torch.arange(block_size, dtype=torch.int64)
     idx = (starts.unsqueeze(2) + within).reshape(n, n_blocks * block_size)

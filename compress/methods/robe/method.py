@@ -15,7 +15,9 @@ array the least-squares projection of the trained tables (:mod:`compress.methods
 Stored: ``shared/<group>.npy`` (and ``.scale.npy`` at int8) with the hash parameters in the
 manifest's ``shared_arrays``; the group's tables store no file of their own (layout ``robe``, their
 group and row offset ``O_t``). ONNX: int64 hash of (row, dim), then ``Gather`` from the array.
-TorchRec: the same module, with the manifest's hash parameters.
+TorchRec: the same module, with the manifest's hash parameters. The PyTorch side (the module, the
+projection) is imported when a group is prepared or served by TorchRec: reading a manifest needs
+no torch.
 """
 
 from __future__ import annotations
@@ -25,23 +27,25 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from compress.errors import ArtifactError, RecipeError
 from compress.io.summary import format_bytes
-from compress.io.table_stream import chunk_rows_setting, progress_bytes
-from compress.methods.base import SHARED_ROLE, ArraySpec, MethodConfig, MethodFields, TableMethod
+from compress.methods.handler import (
+    SHARED_ROLE,
+    ArraySpec,
+    MethodConfig,
+    MethodFields,
+    TableMethod,
+)
 from compress.methods.registry import register
 from compress.methods.robe.array import (
     ARRAY_PRECISIONS,
     INT8_SCALE_BYTES,
     PRECISION_BYTES,
     PRECISION_DTYPES,
-    ArrayQuantization,
     dequantize_stored,
-    quantize_array,
 )
+from compress.methods.robe.config import METHOD, RobeConfig, table_offsets
 from compress.methods.robe.graph import RobeTable, onnx_rows
 from compress.methods.robe.hashing import (
     DEFAULT_SEED,
@@ -49,22 +53,15 @@ from compress.methods.robe.hashing import (
     array_size_for,
     robe_constants,
 )
-from compress.methods.robe.module import (
-    METHOD,
-    RobeConfig,
-    RobeEmbeddingBagCollection,
-    table_offsets,
-)
-from compress.methods.robe.projection import (
-    DEFAULT_CHUNK_ROWS,
-    ProjectionReport,
-    project_module,
-)
-from compress.plan import split_bytes
 from compress.recipe.reader import INTEGER, NUMBER, STRING, fail, show
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from compress.io.model_spec import DLRMSpec, TableSpec
+    from compress.methods.robe.module import RobeEmbeddingBagCollection
+    from compress.methods.robe.projection import ProjectionReport
     from compress.recipe.reader import Keys
     from compress.recipe.schema import Recipe
     from exporters.artifacts.read import TableArrays
@@ -236,6 +233,8 @@ class RobeMethod(TableMethod):
     def plan_group(
         self, recipe: Recipe, name: str, members: list[tuple[TableSpec, int]]
     ) -> tuple[ShareGroupPlan, dict[str, int]]:
+        from compress.plan import split_bytes
+
         first_index = members[0][1]
         c: ShareConfig = recipe.rules[first_index].config
         where = f"{recipe.source}: tables[{first_index}]: share group {name!r}"
@@ -282,6 +281,10 @@ class RobeMethod(TableMethod):
         ebc: nn.Module,
         row_counts: dict[str, torch.Tensor] | None,
     ) -> SharedGroup:
+        from compress.io.table_stream import chunk_rows_setting, progress_bytes
+        from compress.methods.robe.array import ArrayQuantization
+        from compress.methods.robe.projection import DEFAULT_CHUNK_ROWS, project_module
+
         tables = [spec.table(n) for n in group.tables]
         weighted = group.projection == "frequency" and row_counts is not None
         pairs = [(t, ebc.embedding_bags[t.name].weight.detach()) for t in tables]
@@ -317,6 +320,8 @@ class RobeMethod(TableMethod):
     def write_group(self, group: SharedGroup, save: Callable[[str, torch.Tensor], str]) -> dict:
         """The manifest's ``shared_arrays`` entry of a prepared group, its array saved with
         ``save(relative path, tensor) -> relative path``."""
+        from compress.methods.robe.array import quantize_array
+
         module, name = group.module, group.name
         quant = module.quantization
         if quant is not None and quant.group_size is not None:
@@ -423,7 +428,10 @@ class RobeMethod(TableMethod):
         """The module of one stored shared array: its tables in the group's order, the
         manifest's hash parameters (checked against what the seed gives), the array dequantized
         to float32."""
+        import torch
+
         from compress.io.model_spec import TableSpec
+        from compress.methods.robe.module import RobeEmbeddingBagCollection
 
         where = f"{arts.path}: shared array {group.name!r}"
         tables = [arts.tables[n] for n in group.tables]
