@@ -30,38 +30,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
 from benchmarks.common import KAGGLE_ROWS, cache_dir  # noqa: E402
+from benchmarks.synthetic_case import DIM, ensure_case, load_case  # noqa: E402
 from compress import pipeline  # noqa: E402
-from compress.data.npz import load_npz, save_npz  # noqa: E402
-from compress.data.synthetic import SyntheticConfig, bayes_auc, generate  # noqa: E402
-from compress.io.model import build_model  # noqa: E402
-from compress.io.model_spec import DLRMSpec, TableSpec  # noqa: E402
+from compress.data.synthetic import SyntheticConfig, criteo_like_config  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
 from compress.recipe.parse import load_recipe, parse_recipe  # noqa: E402
 from compress.recipe.toml_out import recipe_to_toml  # noqa: E402
-from compress.train.config import TrainConfig  # noqa: E402
 from compress.train.evaluate import predict_logits  # noqa: E402
-from compress.train.loop import fit  # noqa: E402
 from compress.train.metrics import auc, logloss, sigmoid  # noqa: E402
-from compress.train.validation import HOLDOUT_FRACTION, split_validation  # noqa: E402
 
 CAP = 200_000
-DIM = 16
-MULTI_HOT = (2, 11)  # two of the big tables read bags of 1-3 ids
-TRAINING = TrainConfig(
-    epochs=1.0,
-    batch_size=2048,
-    optimizer="adagrad",
-    lr_embedding=0.05,
-    lr_dense=0.05,
-    eval_every=0,
-    keep_best=False,
-    seed=0,
-)
 DEFAULT = [
     "fp32",
     "int4_minmax",
@@ -75,59 +56,15 @@ DEFAULT = [
 
 
 def case_config(samples: int) -> SyntheticConfig:
-    rows = tuple(min(r, CAP) for r in KAGGLE_ROWS)
-    bags = tuple(3 if i in MULTI_HOT else 1 for i in range(len(rows)))
-    return SyntheticConfig(
-        table_sizes=rows,
-        num_samples=samples,
-        bag_sizes=bags,
-        seed=0,
-        bias=-1.2,
+    """The Criteo-like preset with the Kaggle tables capped at :data:`CAP` rows instead of
+    scaled, larger per-id effects and 12 latent interactions of weight 0.5."""
+    return replace(
+        criteo_like_config(samples),
+        table_sizes=tuple(min(r, CAP) for r in KAGGLE_ROWS),
         id_effect=0.3,
         num_interactions=12,
         interaction_weight=0.5,
     )
-
-
-def case_spec(config: SyntheticConfig) -> DLRMSpec:
-    tables = tuple(
-        TableSpec(name=f"t_cat_{i}", num_embeddings=r, embedding_dim=DIM, feature_names=(f,))
-        for i, (r, f) in enumerate(zip(config.table_sizes, config.feature_names, strict=True))
-    )
-    return DLRMSpec(
-        "DLRM",
-        tables,
-        dense_in_features=config.num_dense,
-        dense_arch_layer_sizes=(128, 64, DIM),
-        over_arch_layer_sizes=(128, 64, 1),
-    )
-
-
-def build_case(root: Path, samples: int) -> dict:
-    """Generate the data, train the FP32 model one epoch, write checkpoint, data and report."""
-    config = case_config(samples)
-    t0 = time.perf_counter()
-    data = generate(config)
-    train, valid = data.split_tail(HOLDOUT_FRACTION)
-    spec = case_spec(config)
-    torch.manual_seed(0)
-    model = build_model(spec)
-    result = fit(model, train, None, spec.feature_names, TRAINING)
-    root.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), root / "dlrm.pt")
-    save_npz(train, root / "train.npz")
-    save_npz(valid, root / "valid.npz")
-    report = {
-        "samples": samples,
-        "train": len(train),
-        "valid": len(valid),
-        "bayes_auc_valid": bayes_auc(valid),
-        "train_seconds": result.seconds,
-        "build_seconds": time.perf_counter() - t0,
-        "table_sizes": list(config.table_sizes),
-    }
-    (root / "case.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def _rowwise(bits: int, ranges: str) -> str:
@@ -189,13 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     set_enabled(False)
     root = args.root or cache_dir() / "ranges_quality"
-    if args.rebuild or not (root / "case.json").is_file():
-        print(f"building the case in {root} ...", flush=True)
-        build_case(root, args.samples)
-    case = json.loads((root / "case.json").read_text())
-    train, valid = load_npz(root / "train.npz"), load_npz(root / "valid.npz")
-    report = split_validation(valid, str(root / "valid.npz")).report
-    job = pipeline.load(root / "dlrm.pt")
+    case = ensure_case(root, case_config(args.samples), args.rebuild)
+    data = load_case(root)
+    train, valid, report = data.train, data.valid, data.report
+    job = pipeline.load(data.checkpoint)
     names = job.spec.feature_names
     fp32 = predict_logits(lambda b: job.module(b.dense, b.sparse), report, names)
     labels = report.labels

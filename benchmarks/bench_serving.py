@@ -5,14 +5,23 @@ A Criteo-Kaggle-shaped DLRM scaled to fit: 26 tables of dim 16 with the Kaggle r
 13-512-256-64-16, top MLP 367-512-256-1. Batches of ``--batch`` (2048) samples; ``--multi-hot``
 features (default 8) hold bags of 1..5 ids (mean 3), the others one id; ids uniform.
 
-The model is compressed with INT4 row-wise tables (FBGEMM's format) and INT4 per-channel MLPs and
-written as an artifact directory with its ONNX graphs (parity is checked while writing). Timed:
+The model is compressed with INT4 row-wise tables (FBGEMM's format) and INT4 per-channel MLPs
+with INT8 activations (``[mlp] activations = "int8"``: ranges calibrated on four batches that are
+not timed) and written as an artifact directory with its ONNX graphs (parity is checked while
+writing). Timed:
 
-* ``ort int4 (mlp int4)``: ``model.onnx`` from the artifacts (what ``Predictor`` serves).
-* ``ort int4 (mlp fp32)``: the same tables, MLPs as float32 ``MatMul`` (built in memory).
+* ``ort int4 (int8 mlp)``: ``model.onnx`` from the artifacts (what ``Predictor`` serves): the MLPs
+  on ONNX Runtime's integer GEMM kernels (``QuantizeLinear`` + ``MatMulIntegerToFloat``).
+* ``ort int4 (fp32 act)``: the same tables and INT4 weights with float32 activations (the default
+  graph: weights folded to float32 ``MatMul``), built in memory.
 * ``torchrec fbgemm int4``: TorchRec's quantized ``EmbeddingBagCollection`` (FBGEMM INT4 kernels,
   built from the artifacts) inside the TorchRec DLRM with float32 PyTorch MLPs.
+* ``torchrec fbgemm int4 (fp16 mlp)``: the same with TorchRec's own quantized dense modules
+  (``torchrec.inference.modules.quantize_dense``: fp16 is the one dtype it offers for them).
 * ``pytorch fp32``: the original TorchRec DLRM.
+
+Ratios compare ``ort int4 (int8 mlp)`` with ``pytorch fp32`` and with the faster FBGEMM variant;
+targets: at least 1.5x and 1.2x.
 
 plus the same split in two parts (embedding lookups + pooling alone; dense+interaction+over alone),
 so it is clear where the time goes. Two ways of serving a 2-core machine are timed:
@@ -33,23 +42,19 @@ so it is clear where the time goes. Two ways of serving a 2-core machine are tim
 The export gets the features that are one-hot in the benchmark's data as a layout hint (what the
 pipeline finds in ``--data``): they are looked up apart from the multi-hot ones.
 
-Measured 2026-11-22 (2 vCPUs, ORT 1.31, torch 2.13; ratios from the same run, ``--rounds 8``;
-8 multi-hot features unless said):
-
-* Throughput (2 processes x 1 thread), ORT INT4 vs PyTorch FP32: 1.03-1.06x over 7 runs (ORT
-  134-144k samples/s; round by round 0.90-1.38x, 48 of 56 rounds above 1); vs TorchRec FBGEMM
-  INT4: 1.01-1.07x. One-hot bags (``--multi-hot 0``): 1.14x and 1.12x.
-* Latency (1 process x 2 threads), ORT INT4 vs PyTorch FP32: 0.98-1.07x over 16 runs (a tie;
-  median ~1.02x), 1 thread 1.09x, one-hot bags 1.18x; vs FBGEMM: 0.97-1.26x.
-
-Per batch at 2 threads: ~16-17 ms for all three. ORT's MLPs (folded FP32 GEMMs at ~80% of this
-CPU's FP32 peak: dense 3.2 ms, interaction + over 7.8 ms) beat PyTorch's (~14 ms), its lookups
-(~5-5.6 ms of standard ONNX ops: one stacked Gather a bit width, unpack, dequantize, chunked
-float32 pooling) are ~4x FBGEMM's fused kernel (~1.3-1.6 ms). Most of ORT's lookup time is a few
-dozen mid-size element-wise passes that a second thread barely speeds up (a 590k-element ``Add``:
-47 us with two threads, 52 us with one; the lookups: 5.0 ms vs 7.0 ms), so one thread a process
-uses the cores better: ORT gains more than PyTorch from throughput mode.
-Earlier in the day, before stacking and chunked pooling, ORT was at 0.65-0.80x (lookups ~9-17 ms).
+Measured 2026-12-03 while other jobs kept the 2-vCPU machine busy (load 8-13: rough numbers;
+rerun on a quiet machine), 8 multi-hot features: throughput (2 processes x 1 thread), ORT INT4
+with INT8 MLPs vs PyTorch FP32 1.37x (round by round 1.12-1.73x), vs FBGEMM 1.33x; the default
+float32-activation graph 0.89x / 0.87x. Single-threaded CPU time per batch of each variant,
+interleaved in one process (the least load-sensitive measure here), 8 multi-hot / one-hot: ORT
+INT8 MLPs 1.39x / 1.59x PyTorch FP32 and 1.36x / 1.51x FBGEMM INT4 (fp16 MLPs no faster than
+fp32 ones on this CPU). Where the time goes (single thread, sum of per-node minima in ORT's
+profiler): the lookups ~10 ms (FBGEMM ~3 ms), of which ~45% are the three row gathers a
+feature (packed codes, fp16 scale and bias are separate arrays: three random reads a row
+against FBGEMM's one), ~30% dequantization and ~10% pooling; interaction ~1.9 ms; the
+integer MLPs ~1.7 ms over + ~1.3 ms dense (float32 activations: ~14 ms).
+The 2026-11-22 figures (float32 activations only): throughput 1.03-1.06x PyTorch FP32, latency
+0.98-1.07x.
 
 Run: ``.venv/bin/python benchmarks/bench_serving.py [--max-rows N] [--batch B] [--rounds R]
 [--threads T] [--streams S] [--stream-threads T] [--json]`` (``--streams 0``: latency only)
@@ -66,6 +71,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +89,7 @@ from compress.data.dataset import Dataset  # noqa: E402
 from compress.io.architecture import infer_spec  # noqa: E402
 from compress.io.model_spec import DLRMSpec  # noqa: E402
 from compress.methods.apply_plan import convert_model, prepare_model  # noqa: E402
+from compress.methods.qat_linear import calibrate_activations  # noqa: E402
 from compress.pipeline import CompressionResult, one_hot_features  # noqa: E402
 from compress.plan import make_plan  # noqa: E402
 from compress.recipe.parse import parse_recipe  # noqa: E402
@@ -90,7 +97,12 @@ from exporters.artifacts.read import load_artifacts  # noqa: E402
 from exporters.export import export  # noqa: E402
 from exporters.onnx.from_model import graph_spec_from_artifacts  # noqa: E402
 from exporters.onnx.lookup import add_sparse_arch  # noqa: E402
-from exporters.onnx.model import build_full_model, feature_input_names  # noqa: E402
+from exporters.onnx.model import (  # noqa: E402
+    build_dense_graph,
+    build_full_model,
+    build_over_graph,
+    feature_input_names,
+)
 from exporters.onnx.parity import serving_session  # noqa: E402
 from exporters.onnx.spec import DLRMGraphSpec, GraphBuilder, Linear  # noqa: E402
 from exporters.runtime.predictor import dataset_feeds  # noqa: E402
@@ -110,6 +122,7 @@ granularity = "row"
 [mlp]
 method = "ptq"
 bits = 4
+activations = "int8"
 """
 PAUSE_S = 0.2
 
@@ -165,13 +178,19 @@ def make_batches(spec: DLRMSpec, n: int, batch: int, multi_hot: int, seed: int) 
 
 
 def compress_and_export(
-    model: DLRM, spec: DLRMSpec, out: Path, one_hot: tuple[str, ...] = ()
+    model: DLRM,
+    spec: DLRMSpec,
+    out: Path,
+    one_hot: tuple[str, ...] = (),
+    calibration: list[Dataset] = (),
 ) -> CompressionResult:
-    """INT4 row-wise tables + INT4 MLPs (the pipeline's prepare/convert), written with graphs;
-    ``one_hot``: the features the data shows one-hot (what the pipeline passes the exporter)."""
+    """INT4 row-wise tables + INT4 MLPs with INT8 activations (the pipeline's prepare, activation
+    calibration on ``calibration``, convert), written with graphs; ``one_hot``: the features the
+    data shows one-hot (what the pipeline passes the exporter)."""
     recipe = parse_recipe(RECIPE)
     plan = make_plan(recipe, spec)
     prepared, shared = prepare_model(model, spec, plan)
+    calibrate_activations(prepared, [d.to_batch(spec.feature_names) for d in calibration])
     converted = convert_model(prepared)
     result = CompressionResult(
         spec=spec,
@@ -189,13 +208,12 @@ def compress_and_export(
     return result
 
 
-def float_mlps(gspec: DLRMGraphSpec) -> DLRMGraphSpec:
-    """``gspec`` with every quantized linear replaced by its dequantized float32 weight."""
+def fp32_activations(gspec: DLRMGraphSpec) -> DLRMGraphSpec:
+    """``gspec`` with float32 MLP inputs (the INT4 weights kept): the graph the artifacts held
+    before ``[mlp] activations = "int8"``, still the default."""
 
     def f(layers: tuple[Linear, ...]) -> tuple[Linear, ...]:
-        return tuple(
-            Linear(bias=lin.bias, weight=lin.dequantized().astype(np.float32)) for lin in layers
-        )
+        return tuple(dataclasses.replace(x, act_scale=None, act_zero_point=None) for x in layers)
 
     return dataclasses.replace(gspec, dense_arch=f(gspec.dense_arch), over_arch=f(gspec.over_arch))
 
@@ -223,16 +241,99 @@ def build_lookup_graph(gspec: DLRMGraphSpec):
 
 
 def fbgemm_dlrm(model: DLRM, qebc: torch.nn.Module) -> DLRM:
-    """A copy of ``model`` whose sparse arch is TorchRec's quantized ``qebc`` (FBGEMM kernels)."""
-    out = copy.deepcopy(model)
+    """A copy of ``model`` whose sparse arch is TorchRec's quantized ``qebc`` (FBGEMM kernels);
+    the FP32 tables are not copied."""
+    sparse = model.sparse_arch
+    held = sparse.embedding_bag_collection
+    sparse.embedding_bag_collection = torch.nn.Identity()
+    try:
+        out = copy.deepcopy(model)
+    finally:
+        sparse.embedding_bag_collection = held
     out.sparse_arch.embedding_bag_collection = qebc
     return out.eval()
+
+
+def fp16_dense(model: DLRM) -> DLRM:
+    """``model`` (in place) with TorchRec's own quantized dense modules: its
+    ``torchrec.inference.modules.quantize_dense`` (fp16 is the one dtype it lowers dense modules
+    to: ``.half()`` and inputs cast to half), every child but the sparse arch."""
+    from torchrec.inference.modules import quantize_dense
+
+    quantize_dense(types.SimpleNamespace(predict_module=model), torch.half)
+    return model
 
 
 @torch.no_grad()
 def run_dlrm(model: DLRM, batch) -> torch.Tensor:  # noqa: ANN001 - compress.data.dataset Batch
     """Logits of a TorchRec DLRM for one batch of :meth:`Dataset.to_batch`."""
     return model(batch.dense, batch.sparse)
+
+
+#: The whole-model variants, timed in both modes.
+ORT_INT8 = "ort int4 (int8 mlp)"  # model.onnx: INT4 tables, INT4 weights, INT8 activations
+ORT_FP32_ACT = "ort int4 (fp32 act)"  # the same INT4 weights, float32 activations (the default)
+FBGEMM = "torchrec fbgemm int4"  # FBGEMM INT4 tables + float32 PyTorch MLPs
+FBGEMM_FP16 = "torchrec fbgemm int4 (fp16 mlp)"  # + TorchRec's quantize_dense(torch.half)
+FP32 = "pytorch fp32"
+WHOLE_VARIANTS = (ORT_INT8, ORT_FP32_ACT, FBGEMM, FBGEMM_FP16, FP32)
+
+
+@dataclasses.dataclass
+class Served:
+    """What one serving process holds: feeds and batches by index, the artifacts' graph spec, the
+    FBGEMM collection, and the whole-model runs by variant name."""
+
+    feeds: list[dict[str, np.ndarray]]
+    batches: list
+    gspec: DLRMGraphSpec
+    qebc: torch.nn.Module
+    fp16: DLRM  # FBGEMM tables, TorchRec's fp16 dense modules
+    runs: dict[str, Callable[[int], object]]
+
+
+def serve(
+    artifacts: Path, model: DLRM, spec: DLRMSpec, data: list[Dataset], threads: int
+) -> Served:
+    """Every :data:`WHOLE_VARIANTS` entry in this process, from the artifacts and ``model``."""
+    arts = load_artifacts(artifacts)
+    gspec = graph_spec_from_artifacts(arts)  # with the one-hot hint the export recorded
+    inputs = feature_input_names(gspec)
+    feeds = [dataset_feeds(d, inputs) for d in data]
+    batches = [d.to_batch(spec.feature_names) for d in data]
+    ort_int8 = serving_session(artifacts / "model.onnx", threads=threads)
+    ort_fp32_act = serving_session(build_full_model(fp32_activations(gspec)), threads=threads)
+    qebc = quantized_ebc_from_artifacts(arts)
+    fbgemm = fbgemm_dlrm(model, qebc)
+    fbgemm_fp16 = fp16_dense(fbgemm_dlrm(model, quantized_ebc_from_artifacts(arts)))
+    runs = {
+        ORT_INT8: lambda i: ort_int8.run(None, feeds[i]),
+        ORT_FP32_ACT: lambda i: ort_fp32_act.run(None, feeds[i]),
+        FBGEMM: lambda i: run_dlrm(fbgemm, batches[i]),
+        FBGEMM_FP16: lambda i: run_dlrm(fbgemm_fp16, batches[i]),
+        FP32: lambda i: run_dlrm(model, batches[i]),
+    }
+    return Served(feeds, batches, gspec, qebc, fbgemm_fp16, runs)
+
+
+def whole_ratios(rate: dict[str, float]) -> dict[str, float]:
+    """ORT (INT8 MLPs, and float32 activations) over FP32 PyTorch and over the faster of the
+    two FBGEMM variants."""
+    best_fbgemm = max(rate[FBGEMM], rate[FBGEMM_FP16])
+    return {
+        "ort_int4_vs_pytorch_fp32": rate[ORT_INT8] / rate[FP32],
+        "ort_int4_vs_fbgemm_int4": rate[ORT_INT8] / best_fbgemm,
+        "ort_int4_fp32act_vs_pytorch_fp32": rate[ORT_FP32_ACT] / rate[FP32],
+        "ort_int4_fp32act_vs_fbgemm_int4": rate[ORT_FP32_ACT] / best_fbgemm,
+        "ort_int4_vs_ort_int4_fp32act": rate[ORT_INT8] / rate[ORT_FP32_ACT],
+    }
+
+
+def targets(ratios: dict[str, float]) -> dict[str, bool]:
+    return {
+        "ort_int4 >= 1.5x pytorch_fp32": ratios["ort_int4_vs_pytorch_fp32"] >= 1.5,
+        "ort_int4 >= 1.2x fbgemm_int4": ratios["ort_int4_vs_fbgemm_int4"] >= 1.2,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +369,8 @@ def time_round_robin(
 # ---------------------------------------------------------------------------------------------
 # Throughput: several single-threaded serving processes at once
 
-#: The whole-model variants timed in throughput mode (the MLP-as-float32 ORT graph is left out).
-STREAM_VARIANTS = ("ort int4 (mlp int4)", "torchrec fbgemm int4", "pytorch fp32")
+#: The whole-model variants timed in throughput mode.
+STREAM_VARIANTS = WHOLE_VARIANTS
 STREAM_TIMEOUT_S = 600.0
 
 
@@ -287,22 +388,12 @@ class StreamConfig:
 
 
 def stream_variants(cfg: StreamConfig) -> dict[str, Callable[[int], object]]:
-    """The :data:`STREAM_VARIANTS` in this process: the same seeded FP32 model and batches as the
-    parent's, the ORT session and the FBGEMM EmbeddingBagCollection from the parent's artifacts."""
+    """The :data:`STREAM_VARIANTS` in this process (:func:`serve`): the same seeded FP32 model
+    and batches as the parent's, ORT sessions and FBGEMM collection from the parent's artifacts."""
     torch.set_num_threads(cfg.threads)
     model, spec = build_model(cfg.max_rows)
     data = make_batches(spec, cfg.batches, cfg.batch, cfg.multi_hot, seed=1)
-    arts = load_artifacts(Path(cfg.artifacts))
-    inputs = feature_input_names(graph_spec_from_artifacts(arts))
-    feeds = [dataset_feeds(d, inputs) for d in data]
-    batches = [d.to_batch(spec.feature_names) for d in data]
-    session = serving_session(Path(cfg.artifacts) / "model.onnx", threads=cfg.threads)
-    fbgemm_model = fbgemm_dlrm(model, quantized_ebc_from_artifacts(arts))
-    return {
-        "ort int4 (mlp int4)": lambda i: session.run(None, feeds[i]),
-        "torchrec fbgemm int4": lambda i: run_dlrm(fbgemm_model, batches[i]),
-        "pytorch fp32": lambda i: run_dlrm(model, batches[i]),
-    }
+    return serve(Path(cfg.artifacts), model, spec, data, cfg.threads).runs
 
 
 def _stream_worker(cfg: StreamConfig, commands, results, barrier) -> None:  # noqa: ANN001 - mp
@@ -394,25 +485,23 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, spec = build_model(args.max_rows)
     data = make_batches(spec, args.batches, args.batch, args.multi_hot, seed=1)
+    calibration = make_batches(spec, 4, args.batch, args.multi_hot, seed=2)  # not the timed rows
     names = spec.feature_names
     with tempfile.TemporaryDirectory(prefix="bench_serving.") as tmp:
         out = Path(tmp) / "int4"
         one_hot = one_hot_features(data[0], names)  # as the pipeline finds them in --data
-        compress_and_export(model, spec, out, one_hot)
+        compress_and_export(model, spec, out, one_hot, calibration)
         setup_s = time.perf_counter() - t0
-        arts = load_artifacts(out)
-        gspec = graph_spec_from_artifacts(arts)  # with the one-hot hint the export recorded
-        inputs = feature_input_names(gspec)
-        feeds = [dataset_feeds(d, inputs) for d in data]
-        batches = [d.to_batch(names) for d in data]
-
-        ort_int4 = serving_session(out / "model.onnx", threads=args.threads)
-        ort_fp32_mlp = serving_session(build_full_model(float_mlps(gspec)), threads=args.threads)
-        ort_lookups = serving_session(build_lookup_graph(gspec), threads=args.threads)
-        ort_dense = serving_session(out / "onnx" / "dense_arch.onnx", threads=args.threads)
-        ort_over = serving_session(out / "onnx" / "over_arch.onnx", threads=args.threads)
-        qebc = quantized_ebc_from_artifacts(arts)
-        fbgemm_model = fbgemm_dlrm(model, qebc)
+        served = serve(out, model, spec, data, args.threads)
+        feeds, batches, qebc = served.feeds, served.batches, served.qebc
+        ort_lookups = serving_session(build_lookup_graph(served.gspec), threads=args.threads)
+        graphs = load_artifacts(out).onnx["graphs"]  # the split graphs, where the manifest says
+        ort_dense = serving_session(out / graphs["dense_arch"]["file"], threads=args.threads)
+        ort_over = serving_session(out / graphs["over_arch"]["file"], threads=args.threads)
+        fp32_act = fp32_activations(served.gspec)
+        ort_dense_f = serving_session(build_dense_graph(fp32_act), threads=args.threads)
+        ort_over_f = serving_session(build_over_graph(fp32_act), threads=args.threads)
+        fp16_model = served.fp16  # its dense modules only are timed here
 
         sparse_feeds = [{k: v for k, v in f.items() if k != "dense"} for f in feeds]
         pooled = [ort_lookups.run(None, s)[0] for s in sparse_feeds]
@@ -422,12 +511,11 @@ def main(argv: list[str] | None = None) -> int:
             emb = m.dense_arch(batches[i].dense)
             return m.over_arch(m.inter_arch(emb, torch.from_numpy(pooled[i])))
 
-        full = [
-            Variant("ort int4 (mlp int4)", lambda i: ort_int4.run(None, feeds[i])),
-            Variant("ort int4 (mlp fp32)", lambda i: ort_fp32_mlp.run(None, feeds[i])),
-            Variant("torchrec fbgemm int4", lambda i: run_dlrm(fbgemm_model, batches[i])),
-            Variant("pytorch fp32", lambda i: run_dlrm(model, batches[i])),
-        ]
+        def ort_dense_over(dense_sess, over_sess, i):
+            emb = dense_sess.run(None, {"dense": feeds[i]["dense"]})[0]
+            return over_sess.run(None, {"dense_embedding": emb, "sparse_embedding": pooled[i]})
+
+        full = [Variant(name, served.runs[name]) for name in WHOLE_VARIANTS]
         parts = [
             Variant("lookups: ort int4", lambda i: ort_lookups.run(None, sparse_feeds[i])),
             Variant("lookups: fbgemm int4", lambda i: qebc(batches[i].sparse).values()),
@@ -435,17 +523,12 @@ def main(argv: list[str] | None = None) -> int:
                 "lookups: pytorch fp32",
                 lambda i: model.sparse_arch.embedding_bag_collection(batches[i].sparse).values(),
             ),
+            Variant("dense+over: ort int8 mlp", lambda i: ort_dense_over(ort_dense, ort_over, i)),
             Variant(
-                "dense+over: ort (mlp int4)",
-                lambda i: ort_over.run(
-                    None,
-                    {
-                        "dense_embedding": ort_dense.run(None, {"dense": feeds[i]["dense"]})[0],
-                        "sparse_embedding": pooled[i],
-                    },
-                ),
+                "dense+over: ort fp32 act", lambda i: ort_dense_over(ort_dense_f, ort_over_f, i)
             ),
             Variant("dense+over: pytorch fp32", lambda i: torch_dense_over(model, i)),
+            Variant("dense+over: pytorch fp16", lambda i: torch_dense_over(fp16_model, i)),
         ]
         with torch.no_grad():
             time_round_robin(full, len(data), args.rounds, args.per_round, args.warmup)
@@ -464,13 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             stream_rates = time_streams(cfg, args.streams, args.rounds, args.stream_per_round)
 
     rate = {v.name: v.samples_per_s(args.batch) for v in full + parts}
-    ratios = {
-        "ort_int4_vs_pytorch_fp32": rate["ort int4 (mlp int4)"] / rate["pytorch fp32"],
-        "ort_int4_vs_fbgemm_int4": rate["ort int4 (mlp int4)"] / rate["torchrec fbgemm int4"],
-        "ort_int4_fp32mlp_vs_pytorch_fp32": rate["ort int4 (mlp fp32)"] / rate["pytorch fp32"],
-        "ort_int4_fp32mlp_vs_fbgemm_int4": rate["ort int4 (mlp fp32)"]
-        / rate["torchrec fbgemm int4"],
-    }
+    ratios = whole_ratios(rate)
     report = {
         "config": {
             **vars(args),
@@ -481,10 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_s": {k: round(v) for k, v in rate.items()},
         "ms_per_batch": {v.name: round(1e3 * statistics.median(v.times), 2) for v in full + parts},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "targets": {
-            "ort_int4 >= pytorch_fp32": ratios["ort_int4_vs_pytorch_fp32"] >= 1.0,
-            "ort_int4 within 1.5x of fbgemm": ratios["ort_int4_vs_fbgemm_int4"] >= 1 / 1.5,
-        },
+        "targets": targets(ratios),
     }
     if stream_rates:
         report["throughput"] = throughput_report(stream_rates, args.streams, args.stream_threads)
@@ -496,10 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         f"DLRM {cfg['tables']} tables x dim {DIM}, {cfg['rows']:,} rows, batch {args.batch}, "
         f"{args.multi_hot} multi-hot features (mean 3 ids), {args.threads} threads; setup {setup_s:.0f}s"
     )
-    print(f"{'variant':<30}{'ms/batch':>10}{'samples/s':>12}")
+    print(f"{'variant':<34}{'ms/batch':>10}{'samples/s':>12}")
     for v in full + parts:
         print(
-            f"{v.name:<30}{report['ms_per_batch'][v.name]:>10.2f}{report['samples_per_s'][v.name]:>12,}"
+            f"{v.name:<34}{report['ms_per_batch'][v.name]:>10.2f}{report['samples_per_s'][v.name]:>12,}"
         )
     for k, v in report["ratios"].items():
         print(f"{k:<36}{v:>6.2f}x")
@@ -514,32 +588,25 @@ def throughput_report(
     rates: dict[str, list[float]], streams: int, threads: int
 ) -> dict[str, object]:
     """Medians, ratios (of medians, and round by round) and targets of :func:`time_streams`."""
-    ort, fbgemm, fp32 = STREAM_VARIANTS
     med = {k: statistics.median(v) for k, v in rates.items()}
-    ratios = {
-        "ort_int4_vs_pytorch_fp32": med[ort] / med[fp32],
-        "ort_int4_vs_fbgemm_int4": med[ort] / med[fbgemm],
-    }
+    ratios = whole_ratios(med)
     return {
         "streams": streams,
         "threads_per_stream": threads,
         "samples_per_s": {k: round(v) for k, v in med.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "ort_int4_vs_pytorch_fp32_by_round": [
-            round(o / p, 3) for o, p in zip(rates[ort], rates[fp32], strict=True)
+            round(o / p, 3) for o, p in zip(rates[ORT_INT8], rates[FP32], strict=True)
         ],
-        "targets": {
-            "ort_int4 >= pytorch_fp32": ratios["ort_int4_vs_pytorch_fp32"] >= 1.0,
-            "ort_int4 within 1.5x of fbgemm": ratios["ort_int4_vs_fbgemm_int4"] >= 1 / 1.5,
-        },
+        "targets": targets(ratios),
     }
 
 
 def print_throughput(tp: dict) -> None:
     print(f"throughput: {tp['streams']} processes x {tp['threads_per_stream']} thread(s) at once")
-    print(f"{'variant':<30}{'samples/s':>22}")
+    print(f"{'variant':<34}{'samples/s':>22}")
     for k, v in tp["samples_per_s"].items():
-        print(f"{k:<30}{v:>22,}")
+        print(f"{k:<34}{v:>22,}")
     for k, v in tp["ratios"].items():
         print(f"{k:<36}{v:>6.2f}x")
     rounds = ", ".join(f"{r:.2f}" for r in tp["ort_int4_vs_pytorch_fp32_by_round"])

@@ -4,8 +4,10 @@ Wall time (from the parent: interpreter start to exit) and peak RSS of each case
 times, the cases interleaved round by round so that load from other work spreads over all of them:
 
 * ``python -c pass``: the interpreter alone, the baseline every ratio is against;
-* ``import numpy, onnxruntime, onnx``: the third-party imports ``verify`` and ``Predictor`` need
-  (``onnx`` reads the graphs' declared inputs and external-data references), their floor;
+* ``import numpy, onnxruntime, onnx``: for reference, the third-party imports ``verify`` and
+  ``Predictor`` needed before they read the graphs' declared inputs and external-data references
+  with :mod:`exporters.onnx.proto_reader` (now ``verify`` imports numpy only, ``Predictor``
+  numpy and onnxruntime);
 * ``dqrm-compress --help``, ``--version``, ``verify ARTIFACTS`` (``python -m compress``);
 * ``Predictor`` open and first predict: ``Predictor(ARTIFACTS)`` (every checksum, the ONNX Runtime
   session), then one batch of 4 samples through ``predict_tensors``.

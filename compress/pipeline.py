@@ -19,6 +19,7 @@ its own tables (:mod:`compress.train.distill`) and says so in ``result.notes``; 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,8 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.control import NO_FINETUNE_NOTE, check_control, run_control
+from compress.data.batch_source import BATCHES_NAME, Batches
 from compress.data.dataset import Dataset
 from compress.data.dense_transform import agreed_transform
+from compress.data.parquet_columns import ColumnMapping
 from compress.data.separation import check_separate_content, check_separate_paths
 from compress.data.stream import LoaderSettings, StreamedData, open_data
 from compress.errors import ModelConfigError, SettingError
@@ -45,6 +49,7 @@ from compress.recipe.parse import load_recipe
 from compress.recipe.schema import Recipe
 from compress.report_data import collect_report_data
 from compress.timings import StageTimer
+from compress.train.calibration import calibrate
 from compress.train.device import on_device, resolve_device
 from compress.train.evaluate import evaluate_model
 from compress.train.inputs import run_inputs
@@ -54,6 +59,8 @@ from compress.train.validation import HOLDOUT_FRACTION, ValidationSlices, split_
 
 if TYPE_CHECKING:  # a data-parallel worker's context; single-process runs never import it
     from compress.train.distributed.context import DistContext
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +97,10 @@ class CompressionResult:
     #: what the report draws beyond the manifest, JSON-ready (``report_data.json``,
     #: :mod:`compress.report_data`)
     report_data: dict | None = None
+    #: how a size budget chose the recipe, JSON-ready (``None``: the recipe was given); set by
+    #: the caller that chose it (:mod:`compress.budget.choose`), recorded in the manifest with the
+    #: recipe saved as ``recipe.toml``
+    budget: dict | None = None
 
 
 def load(
@@ -120,8 +131,8 @@ def plan(job: LoadedModel | DLRMSpec, recipe: str | Path | Recipe) -> Plan:
 
 def load_data(
     job: LoadedModel,
-    data: str | Path | Dataset | None,
-    valid: str | Path | Dataset | None,
+    data: str | Path | Dataset | Batches | None,
+    valid: str | Path | Dataset | Batches | None,
     **kwargs,
 ) -> tuple[Dataset | StreamedData | None, Dataset | StreamedData | None]:
     """Training and validation sets: explicit ``valid``, else the held-out tail of ``data``; each
@@ -130,7 +141,7 @@ def load_data(
     A ``valid`` that is ``data`` (the same file or directory, a file it reads, or the same rows)
     is a :class:`DataError` (:mod:`compress.data.separation`).
     """
-    paths = [s for s in (data, valid) if s is not None and not isinstance(s, Dataset)]
+    paths = [s for s in (data, valid) if isinstance(s, str | Path)]
     if len(paths) == 2:
         check_separate_paths(data, valid)
     train_ds = _dataset(job, data, **kwargs)
@@ -161,8 +172,8 @@ def compress(
     job: LoadedModel,
     plan: Plan,
     *,
-    data: str | Path | Dataset | None = None,
-    valid: str | Path | Dataset | None = None,
+    data: str | Path | Dataset | Batches | None = None,
+    valid: str | Path | Dataset | Batches | None = None,
     steps: int | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
@@ -174,6 +185,9 @@ def compress(
     staging_dir: str | Path | None = None,
     device: str = "cpu",
     distributed: DistContext | None = None,
+    control: bool = False,
+    collect_report: bool = False,
+    columns: ColumnMapping | dict | str | Path | None = None,
 ) -> CompressionResult | None:
     """Steps 3-5: baseline eval, prepare, fine-tune (when the plan needs it), convert, final eval.
 
@@ -198,13 +212,30 @@ def compress(
     (:mod:`compress.train.distributed`, its device wins): every worker fine-tunes on its share of
     each batch; rank 0 alone evaluates, converts and returns the result, the others return
     ``None`` when fine-tuning ends.
+    ``collect_report``: measure what ``report_data.json`` holds (:mod:`compress.report_data`:
+    a pass over every table for its reconstruction error, the checkpoint's sha256 when not
+    already taken) into ``result.report_data``, as the main job does; without it that pass is
+    skipped and artifacts exported from the result hold no ``report_data.json`` (their report
+    lists what it would show as not recorded).
+    ``control``: also run the same fine-tuning on the uncompressed model and report it as
+    ``metrics["control"]`` (:mod:`compress.control`; the checkpoint's own metrics when the
+    recipe does not fine-tune).
+    ``data``/``valid`` may also be in-process TorchRec batches (:mod:`compress.data.batch_source`);
+    ``columns`` says which Parquet columns hold what (:mod:`compress.data.parquet_columns`).
+    Progress goes to the ``compress`` loggers (evaluations at INFO); nothing is printed.
     """
     t0 = time.perf_counter()
+    log = logged_evaluations(log)
     is_main = distributed is None or distributed.is_main
     if distributed is not None and distributed.world_size > 1 and not plan.needs_finetune:
         raise SettingError(
             f"recipe {plan.recipe.name!r} does not fine-tune: there is nothing to share between "
             f"{distributed.world_size} workers (run it in one process)"
+        )
+    if data is None and plan.recipe is not None and plan.recipe.only_finetunes:
+        raise SettingError(
+            f"recipe {plan.recipe.name!r} only fine-tunes (every table and the MLP kept): it needs "
+            "--data (distilling the checkpoint from itself would change nothing)"
         )
     train_device = distributed.device if distributed is not None else resolve_device(device)
     check_chunk_rows(chunk_rows)
@@ -217,6 +248,7 @@ def compress(
             on_bad_line=on_bad_line,
             dense_transform=dense_transform,
             loader=loader,
+            columns=columns,
         )
         transform = agreed_transform(
             (ds.dense_transform, _name(src))
@@ -224,6 +256,18 @@ def compress(
             if ds is not None
         )
         slices = validation_slices(data, valid, train_ds, valid_ds)
+        for what, ds in (("training", train_ds), ("validation", valid_ds)):
+            if ds is not None:
+                mode = "streamed" if isinstance(ds, StreamedData) else "in memory"
+                _log.info(
+                    "%s data: %d rows (%s) of %s",
+                    what,
+                    len(ds),
+                    mode,
+                    _name(data if what == "training" or valid is None else valid),
+                )
+    if control:  # before any work: a control that cannot run stops the job here
+        check_control(plan, train_ds, None if distributed is None else distributed.world_size)
     report = slices.report if slices is not None else None
     names = job.spec.feature_names
     notes: list[str] = [f"warning: {w}" for w in plan.warnings]
@@ -251,9 +295,15 @@ def compress(
         )
         with chunking(chunk_rows):
             model, shared = prepare_model(job.module, job.spec, plan, counts)
+        calibrate(  # [mlp] activations = "int8": fixed input ranges, compress.train.calibration
+            model,
+            train_ds if train_ds is not None else (slices.select if slices is not None else None),
+            names,
+            (plan.recipe.finetune or TrainConfig()).seed,
+        )
     for g in shared:
         notes.extend(g.notes)
-    train_result = inputs = None
+    train_result = inputs = loss = None
     if plan.needs_finetune:
         config = plan.recipe.finetune or TrainConfig()
         if steps is not None:
@@ -339,21 +389,42 @@ def compress(
         release_pages(staged_tensors(model))  # the pages of staged tables it read
     else:
         notes.append("no validation data: AUC before/after not measured")
-    with timer("report"):
-        report_data = collect_report_data(
-            job,
-            plan,
-            model,
-            shared,
-            scores=scores,
-            slices=slices,
-            train_data=train_ds,
-            train_name=_name(data),
-            counts=counts,
-            finetuned=train_result is not None,
-            checkpoint_sha256=None if inputs is None else inputs["checkpoint"],
-        )
-        release_pages(staged_tensors(model))
+    control_run = None
+    if control and train_result is None:
+        metrics["control"] = metrics["baseline"]
+        notes.append(NO_FINETUNE_NOTE)
+    elif control:
+        with timer("control"):
+            control_run = run_control(
+                job,
+                plan.recipe,
+                config,
+                train_ds,
+                slices.select if slices is not None else None,
+                report,
+                device=train_device,
+                loss=loss,
+                log=log,
+            )
+        metrics["control"] = control_run.metrics
+    report_data = None
+    if collect_report:  # a pass over every table: only for a report
+        with timer("report"):
+            report_data = collect_report_data(
+                job,
+                plan,
+                model,
+                shared,
+                scores=scores,
+                slices=slices,
+                train_data=train_ds,
+                train_name=_name(data),
+                counts=counts,
+                finetuned=train_result is not None,
+                control=None if control_run is None else control_run.report_json(),
+                checkpoint_sha256=None if inputs is None else inputs["checkpoint"],
+            )
+            release_pages(staged_tensors(model))
     return CompressionResult(
         spec=job.spec,
         recipe=plan.recipe,
@@ -387,16 +458,39 @@ def compress(
     )
 
 
+def logged_evaluations(log: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """``log`` (the caller's, if any) that also sends each fine-tuning evaluation to this
+    module's logger at INFO (``compress.pipeline``)."""
+
+    def both(entry: dict) -> None:
+        m = entry.get("metrics")
+        scores = f", selection auc {m['auc']:.4f} logloss {m['logloss']:.4f}" if m else ""
+        loss = entry.get("loss")
+        run = f"{entry['run']} " if entry.get("run") else ""
+        _log.info(
+            "%sstep %s: loss %s%s",
+            run,
+            entry.get("step"),
+            "-" if loss is None else f"{loss:.4f}",
+            scores,
+        )
+        if log is not None:
+            log(entry)
+
+    return both
+
+
 def one_hot_features(
     data: Dataset | StreamedData | None, names: tuple[str, ...]
 ) -> tuple[str, ...]:
     """The features of ``names`` whose every bag in ``data`` holds exactly one id (none without
-    data): the exporter looks them up apart from multi-hot ones, so they skip pooling. Streamed
-    data (Criteo text, npy days) holds one id per bag."""
+    data): the exporter looks them up apart from multi-hot ones, so they skip pooling. A streamed
+    set knows its own (:attr:`StreamedData.one_hot_features`: every feature of Criteo text and
+    npy days)."""
     if data is None or len(data) == 0:
         return ()
     if isinstance(data, StreamedData):
-        return tuple(names)
+        return tuple(f for f in names if f in data.one_hot_features)
     return tuple(f for f in names if bool((data.lengths(f) == 1).all()))
 
 
@@ -444,4 +538,6 @@ def _dataset(
 def _name(source) -> str | None:
     if source is None:
         return None
-    return str(source) if not isinstance(source, Dataset) else "<in-memory dataset>"
+    if isinstance(source, Dataset):
+        return "<in-memory dataset>"
+    return str(source) if isinstance(source, str | Path) else BATCHES_NAME

@@ -61,6 +61,7 @@ from compress.io.model_spec import DLRMSpec, TableSpec, dtype_size
 from compress.io.summary import format_bytes
 from compress.methods import registry
 from compress.methods.handler import MethodConfig
+from compress.quant.activation import ACTIVATION_QPARAM_BYTES
 from compress.quant.packing import can_pack
 from compress.quant.per_channel import channel_weight_bytes
 from compress.recipe.schema import Recipe, TableRule, pattern_matches
@@ -100,6 +101,7 @@ class MLPPlan:
     per_channel: bool
     bytes_before: int
     bytes_after: int
+    activations: str = "fp32"  # "int8": static INT8 inputs (8 more bytes a layer: scale, zero)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class Plan:
                 "per_channel": self.mlp.per_channel,
                 "bytes_before": self.mlp.bytes_before,
                 "bytes_after": self.mlp.bytes_after,
+                **({"activations": "int8"} if self.mlp.activations == "int8" else {}),
             },
             "share_groups": [g.to_json() for g in self.share_groups],
             "unused_rules": list(self.unused_rules),
@@ -179,7 +182,14 @@ class Plan:
 
 
 def make_plan(recipe: Recipe, spec: DLRMSpec) -> Plan:
-    """Resolve ``recipe`` against the model ``spec``; :class:`RecipeError` when it does not fit."""
+    """Resolve ``recipe`` against the model ``spec``; :class:`RecipeError` when it does not fit
+    (or is a budget recipe, which the main job resolves from data: :mod:`compress.budget`)."""
+    if recipe.budget is not None:
+        raise RecipeError(
+            f"{recipe.source}: budget = {recipe.budget.text!r}: the tables of a budget recipe are "
+            "chosen by measuring them on data; run the main job with --data to choose and "
+            "compress (it saves the chosen recipe as recipe.toml in the artifacts)"
+        )
     check_patterns(recipe, spec)
     deciding = [decide(recipe.rules, t) for t in spec.tables]
     groups = _share_groups(recipe, spec, deciding)
@@ -195,8 +205,10 @@ def make_plan(recipe: Recipe, spec: DLRMSpec) -> Plan:
     unused = tuple(i for i in range(len(recipe.rules)) if i not in deciding)
     warnings = tuple(unused_rule_warning(recipe, spec, deciding, i) for i in unused)
     warnings = tuple(w for w in warnings if w is not None)
-    if mlp.method == "keep" and not any(
-        registry.for_config(t.config).changes_tables for t in tables
+    if (
+        mlp.method == "keep"
+        and not recipe.only_finetunes  # fine-tuning the uncompressed model is its purpose
+        and not any(registry.for_config(t.config).changes_tables for t in tables)
     ):
         why = f": {warnings[0]}" if warnings else ""
         raise RecipeError(
@@ -381,7 +393,9 @@ def plan_mlp(recipe: Recipe, spec: DLRMSpec) -> MLPPlan:
             )
         after += channel_weight_bytes(layer.out_features, layer.in_features, bits)
         after += FP32_BYTES * layer.out_features  # the bias stays fp32
-    return MLPPlan(settings.method, bits, settings.per_channel, before, after)
+        if settings.activations == "int8":  # the input's scale and zero point
+            after += ACTIVATION_QPARAM_BYTES
+    return MLPPlan(settings.method, bits, settings.per_channel, before, after, settings.activations)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,7 +427,9 @@ def format_plan(plan: Plan) -> str:
             "-",
             m.method,
             "-" if m.bits is None else str(m.bits),
-            "channel" if m.bits is not None else "-",
+            "-"
+            if m.bits is None
+            else ("channel, int8 act" if m.activations == "int8" else "channel"),
             "",
             "",
             format_bytes(m.bytes_before),

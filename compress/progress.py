@@ -1,7 +1,11 @@
-"""Progress bars for long work: tqdm on a terminal, silent when output is piped or ``--json``.
+"""Progress bars for long work: the command line draws them with tqdm on a terminal, silent when
+output is piped, with ``--json``, ``--quiet`` or ``--no-progress``.
 
-tqdm is imported when a bar is drawn, not with this module (the command line imports it for
-``--no-progress``, and ``--help`` should not pay for tqdm).
+They are off until :func:`set_enabled` is called: the Python API (``compress.pipeline``,
+``compress.run``) prints nothing and reports through :mod:`logging` instead; the command line
+turns them on for a terminal (``set_enabled(None)``). tqdm is imported when a bar is drawn, not
+with this module (the command line imports it for ``--no-progress``, and ``--help`` should not pay
+for tqdm).
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-_enabled: bool | None = None
+_enabled: bool | None = False  # off: the Python API draws nothing
 
 
-def set_enabled(enabled: bool | None) -> None:
-    """Force progress bars on or off; ``None`` restores the default (on when stderr is a terminal)."""
+def set_enabled(enabled: bool | None) -> bool | None:
+    """Force progress bars on or off; ``None``: on when stderr is a terminal (and ``CI`` is not
+    set), what the command line uses. Returns the previous setting (to restore it)."""
     global _enabled
-    _enabled = enabled
+    previous, _enabled = _enabled, enabled
+    return previous
 
 
 def enabled() -> bool:

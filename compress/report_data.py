@@ -17,9 +17,10 @@ Version :data:`~compress.report_format.REPORT_DATA_VERSION`::
     selection_baseline  null, or {"slice", "metrics"}: the checkpoint scored on the selection slice,
                         the rows train_log.jsonl's evaluations are on (only when fine-tuning
                         evaluated there)
-
-Nothing here is a control run (the same fine-tuning applied to the FP32 model): the report says it
-is not recorded.
+    control             only with --control on a recipe that fine-tunes (absent otherwise): the
+                        same fine-tuning applied to the uncompressed model (compress.control),
+                        {"steps", "best_step", "history": its evaluations on the selection slice as
+                        train_log.jsonl holds the run's, "metrics": on the report slice}
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ def collect_report_data(
     counts: Mapping[str, torch.Tensor] | None,
     finetuned: bool,
     checkpoint_sha256: str | None = None,
+    control: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``report_data.json`` object of a finished run (see the module docstring): ``model`` is
     the converted model, ``shared`` its sharing groups, ``scores`` the histograms of the baseline
     and compressed evaluations, ``counts`` the training data's row counts when already taken
     (taken here for in-memory data; streamed data is not read again for them), ``finetuned``
     whether fine-tuning evaluated on ``slices.select``, ``checkpoint_sha256`` the fingerprint when
-    already computed."""
+    already computed, ``control`` the control run's record (kept under ``"control"`` when given)."""
     counts, weights, note = _row_weights(job, train_data, train_name, counts)
     measured = measure_tables(
         job.module, model, job.spec, plan, shared, counts, fingerprint=checkpoint_sha256 is None
@@ -92,6 +94,7 @@ def collect_report_data(
             "tables": [e.to_json() for e in measured.errors],
         },
         "selection_baseline": selection,
+        **({} if control is None else {"control": control}),
     }
 
 

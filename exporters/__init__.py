@@ -14,7 +14,11 @@ use, so importing one submodule does not import the others:
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# the library prints nothing: records reach a terminal only where logging is configured
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
     "Predictor": "exporters.runtime.predictor",

@@ -23,7 +23,7 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, alone and pinned, so that nothing later can ask for a CUDA build.
 "${pip[@]}" install $EXTRA_PIP_ARGS "torch==2.13.0+cpu"
 "${pip[@]}" install $EXTRA_PIP_ARGS -c setup/constraints-cpu.txt \
-  ./setup/fbgemm_gpu_shim "fbgemm-gpu-cpu==1.8.0" "torchrec==1.8.0" -e ".[dev,report]"
+  ./setup/fbgemm_gpu_shim "fbgemm-gpu-cpu==1.8.0" "torchrec==1.8.0" -e ".[dev,report,parquet]"
 "${pip[@]}" check
 "$VENV/bin/python" - <<'PY'
 import torch, fbgemm_gpu, torchrec  # noqa: F401  (import check: fbgemm ops must load)

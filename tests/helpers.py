@@ -195,8 +195,8 @@ def cli_command(*args) -> list[str]:
 
 def as_format_2_layout(path: Path) -> dict:
     """Rewrite the artifact directory ``path`` (this version's format) as dqrm-compress format 2
-    laid it out, and return its manifest: the full graph ``onnx/model.onnx`` carrying its own
-    copy of the tables (inline here: they are small), each graph entry's ``external_data`` a path
+    laid it out, and return its manifest: the graphs ``onnx/<name>.onnx`` carrying their own
+    copy of the tables and weights (inline here: they are small), each graph entry's ``external_data`` a path
     or null, ``format_version`` 2, the manifest resealed. The table files keep their padded
     headers (valid ``.npy`` files to any reader)."""
     import json
@@ -207,20 +207,17 @@ def as_format_2_layout(path: Path) -> dict:
     from exporters.artifacts.manifest_integrity import dump_manifest, seal
 
     manifest = json.loads((path / "manifest.json").read_text())
-    graph = manifest["onnx"]["graphs"]["model"]
-    model = onnx.load(str(path / graph["file"]))  # the tables read back into the graph
-    (path / graph["file"]).unlink()
-    manifest["files"].pop(graph["file"])
-    graph["file"] = "onnx/model.onnx"
-    onnx.save_model(model, str(path / graph["file"]))
-    for entry in manifest["onnx"]["graphs"].values():
-        listed = entry["external_data"]
-        assert not listed or entry is graph, "only the full graph reads external data here"
+    for name, entry in manifest["onnx"]["graphs"].items():
+        model = onnx.load(str(path / entry["file"]))  # tables and weights read back into it
+        (path / entry["file"]).unlink()
+        manifest["files"].pop(entry["file"])
+        entry["file"] = f"onnx/{name}.onnx"
+        onnx.save_model(model, str(path / entry["file"]))
         entry["external_data"] = None
-    manifest["files"][graph["file"]] = {
-        "sha256": sha256_file(path / graph["file"]),
-        "bytes": (path / graph["file"]).stat().st_size,
-    }
+        manifest["files"][entry["file"]] = {
+            "sha256": sha256_file(path / entry["file"]),
+            "bytes": (path / entry["file"]).stat().st_size,
+        }
     manifest["files"] = dict(sorted(manifest["files"].items()))
     manifest["format_version"] = 2
     (path / "manifest.json").write_text(dump_manifest(seal(manifest)))

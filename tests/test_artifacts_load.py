@@ -225,9 +225,9 @@ def test_predictor_without_graphs_builds_them_in_memory(exported, tmp_path) -> N
 
 
 def test_big_tables_go_to_external_data(exported, tmp_path) -> None:
-    """The table files are read in place (but a table-wise table's scalar scale, a constant);
-    other big initializers (here the MLP weights, over a 64-byte threshold) go to
-    ``model.onnx.data`` beside the graph."""
+    """The table files and the float MLP tensors in ``dense/`` are read in place (but a
+    table-wise table's scalar scale, a constant); other big initializers (graph constants over a
+    64-byte threshold) go to ``model.onnx.data`` beside the graph."""
     _, result, _, valid = exported
     config = OnnxExportConfig(external_data_threshold_bytes=64, parity_samples=64)
     written = artifacts.save(
@@ -236,7 +236,8 @@ def test_big_tables_go_to_external_data(exported, tmp_path) -> None:
     graph = written.manifest["onnx"]["graphs"]["model"]
     tables = [f for t in written.manifest["tables"] for f in t["files"].values()]
     tables.remove("tables/t_cat_0.scale.npy")  # t_cat_0 is table-wise
-    assert graph["external_data"] == sorted([*tables, "model.onnx.data"])
+    dense = [d["file"] for d in written.manifest["dense"] if "layout" not in d]
+    assert graph["external_data"] == sorted([*tables, *dense, "model.onnx.data"])
     assert set(graph["external_data"]) <= set(written.manifest["files"])
     assert verify_artifacts(written.path) == []
     metrics = Predictor(written.path, threads=1).evaluate(valid)

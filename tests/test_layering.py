@@ -1,6 +1,6 @@
 """The data path reads one way: ``compress`` never imports ``exporters`` at run time (only the CLI
-joins them; annotations under ``if TYPE_CHECKING:`` may name exporter types), and every module
-imports cleanly."""
+and ``compress.run``, :mod:`compress.api`, join them; annotations under ``if TYPE_CHECKING:`` may
+name exporter types), and every module imports cleanly."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_compress_never_imports_exporters():
             n for n in _imports(p, runtime_only=True) if n.split(".")[0] == "exporters"
         )
         for p in (ROOT / "compress").rglob("*.py")
-        if p.parent.name != "cli"
+        if p.parent.name != "cli" and p != ROOT / "compress" / "api.py"
     }
     assert {k: v for k, v in offenders.items() if v} == {}
 

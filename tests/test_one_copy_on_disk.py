@@ -177,7 +177,10 @@ def test_every_table_file_is_read_in_place_by_the_graph(mixed, big) -> None:
         scalar_scales = {  # one float (table-wise, int8 shared arrays): a constant in the graph
             t["files"]["scale"] for t in manifest["tables"] if t["layout"] == "tablewise"
         } | {g["files"]["scale"] for g in manifest["shared_arrays"] if "scale" in g["files"]}
-        assert set(graph["external_data"]) == set(_table_files(manifest)) - scalar_scales
+        # and every MLP tensor but the quantized codes (kept at their width inside the graph)
+        dense = {d["file"] for d in manifest["dense"] if "layout" not in d}
+        assert dense and all(f.startswith("dense/") for f in dense)
+        assert set(graph["external_data"]) == (set(_table_files(manifest)) - scalar_scales) | dense
         for ref in refs.values():
             size = (out / ref["location"]).stat().st_size
             # the whole payload, from the page where it starts
@@ -235,7 +238,7 @@ def test_graphs_get_the_mode_of_every_other_file(mixed) -> None:
     """The graphs are written through temporary files beside them: not with a private mode."""
     out = mixed[2]
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*.onnx")}
-    assert set(modes) == {"model.onnx", "onnx/dense_arch.onnx", "onnx/over_arch.onnx"}
+    assert set(modes) == {"model.onnx", "dense_arch.onnx", "over_arch.onnx"}
     assert set(modes.values()) == {(out / "tables" / "t_cat_0.npy").stat().st_mode & 0o777}
     assert not list(out.rglob(".*"))  # no temporary file left
 

@@ -191,7 +191,7 @@ def test_an_onnx_graph_reading_external_data_elsewhere_is_refused(copy_dir, tmp_
     manifest lists for it (here: a graph rewritten to read ``../stolen.bin``, checksums updated)."""
     import onnx
 
-    path = copy_dir / "onnx" / "over_arch.onnx"
+    path = copy_dir / "over_arch.onnx"
     model = onnx.load(str(path))
     tensor = next(t for t in model.graph.initializer if t.raw_data)
     tensor.ClearField("raw_data")
@@ -200,15 +200,18 @@ def test_an_onnx_graph_reading_external_data_elsewhere_is_refused(copy_dir, tmp_
     onnx.save(model, str(path))
 
     def refresh(manifest: dict) -> None:
-        manifest["files"]["onnx/over_arch.onnx"] = {
+        manifest["files"]["over_arch.onnx"] = {
             "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
         }
 
     edit_sealed(copy_dir, refresh)
     problems = verify_artifacts(copy_dir)
+    listed = json.loads((copy_dir / MANIFEST).read_text())["onnx"]["graphs"]["over_arch"]
+    assert listed["external_data"] and all(f.startswith("dense/") for f in listed["external_data"])
     assert problems == [
-        f"{path}: reads external data from '../stolen.bin'; the manifest lists none"
+        f"{path}: reads external data from '../stolen.bin'; the manifest lists "
+        + ", ".join(map(repr, listed["external_data"]))
     ]
 
 
@@ -319,6 +322,10 @@ def test_verify_says_ok_only_for_a_servable_directory(copy_dir, capsys) -> None:
         m["dense"].remove(entry)
         del m["files"][entry["file"]]
         (copy_dir / entry["file"]).unlink()
+        # the graphs read it in place (a file they read must be listed): a directory without them
+        for graph in m.pop("onnx")["graphs"].values():
+            del m["files"][graph["file"]]
+            (copy_dir / graph["file"]).unlink()
 
     edit_sealed(copy_dir, drop)
     code, out, err = run(capsys, "verify", copy_dir)
@@ -433,8 +440,10 @@ def test_a_format_1_directory_is_read_with_a_warning(world, copy_dir, capsys, tm
     text = tmp_path / "day.tsv"
     text.write_text("1\t1\t2\t3\t4\t5\ta\tb\tc\td\n0\t0\t0\t0\t0\t0\t1\t2\t3\t4\n")
     code, out, err = run(capsys, "eval", copy_dir, "--data", text)
+    warning, error = err.splitlines(keepends=True)  # reading it warns (a log record), then fails
+    assert warning.startswith("warning: ") and "format_version 1" in warning
     assert_one_error_line(
-        code, out, err, "format 1 manifests do not record it", "--dense-transform"
+        code, out, error, "format 1 manifests do not record it", "--dense-transform"
     )
     code, out, _ = run(
         capsys, "eval", copy_dir, "--data", text, "--dense-transform", "none", "--json"

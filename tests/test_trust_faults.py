@@ -297,8 +297,11 @@ def test_the_lock_is_reentrant_in_one_process_and_removed_at_the_end(tmp_path):
 
 
 def _fail_np_save(code: int):
-    def save(file, arr, **kwargs):
-        file.write(b"\x93NUMPY partial")
+    def save(file, arr, **kwargs):  # an open file, or a path (the parity data)
+        if hasattr(file, "write"):
+            file.write(b"\x93NUMPY partial")
+        else:
+            Path(file).write_bytes(b"\x93NUMPY partial")
         raise OSError(code, os.strerror(code))
 
     return save

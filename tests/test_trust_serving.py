@@ -171,7 +171,8 @@ def test_plain_session_is_exact_with_int4_mlps(exported) -> None:
     data = sample_multihot(job.spec, 2000, seed=11)
     expected = _torch_logits(result.model, data, job.spec)
     for name in ("model", "dense_arch"):
-        path = out / ("model.onnx" if name == "model" else f"onnx/{name}.onnx")
+        graphs = json.loads((out / "manifest.json").read_text())["onnx"]["graphs"]
+        path = out / graphs[name]["file"]
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         if name == "model":
             got = session.run(["logits"], _feeds(out, data))[0].reshape(-1)

@@ -42,9 +42,10 @@ dense_transform_option = click.option(
     "--dense-transform",
     type=click.Choice(["log3", "none"]),
     default=None,
-    help="How raw Criteo text's dense counts become model inputs: log3 = log(max(x, -2) + 3), none "
-    "= as is. Default: an artifact directory's recorded transform, else log3. Stored formats "
-    "(.npz, npy days) keep their own and must agree.",
+    help="How raw Criteo text's (and raw Parquet's) dense counts become model inputs: log3 = "
+    "log(max(x, -2) + 3), none = as is. Default: an artifact directory's recorded transform, else "
+    "log3. Stored formats (.npz, npy days, Parquet whose --columns names one) keep their own and "
+    "must agree.",
 )
 
 

@@ -19,6 +19,7 @@ from compress.cli.common import (
     json_option,
     model_config_option,
 )
+from compress.cli.loader_options import columns_option
 from compress.errors import ModelConfigError
 
 
@@ -29,7 +30,8 @@ from compress.errors import ModelConfigError
     "data_path",
     required=True,
     type=click.Path(path_type=Path),
-    help="Criteo TSV (.gz) file or directory, TorchRec npy day directory, or project .npz.",
+    help="Criteo TSV (.gz) file or directory, TorchRec npy day directory, Parquet file or "
+    "directory (see --columns), or project .npz.",
 )
 @model_config_option
 @data_options
@@ -42,6 +44,7 @@ from compress.errors import ModelConfigError
     "row 0 of that table (what the ONNX graph and FBGEMM's bounds check do).",
 )
 @dense_transform_option
+@columns_option
 @json_option
 def eval_cmd(
     model_path: Path,
@@ -52,6 +55,7 @@ def eval_cmd(
     as_json: bool,
     out_of_range: str = "error",
     dense_transform: str | None = None,
+    columns: Path | None = None,
 ) -> None:
     """Score a checkpoint, or an artifact directory with ONNX Runtime (after checking every
     checksum), on labelled data: AUC, log loss, accuracy."""
@@ -70,8 +74,18 @@ def eval_cmd(
             dense_transform=dense_transform,
         )
         t0 = time.perf_counter()
+        data = data_path
+        if columns is not None:  # Parquet with a column mapping: read here, scored by the runtime
+            from compress.data.formats import open_dataset
+
+            data = open_dataset(
+                data_path,
+                predictor.spec,
+                dense_transform=predictor.dense_transform,
+                columns=columns,
+            )
         metrics = {
-            **predictor.evaluate(data_path, on_bad_line=on_bad_line),
+            **predictor.evaluate(data, on_bad_line=on_bad_line),
             "runtime": predictor.runtime,
         }
     else:
@@ -81,8 +95,12 @@ def eval_cmd(
 
         loaded = load_model(model_path, config_or_sidecar(model_path, model_config))
         t0 = time.perf_counter()
-        data = open_data(  # large text or npy days stream: memory stays bounded
-            data_path, loaded.spec, on_bad_line=on_bad_line, dense_transform=dense_transform
+        data = open_data(  # large text, npy days or Parquet stream: memory stays bounded
+            data_path,
+            loaded.spec,
+            on_bad_line=on_bad_line,
+            dense_transform=dense_transform,
+            columns=columns,
         )
         metrics = evaluate_model(loaded.module, data, loaded.spec.feature_names, batch_size)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)

@@ -10,13 +10,15 @@ from pathlib import Path
 import click
 
 from compress.errors import ArtifactError, os_error_reason
+from compress.recipe.schema import Recipe
 
 
-def default_out_dir(checkpoint: Path, recipe: str) -> Path:
-    """``<checkpoint dir>/<checkpoint name>.<recipe name>``."""
+def default_out_dir(checkpoint: Path, recipe: str | Recipe) -> Path:
+    """``<checkpoint dir>/<checkpoint name>.<recipe name>`` (``--budget 3MB``: ``budget_3MB``)."""
     from compress.recipe.parse import load_recipe
 
-    return checkpoint.parent / f"{checkpoint.name.split('.')[0]}.{load_recipe(recipe).name}"
+    name = recipe.name if isinstance(recipe, Recipe) else load_recipe(recipe).name
+    return checkpoint.parent / f"{checkpoint.name.split('.')[0]}.{name}"
 
 
 def hold_output(out_dir: Path, say) -> None:

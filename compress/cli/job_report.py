@@ -13,6 +13,7 @@ STAGES = (
     "quantize",
     "finetune",
     "convert",
+    "control",
     "report",
     "export",
     "parity",
@@ -79,6 +80,11 @@ def format_before_after(s: dict) -> str:
             ("compressed, before fine-tuning", s["metrics"]["before_finetune"], s["bytes_after"])
         )
     rows.append((f"compressed ({s['recipe']})", s["metrics"]["compressed"], s["bytes_after"]))
+    control = s["metrics"].get("control")
+    if "control" in s["metrics"]:  # --control: the same fine-tuning, nothing compressed
+        rows.append(
+            (f"control ({s['baseline_precision']}, same fine-tuning)", control, s["bytes_before"])
+        )
     lines = [f"{'model':<32}{'auc':>8}{'logloss':>9}{'accuracy':>10}{'size':>13}"]
     for name, m, size in rows:
         if m is None:
@@ -88,6 +94,12 @@ def format_before_after(s: dict) -> str:
                 f"{name:<32}{m['auc']:>8.4f}{m['logloss']:>9.4f}{m['accuracy']:>10.4f}"
                 f"{format_bytes(size):>13}"
             )
+    compressed = s["metrics"]["compressed"]
+    if control is not None and compressed is not None:
+        lines.append(
+            f"compressed - control: AUC {compressed['auc'] - control['auc']:+.4f}, log loss "
+            f"{compressed['logloss'] - control['logloss']:+.4f} (the cost of compression alone)"
+        )
     lines += _slice_lines(s)
     if s.get("distributed"):
         lines.append(_distributed_line(s["distributed"]))

@@ -1,7 +1,10 @@
 """``--stream``, ``--loader-workers``, ``--shuffle-rows``: how the main job reads ``--data`` and
-``--valid`` (:class:`compress.data.stream.LoaderSettings`)."""
+``--valid`` (:class:`compress.data.stream.LoaderSettings`); ``--columns``: which Parquet columns
+hold what (:mod:`compress.data.parquet_columns`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -36,8 +39,9 @@ def loader_options(f):
         type=click.Choice(STREAM_MODES),
         default="auto",
         show_default=True,
-        help=f"Read Criteo text and npy days as a stream (memory independent of their size): auto "
-        f"when they hold more than {STREAM_MIN_ROWS:,} rows; .npz is always read whole.",
+        help=f"Read Criteo text, npy days and Parquet as a stream (memory independent of their "
+        f"size): auto when they hold more than {STREAM_MIN_ROWS:,} rows; .npz is always read "
+        "whole.",
     )(f)
     return f
 
@@ -46,3 +50,15 @@ def loader_settings(stream: str, loader_workers: int | None, shuffle_rows: int) 
     """The settings the three options name (defaults where not given)."""
     workers = default_workers() if loader_workers is None else loader_workers
     return LoaderSettings(stream=stream, workers=workers, shuffle_rows=shuffle_rows)  # type: ignore[arg-type]
+
+
+columns_option = click.option(
+    "--columns",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE.json",
+    help='Parquet data: which columns hold what, a JSON object {"label": ..., "dense": [...], '
+    '"sparse": {feature: column}, "dense_transform": ..., "ids": "rows"|"hash"} (every key '
+    "optional; default: label, each feature's own name, the other columns as dense). See README "
+    '"Data".',
+)

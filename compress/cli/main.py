@@ -23,14 +23,15 @@ from pathlib import Path
 
 import click
 
-from compress import __version__, progress
+from compress import __version__
+from compress.cli import verbosity
+from compress.cli.budget_options import job_recipe, plan_job, recipe_or_budget_options
 from compress.cli.common import (
     config_or_sidecar,
     dense_transform_option,
     emit_json,
     json_option,
     model_config_option,
-    recipe_option,
 )
 from compress.cli.demo_cmd import demo
 from compress.cli.distributed_options import distributed_options
@@ -38,7 +39,7 @@ from compress.cli.eval_cmd import eval_cmd
 from compress.cli.inspect_cmd import inspect
 from compress.cli.job_output import check_replaceable, default_out_dir
 from compress.cli.job_report import auc_drop_failure, format_before_after, stage_timings
-from compress.cli.loader_options import loader_options, loader_settings
+from compress.cli.loader_options import columns_option, loader_options, loader_settings
 from compress.cli.plan_cmd import plan, recipes
 from compress.cli.report_cmd import report
 from compress.cli.verify_cmd import verify
@@ -61,7 +62,7 @@ class _DefaultCommandGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         first = next((a for a in args if not a.startswith("-")), None)
         wants_help = any(a in ("--help", "-h", "--version") for a in args) and first is None
-        group_flags = {"--debug", "--no-progress"}
+        group_flags = {"--debug", "--no-progress", "--quiet", "-q", "--verbose", "-v"}
         routed = args and not wants_help and (first is None or first not in self.commands)
         if routed and any(a not in group_flags for a in args):
             lead = [a for a in args if a in group_flags]
@@ -74,8 +75,22 @@ class _DefaultCommandGroup(click.Group):
 @click.version_option(__version__, prog_name="dqrm-compress")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("--no-progress", is_flag=True, help="Never draw progress bars.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Print only warnings, errors and the result: no progress bars, plan or step lines.",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Also print every log record (each stage, each evaluation) with time and logger name.",
+)
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, no_progress: bool) -> None:
+def cli(
+    ctx: click.Context, debug: bool, no_progress: bool, quiet: bool = False, verbose: bool = False
+) -> None:
     """Compress trained TorchRec DLRM checkpoints.
 
     \b
@@ -88,8 +103,8 @@ def cli(ctx: click.Context, debug: bool, no_progress: bool) -> None:
     dqrm-compress demo                          # build the demo model and run the main job
     """
     ctx.obj = {**(ctx.obj or {}), "debug": debug}  # main() put its arguments there ("argv")
-    if no_progress:
-        progress.set_enabled(False)
+    level = verbosity.level_of(quiet, verbose)
+    ctx.call_on_close(verbosity.configure(level, progress_bars=not no_progress))
 
 
 class Terminated(KeyboardInterrupt):
@@ -138,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @cli.command(name="compress")
-@recipe_option
+@recipe_or_budget_options
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
     "--data",
     "data_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="Training data (Criteo TSV/.gz file or directory, TorchRec npy days, or .npz). "
+    help="Training data (Criteo TSV/.gz file or directory, TorchRec npy days, Parquet file or "
+    "directory (see --columns), or .npz). "
     "Without it, QAT recipes distil from the original model.",
 )
 @click.option(
@@ -201,13 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     help="Rows read at a time when a whole table is checked, quantized or projected (default: "
     "4 MiB of float32 a chunk, 65,536 rows at dim 16): what bounds their memory.",
 )
+@click.option(
+    "--control",
+    is_flag=True,
+    help="Also run the same fine-tuning (steps, optimizer, data, seed) on the uncompressed "
+    "model and report it as metrics.control: the cost of compression apart from the benefit of "
+    "the extra training.",
+)
 @dense_transform_option
 @loader_options
+@columns_option
 @model_config_option
 @distributed_options
 @json_option
 def compress_cmd(
-    recipe: str,
+    recipe: str | None,
     checkpoint: Path,
     data_path: Path | None,
     valid_path: Path | None,
@@ -228,32 +252,48 @@ def compress_cmd(
     nproc: int = 1,
     device: str = "cpu",
     max_restarts: int = 0,
+    control: bool = False,
+    budget: str | None = None,
+    columns: Path | None = None,
 ) -> None:
-    """Compress CHECKPOINT following a recipe: plan, quantize, fine-tune, evaluate, write artifacts."""
+    """Compress CHECKPOINT following a recipe (or into a size budget, --budget): plan, quantize,
+    fine-tune, evaluate, write artifacts."""
     started = time.perf_counter()
     from compress import pipeline
     from compress.cli import job_distributed
-    from compress.errors import ArtifactError, CheckpointError, DataError, QualityGateError
+    from compress.errors import (
+        ArtifactError,
+        CheckpointError,
+        DataError,
+        QualityGateError,
+        SettingError,
+    )
     from compress.io.table_stream import chunking
     from compress.plan import format_plan
     from compress.timings import StageTimer
     from exporters.artifacts.manifest_schema import QualityGateEntry
     from exporters.export import export
 
-    say = (lambda *a, **k: None) if as_json else (lambda msg="": click.echo(msg, err=True))
+    quiet = as_json or verbosity.quiet()  # --quiet: warnings, errors and the result only
+    say = (lambda *a, **k: None) if quiet else (lambda msg="": click.echo(msg, err=True))
     role = job_distributed.role(nproc, max_restarts)  # single, launcher of --nproc, or worker
     job_distributed.check_device(role, device, nproc)
+    the_recipe = job_recipe(recipe, budget, role)  # --recipe's, or --budget's to choose from data
     for path in (data_path, valid_path):
         if path is not None and not path.exists():
             raise DataError(f"{path}: no such file or directory")
     if not checkpoint.exists():
         raise CheckpointError(f"{checkpoint}: no such file or directory")
-    out_dir = out_dir or default_out_dir(checkpoint, recipe)
+    out_dir = out_dir or default_out_dir(checkpoint, the_recipe)
     if max_auc_drop is not None and data_path is None and valid_path is None:
         raise DataError(
             "--max-auc-drop needs validation data to measure AUC: give --valid or --data"
         )
     state_path = out_dir.parent / f".{out_dir.name}.train-state.pt"
+    if control and role == "launcher":  # workers started by torchrun: compress() refuses it
+        raise SettingError(
+            f"--control runs in one process: it cannot be combined with --nproc {nproc}"
+        )
     if role == "launcher":  # the workers run the job with these arguments; rank 0 prints
         job_distributed.check_trains(recipe)
         if out_dir.exists() and not force:
@@ -269,21 +309,44 @@ def compress_cmd(
     timer = StageTimer()
     with timer("load"), chunking(chunk_rows):  # the load-time finite check reads every table
         job = pipeline.load(checkpoint, config_or_sidecar(checkpoint, model_config))
-    with timer("plan"):
-        the_plan = pipeline.plan(job, recipe)
+    with timer("plan"):  # a budget measures its options on the data here
+        the_plan, choice = plan_job(
+            job,
+            the_recipe,
+            data_path,
+            valid_path,
+            say=say,
+            on_bad_line=on_bad_line,
+            dense_transform=dense_transform,
+            loader=loader_settings(
+                stream, job_distributed.loader_workers(workers, loader_workers), shuffle_rows
+            ),
+            columns=columns,
+        )
+    if control:  # before the plan is printed: a control that cannot run is the only line
+        from compress.control import check_control
+
+        check_control(the_plan, data_path, None if workers is None else workers.world_size)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir}: already exists (use --force to replace it, or --out)")
     if out_dir.exists():
-        check_replaceable(out_dir, [checkpoint, data_path, valid_path, model_config])
+        check_replaceable(out_dir, [checkpoint, data_path, valid_path, model_config, columns])
     say(format_plan(the_plan))
     say()
+    if choice is not None:
+        say(choice.describe())
+        say()
 
     def log(entry: dict) -> None:
+        if verbosity.verbose():  # the pipeline logs each evaluation itself
+            return
         m = entry.get("metrics")
         scores = f"  selection auc {m['auc']:.4f} logloss {m['logloss']:.4f}" if m else ""
         loss = f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "(before fine-tuning)"
+        run = "control " if entry.get("run") == "control" else ""
         say(
-            f"step {entry['step']:>6}  {loss}{scores}  {entry['samples_per_second']:,.0f} samples/s"
+            f"{run}step {entry['step']:>6}  {loss}{scores}  "
+            f"{entry['samples_per_second']:,.0f} samples/s"
         )
 
     # converted tables go straight to files beside --out (removed when the command ends); the
@@ -309,9 +372,12 @@ def compress_cmd(
                 stream, job_distributed.loader_workers(workers, loader_workers), shuffle_rows
             ),
             chunk_rows=chunk_rows,
+            columns=columns,
             staging_dir=staging_dir,
             device=device,
             distributed=workers,
+            control=control,
+            collect_report=True,  # report_data.json: what report.html and `report` draw
         )
     if result is None:  # a worker other than rank 0: fine-tuning is over, rank 0 writes
         return
@@ -320,6 +386,8 @@ def compress_cmd(
         raise QualityGateError(f"{failure}; nothing written to {out_dir} (--keep-failed writes it)")
     if max_auc_drop is not None:  # recorded: readers of kept failed artifacts are warned
         result.quality_gate = QualityGateEntry(max_auc_drop, failure is None, failure).to_json()
+    if choice is not None:  # the manifest's budget section, and recipe.toml to repeat it
+        result.budget = choice.to_json()
     from compress.report_format import REPORT_HTML
     from exporters.report.render import matplotlib_problem
 
@@ -344,6 +412,7 @@ def compress_cmd(
         if result.data.get("report") is None
         else {"slice": result.data["report"], "rows": result.metrics["baseline"]["n"]},
         "max_auc_drop": max_auc_drop,
+        "budget": None if choice is None else choice.to_json(options=True),
         "notes": result.notes,
         "onnx_max_abs_diff": (written.manifest.get("onnx") or {})
         .get("parity", {})

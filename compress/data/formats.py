@@ -9,6 +9,9 @@ row ids fit each feature's table:
   (:func:`compress.data.npz.load_npz`),
 - a directory holding ``day_<i>_dense.npy`` files: TorchRec's preprocessed days
   (:mod:`compress.data.criteo_npy`),
+- a file ending in ``.parquet``/``.pq`` or starting with ``PAR1``, or a directory holding such
+  files: Parquet (:mod:`compress.data.parquet_source`, pyarrow), its columns named by a
+  :class:`~compress.data.parquet_columns.ColumnMapping` (``columns``),
 - any other file (``.tsv``, ``.txt``, ``.gz``, no suffix) or directory of files: Criteo raw text
   (:mod:`compress.data.criteo_text`), with ``spec.dense_in_features`` integer and one hex column per feature.
 
@@ -16,7 +19,8 @@ row ids fit each feature's table:
 what raw text is read with (``None``: ``log3``); the other two formats store already-transformed
 dense values, returned as stored with the transform they record (``log3`` for TorchRec's npy days, an
 ``.npz`` its own), and a ``dense_transform`` that differs from it is a :class:`DataError` (an
-``.npz`` that records none takes the one given).
+``.npz`` that records none takes the one given). Parquet is read like raw text unless its column
+mapping records the stored values' transform, then like an ``.npz``.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from compress.data.criteo_text import OnBadLine, read_criteo
 from compress.data.dataset import Dataset
 from compress.data.dense_transform import DEFAULT_TEXT_TRANSFORM, DenseTransform, check_transform
 from compress.data.npz import load_npz
+from compress.data.parquet_columns import ColumnMapping, mapping_from
+from compress.data.parquet_source import is_parquet_dir, is_parquet_file
 from compress.errors import DataError
 from compress.io.model_spec import DLRMSpec
 
 log = logging.getLogger(__name__)
 
-DataFormat = Literal["npz", "npy_days", "criteo"]
+DataFormat = Literal["npz", "npy_days", "parquet", "criteo"]
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -58,6 +64,7 @@ def open_dataset(
     on_bad_line: OnBadLine = "error",
     dense_transform: DenseTransform | None = None,
     check_row_ids: bool = True,
+    columns: ColumnMapping | dict | str | Path | None = None,
 ) -> Dataset:
     """The samples at ``path`` for a model of shape ``spec`` (see the module docstring).
 
@@ -72,6 +79,7 @@ def open_dataset(
         on_bad_line=on_bad_line,
         dense_transform=dense_transform,
         check_row_ids=check_row_ids,
+        columns=columns,
     ).dataset
 
 
@@ -82,6 +90,7 @@ def load_dataset(
     on_bad_line: OnBadLine = "error",
     dense_transform: DenseTransform | None = None,
     check_row_ids: bool = True,
+    columns: ColumnMapping | dict | str | Path | None = None,
 ) -> LoadedData:
     """Like :func:`open_dataset`, also returning the detected format and skipped-line count."""
     p = Path(path)
@@ -91,6 +100,21 @@ def load_dataset(
     features = spec.feature_names
     rows = [spec.table_of_feature(f).num_embeddings for f in features]
     skipped = 0
+    if columns is not None and fmt != "parquet":
+        raise DataError(f"{p}: a column mapping (--columns) applies to Parquet data only")
+    if fmt == "parquet":
+        from compress.data.parquet_source import index_parquet
+        from compress.data.source_whole import read_whole
+
+        source = index_parquet(
+            p,
+            feature_names=features,
+            num_embeddings=rows,
+            num_dense=spec.dense_in_features,
+            columns=mapping_from(columns),
+            dense_transform=dense_transform,
+        )
+        return LoadedData(dataset=read_whole(source), format=fmt)
     if fmt == "npz":
         dataset = load_npz(p)
         check_fits(dataset, spec, p, check_row_ids)
@@ -133,17 +157,22 @@ def _stored_transform(dataset: Dataset, wanted: str, source: Path) -> Dataset:
 
 
 def detect_format(path: str | Path) -> DataFormat:
-    """``"npz"``, ``"npy_days"`` or ``"criteo"`` for ``path`` (see the module docstring)."""
+    """``"npz"``, ``"npy_days"``, ``"parquet"`` or ``"criteo"`` for ``path`` (see the module
+    docstring)."""
     p = Path(path)
     if p.is_dir():
         if find_days(p):
             return "npy_days"
+        if is_parquet_dir(p):
+            return "parquet"
         if not any(f.is_file() and not f.name.startswith(".") for f in p.iterdir()):
             raise DataError(f"{p}: directory holds no data files")
         return "criteo"
     if p.is_file():
         if p.suffix == ".npz" or _starts_with(p, _ZIP_MAGIC):
             return "npz"
+        if is_parquet_file(p):
+            return "parquet"
         return "criteo"
     raise DataError(f"{p}: no such file or directory")
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from compress.data.batches import Batch
+from compress.data.jagged_rows import JaggedRows, jagged_to_batch
 from compress.data.stream_source import RowBlock, concat_blocks
 
 
@@ -135,7 +136,10 @@ class Batcher:
 
 
 def rows_to_batch(rows: RowBlock, feature_names: Sequence[str]) -> Batch:
-    """A :class:`Batch` of one-hot rows; equal to ``Dataset.to_batch`` of the same rows."""
+    """A :class:`Batch` of one-hot rows; equal to ``Dataset.to_batch`` of the same rows
+    (multi-hot rows: :func:`compress.data.jagged_rows.jagged_to_batch`)."""
+    if isinstance(rows, JaggedRows):
+        return jagged_to_batch(rows, feature_names)
     import torch  # here, not at import: the command line reads the loader settings without torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 

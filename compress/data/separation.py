@@ -25,6 +25,7 @@ from compress.data.criteo_npy import day_paths, find_days
 from compress.data.criteo_text import criteo_files
 from compress.data.dataset import Dataset
 from compress.data.formats import detect_format
+from compress.data.parquet_source import parquet_files
 from compress.errors import DataError
 
 if TYPE_CHECKING:
@@ -38,13 +39,16 @@ _ADVICE = (
 
 
 def data_files(path: str | Path) -> list[Path]:
-    """The files a reader opens for ``path``: the file itself, a directory's npy-day files, or a
-    directory's Criteo text files (:func:`compress.data.formats.detect_format`)."""
+    """The files a reader opens for ``path``: the file itself, a directory's npy-day files, Parquet
+    files or Criteo text files (:func:`compress.data.formats.detect_format`)."""
     p = Path(path)
     if not p.is_dir():
         return [p]
-    if detect_format(p) == "npy_days":
+    fmt = detect_format(p)
+    if fmt == "npy_days":
         return [f for day in find_days(p) for f in day_paths(p, day).values() if f.exists()]
+    if fmt == "parquet":
+        return parquet_files(p)
     return criteo_files(p)
 
 

@@ -5,10 +5,15 @@ as before) or as a :class:`StreamedData`: an input indexed once (:mod:`compress.
 and then read again on every pass by background worker processes
 (:mod:`compress.data.stream_workers`), so memory does not grow with the data set.
 
-Which inputs stream (:class:`LoaderSettings`, ``--stream``): ``auto`` (default) streams Criteo text
-and npy days holding more than ``min_rows`` rows (1,000,000, about 0.5 GB as an in-memory
-``Dataset``), counted by the indexing pass; ``on`` streams every text or npy input; ``off`` reads
-every input whole. An ``.npz`` is always read whole (it is the small project format).
+Which inputs stream (:class:`LoaderSettings`, ``--stream``): ``auto`` (default) streams Criteo text,
+npy days, Parquet (:mod:`compress.data.parquet_source`) and in-process TorchRec batches
+(:mod:`compress.data.batch_source`) holding more than ``min_rows`` rows (1,000,000, about 0.5 GB
+as an in-memory ``Dataset``), counted by the indexing pass; ``on`` streams every such input;
+``off`` reads every input whole. An ``.npz`` is always read whole (it is the small project
+format). In-process batches are read in this process (no workers). Multi-hot inputs (Parquet list
+columns, batches with bags of other than one id) stream as
+:class:`~compress.data.jagged_rows.JaggedRows` through a shuffle buffer that draws the same order
+(:class:`~compress.data.jagged_rows.JaggedShuffleBuffer`).
 
 Training order. Pass ``p`` (an "epoch" over a stream) reads the blocks in file order; rows go
 through a **shuffle buffer** of ``shuffle_rows`` rows drawn by ``numpy.random.default_rng([seed,
@@ -40,6 +45,7 @@ yields its valid lines).
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -50,11 +56,15 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from compress.data.batch_source import BATCHES_NAME, Batches, index_batches, is_batches
 from compress.data.batches import Batch
 from compress.data.criteo_text import OnBadLine
 from compress.data.dataset import Dataset, check_batch_size, tail_start
 from compress.data.dense_transform import DEFAULT_TEXT_TRANSFORM, DenseTransform, check_transform
 from compress.data.formats import detect_format, load_dataset
+from compress.data.jagged_rows import JaggedShuffleBuffer
+from compress.data.parquet_columns import ColumnMapping, mapping_from
+from compress.data.parquet_source import index_parquet
 from compress.data.row_batches import Batcher, ShuffleBuffer, rows_to_batch
 from compress.data.stream_source import (
     BLOCK_BYTES,
@@ -72,6 +82,8 @@ from compress.io.model_spec import DLRMSpec
 
 if TYPE_CHECKING:  # the loader settings (the command line's options) are read without torch
     import torch
+
+log = logging.getLogger(__name__)
 
 StreamMode = Literal["auto", "on", "off"]
 STREAM_MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -195,6 +207,13 @@ class StreamedData:
         """Whether ``len`` is the number of rows read (no bad line is skipped)."""
         return self.source.exact_rows
 
+    @property
+    def one_hot_features(self) -> tuple[str, ...]:
+        """The features with exactly one id in every bag: all of Criteo text and npy days; a
+        Parquet input's plain (not list) id columns; the features of in-process batches whose
+        every bag held one id."""
+        return tuple(getattr(self.source, "one_hot", self.feature_names))
+
     def slice(self, start: int, stop: int) -> StreamedData:
         """Rows ``start`` to ``stop - 1`` of this range (clamped, like Python slicing)."""
         start, stop, _ = slice(start, stop).indices(len(self))
@@ -222,7 +241,7 @@ class StreamedData:
             raise DataError(f"{self.name}: no rows in lines {self.start}-{self.stop}")
         s = self.settings
         first = first_pass * len(tasks)
-        workers = s.workers
+        workers = 0 if getattr(self.source, "in_process", False) else s.workers
         if passes is not None:  # no more workers than blocks; one block is read here
             blocks = len(tasks) * passes
             workers = 0 if blocks == 1 else min(workers, blocks)
@@ -248,9 +267,8 @@ class StreamedData:
         ``reader``: the caller's ``self.reader(first_pass, passes)`` (to close it from outside)."""
         reader = reader or self.reader(first_pass, passes)
         n_tasks = len(reader.tasks)
-        buffer = ShuffleBuffer(
-            self.settings.shuffle_rows, np.random.default_rng([seed, first_pass])
-        )
+        kind = JaggedShuffleBuffer if getattr(self.source, "jagged", False) else ShuffleBuffer
+        buffer = kind(self.settings.shuffle_rows, np.random.default_rng([seed, first_pass]))
         try:
             for t, block in reader:
                 p = t // n_tasks
@@ -339,7 +357,7 @@ class StreamedData:
         for _, block in self.reader():
             for t in spec.tables:
                 for f in t.feature_names:
-                    ids = block.ids[:, column[f]]
+                    ids = block.feature_ids(column[f])
                     counts[t.name] += np.bincount(ids, minlength=t.num_embeddings)[
                         : t.num_embeddings
                     ]
@@ -384,7 +402,10 @@ class TrainStream:
         self.batch_size = batch_size
         self.seed = seed
         self.start_step = start_step
-        self.stats = LoaderStats(data.settings.workers, data.settings.shuffle_rows)
+        in_process = getattr(data.source, "in_process", False)  # in-process batches: no workers
+        self.stats = LoaderStats(
+            0 if in_process else data.settings.workers, data.settings.shuffle_rows
+        )
         self._first_pass, self._skip = self._position()
         self._reader = data.reader(self._first_pass, None)
         self._ready: queue.Queue = queue.Queue(maxsize=prefetch_batches)
@@ -479,26 +500,65 @@ class TrainStream:
 
 
 def open_data(
-    path: str | Path,
+    path: str | Path | Batches,
     spec: DLRMSpec,
     *,
     settings: LoaderSettings | None = None,
     on_bad_line: OnBadLine = "error",
     dense_transform: DenseTransform | None = None,
+    columns: ColumnMapping | dict | str | Path | None = None,
 ) -> Dataset | StreamedData:
     """The samples at ``path`` for a model of shape ``spec``, whole or streamed as ``settings``
-    say (module docstring); whole inputs are :func:`compress.data.formats.open_dataset`'s."""
+    say (module docstring); whole inputs are :func:`compress.data.formats.open_dataset`'s.
+    ``path`` may also be in-process TorchRec batches (:mod:`compress.data.batch_source`), which
+    stream like files (read whole under the same rule). ``columns``: which Parquet columns hold
+    what (:mod:`compress.data.parquet_columns`; Parquet only)."""
     settings = settings or LoaderSettings()
     if dense_transform is not None:
         check_transform(dense_transform, "dense_transform")
+    if is_batches(path):
+        return _open_batches(path, spec, settings, dense_transform, columns)
     fmt = detect_format(path)
     if settings.stream == "off" or fmt == "npz":
-        return _whole(path, spec, on_bad_line, dense_transform)
+        return _whole(path, spec, on_bad_line, dense_transform, columns)
     streamed = open_stream(
-        path, spec, settings=settings, on_bad_line=on_bad_line, dense_transform=dense_transform
+        path,
+        spec,
+        settings=settings,
+        on_bad_line=on_bad_line,
+        dense_transform=dense_transform,
+        columns=columns,
     )
     if settings.stream == "auto" and len(streamed) <= settings.min_rows:
-        return _whole(path, spec, on_bad_line, dense_transform)
+        return _whole(path, spec, on_bad_line, dense_transform, columns)
+    return streamed
+
+
+def _open_batches(
+    batches: Batches,
+    spec: DLRMSpec,
+    settings: LoaderSettings,
+    dense_transform: str | None,
+    columns: object,
+) -> Dataset | StreamedData:
+    """In-process batches, indexed (one pass), then streamed or read whole as for a file."""
+    if columns is not None:
+        raise DataError(f"{BATCHES_NAME}: a column mapping applies to Parquet data only")
+    features = spec.feature_names
+    source = index_batches(
+        batches,
+        feature_names=features,
+        num_embeddings=[spec.table_of_feature(f).num_embeddings for f in features],
+        num_dense=spec.dense_in_features,
+        dense_transform=dense_transform,
+    )
+    streamed = StreamedData(source, features, settings, name=BATCHES_NAME)
+    if settings.stream == "off" or (
+        settings.stream == "auto" and len(streamed) <= settings.min_rows
+    ):
+        from compress.data.source_whole import read_whole
+
+        return read_whole(source)
     return streamed
 
 
@@ -509,19 +569,33 @@ def open_stream(
     settings: LoaderSettings,
     on_bad_line: OnBadLine = "error",
     dense_transform: DenseTransform | None = None,
+    columns: ColumnMapping | dict | str | Path | None = None,
 ) -> StreamedData:
-    """Index Criteo text or npy days at ``path`` (one pass) for streaming."""
+    """Index Criteo text, npy days or Parquet at ``path`` (one pass; Parquet: the footers) for
+    streaming."""
     p = Path(path)
     fmt = detect_format(p)
     features = spec.feature_names
     rows = [spec.table_of_feature(f).num_embeddings for f in features]
-    if fmt == "npy_days":
+    if columns is not None and fmt != "parquet":
+        raise DataError(f"{p}: a column mapping (--columns) applies to Parquet data only")
+    if fmt == "parquet":
+        source: Source = index_parquet(  # type: ignore[assignment]
+            p,
+            feature_names=features,
+            num_embeddings=rows,
+            num_dense=spec.dense_in_features,
+            columns=mapping_from(columns),
+            dense_transform=dense_transform,
+            block_bytes=settings.block_bytes,
+        )
+    elif fmt == "npy_days":
         if dense_transform not in (None, "log3"):
             raise DataError(
                 f"{p}: dense features are stored 'log3'-transformed, but {dense_transform!r} is "
                 "asked for (the model's inputs, or --dense-transform)"
             )
-        source: Source = index_npy_days(
+        source = index_npy_days(
             p,
             feature_names=features,
             num_embeddings=rows,
@@ -542,15 +616,21 @@ def open_stream(
     data = StreamedData(source, features, settings, name=str(p))
     if len(data) == 0:
         raise DataError(f"{p}: no samples")
+    log.debug("%s: indexed %d rows in %d blocks (%s)", p, len(data), len(source.blocks), fmt)
     return data
 
 
 def _whole(
-    path: str | Path, spec: DLRMSpec, on_bad_line: OnBadLine, dense_transform: str | None
+    path: str | Path,
+    spec: DLRMSpec,
+    on_bad_line: OnBadLine,
+    dense_transform: str | None,
+    columns: ColumnMapping | dict | str | Path | None = None,
 ) -> Dataset:
     return load_dataset(
         path,
         spec,
         on_bad_line=on_bad_line,
         dense_transform=dense_transform,  # type: ignore[arg-type]
+        columns=columns,
     ).dataset

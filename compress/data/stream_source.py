@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -48,6 +48,7 @@ from compress.data.criteo_text import (
     parse_block,
     transform_dense,
 )
+from compress.data.jagged_rows import JaggedRows, concat_jagged
 from compress.errors import DataError
 
 #: Bytes of input per block (text: at most this, in whole lines; npy days: rows of about this
@@ -82,11 +83,18 @@ class RowBlock:
         """Rows ``n`` onwards."""
         return RowBlock(self.labels[n:], self.dense[n:], self.ids[n:])
 
+    def feature_ids(self, j: int) -> np.ndarray:
+        """Every id of feature ``j``, in row order."""
+        return self.ids[:, j]
+
 
 def concat_blocks(blocks: Sequence[RowBlock]) -> RowBlock:
-    """The rows of ``blocks`` one after another."""
+    """The rows of ``blocks`` one after another (multi-hot blocks:
+    :func:`compress.data.jagged_rows.concat_jagged`)."""
     if len(blocks) == 1:
         return blocks[0]
+    if isinstance(blocks[0], JaggedRows):
+        return concat_jagged(blocks)  # type: ignore[return-value]
     return RowBlock(
         np.concatenate([b.labels for b in blocks]),
         np.concatenate([b.dense for b in blocks]),
@@ -349,6 +357,9 @@ class BlockFiles:
 
     def __init__(self) -> None:
         self._open: dict[Path, BinaryIO] = {}
+        #: what a source that reads its own blocks keeps between them (a Parquet row group's
+        #: reader, an iterator over in-process batches); closed with the files
+        self.state: dict[object, Any] = {}
 
     def read(self, path: Path, start: int, size: int) -> bytes:
         fh = self._open.get(path)
@@ -365,18 +376,25 @@ class BlockFiles:
         for fh in self._open.values():
             fh.close()
         self._open.clear()
+        for kept in self.state.values():
+            if hasattr(kept, "close"):
+                kept.close()
+        self.state.clear()
 
 
 def read_task(source: Source, task: Task, files: BlockFiles) -> RowBlock:
-    """The rows of one task (a :class:`DataError` names file and line of a bad line)."""
+    """The rows of one task (a :class:`DataError` names file and line of a bad line). Sources
+    other than text and npy days read their own blocks (``source.read(task, files)``: Parquet,
+    in-process batches), one-hot as a ``RowBlock`` or multi-hot as
+    :class:`~compress.data.jagged_rows.JaggedRows`."""
     started = time.perf_counter()
     if isinstance(source, TextSource):
         block = _read_text(source, task, files)
-    else:
+    elif isinstance(source, NpySource):
         block = _read_npy(source, task)
-    return RowBlock(
-        block.labels, block.dense, block.ids, block.skipped, time.perf_counter() - started
-    )
+    else:
+        block = source.read(task, files)
+    return replace(block, seconds=time.perf_counter() - started)
 
 
 def _read_text(source: TextSource, task: Task, files: BlockFiles) -> RowBlock:

@@ -66,7 +66,8 @@ COPY_CHUNK_BYTES = 16 << 20
 class StagedArray:
     """A complete ``.npy`` file written by :class:`NpyWriter`: where it is, what it holds, the
     sha256 of its bytes, and the identity of the file when it was finished (``size``, ``inode``,
-    ``device``, ``mtime_ns``), which :meth:`unchanged` compares before the hash is trusted."""
+    ``device``, ``mtime_ns``, ``ctime_ns``), which :meth:`unchanged` compares before the hash is
+    trusted (``ctime_ns``: a write that set the modification time back still changes it)."""
 
     path: Path
     dtype: str
@@ -77,6 +78,7 @@ class StagedArray:
     inode: int
     device: int
     mtime_ns: int
+    ctime_ns: int
 
     @property
     def payload_bytes(self) -> int:
@@ -84,9 +86,24 @@ class StagedArray:
 
     def unchanged(self, path: Path | None = None) -> bool:
         """Whether the file at ``path`` (default: where it was written) is still the one written:
-        same inode, device, size and modification time."""
+        same inode, device, size, modification and status-change times."""
         try:
             st = os.stat(self.path if path is None else path)
+        except OSError:
+            return False
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (
+            self.inode,
+            self.device,
+            self.size,
+            self.mtime_ns,
+            self.ctime_ns,
+        )
+
+    def same_inode(self, path: Path) -> bool:
+        """Whether ``path`` is the inode written, of the size and modification time written (what
+        a rename keeps: it changes the status-change time)."""
+        try:
+            st = os.stat(path)
         except OSError:
             return False
         return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns) == (
@@ -211,6 +228,7 @@ class NpyWriter:
             st.st_ino,
             st.st_dev,
             st.st_mtime_ns,
+            st.st_ctime_ns,
         )
         return self.staged
 
@@ -326,7 +344,8 @@ def move_or_copy(staged: StagedArray, dest: str | Path) -> str:
     writing; the file is no longer in the staging directory, and memory maps of it stay valid);
     otherwise a copy read in chunks and hashed as copied. Not a hard link: ``onnx.checker``
     refuses external data with several links. ``ValueError`` when the staged file is no longer the
-    one written (moved already, removed or replaced).
+    one written (moved already, removed or replaced, before or during the rename; ``dest`` may
+    then hold the file that was there, for the caller to remove).
     """
     if not staged.unchanged():
         raise ValueError(f"{staged.path}: moved, changed or removed since it was written")
@@ -337,6 +356,8 @@ def move_or_copy(staged: StagedArray, dest: str | Path) -> str:
         if e.errno != errno.EXDEV:
             raise
     else:
+        if not staged.same_inode(dest):  # the name was pointed at another file meanwhile
+            raise ValueError(f"{staged.path}: replaced while it was moved")
         return staged.sha256
     digest = hashlib.sha256()
     with open(staged.path, "rb") as src, open(dest, "wb") as out:

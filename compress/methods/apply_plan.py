@@ -91,9 +91,13 @@ def prepare_model(
     )
     mlp = plan.mlp
     if mlp.method == "qat":
-        swap_linears(student, lambda lin: FakeQuantLinear.from_float(lin, mlp.bits))
-    elif mlp.method == "ptq":
-        swap_linears(student, lambda lin: QuantizedLinear.from_float(lin, mlp.bits))
+        swap_linears(
+            student, lambda lin: FakeQuantLinear.from_float(lin, mlp.bits, mlp.activations)
+        )
+    elif mlp.method == "ptq":  # INT8 activations: calibrate_activations before use
+        swap_linears(
+            student, lambda lin: QuantizedLinear.from_float(lin, mlp.bits, mlp.activations)
+        )
     return student, groups
 
 

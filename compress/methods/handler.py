@@ -247,9 +247,18 @@ class TableMethod:
         """What the manifest entry of a group's table adds (``group`` and ``table_offset``)."""
         raise NotImplementedError
 
-    def group_arrays(self, dtype: str, cells: int) -> dict[str, ArraySpec]:
-        """``{role: (dtype, shape)}`` of a stored group's files."""
+    def group_arrays(
+        self, dtype: str, cells: int, entry: Mapping[str, Any] | None = None
+    ) -> dict[str, ArraySpec]:
+        """``{role: (dtype, shape)}`` of a stored group's files (``entry``: its manifest entry,
+        for files that depend on more than ``dtype`` and ``cells``, once
+        :meth:`group_entry_problem` found nothing wrong with it)."""
         raise NotImplementedError
+
+    def group_entry_problem(self, entry: Mapping[str, Any]) -> tuple[str, str] | None:
+        """``(key, message)`` when a stored group's entry holds a malformed method-specific
+        field, else ``None``."""
+        return None
 
     def group_hash_problem(
         self, name: str, seed: int, constants: tuple[int, ...], prime: int

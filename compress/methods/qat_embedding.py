@@ -134,7 +134,7 @@ class _CollectionBase(nn.Module):
             ids = jt.values()
             self._before_lookup(table, ids)
             pooled.append(pool_bags(self.embedding_bags[table].lookup(ids), jt.lengths()))
-            self._after_lookup(table)
+        self._after_lookups()
         return KeyedTensor(
             keys=self._keys,
             length_per_key=self._dims,
@@ -144,8 +144,8 @@ class _CollectionBase(nn.Module):
     def _before_lookup(self, table: str, ids: torch.Tensor) -> None:
         """Called before table ``table`` looks up rows ``ids``."""
 
-    def _after_lookup(self, table: str) -> None:
-        """Called after each lookup of table ``table``."""
+    def _after_lookups(self) -> None:
+        """Called once after every table of a batch looked its rows up."""
 
 
 class QATEmbeddingBagCollection(_CollectionBase):
@@ -187,8 +187,9 @@ class QATEmbeddingBagCollection(_CollectionBase):
             trains = self.training and weight.requires_grad and torch.is_grad_enabled()
             prefault(cow, ids, write=trains)
 
-    def _after_lookup(self, table: str) -> None:
-        if cow_map_of(self.embedding_bags[table].weight) is not None:
+    def _after_lookups(self) -> None:
+        # once a batch, not once a table: the check reads /proc/self/statm
+        if any(cow_map_of(mod.weight) is not None for mod in self.embedding_bags.values()):
             self._resident.check()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import math
 import os
 import platform
 import shutil
 import struct
 import subprocess
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -43,6 +43,8 @@ import torch
 
 from compress.io.atomic_file import replacing
 from compress.quant import fake_quant
+
+_log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fake_quant_kernels.c")
 #: IEEE float32 arithmetic, no FMA contraction: the values must equal PyTorch's op by op.
@@ -178,11 +180,10 @@ def _kernels() -> ctypes.CDLL | None:
     try:
         return load()
     except NativeUnavailable as exc:
-        warnings.warn(
-            f"dqrm-compress: compiled quantization kernels unavailable ({exc}); QAT and "
+        _log.warning(  # a log record, not a printed warning: the Python API prints nothing
+            "dqrm-compress: compiled quantization kernels unavailable (%s); QAT and "
             "conversion use the PyTorch path, which gives the same values more slowly",
-            RuntimeWarning,
-            stacklevel=3,
+            exc,
         )
         return None
 
@@ -264,16 +265,29 @@ def blocks_rescan(w: torch.Tensor, block: int, summary: tuple[torch.Tensor, ...]
     return int(_require().dqrm_blocks_rescan(*_table_args(w, block, summary)))
 
 
-def _packs(x: torch.Tensor, out: torch.Tensor) -> bool:
+def _packs(x: torch.Tensor, out: torch.Tensor, bits: int, *per_row: torch.Tensor) -> bool:
     """Whether the conversion kernels can read ``x`` (contiguous float32 ``[m, D]`` on the CPU)
-    and write ``out`` (contiguous uint8 on the CPU)."""
-    return (
+    and write ``out`` (contiguous uint8 on the CPU). ``ValueError`` when they could but the sizes
+    do not match: ``bits`` 2, 4 or 8 with ``D * bits`` whole bytes, ``out`` ``[m, D * bits / 8]``
+    and each of ``per_row`` ``m`` values (the kernels write through raw pointers, trusting them)."""
+    if not (
         accepts(x)
         and x.dim() == 2
         and out.dtype == torch.uint8
         and out.device.type == "cpu"
         and out.is_contiguous()
-    )
+    ):
+        return False
+    rows, dim = x.shape
+    if bits not in (2, 4, 8) or dim * bits % 8 or tuple(out.shape) != (rows, dim * bits // 8):
+        raise ValueError(
+            f"cannot pack {bits}-bit codes of a [{rows}, {dim}] chunk into {list(out.shape)} bytes"
+        )
+    if any(t.numel() != rows for t in per_row):
+        raise ValueError(
+            f"per-row outputs of {[t.numel() for t in per_row]} values for {rows} rows"
+        )
+    return True
 
 
 #: Rows below which a chunk is quantized on one thread (splitting costs more than it saves).
@@ -327,8 +341,8 @@ def rowwise_quantize_into(
     outputs = (scale, bias)
     if (
         lib is None
-        or not _packs(x, packed)
         or any(t.dtype != torch.float16 or not t.is_contiguous() for t in outputs)
+        or not _packs(x, packed, bits, *outputs)
     ):
         return None
     dim = x.shape[1]
@@ -401,9 +415,9 @@ def rowwise_quantize_params_into(
     lib = _kernels()
     if (
         lib is None
-        or not _packs(x, packed)
-        or any(not accepts(t) or t.numel() != x.shape[0] for t in (scale32, bias32))
+        or any(not accepts(t) for t in (scale32, bias32))
         or any(t.dtype != torch.float16 or not t.is_contiguous() for t in (scale, bias))
+        or not _packs(x, packed, bits, scale32, bias32, scale, bias)
     ):
         return None
     dim = x.shape[1]
@@ -450,7 +464,7 @@ def tablewise_quantize_into(x: torch.Tensor, scale: float, bits: int, packed: to
     bytes of :func:`compress.quant.tablewise.tablewise_quantize_packed`; ``False`` (nothing
     written) where the kernels are off or cannot take these tensors."""
     lib = _kernels()
-    if lib is None or not _packs(x, packed) or x.dim() != 2:
+    if lib is None or not _packs(x, packed, bits):
         return False
     dim, width = x.shape[1], packed.shape[1]
     xp, pp = x.data_ptr(), packed.data_ptr()

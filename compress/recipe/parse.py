@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from compress.budget.spec import Budget, BudgetError, parse_budget
 from compress.errors import RecipeError
 from compress.io.user_files import read_user_text
 from compress.methods import registry
@@ -47,6 +48,7 @@ from compress.recipe.reader import (
 )
 from compress.recipe.schema import (
     FINETUNE_KEYS,
+    MLP_ACTIVATIONS,
     MLP_BITS,
     MLP_KEYS,
     MLP_METHODS,
@@ -201,9 +203,28 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
     finetune = None
     if "finetune" in data:
         finetune = _parse_finetune(_get_table(data, "finetune", source), source)
-    recipe = Recipe(name, description, rules, mlp, finetune, source)
+    budget = _parse_budget(data, source) if "budget" in data else None
+    recipe = Recipe(name, description, rules, mlp, finetune, source, budget)
     check_recipe(recipe)
     return recipe
+
+
+def _parse_budget(data: dict[str, Any], source: str) -> Budget:
+    """``budget = ...`` (:mod:`compress.budget.spec`); a budget recipe states no ``[[tables]]``
+    and no ``[mlp]``: the budget chooses them."""
+    try:
+        budget = parse_budget(data["budget"], "budget")
+    except BudgetError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    for key, what in (("tables", "[[tables]] rules"), ("mlp", "an [mlp] table")):
+        if key in data:
+            fail(
+                source,
+                "budget",
+                f"a budget chooses every table's method and the MLP's: remove {what} (or the "
+                "budget)",
+            )
+    return budget
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -211,6 +232,16 @@ def check_recipe(recipe: Recipe) -> None:
     optimizer when tables train, no rule after a catch-all, and each method's own checks across
     its rules (share groups that agree on the array)."""
     source = recipe.source
+    if recipe.budget is not None:  # [finetune] fine-tunes whatever the budget chooses
+        if recipe.finetune is not None and recipe.finetune.optimizer not in SPARSE_OPTIMIZERS:
+            fail(
+                source,
+                "finetune",
+                f"optimizer {recipe.finetune.optimizer!r} cannot take the sparse embedding "
+                f"gradients of the tables a budget may choose to train (use "
+                f"{show_choices(SPARSE_OPTIMIZERS)})",
+            )
+        return
     training = training_parts(recipe.rules, recipe.mlp)
     if training and recipe.finetune is None:
         where, method = training[0]
@@ -219,14 +250,17 @@ def check_recipe(recipe: Recipe) -> None:
             where,
             f"method {method!r} needs fine-tuning but the recipe has no [finetune] table",
         )
-    if not training and recipe.finetune is not None:
+    if not training and recipe.finetune is not None and not recipe.only_finetunes:
         fail(
             source,
             "finetune",
             "nothing is fine-tuned (no rule uses qat or share and the MLP is not qat): "
-            "remove [finetune]",
+            "remove [finetune] (only a recipe that keeps every table and the MLP may fine-tune "
+            "without compressing)",
         )
     trained_tables = [where for where, _ in training if where != "mlp"]
+    if recipe.only_finetunes:  # the kept tables are what trains, with sparse gradients
+        trained_tables = ["every kept table"]
     if (
         recipe.finetune is not None
         and trained_tables
@@ -313,7 +347,8 @@ def _parse_mlp(raw: dict, source: str) -> MLPSettings:
         keys.fail(
             "per_channel = false is not supported: MLP weights are quantized per output channel"
         )
-    return MLPSettings(method=method, bits=bits, per_channel=True)
+    activations = keys.choice("activations", MLP_ACTIVATIONS) or "fp32"
+    return MLPSettings(method=method, bits=bits, per_channel=True, activations=activations)
 
 
 def _get_table(data: dict, key: str, source: str) -> dict:

@@ -5,6 +5,12 @@ A recipe is a TOML file (read by :mod:`compress.recipe.parse`, written back by
 
     name = "int4_qat"                # str, required: [A-Za-z0-9_.-]+, not starting with "."
     description = "..."              # str, default ""
+    budget = "3MB"                   # str or int, optional: fit the model into this size (bytes,
+                                     #   KB/MB/GB, KiB/MiB/GiB, or "100x": the model's bytes / 100;
+                                     #   compress.budget.spec). The main job chooses every table's
+                                     #   method and the MLP's from data (compress.budget); the
+                                     #   recipe then has no [[tables]] and no [mlp], and its
+                                     #   [finetune], if any, fine-tunes whatever is chosen
 
     [[tables]]                       # rules, in order; none at all keeps every table as it is
     match = ["*", "re:t_cat_\\d+"]   # list of str, required, non-empty: fnmatch globs
@@ -18,11 +24,16 @@ A recipe is a TOML file (read by :mod:`compress.recipe.parse`, written back by
     method = "qat"                   # str, required: keep | ptq | qat
     bits = 4                         # int, required for ptq/qat: 8 | 4
     per_channel = true               # bool, default true (only per-output-channel is implemented)
+    activations = "int8"             # str, ptq/qat only: "fp32" (default) | "int8": each linear's
+                                     #   input quantized to static INT8 (ranges calibrated on
+                                     #   the data) and served on integer GEMM kernels
 
     [finetune]                       # keys are exactly compress.train.config.TrainConfig's fields; a
     epochs = 1.0                     #   missing key takes TrainConfig's default. Required when a
     batch_size = 2048                #   rule's method trains (qat, share) or the MLP uses qat, and
-    ...                              #   an error when nothing is trained. Integers (seed, steps,
+    ...                              #   an error when nothing is trained, except in a recipe
+                                     #   that keeps every table and the MLP (it fine-tunes the
+                                     #   uncompressed model: a control run). Integers (seed, steps,
                                      #   sizes) must fit int64, learning rates float32.
     select_on = "logloss"            # str, default "logloss": keep_best keeps the evaluation with
                                      #   the lowest log loss ("logloss") or highest AUC ("auc") on
@@ -42,7 +53,10 @@ Table methods (:mod:`compress.methods.registry`; each validates its own keys):
 * ``share`` (ROBE-Z, :mod:`compress.methods.robe.method`): ``compression`` (float > 1) or ``bytes``
   (int > 0), exactly one; ``block_size`` (int >= 1, required: Z); ``group`` (rules naming one
   group share one array; their share keys must agree); ``array_dtype`` (fp32 | fp16 | int8,
-  default fp32); ``projection`` (frequency | mean, default frequency).
+  default fp32); ``projection`` (frequency | mean, default frequency); ``hot_rows`` (int >= 0 or
+  ``"auto"``: the group's most frequent rows in ``--data`` kept exact beside a smaller array, the
+  same bytes, :mod:`compress.methods.robe.hot_rows`); ``hot_dtype`` (int8 | fp16, default int8,
+  with ``hot_rows`` only).
 * any other registered method, by its name, with the keys it declares.
 
 Keys that do not apply to a rule's method (``bits`` on a ``keep`` rule, ``scale_refresh`` on a
@@ -59,17 +73,20 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from compress.budget.spec import Budget
 from compress.methods import registry
 from compress.methods.handler import MethodConfig, TableMethod
 from compress.train.config import TrainConfig
 
 MLP_METHODS = ("keep", "ptq", "qat")
 MLP_BITS = (8, 4)
+#: ``[mlp] activations``: float32 inputs, or static INT8 (:mod:`compress.quant.activation`).
+MLP_ACTIVATIONS = ("fp32", "int8")
 REGEX_PREFIX = "re:"
-TOP_KEYS = ("name", "description", "tables", "mlp", "finetune")
+TOP_KEYS = ("name", "description", "budget", "tables", "mlp", "finetune")
 #: Keys of every rule, whatever its method (the method's own keys follow: :func:`rule_keys`).
 COMMON_RULE_KEYS = ("match", "min_rows", "max_rows", "method")
-MLP_KEYS = ("method", "bits", "per_channel")
+MLP_KEYS = ("method", "bits", "per_channel", "activations")
 FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _CATCH_ALL = ("*", "re:.*")
 
@@ -148,14 +165,19 @@ def _bounds_text(rule: TableRule) -> str:
 @dataclass(frozen=True)
 class MLPSettings:
     """The ``[mlp]`` table: every ``nn.Linear`` of the dense arch, projection branches and over
-    arch. ``bits`` is set for ``ptq``/``qat`` only; weights are quantized per output channel."""
+    arch. ``bits`` is set for ``ptq``/``qat`` only; weights are quantized per output channel.
+    ``activations``: ``"int8"`` quantizes each linear's input to static INT8 (``ptq``/``qat``)."""
 
     method: str = "keep"
     bits: int | None = None
     per_channel: bool = True
+    activations: str = "fp32"
 
     def describe(self) -> str:
-        return self.method if self.bits is None else f"{self.method} INT{self.bits} per-channel"
+        if self.bits is None:
+            return self.method
+        acts = ", INT8 activations" if self.activations == "int8" else ""
+        return f"{self.method} INT{self.bits} per-channel{acts}"
 
 
 @dataclass(frozen=True)
@@ -169,11 +191,26 @@ class Recipe:
     mlp: MLPSettings
     finetune: TrainConfig | None
     source: str = field(default="<memory>", compare=False)
+    #: ``budget = ...``: the tables and the MLP are chosen to fit it (:mod:`compress.budget`);
+    #: such a recipe has no rules and no ``[mlp]``, and is resolved into one that has
+    budget: Budget | None = None
 
     @property
     def needs_finetune(self) -> bool:
-        """Whether any rule's method trains (``qat``, ``share``) or the MLP uses ``qat``."""
-        return bool(training_parts(self.rules, self.mlp))
+        """Whether any rule's method trains (``qat``, ``share``), the MLP uses ``qat``, or the
+        recipe only fine-tunes (:attr:`only_finetunes`)."""
+        return bool(training_parts(self.rules, self.mlp)) or self.only_finetunes
+
+    @property
+    def only_finetunes(self) -> bool:
+        """Whether the recipe keeps every table and the MLP as they are and has ``[finetune]``:
+        it fine-tunes the uncompressed model (a control run, as ``--control`` runs it)."""
+        return (
+            self.finetune is not None
+            and self.budget is None
+            and self.mlp.method == "keep"
+            and not any(r.table_method.changes_tables for r in self.rules)
+        )
 
 
 def training_parts(rules: Iterable[TableRule], mlp: MLPSettings) -> list[tuple[str, str]]:

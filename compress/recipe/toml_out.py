@@ -1,7 +1,8 @@
 """Write a :class:`~compress.recipe.schema.Recipe` back as TOML that reads back into an equal one.
 
 Every setting is written out, defaults included, so the file documents what will run (the
-manifest records it as ``recipe.toml``). A rule's method writes its own keys
+manifest records it as ``recipe.toml``); ``[mlp] activations`` only when it is ``"int8"``, so
+a recipe without it writes what it always wrote. A rule's method writes its own keys
 (:meth:`~compress.methods.registry.TableMethod.recipe_items`).
 """
 
@@ -21,6 +22,8 @@ def recipe_to_toml(recipe: Recipe) -> str:
         f"name = {_toml_value(recipe.name)}",
         f"description = {_toml_value(recipe.description)}",
     ]
+    if recipe.budget is not None:
+        lines.append(f"budget = {_toml_value(recipe.budget.text)}")
     for rule in recipe.rules:
         lines += ["", "[[tables]]", f"match = {_toml_value(list(rule.match))}"]
         bounds = [("min_rows", rule.min_rows), ("max_rows", rule.max_rows)]
@@ -33,6 +36,8 @@ def recipe_to_toml(recipe: Recipe) -> str:
                 f"bits = {recipe.mlp.bits}",
                 f"per_channel = {_toml_value(recipe.mlp.per_channel)}",
             ]
+        if recipe.mlp.activations != MLPSettings().activations:
+            lines.append(f"activations = {_toml_value(recipe.mlp.activations)}")
     if recipe.finetune is not None:
         lines += ["", "[finetune]"]
         for key in FINETUNE_KEYS:

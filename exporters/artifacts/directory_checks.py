@@ -42,7 +42,7 @@ def table_array_specs(entry: TableEntry) -> dict[str, ArraySpec]:
 
 def shared_array_specs(group: SharedGroupEntry) -> dict[str, ArraySpec]:
     """What a shared array's files hold, as the method that shares arrays stores them."""
-    return registry.sharing_method().group_arrays(group.dtype, group.cells)
+    return registry.sharing_method().group_arrays(group.dtype, group.cells, group.raw)
 
 
 def dense_array_spec(entry: DenseEntry) -> ArraySpec:

@@ -6,8 +6,10 @@ initializer, a ``Constant``'s ``value`` or ``sparse_value``, an ``If``/``Loop``/
 model-local function) from a file the manifest does not list for it (format 3: the table files it reads in place, and at most one
 ``.data`` file), reads bytes outside the payload of such a file (an offset into a ``.npy`` header,
 past its end, or a length that is not the tensor's size), or declares inputs/outputs other than
-the manifest's model and features give it (:data:`exporters.onnx.model.GRAPH_IO`): a manifest that
-swaps features is caught here. Only the graph and file headers are read (no external data).
+the manifest's model and features give it (:data:`exporters.onnx.declarations.GRAPH_IO`): a
+manifest that swaps features is caught here. Only the graph and file headers are read (no external
+data), by :mod:`exporters.onnx.proto_reader`, without the ``onnx`` package (``verify`` starts in a
+fraction of its import time).
 """
 
 from __future__ import annotations
@@ -16,6 +18,23 @@ from pathlib import Path, PurePosixPath
 
 from compress.io.model_spec import DLRMSpec
 from exporters.artifacts.confined_paths import path_problem
+from exporters.onnx.declarations import GRAPH_IO, GraphShape, feature_input_names
+from exporters.onnx.proto_reader import ExternalTensor, ModelFile, ProtoError, read_model_file
+
+#: ``TensorProto.DataType`` names (onnx.proto), as problem lines show them (lower case).
+DATA_TYPE_NAMES = (
+    "UNDEFINED", "FLOAT", "UINT8", "INT8", "UINT16", "INT16", "INT32", "INT64", "STRING", "BOOL",
+    "FLOAT16", "DOUBLE", "UINT32", "UINT64", "COMPLEX64", "COMPLEX128", "BFLOAT16",
+    "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "UINT4", "INT4",
+    "FLOAT4E2M1", "FLOAT8E8M0", "UINT2", "INT2", "FLOAT6E2M3", "FLOAT6E3M2",
+)  # fmt: skip
+#: Bytes per element of each data type with a fixed size (the numpy dtype onnx maps it to; the
+#: packed 4-bit types: half a byte, :func:`_tensor_bytes`); STRING and unknown types: none.
+ITEM_BYTES = {
+    1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16,
+    16: 2, 17: 1, 18: 1, 19: 1, 20: 1, 23: 1, 24: 1, 25: 1, 26: 1, 27: 1, 28: 1,
+}  # fmt: skip
+PACKED_4BIT = (21, 22)  # UINT4, INT4
 
 
 def onnx_graph_problems(root: Path, spec: DLRMSpec, graphs: list) -> list[str]:
@@ -24,23 +43,20 @@ def onnx_graph_problems(root: Path, spec: DLRMSpec, graphs: list) -> list[str]:
     outside a listed file's payload, or declares inputs/outputs other than the model ``spec`` (the
     manifest's) gives it. ONNX Runtime takes data locations and input names from the graph
     itself, so both are held to the manifest (module docstring)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
     out = []
     for graph in graphs:
         path = root / graph.file
         try:
-            model = onnx.load(str(path), load_external_data=False)
-        except (DecodeError, ValueError, OSError) as e:
+            model = read_model_file(path)
+        except (ProtoError, OSError) as e:
             out.append(f"{path}: not a readable ONNX model ({e})")
             continue
         out += _external_data_problems(root, path, graph, model)
-        out += declared_io_problems(path, graph, model.graph, spec)
+        out += declared_io_problems(path, graph, model, spec)
     return out
 
 
-def _external_data_problems(root: Path, path: Path, graph, model) -> list[str]:
+def _external_data_problems(root: Path, path: Path, graph, model: ModelFile) -> list[str]:
     """A line for every externally stored tensor of ``model`` (the manifest graph ``graph`` at
     ``path``) that reads a file the manifest does not list for it, or bytes outside the payload
     of that file (:func:`_span_problem`)."""
@@ -48,10 +64,8 @@ def _external_data_problems(root: Path, path: Path, graph, model) -> list[str]:
     listed = ", ".join(map(repr, graph.external_data)) or "none"
     out = []
     seen: set[str] = set()
-    from exporters.onnx.model import model_external_tensors
-
-    for tensor in model_external_tensors(model):
-        info = {e.key: e.value for e in tensor.external_data}
+    for tensor in model.external_tensors:
+        info = tensor.info
         location = info.get("location", "")
         rel = (folder / location).as_posix() if not path_problem(location) else None
         if rel is None or rel not in graph.external_data:
@@ -67,7 +81,7 @@ def _external_data_problems(root: Path, path: Path, graph, model) -> list[str]:
     return out
 
 
-def _span_problem(file: Path, tensor, info: dict[str, str]) -> str | None:
+def _span_problem(file: Path, tensor: ExternalTensor, info: dict[str, str]) -> str | None:
     """Why ``tensor``'s external bytes (``offset``, ``length``) are not all payload of ``file``
     (inside it, past a ``.npy`` header, exactly the tensor's size), or ``None``."""
     offset, length = info.get("offset"), info.get("length")
@@ -92,30 +106,23 @@ def _span_problem(file: Path, tensor, info: dict[str, str]) -> str | None:
     return None
 
 
-def _tensor_bytes(tensor) -> int | None:
+def _tensor_bytes(tensor: ExternalTensor) -> int | None:
     """Bytes of a tensor's data from its type and dims (``None`` for a type without a fixed
     size)."""
     import math
 
-    import onnx
-
     elements = math.prod(tensor.dims)
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+    if tensor.data_type in PACKED_4BIT:
         return (elements + 1) // 2
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
-    return elements * itemsize if tensor.data_type != onnx.TensorProto.STRING else None
+    itemsize = ITEM_BYTES.get(tensor.data_type)
+    return None if itemsize is None else elements * itemsize
 
 
-def declared_io_problems(path: Path, graph, onnx_graph, spec: DLRMSpec) -> list[str]:
+def declared_io_problems(path: Path, graph, model: ModelFile, spec: DLRMSpec) -> list[str]:
     """``[problem]`` when the ONNX graph's declared inputs or outputs (names in order, element
     types, fixed dims) are not what the model ``spec`` gives the manifest graph ``graph``
-    (:data:`exporters.onnx.model.GRAPH_IO`), or the manifest maps a feature of the full model to
-    other input names than its own; else ``[]``."""
-    from exporters.onnx.model import GRAPH_IO, GraphShape, feature_input_names
-
+    (:data:`exporters.onnx.declarations.GRAPH_IO`), or the manifest maps a feature of the full
+    model to other input names than its own; else ``[]``."""
     io_of = GRAPH_IO.get(graph.name)
     if io_of is None:
         return [f"{path}: graph {graph.name!r} is not one dqrm-compress writes"]
@@ -132,10 +139,10 @@ def declared_io_problems(path: Path, graph, onnx_graph, spec: DLRMSpec) -> list[
                 f"{graph.name!r} takes it as {list(names.get(f, ()))}"
             ]
     for kind, want, have in (
-        ("input", want_inputs, onnx_graph.input),
-        ("output", want_outputs, onnx_graph.output),
+        ("input", want_inputs, model.inputs),
+        ("output", want_outputs, model.outputs),
     ):
-        got = [_decl_of(v) for v in have]
+        got = [(v.name, v.elem_type, v.dims) for v in have]
         for i, (w, g) in enumerate(zip(want, got, strict=False)):
             if (w.name, w.elem_type, w.shape) != g:
                 return [
@@ -152,20 +159,8 @@ def declared_io_problems(path: Path, graph, onnx_graph, spec: DLRMSpec) -> list[
     return []
 
 
-def _decl_of(value_info) -> tuple[str, int, tuple[int | str, ...]]:
-    """``(name, element type, dims)`` of an ONNX graph input/output (a dim is its value, or its
-    symbolic name)."""
-    t = value_info.type.tensor_type
-    dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
-    return value_info.name, t.elem_type, dims
-
-
 def _show_decl(decl: tuple[str, int, tuple[int | str, ...]]) -> str:
-    import onnx
-
-    name = (
-        onnx.TensorProto.DataType.Name(decl[1])
-        if decl[1] in onnx.TensorProto.DataType.values()
-        else str(decl[1])
-    )
+    """``float[batch, 13]``: an element type (its name, or its number) and dims."""
+    known = 0 <= decl[1] < len(DATA_TYPE_NAMES)
+    name = DATA_TYPE_NAMES[decl[1]] if known else str(decl[1])
     return f"{name.lower()}{list(decl[2])}"

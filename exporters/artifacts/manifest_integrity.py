@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from compress.errors import ArtifactError
+from compress.errors import ArtifactError, first_line
 from compress.io.fingerprint import sha256_json
 from exporters.artifacts.json_fields import SHA256
 from exporters.artifacts.manifest_parse import check_header, parse_manifest
@@ -60,24 +60,40 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
 
 def decode_manifest(data: bytes, where: str) -> dict:
     """The JSON object in the bytes of a ``manifest.json``; :class:`ArtifactError` for anything
-    that is not one (bad UTF-8, broken JSON, a key given twice, nesting too deep)."""
+    that is not one (bad UTF-8, broken JSON, a key given twice, nesting too deep, an integer
+    too long to convert)."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{where}: {len(data)} bytes, more than a manifest can hold")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{where}: not UTF-8 text (byte {e.start})") from None
-    try:
-        obj = json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{where}:{e.lineno}: broken JSON: {e.msg}") from None
-    except _DuplicateKey as e:
-        raise ArtifactError(f"{where}: broken JSON: key {e.args[0]!r} given twice") from None
-    except RecursionError:
-        raise ArtifactError(f"{where}: broken JSON: nested too deeply") from None
+    obj = loads_json(decode_utf8(data, where), where)
     if not isinstance(obj, dict):
         raise ArtifactError(f"{where}: not a dqrm-compress manifest (not a JSON object)")
     return obj
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` as UTF-8 text; :class:`ArtifactError` naming ``where`` and the bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{where}: not UTF-8 text (byte {e.start})") from None
+
+
+def loads_json(text: str, where: str, line: int | None = None) -> Any:
+    """The JSON value of ``text`` (line ``line`` of ``where`` when given, as in a JSON Lines
+    file); :class:`ArtifactError` for broken JSON, a key given twice, nesting too deep or an
+    integer longer than Python converts (``sys.get_int_max_str_digits``)."""
+    at = where if line is None else f"{where}:{line}"
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        lineno = f":{e.lineno}" if line is None else ""
+        raise ArtifactError(f"{at}{lineno}: broken JSON: {e.msg}") from None
+    except _DuplicateKey as e:
+        raise ArtifactError(f"{at}: broken JSON: key {e.args[0]!r} given twice") from None
+    except RecursionError:
+        raise ArtifactError(f"{at}: broken JSON: nested too deeply") from None
+    except ValueError as e:  # int(): more digits than sys.get_int_max_str_digits()
+        raise ArtifactError(f"{at}: broken JSON: {first_line(e)}") from None
 
 
 class _DuplicateKey(Exception):

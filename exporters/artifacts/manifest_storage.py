@@ -102,7 +102,14 @@ def parse_shared_arrays(top: JsonObject, optional: bool) -> list[SharedGroupEntr
             "prime": g.get("prime", POS_INT) if not missing else None,
             "bytes": g.get("bytes", NONNEG_INT),
         }
-        roles = frozenset(sharing.group_arrays(dtype, 1)) if dtype is not None else None
+        problem = sharing.group_entry_problem(g.value) if dtype is not None else None
+        if problem is not None:
+            g.fail(*problem)
+        roles = (
+            frozenset(sharing.group_arrays(dtype, 1, g.value))
+            if dtype is not None and problem is None
+            else None
+        )
         files = _role_files(g, "files", roles)
         if g.ok:
             problem = sharing.group_hash_problem(

@@ -21,14 +21,17 @@ Layout (format version 3)::
                                [out] and ``bias`` float32 [out]
       train_log.jsonl          one line per fine-tuning evaluation: step, loss, metrics
       report_data.json         what the report draws beyond the manifest (compress.report_data)
+      recipe.toml              the recipe a size budget chose (--budget), to repeat it with
+                               --recipe (only then; the manifest's ``budget`` says how)
       report.html              the report, when an extra writer adds it (exporters.report)
-      model.onnx, onnx/        the ONNX graphs, when an extra writer adds them
-                               (exporters.onnx.writer: ``model.onnx`` reads tables/ and shared/
-                               in place through ONNX external data)
+      model.onnx, dense_arch.onnx, over_arch.onnx, onnx/parity/
+                               the ONNX graphs and their parity data, when an extra writer adds
+                               them (exporters.onnx.writer: the graphs read tables/, shared/ and
+                               dense/ in place through ONNX external data)
 
 Every array is a ``.npy`` file (no pickle; ``numpy.load(..., mmap_mode="r")`` maps it); the files
-of ``tables/`` and ``shared/`` have their payload at byte 4096 (compress.io.npy_aligned), where
-the full graph points. The
+of ``tables/``, ``shared/`` and ``dense/`` have their payload at byte 4096
+(compress.io.npy_aligned), where the graphs point. The
 directory is built under a temporary name beside ``out`` and swapped in when complete, holding a
 lock on ``out`` (:mod:`exporters.artifacts.atomic_dir`), so a failure, Ctrl-C or kill leaves either the old
 or the new directory and nothing partial once the next run on ``out`` has tidied up. No timestamps
@@ -173,6 +176,10 @@ def _write_contents(result: CompressionResult, stage: Path, known: dict[str, Kno
     if result.report_data is not None:
         text = json.dumps(result.report_data, sort_keys=True, separators=(",", ":"))
         (stage / REPORT_DATA_FILE).write_text(text + "\n", encoding="utf-8")
+    if result.budget is not None:  # a budget's choice: the recipe that repeats it with --recipe
+        (stage / result.budget["recipe_file"]).write_text(
+            recipe_to_toml(result.recipe), encoding="utf-8"
+        )
     spec = result.spec
     return {
         "format": FORMAT_NAME,
@@ -222,6 +229,8 @@ def _write_contents(result: CompressionResult, stage: Path, known: dict[str, Kno
         },
         # only with --max-auc-drop: the manifests of runs without a gate stay as they were
         **({} if result.quality_gate is None else {"quality_gate": result.quality_gate}),
+        # only when a budget chose the recipe (--budget): other manifests stay as they were
+        **({} if result.budget is None else {"budget": result.budget}),
     }
 
 
@@ -295,7 +304,8 @@ def _write_dense(stage: Path, model: torch.nn.Module) -> list[dict]:
         else:
             stored = tensor
             entry["bytes"] = tensor.numel() * tensor.element_size()
-        entry["file"] = _save_npy(stage, f"dense/{key}.npy", stored)
+        # payload at byte 4096, as the tables': the graphs read float weights in place
+        entry["file"] = _save_npy(stage, f"dense/{key}.npy", stored, aligned=True)
         entries.append(entry)
     return entries
 
@@ -312,16 +322,17 @@ def pack_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class KnownFile:
     """A file of the stage whose sha256 was taken as it was written, and the identity of the file
-    then (inode, device, size, modification time): :func:`checksums` trusts the hash only while
-    the file is still that one."""
+    then (inode, device, size, modification and status-change times): :func:`checksums` trusts
+    the hash only while the file is still that one (a write that sets the modification time back
+    still changes the status-change time)."""
 
     sha256: str
-    identity: tuple[int, int, int, int]
+    identity: tuple[int, int, int, int, int]
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
+def _identity(path: Path) -> tuple[int, int, int, int, int]:
     st = os.stat(path)
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _place_staged(stage: Path, rel: str, staged: StagedArray, known: dict[str, KnownFile]) -> bool:

@@ -19,8 +19,12 @@ per interaction kind; a model class's strategy names its kind
 (:attr:`compress.io.dlrm_classes.base.DLRMClass.interaction`), so :func:`graph_interaction` finds
 the entry of any registered class, and :func:`validate_graph` checks a whole graph spec.
 
-Linear layers are ``MatMul`` + ``Add`` (never ``Gemm``, which ORT's quantization tools skip) with
-the weight stored transposed ``[in, out]``. Quantized layers keep their codes at their width
+Linear layers are ``MatMul`` + ``Add`` (never ``Gemm``, which ORT's quantization tools skip). A
+float weight is stored as the state dict holds it, ``[out, in]``, and transposed by a
+``Transpose`` node, so that an artifact directory's graphs read it in place from its
+``dense/<key>.npy`` file instead of carrying a copy (:mod:`exporters.onnx.stored_arrays`); ORT's
+constant folding makes it the ``[in, out]`` float32 weight once, at load time (logits bit for bit
+those of a stored transposed weight). Quantized layers keep their codes at their width
 (``INT8``, or ``INT4`` packed by ONNX) and dequantize them with ``Cast`` to float32 and ``Mul`` by
 the per-output-channel scales (broadcast over the last axis of the transposed weight): one float32
 rounding, so the result equals ``qweight.float() * scales[:, None]`` exactly, the same value a
@@ -39,15 +43,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from onnx import TensorProto, helper
 
 from compress.io.dlrm_classes import strategy_for
 from compress.io.dlrm_classes.dlrm import dot_output_width
 from compress.io.dlrm_classes.dlrm_projection import projection_output_width
-from exporters.onnx.lookup import concat_in_order
-from exporters.onnx.spec import CrossLayer, DLRMGraphSpec, GraphBuilder, Linear
+from exporters.onnx.spec import MS_DOMAIN, CrossLayer, DLRMGraphSpec, GraphBuilder, Linear
+
+if TYPE_CHECKING:  # the builders import onnx; the checks (validate_graph) need none
+    from onnx import TensorProto
 
 
 def _int64(values: list[int]) -> np.ndarray:
@@ -56,6 +62,8 @@ def _int64(values: list[int]) -> np.ndarray:
 
 def quantized_weight_tensor(layer: Linear) -> TensorProto:
     """The transposed codes ``[in, out]`` as an INT8 or INT4 initializer (unnamed)."""
+    from onnx import TensorProto, helper
+
     codes = np.ascontiguousarray(layer.qweight.T)
     if layer.bits == 8:
         return helper.make_tensor("", TensorProto.INT8, codes.shape, codes.tobytes(), raw=True)
@@ -66,15 +74,52 @@ def quantized_weight_tensor(layer: Linear) -> TensorProto:
     return helper.make_tensor("", TensorProto.INT4, codes.shape, packed.tobytes(), raw=True)
 
 
+def int8_weight_tensor(layer: Linear) -> TensorProto:
+    """The transposed codes ``[in, out]`` as an INT8 initializer (unnamed), whatever ``bits``:
+    the integer kernels take int8 weights (INT4 codes are int8 values in [-8, 7])."""
+    from onnx import TensorProto, helper
+
+    codes = np.ascontiguousarray(layer.qweight.T)
+    return helper.make_tensor("", TensorProto.INT8, codes.shape, codes.tobytes(), raw=True)
+
+
+def add_int8_linear(gb: GraphBuilder, x: str, layer: Linear, name: str) -> str:
+    """A layer with INT8 activations (:mod:`compress.quant.activation`): ``QuantizeLinear`` to
+    uint8 with the layer's static scale and zero point, then
+    ``com.microsoft::MatMulIntegerToFloat`` (integer products summed in int32, times
+    ``act_scale * scales[o]``, plus the bias) on ONNX Runtime's integer GEMM kernels."""
+    act_scale = gb.initializer(f"{name}.act_scale", np.asarray(layer.act_scale, np.float32))
+    zero = np.asarray(layer.act_zero_point).astype(np.uint8)
+    act_zero = gb.initializer(f"{name}.act_zero_point", zero)
+    codes_in = gb.op("QuantizeLinear", [x, act_scale, act_zero], f"{name}.x_u8")
+    weight = gb.initializer(f"{name}.qweight_t", int8_weight_tensor(layer))
+    scales = gb.initializer(f"{name}.scales", layer.scales)
+    bias = gb.initializer(f"{name}.bias", layer.bias)
+    return gb.op(
+        "MatMulIntegerToFloat",
+        [codes_in, weight, act_scale, scales, act_zero, "", bias],
+        f"{name}.out",
+        domain=MS_DOMAIN,
+    )
+
+
 def add_linear(gb: GraphBuilder, x: str, layer: Linear, name: str) -> str:
     """``x @ W.T + bias`` for float32 ``x`` ``[..., in]``; initializers are named ``name.*``."""
+    from onnx import TensorProto
+
+    if layer.int8_activations:
+        return add_int8_linear(gb, x, layer, name)
     if layer.is_quantized:
         codes = gb.initializer(f"{name}.qweight_t", quantized_weight_tensor(layer))
         scales = gb.initializer(f"{name}.scales", layer.scales)  # [out]: the last axis of [in, out]
         codes_f32 = gb.op("Cast", [codes], f"{name}.codes_f32", to=TensorProto.FLOAT)
         weight = gb.op("Mul", [codes_f32, scales], f"{name}.weight_t")
     else:
-        weight = gb.initializer(f"{name}.weight_t", np.ascontiguousarray(layer.weight.T))
+        # stored as the state dict holds it, [out, in] (an artifact directory's graphs read it
+        # in place from dense/, exporters.onnx.stored_arrays), transposed in the graph: ONNX
+        # Runtime folds the Transpose into the weight once, at load time (the same floats)
+        stored = gb.initializer(f"{name}.weight", np.ascontiguousarray(layer.weight))
+        weight = gb.op("Transpose", [stored], f"{name}.weight_t", perm=[1, 0])
     y = gb.op("MatMul", [x, weight], f"{name}.matmul")
     return gb.op("Add", [y, gb.initializer(f"{name}.bias", layer.bias)], f"{name}.out")
 
@@ -161,8 +206,11 @@ def add_dcn_interaction(
     x0 = _flatten(gb, _combined(gb, dense, sparse), width, "crossnet_in")
     x = x0
     for i, layer in enumerate(layers):
-        v_t = gb.initializer(f"crossnet.{i}.V_t", np.ascontiguousarray(layer.V_kernel.T))
-        w_t = gb.initializer(f"crossnet.{i}.W_t", np.ascontiguousarray(layer.W_kernel.T))
+        # as stored (read in place from dense/), transposed in the graph, as add_linear's weights
+        v = gb.initializer(f"crossnet.{i}.V", np.ascontiguousarray(layer.V_kernel))
+        w = gb.initializer(f"crossnet.{i}.W", np.ascontiguousarray(layer.W_kernel))
+        v_t = gb.op("Transpose", [v], f"crossnet.{i}.V_t", perm=[1, 0])
+        w_t = gb.op("Transpose", [w], f"crossnet.{i}.W_t", perm=[1, 0])
         bias = gb.initializer(f"crossnet.{i}.bias", layer.bias)
         low = gb.op("MatMul", [x, v_t], f"crossnet.{i}.xv")  # [B, r]
         high = gb.op("MatMul", [low, w_t], f"crossnet.{i}.xw")  # [B, in]
@@ -234,6 +282,8 @@ def _check_dcn(spec: DLRMGraphSpec) -> int:
 def _build_dcn(
     gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
 ) -> str:
+    from exporters.onnx.lookup import concat_in_order
+
     sparse = concat_in_order(gb, parts, order)
     width = (len(spec.features) + 1) * spec.embedding_dim
     return add_dcn_interaction(gb, dense, sparse, spec.crossnet, width)
@@ -252,6 +302,8 @@ def _check_projection(spec: DLRMGraphSpec) -> int:
 def _build_projection(
     gb: GraphBuilder, dense: str, parts: list[str], spec: DLRMGraphSpec, order: list[int]
 ) -> str:
+    from exporters.onnx.lookup import concat_in_order
+
     return add_projection_interaction(gb, dense, concat_in_order(gb, parts, order), spec)
 
 

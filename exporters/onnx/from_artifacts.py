@@ -6,8 +6,9 @@ a model larger than RAM can be described and exported): every table is a
 its method turns into a graph table (:meth:`compress.methods.registry.TableMethod.graph_table`),
 every MLP linear a graph :class:`~exporters.onnx.spec.Linear` (INT4 weights unpacked). The same
 assembly (:func:`assemble_graph_spec`) describes a converted PyTorch model
-(:mod:`exporters.onnx.from_model`). Only numpy and the ONNX builders are imported, not torch:
-``verify`` and :class:`~exporters.runtime.predictor.Predictor` run this without it.
+(:mod:`exporters.onnx.from_model`). Only numpy and the graph dataclasses are imported, neither
+torch nor onnx (the builders import onnx when they build): ``verify`` and
+:class:`~exporters.runtime.predictor.Predictor` run this without either.
 
 Example::
 
@@ -113,14 +114,27 @@ def unpack_int4_weight(packed: np.ndarray, in_features: int) -> np.ndarray:
     return (codes[:, :in_features].astype(np.int16) - 8).astype(np.int8)
 
 
+#: State-dict leaves (under a linear's path) of its INT8 activation scale and zero point
+#: (:class:`compress.methods.qat_linear.ActivationQuantizer`, attribute ``input_quant``).
+ACT_SCALE = "input_quant.scale"
+ACT_ZERO_POINT = "input_quant.zero_point"
+
+
 def linear_from_artifacts(arts: Artifacts, path: str) -> Linear:
-    """The graph :class:`Linear` stored under module ``path`` (``<path>.qweight`` or ``.weight``)."""
+    """The graph :class:`Linear` stored under module ``path`` (``<path>.qweight`` or ``.weight``;
+    with INT8 activations also ``<path>.input_quant.scale`` and ``.zero_point``)."""
     dense = arts.dense
     try:
         bias = as_float32(dense[f"{path}.bias"])
+        act = {}
+        if f"{path}.{ACT_SCALE}" in dense or f"{path}.{ACT_ZERO_POINT}" in dense:
+            act = {  # INT8 activations: both scalars (a missing one is a KeyError below)
+                "act_scale": np.asarray(dense[f"{path}.{ACT_SCALE}"], np.float32),
+                "act_zero_point": np.asarray(dense[f"{path}.{ACT_ZERO_POINT}"], np.float32),
+            }
         entry = arts.dense_entries.get(f"{path}.qweight")
-        if entry is None:
-            return Linear(bias=bias, weight=as_float32(dense[f"{path}.weight"]))
+        if entry is None:  # float weights (INT8 activations here fail the layer's validation)
+            return Linear(bias=bias, weight=as_float32(dense[f"{path}.weight"]), **act)
         stored = dense[f"{path}.qweight"]
         if entry.get("layout") == "int4_offset_packed":
             qweight = unpack_int4_weight(np.asarray(stored), int(entry["shape"][1]))
@@ -135,6 +149,7 @@ def linear_from_artifacts(arts: Artifacts, path: str) -> Linear:
             qweight=qweight,
             scales=as_float32(dense[f"{path}.scales"]),
             bits=int(entry["bits"]),
+            **act,
         )
     except KeyError as e:
         raise ArtifactError(f"{arts.path}: no dense weight {e.args[0]!r} in the manifest") from None

@@ -132,11 +132,14 @@ def linear_from_module(module: nn.Module, where: str) -> Linear:
     """A converted :class:`QuantizedLinear` or float ``nn.Linear`` as a graph :class:`Linear`."""
     if isinstance(module, QuantizedLinear):
         bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
+        quant = module.input_quant
         return Linear(
             bias=as_float32(_np(bias)),
             qweight=_np(module.qweight),
             scales=as_float32(_np(module.scales)),
             bits=module.bits,
+            act_scale=None if quant is None else as_float32(_np(quant.scale)),
+            act_zero_point=None if quant is None else as_float32(_np(quant.zero_point)),
         )
     if isinstance(module, nn.Linear) and not isinstance(module, FakeQuantLinear):
         bias = module.bias if module.bias is not None else torch.zeros(module.out_features)

@@ -24,7 +24,9 @@ does the same while building, writing big tables straight from numpy without eve
 into protobuf (the path for tables over 2 GB); given the memory-mapped ``.npy`` files the tables
 are stored in (``stored``, :mod:`exporters.onnx.stored_arrays`), it points those initializers at
 the files instead, and the graph carries no copy of them (what an artifact directory's
-``model.onnx`` does). Both write temporary files beside the target, run ``onnx.checker`` on the
+``model.onnx`` does); :func:`export_dense_graph` and :func:`export_over_graph` write the split
+graphs the same way (:func:`write_graph`), so the float MLP weights of a directory's three graphs
+are its ``dense/`` files. Both write temporary files beside the target, run ``onnx.checker`` on the
 written path, then rename, so a crash never leaves a half-written model.
 
 Example::
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -46,7 +47,19 @@ import onnx
 from onnx import TensorProto, helper
 
 from compress.io.atomic_file import replacing
-from compress.io.model_spec import feature_input_problem
+from exporters.onnx.declarations import (  # the declarations (importable from here too)
+    DENSE_EMBEDDING,
+    DENSE_INPUT,
+    LOGITS,
+    TensorDecl,
+    dense_graph_io,
+    feature_input_names,
+    full_model_io,
+    over_graph_io,
+)
+from exporters.onnx.declarations import GRAPH_IO as GRAPH_IO
+from exporters.onnx.declarations import SPARSE_EMBEDDING as SPARSE_EMBEDDING
+from exporters.onnx.declarations import GraphShape as GraphShape
 from exporters.onnx.dense import (
     add_dense_arch,
     add_interaction,
@@ -55,13 +68,7 @@ from exporters.onnx.dense import (
     validate_graph,
 )
 from exporters.onnx.lookup import RowwiseImpl, add_sparse_arch_parts
-from exporters.onnx.spec import (
-    BATCH,
-    DLRMGraphSpec,
-    ExternalRouting,
-    GraphBuilder,
-    sanitize_name,
-)
+from exporters.onnx.spec import DLRMGraphSpec, ExternalRouting, GraphBuilder
 from exporters.onnx.stored_arrays import StoredArray, TensorReference, references
 
 #: Protobuf's hard limit on one serialized message.
@@ -72,85 +79,6 @@ PROTOBUF_SAFE_BYTES = PROTOBUF_LIMIT_BYTES - 64 * 2**20
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 256 * 2**20
 #: External tensors start at multiples of this (page aligned, so ORT can map them).
 EXTERNAL_DATA_ALIGNMENT = 4096
-
-DENSE_INPUT = "dense"
-DENSE_EMBEDDING = "dense_embedding"
-SPARSE_EMBEDDING = "sparse_embedding"
-LOGITS = "logits"
-
-
-@dataclass(frozen=True)
-class TensorDecl:
-    """One graph input or output: name, numpy dtype name, shape with symbolic dims as strings."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    @property
-    def elem_type(self) -> int:
-        return helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
-
-
-@dataclass(frozen=True)
-class GraphShape:
-    """What the graphs' declared inputs and outputs depend on (a :class:`DLRMGraphSpec` has the
-    same attributes): read from a manifest, it says what the stored graphs must declare."""
-
-    features: tuple[str, ...]
-    dense_in_features: int
-    embedding_dim: int
-
-
-# ---------------------------------------------------------------------------------------------
-# Declarations
-
-
-def feature_input_names(spec: DLRMGraphSpec | GraphShape) -> dict[str, tuple[str, str]]:
-    """``feature -> (values input, lengths input)``; raises if two features sanitize alike."""
-    problem = feature_input_problem(spec.features)
-    if problem is not None:
-        raise ValueError(problem)
-    return {
-        f: (f"{sanitize_name(f)}__values", f"{sanitize_name(f)}__lengths") for f in spec.features
-    }
-
-
-def full_model_io(spec: DLRMGraphSpec | GraphShape) -> tuple[list[TensorDecl], list[TensorDecl]]:
-    """Inputs and outputs of :func:`build_full_model`."""
-    inputs = [TensorDecl(DENSE_INPUT, "float32", (BATCH, spec.dense_in_features))]
-    for f, (values, lengths) in feature_input_names(spec).items():
-        inputs.append(TensorDecl(values, "int64", (f"n_{sanitize_name(f)}",)))
-        inputs.append(TensorDecl(lengths, "int64", (BATCH,)))
-    return inputs, [TensorDecl(LOGITS, "float32", (BATCH, 1))]
-
-
-def dense_graph_io(spec: DLRMGraphSpec | GraphShape) -> tuple[list[TensorDecl], list[TensorDecl]]:
-    """Inputs and outputs of :func:`build_dense_graph`."""
-    return (
-        [TensorDecl(DENSE_INPUT, "float32", (BATCH, spec.dense_in_features))],
-        [TensorDecl(DENSE_EMBEDDING, "float32", (BATCH, spec.embedding_dim))],
-    )
-
-
-def over_graph_io(spec: DLRMGraphSpec | GraphShape) -> tuple[list[TensorDecl], list[TensorDecl]]:
-    """Inputs and outputs of :func:`build_over_graph`."""
-    d, f = spec.embedding_dim, len(spec.features)
-    return (
-        [
-            TensorDecl(DENSE_EMBEDDING, "float32", (BATCH, d)),
-            TensorDecl(SPARSE_EMBEDDING, "float32", (BATCH, f, d)),
-        ],
-        [TensorDecl(LOGITS, "float32", (BATCH, 1))],
-    )
-
-
-#: The declared inputs and outputs of each graph an artifact directory holds, by manifest name.
-GRAPH_IO: dict[str, Callable[[DLRMGraphSpec | GraphShape], tuple[list[TensorDecl], ...]]] = {
-    "model": full_model_io,
-    "dense_arch": dense_graph_io,
-    "over_arch": over_graph_io,
-}
 
 
 def dummy_inputs(
@@ -208,26 +136,34 @@ def build_full_model(spec: DLRMGraphSpec, rowwise_impl: RowwiseImpl = "auto") ->
     return check_model(gb.make_model())
 
 
-def build_dense_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
-    """TorchRec ``DenseArch`` alone: ``dense`` -> ``dense_embedding``."""
+def _dense_builder(spec: DLRMGraphSpec) -> GraphBuilder:
     validate_graph(spec)
     ins, outs = dense_graph_io(spec)
     gb = GraphBuilder("dense_arch")
     _declare(gb, ins)
     out = add_dense_arch(gb, DENSE_INPUT, spec)
     gb.add_output(out, DENSE_EMBEDDING, outs[0].elem_type, list(outs[0].shape))
-    return check_model(gb.make_model())
+    return gb
 
 
-def build_over_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
-    """Interaction + ``OverArch``: (``dense_embedding``, ``sparse_embedding``) -> ``logits``."""
+def _over_builder(spec: DLRMGraphSpec) -> GraphBuilder:
     validate_graph(spec)
     ins, outs = over_graph_io(spec)
     gb = GraphBuilder(f"{spec.model_class.lower()}_over")
     dense, sparse = _declare(gb, ins)
     logits = add_over_arch(gb, add_interaction(gb, dense, sparse, spec), spec)
     gb.add_output(logits, LOGITS, outs[0].elem_type, list(outs[0].shape))
-    return check_model(gb.make_model())
+    return gb
+
+
+def build_dense_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
+    """TorchRec ``DenseArch`` alone: ``dense`` -> ``dense_embedding``."""
+    return check_model(_dense_builder(spec).make_model())
+
+
+def build_over_graph(spec: DLRMGraphSpec) -> onnx.ModelProto:
+    """Interaction + ``OverArch``: (``dense_embedding``, ``sparse_embedding``) -> ``logits``."""
+    return check_model(_over_builder(spec).make_model())
 
 
 def check_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto | str | Path:
@@ -477,7 +413,42 @@ def export_full_model(
     those chosen by :func:`plan_external_data` go from numpy to the data file directly, so models
     with tables over 2 GB can be written without holding a second copy in memory.
     """
-    gb = _full_builder(spec, rowwise_impl)
+    return write_graph(
+        _full_builder(spec, rowwise_impl), path, external_data_threshold_bytes, stored
+    )
+
+
+def export_dense_graph(
+    spec: DLRMGraphSpec,
+    path: str | Path,
+    external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    stored: Sequence[StoredArray] = (),
+) -> Path:
+    """:func:`build_dense_graph` written to ``path`` as :func:`write_graph` writes (its float
+    weights that are ``stored`` arrays read in place)."""
+    return write_graph(_dense_builder(spec), path, external_data_threshold_bytes, stored)
+
+
+def export_over_graph(
+    spec: DLRMGraphSpec,
+    path: str | Path,
+    external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    stored: Sequence[StoredArray] = (),
+) -> Path:
+    """:func:`build_over_graph` written to ``path`` as :func:`write_graph` writes."""
+    return write_graph(_over_builder(spec), path, external_data_threshold_bytes, stored)
+
+
+def write_graph(
+    gb: GraphBuilder,
+    path: str | Path,
+    external_data_threshold_bytes: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    stored: Sequence[StoredArray] = (),
+) -> Path:
+    """Write the graph of ``gb`` to ``path`` atomically: an initializer that is one of the
+    ``stored`` arrays (memory-mapped ``.npy`` files under ``path``'s directory) points at its file
+    (:mod:`exporters.onnx.stored_arrays`), of the others those :func:`plan_external_data` picks go
+    from numpy to ``<path name>.data`` directly, the rest stay inside the ``.onnx``."""
     in_files = references(gb.initializers, list(stored), Path(path).parent)
     sizes = {n: b for n, b in gb.initializer_sizes().items() if n not in in_files}
     external = plan_external_data(sizes, external_data_threshold_bytes)

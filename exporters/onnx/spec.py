@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from compress.io.model_spec import sanitize_name  # noqa: F401  (one home; imported from here)
 from compress.quant.sizes import symmetric_range
-from exporters.onnx.sessions import SESSION_CONFIG
+from exporters.onnx.declarations import BATCH  # noqa: F401  (one home; imported from here)
+
+if TYPE_CHECKING:  # the GraphBuilder imports onnx when it builds: the dataclasses need none
+    import onnx
+    from onnx import TensorProto
 
 #: ONNX IR version of every graph: onnxruntime 1.31 loads 3..13 (onnx 1.23 writes 14 by default);
 #: INT4 initializers need at least 10.
@@ -40,8 +42,6 @@ IR_VERSION = 10
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
-#: Symbolic name of the batch dimension in every graph.
-BATCH = "batch"
 
 
 class GraphTable(Protocol):
@@ -80,6 +80,10 @@ class TableLookup:
 class Linear:
     """``y = x @ W.T + bias``: float ``weight`` [out, in], or ``qweight`` int8 [out, in] with
     per-output-channel float32 ``scales`` [out] and ``bits`` 8 or 4 (W = qweight * scales[:, None]).
+
+    A quantized layer may also quantize its input to static INT8 (``act_scale``, float32 scalar
+    > 0, and ``act_zero_point``, a float32 scalar holding an integer in [0, 255]): it then
+    computes in integers as :mod:`compress.quant.activation` says.
     """
 
     bias: np.ndarray
@@ -87,10 +91,16 @@ class Linear:
     qweight: np.ndarray | None = None
     scales: np.ndarray | None = None
     bits: int | None = None
+    act_scale: np.ndarray | None = None
+    act_zero_point: np.ndarray | None = None
 
     @property
     def is_quantized(self) -> bool:
         return self.qweight is not None
+
+    @property
+    def int8_activations(self) -> bool:
+        return self.act_scale is not None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -113,6 +123,8 @@ class Linear:
         if not self.is_quantized:
             if self.weight.dtype != np.float32 or self.weight.ndim != 2:
                 raise ValueError(f"{what}: weight must be float32 [out, in]")
+            if self.act_scale is not None or self.act_zero_point is not None:
+                raise ValueError(f"{what}: INT8 activations need quantized weights")
             return
         if self.bits not in (4, 8):
             raise ValueError(f"{what}: quantized bits must be 4 or 8, got {self.bits}")
@@ -123,6 +135,24 @@ class Linear:
             raise ValueError(f"{what}: qweight outside the signed {self.bits}-bit range")
         if self.scales is None or self.scales.dtype != np.float32 or self.scales.shape != (out,):
             raise ValueError(f"{what}: scales must be float32 [{out}]")
+        self._validate_activations(what)
+
+    def _validate_activations(self, what: str) -> None:
+        """INT8 activations: a positive finite float32 scale and an integer zero point in
+        [0, 255], both scalars, on a quantized layer."""
+        if (self.act_scale is None) != (self.act_zero_point is None):
+            raise ValueError(f"{what}: give both act_scale and act_zero_point, or neither")
+        if self.act_scale is None:
+            return
+        scale, zero = np.asarray(self.act_scale), np.asarray(self.act_zero_point)
+        if scale.shape != () or scale.dtype != np.float32:
+            raise ValueError(f"{what}: act_scale must be a float32 scalar")
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"{what}: act_scale must be finite and > 0, got {float(scale)!r}")
+        if zero.shape != () or zero.dtype != np.float32:
+            raise ValueError(f"{what}: act_zero_point must be a float32 scalar")
+        if not (np.isfinite(zero) and zero == np.round(zero) and 0 <= zero <= 255):
+            raise ValueError(f"{what}: act_zero_point must be an integer in [0, 255]")
 
 
 @dataclass(frozen=True)
@@ -234,11 +264,15 @@ class GraphBuilder:
         return f"{hint}_{self._count}"
 
     def add_input(self, name: str, elem_type: int, shape: list[int | str]) -> str:
+        from onnx import helper
+
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
     def add_output(self, value: str, name: str, elem_type: int, shape: list[int | str]) -> str:
         """Expose ``value`` as graph output ``name`` (adds an Identity when the names differ)."""
+        from onnx import helper
+
         if value != name:
             self.nodes.append(helper.make_node("Identity", [value], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
@@ -246,6 +280,8 @@ class GraphBuilder:
 
     def initializer(self, name: str, value: np.ndarray | TensorProto) -> str:
         """Add a named initializer once; a second add under the same name must be the same data."""
+        from onnx import TensorProto
+
         if name in self.initializers:
             old = self.initializers[name]
             same = old is value or (
@@ -271,6 +307,8 @@ class GraphBuilder:
         self, op_type: str, inputs: list[str], hint: str | None = None, domain: str = "", **attrs
     ) -> str:
         """Append one single-output node and return its output name."""
+        from onnx import helper
+
         out = self.fresh(hint or op_type.lower())
         if domain == MS_DOMAIN:
             self.uses_ms_domain = True
@@ -280,6 +318,8 @@ class GraphBuilder:
         return out
 
     def opset_imports(self) -> list[onnx.OperatorSetIdProto]:
+        from onnx import helper
+
         ops = [helper.make_opsetid("", OPSET)]
         if self.uses_ms_domain:
             ops.append(helper.make_opsetid(MS_DOMAIN, MS_OPSET))
@@ -295,6 +335,10 @@ class GraphBuilder:
     def make_model(self, external: ExternalRouting | None = None) -> onnx.ModelProto:
         """Finish the model; with ``external``, the initializers it wants are written straight to
         its file (never copied into protobuf)."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        from exporters.onnx.sessions import SESSION_CONFIG
+
         tensors = []
         for name, value in self.initializers.items():
             if external is not None and external.wants(name):

@@ -1,11 +1,13 @@
 """Graph initializers that are stored arrays: pointed at in their ``.npy`` files, never copied.
 
-An artifact directory stores every table once (``tables/<t>.npy``, ``shared/<g>.npy``, ...). The
-full ONNX graph reads those arrays as they are (:mod:`exporters.onnx.stacked_rows`, the methods'
-``onnx_rows``), so instead of copying them into the graph its initializers use ONNX external data
-(https://onnx.ai/onnx/repo-docs/ExternalData.html): ``location`` the file, relative to the graph's
-directory, ``offset`` the payload's position in the file (past the ``.npy`` header; page aligned
-when written by :mod:`compress.io.npy_aligned`), ``length`` its bytes.
+An artifact directory stores every table once (``tables/<t>.npy``, ``shared/<g>.npy``, ...), and
+every MLP tensor once (``dense/<key>.npy``). Its ONNX graphs read those arrays as they are
+(:mod:`exporters.onnx.stacked_rows`, the methods' ``onnx_rows``, float MLP weights in their
+``[out, in]`` order, :func:`exporters.onnx.dense.add_linear`), so instead of copying them into a
+graph its initializers use ONNX external data (https://onnx.ai/onnx/repo-docs/ExternalData.html):
+``location`` the file, relative to the graph's directory, ``offset`` the payload's position in
+the file (past the ``.npy`` header; page aligned when written by :mod:`compress.io.npy_aligned`,
+as the table files are), ``length`` its bytes.
 
 A graph initializer is recognised as a stored array by memory, not by name: it is a C-contiguous
 view of one of the memory-mapped files (:class:`StoredArray`, as
@@ -13,11 +15,12 @@ view of one of the memory-mapped files (:class:`StoredArray`, as
 array is a reference too, and anything computed from one (a cast, a copy) is not.
 
 ONNX and ONNX Runtime refuse locations that leave the graph's directory (``..``): a graph that
-points at stored arrays must sit above them (the artifact directory's ``model.onnx``).
+points at stored arrays must sit above them (the artifact directory's ``model.onnx``,
+``dense_arch.onnx`` and ``over_arch.onnx`` are at its root).
 
 Example::
 
-    stored = stored_arrays(arts)                          # every table file, mapped
+    stored = stored_arrays(arts)                          # every table and dense file, mapped
     refs = references(gb.initializers, stored, root)      # {initializer name: TensorReference}
 """
 
@@ -70,8 +73,8 @@ class TensorReference:
 
 
 def stored_arrays(arts) -> list[StoredArray]:  # noqa: ANN001 - exporters.artifacts.read.Artifacts
-    """The table and shared-array files of a loaded artifact directory, as mapped in ``arts``
-    (the very arrays its graph tables hold)."""
+    """The table, shared-array and dense-weight files of a loaded artifact directory, as mapped
+    in ``arts`` (the very arrays its graph tables and float MLP layers hold)."""
     out: list[StoredArray] = []
 
     def add(rel: str, array: np.ndarray) -> None:
@@ -84,6 +87,8 @@ def stored_arrays(arts) -> list[StoredArray]:  # noqa: ANN001 - exporters.artifa
     for g in arts.parsed.shared_arrays:
         for role, rel in g.files.items():
             add(rel, arts.tables[g.tables[0]].arrays[SHARED_ROLE + role])
+    for d in arts.parsed.dense:
+        add(d.file, arts.dense[d.key])
     return out
 
 

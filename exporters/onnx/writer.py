@@ -7,10 +7,12 @@ staging directory after the tables and dense weights are written, it
    (:func:`exporters.onnx.from_model.graph_spec_from_artifacts`), so the graphs hold exactly the stored
    arrays;
 2. writes ``model.onnx`` at the directory's root (dense + jagged sparse inputs -> logits), whose
-   table initializers point at the table files through ONNX external data instead of carrying a
-   copy (:mod:`exporters.onnx.stored_arrays`; ONNX refuses locations with ``..``, hence the root;
-   anything else of 256 MiB or more would go to ``model.onnx.data`` beside it),
-   ``onnx/dense_arch.onnx`` and ``onnx/over_arch.onnx`` (each passes ``onnx.checker``);
+   table initializers and float MLP weights point at the ``tables/``, ``shared/`` and ``dense/``
+   files through ONNX external data instead of carrying a copy
+   (:mod:`exporters.onnx.stored_arrays`; ONNX refuses locations with ``..``, hence the root;
+   anything else of 256 MiB or more would go to ``model.onnx.data`` beside it), and the split
+   graphs ``dense_arch.onnx`` and ``over_arch.onnx`` beside it, whose float MLP weights are the
+   same ``dense/`` files (each graph passes ``onnx.checker``);
 3. runs ONNX Runtime, both in a plain ``InferenceSession(path)`` (no session option: the graphs
    must not depend on any) and with the session settings the Predictor serves with
    (:data:`~exporters.onnx.parity.SERVING_SESSION_CONFIG`), on a few hundred sampled inputs of
@@ -60,15 +62,14 @@ from exporters.onnx.model import (
     DEFAULT_EXTERNAL_DATA_THRESHOLD,
     LOGITS,
     TensorDecl,
-    build_dense_graph,
-    build_over_graph,
     dense_graph_io,
+    export_dense_graph,
     export_full_model,
+    export_over_graph,
     external_files,
     feature_input_names,
     full_model_io,
     over_graph_io,
-    save_model,
 )
 from exporters.onnx.parity import (
     SERVING_SESSION_CONFIG,
@@ -77,15 +78,19 @@ from exporters.onnx.parity import (
     run_session,
     serving_session,
 )
+from exporters.onnx.parity_ids import with_special_ids
 from exporters.onnx.spec import IR_VERSION, DLRMGraphSpec
 from exporters.onnx.stored_arrays import stored_arrays
 from exporters.runtime.predictor import dataset_feeds
 
 ONNX_DIR = "onnx"
+#: At the root: the graphs read tables/, shared/ and dense/ in place (ONNX refuses ``..``). Earlier
+#: format 3 directories hold the split graphs as ``onnx/<name>.onnx``, each with its own copy of the
+#: MLP weights; readers take every graph's path from the manifest, so both are read.
 GRAPH_FILES = {
-    "model": "model.onnx",  # at the root: it reads tables/*.npy and shared/*.npy in place
-    "dense_arch": f"{ONNX_DIR}/dense_arch.onnx",
-    "over_arch": f"{ONNX_DIR}/over_arch.onnx",
+    "model": "model.onnx",
+    "dense_arch": "dense_arch.onnx",
+    "over_arch": "over_arch.onnx",
 }
 
 
@@ -132,8 +137,8 @@ def export_onnx(
     config: OnnxExportConfig,
     timer: StageTimer | None = None,
 ) -> dict:
-    """Write the three graphs under ``root/onnx`` from the arrays under ``root``; check parity;
-    return the manifest's ``onnx`` section."""
+    """Write the three graphs into ``root`` from the arrays under it (reading them in place);
+    check parity; return the manifest's ``onnx`` section."""
     root = Path(root)
     arts = artifacts_from_manifest(root, manifest)
     gspec = graph_spec_from_artifacts(arts)
@@ -143,15 +148,11 @@ def export_onnx(
     gspec = replace(gspec, one_hot_features=frozenset(config.one_hot_features))
     (root / ONNX_DIR).mkdir(exist_ok=True)
     paths = {name: root / rel for name, rel in GRAPH_FILES.items()}
-    export_full_model(
-        gspec,
-        paths["model"],
-        config.external_data_threshold_bytes,
-        config.rowwise_impl,
-        stored=stored_arrays(arts),
-    )
-    save_model(build_dense_graph(gspec), paths["dense_arch"], config.external_data_threshold_bytes)
-    save_model(build_over_graph(gspec), paths["over_arch"], config.external_data_threshold_bytes)
+    stored = stored_arrays(arts)
+    threshold = config.external_data_threshold_bytes
+    export_full_model(gspec, paths["model"], threshold, config.rowwise_impl, stored=stored)
+    export_dense_graph(gspec, paths["dense_arch"], threshold, stored=stored)
+    export_over_graph(gspec, paths["over_arch"], threshold, stored=stored)
     with timer("parity") if timer is not None else nullcontext():
         parity = check_parity(reference, arts.spec, gspec, root, paths, config)
     return onnx_section(root, gspec, config, parity)
@@ -271,7 +272,7 @@ def check_parity(
     and reference logits are stored under ``onnx/parity/`` for ``verify --parity``. One session
     kind is open at a time."""
     inputs = feature_input_names(gspec)
-    sets = parity_sets(spec, config)
+    sets = with_special_ids(parity_sets(spec, config), gspec, config.seed)  # e.g. hot rows
     atol = parity_atol(spec, config)
     cases, stored = {}, {}
     for set_name, pset in sets.items():

@@ -40,7 +40,10 @@ NUMBER = Kind(
     "a finite number",
     lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
 )
-COUNTS = Kind("a non-negative integer", lambda v: is_int(v) and v >= 0)
+#: Row counts of a score histogram bin (below 2**53: sums stay exact in int64 and float64).
+COUNTS = Kind("a non-negative integer below 2**53", lambda v: is_int(v) and 0 <= v < 2**53)
+#: Bins a stored score histogram may hold (the writer's is BINS of score_histogram, 400).
+MAX_BINS = 100_000
 #: Groups of similar size the calibration curve merges the score bins into.
 CALIBRATION_GROUPS = 20
 #: What "control" means, for the sentence saying it is not recorded.
@@ -104,6 +107,8 @@ class Training:
     metric: str | None
     slice: str | None
     baseline: Metrics | None
+    #: the control run's evaluations on the same rows (``--control``; ``None``: not run)
+    control: tuple[TrainingPoint, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,8 @@ def build_report(inputs: ReportInputs) -> Report:
     )
     if all(m is None for m in metrics.values()):
         missing.insert(0, "AUC and log loss: no validation data was given")
-    missing.append(f"control run ({CONTROL}): this tool does not run it")
+    if metrics.get("control") is None:
+        missing.append(f"control run ({CONTROL}): not run (--control runs it)")
     for problems in (p, dp):
         if problems.lines:
             n = len(problems.lines) - 1
@@ -257,8 +263,10 @@ def _metric(o: JsonObject) -> Metrics | None:
 
 def _metrics(section: JsonObject) -> dict[str, Metrics | None]:
     out = {}
-    for key in ("baseline", "before_finetune", "compressed"):
+    for key in ("baseline", "before_finetune", "compressed", "control"):
         raw = section.get(key, OBJ, optional=True, nullable=True)
+        if raw is None and key == "control" and key not in section.value:
+            continue  # only runs with --control record it
         out[key] = None if raw is None else _metric(section.child(key))
     return out
 
@@ -407,6 +415,7 @@ def _training(
     if log is not None and not any(pt.auc is not None for pt in points):
         missing.append("fine-tuning curves: no evaluation recorded (no validation data)")
     baseline, slice_name = _selection_baseline(data)
+    control = _control_points(data)
     if baseline is None and any(pt.auc is not None for pt in points):
         missing.append(
             "the checkpoint's score on the selection slice (the fine-tuning curves' baseline)"
@@ -419,7 +428,27 @@ def _training(
         slice=slice_name
         or (selected.get("slice") if isinstance(selected.get("slice"), str) else None),
         baseline=baseline,
+        control=control,
     )
+
+
+def _control_points(data: JsonObject | None) -> tuple[TrainingPoint, ...] | None:
+    """The control run's evaluations (``report_data.json``'s ``control.history``, entries as
+    train_log.jsonl holds them; ``None`` when the run had no control)."""
+    if data is None or data.value.get("control") is None:
+        return None
+    points = []
+    for e in data.child("control").each("history"):
+        metrics = e.child("metrics") if e.value.get("metrics") is not None else None
+        points.append(
+            TrainingPoint(
+                e.get("step", NONNEG_INT),
+                e.get("loss", NUMBER, nullable=True),
+                None if metrics is None else metrics.get("auc", NUMBER),
+                None if metrics is None else metrics.get("logloss", NUMBER),
+            )
+        )
+    return tuple(points)
 
 
 def _selection_baseline(data: JsonObject | None) -> tuple[Metrics | None, str | None]:
@@ -435,8 +464,12 @@ def _histogram(o: JsonObject) -> Histogram | None:
     sums = o.list_of("probability_sums", NUMBER)
     if neg is None or pos is None or sums is None:
         return None
-    if not (len(neg) == len(pos) == len(sums)) or not neg:
-        o.fail("", "negatives, positives and probability_sums must be lists of one length")
+    if not (len(neg) == len(pos) == len(sums)) or not neg or len(neg) > MAX_BINS:
+        o.fail(
+            "",
+            "negatives, positives and probability_sums must be lists of one length, "
+            f"1 to {MAX_BINS:,}",
+        )
         return None
     return Histogram(np.array(neg, np.int64), np.array(pos, np.int64), np.array(sums, np.float64))
 

@@ -57,6 +57,7 @@ MODELS = (
     ("baseline", "baseline (the checkpoint)"),
     ("before_finetune", "compressed, before fine-tuning"),
     ("compressed", "compressed"),
+    ("control", "control (the same fine-tuning, not compressed)"),
 )
 
 
@@ -145,7 +146,7 @@ def _quality(r: Report) -> str:
     rows = [
         [_e(label), *_metric_cells(r.metrics.get(key))]
         for key, label in MODELS
-        if key != "before_finetune" or r.metrics.get(key) is not None
+        if key not in ("before_finetune", "control") or r.metrics.get(key) is not None
     ]
     on = (
         f"Measured on {_e(r.metrics_slice)} (the report slice, never used to choose the kept step)."
@@ -226,7 +227,11 @@ def _training(r: Report, svgs: Mapping[str, str]) -> str:
         if t.baseline is not None
         else " The checkpoint's score on these rows is not recorded."
     )
-    control = f" Control ({CONTROL}): not recorded, this tool does not run it."
+    control = (
+        f" The dotted line is the control ({CONTROL}), evaluated on the same rows."
+        if t.control
+        else f" Control ({CONTROL}): not recorded (--control runs it)."
+    )
     caption = f"{kept}{on}{base}{control}"
     body = _figure("training", svgs, caption) or f'<p class="caption">{caption}</p>'
     return f"<h2>Fine-tuning</h2>{body}"

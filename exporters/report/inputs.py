@@ -14,20 +14,28 @@ whether drawn at export or later. Older artifacts lack ``report_data.json`` (and
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from compress.errors import ArtifactError
-from compress.io.fingerprint import sha256_file
+from compress.errors import ArtifactError, os_error_reason
 from compress.report_format import REPORT_DATA_FILE, REPORT_DATA_VERSION, TRAIN_LOG_FILE
 from exporters.artifacts.confined_paths import confined_path
+from exporters.artifacts.json_fields import show
+from exporters.artifacts.manifest_integrity import decode_utf8, loads_json
 from exporters.artifacts.manifest_schema import DIGEST_KEY
 
 #: Manifest keys written after the report (left out of what it is drawn from).
 SEALED_AFTER = ("files", DIGEST_KEY)
+#: ``report_data.json`` or ``train_log.jsonl`` larger than this is refused before parsing (real
+#: ones are kilobytes).
+MAX_INPUT_BYTES = 64 << 20
+#: ``train_log.jsonl`` holds one line per fine-tuning evaluation: more than this is refused.
+MAX_LOG_ENTRIES = 100_000
 
 
 @dataclass(frozen=True)
@@ -70,42 +78,54 @@ def _inputs(root: Path, manifest: dict, texts: Mapping[str, str | None]) -> Repo
     )
 
 
-def _text(path: Path) -> str | None:
-    if not path.is_file():
+def _read(path: Path) -> bytes | None:
+    """The bytes of the file ``path`` (``None`` when absent), at most :data:`MAX_INPUT_BYTES`."""
+    if not path.exists():
         return None
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: unreadable ({e})") from None
+        with path.open("rb") as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
+    except OSError as e:
+        raise ArtifactError(f"{path}: unreadable ({os_error_reason(e)})") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise ArtifactError(f"{path}: more than {MAX_INPUT_BYTES >> 20} MiB, refused")
+    return data
+
+
+def _text(path: Path) -> str | None:
+    data = _read(path)
+    return None if data is None else decode_utf8(data, str(path))
 
 
 def _listed_text(root: Path, name: str, files: Mapping[str, Any]) -> str | None:
     """The text of ``root/name`` (``None`` when absent), refused when it leaves the directory,
-    is not listed in the manifest or differs from the sha256 listed for it."""
+    is not listed in the manifest or differs from the sha256 listed for it (the bytes hashed are
+    the bytes parsed: read once)."""
     path = confined_path(root, name)
-    if not path.exists():
+    data = _read(path)
+    if data is None:
         return None
     entry = files.get(name)
     if entry is None:
         raise ArtifactError(f"{path}: not listed in the manifest (dqrm-compress verify says more)")
-    if sha256_file(path) != entry.sha256:
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ArtifactError(
             f"{path}: changed since export (its sha256 is not the manifest's); re-export it"
         )
-    return _text(path)
+    return decode_utf8(data, str(path))
 
 
 def parse_train_log(text: str, where: Path) -> tuple[dict[str, Any], ...]:
     """The entries of ``train_log.jsonl``: objects with an integer ``step``, a number or null
-    ``loss`` and an object or null ``metrics``; :class:`ArtifactError` naming the line otherwise."""
-    entries = []
+    ``loss`` and an object or null ``metrics`` (numbers finite), at most :data:`MAX_LOG_ENTRIES`
+    of them; :class:`ArtifactError` naming the line otherwise."""
+    entries: list[dict[str, Any]] = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{where}:{i}: not JSON ({e.msg})") from None
+        if len(entries) == MAX_LOG_ENTRIES:
+            raise ArtifactError(f"{where}:{i}: more than {MAX_LOG_ENTRIES:,} entries, refused")
+        entry = loads_json(line, str(where), line=i)
         problem = _log_entry_problem(entry)
         if problem is not None:
             raise ArtifactError(f"{where}:{i}: {problem}")
@@ -113,20 +133,24 @@ def parse_train_log(text: str, where: Path) -> tuple[dict[str, Any], ...]:
     return tuple(entries)
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _log_entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return "expected a JSON object"
     step, loss, metrics = entry.get("step"), entry.get("loss"), entry.get("metrics")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return f"step: expected a non-negative integer, got {step!r}"
-    if loss is not None and (not isinstance(loss, (int, float)) or isinstance(loss, bool)):
-        return f"loss: expected a number or null, got {loss!r}"
+        return f"step: expected a non-negative integer, got {show(step)}"
+    if loss is not None and not _finite(loss):
+        return f"loss: expected a finite number or null, got {show(loss)}"
     if metrics is not None and not isinstance(metrics, dict):
-        return f"metrics: expected an object or null, got {metrics!r}"
+        return f"metrics: expected an object or null, got {show(metrics)}"
     for key in ("auc", "logloss"):
         v = (metrics or {}).get(key)
-        if metrics is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            return f"metrics.{key}: expected a number, got {v!r}"
+        if metrics is not None and not _finite(v):
+            return f"metrics.{key}: expected a finite number, got {show(v)}"
     return None
 
 
@@ -134,15 +158,13 @@ def parse_report_data(text: str, where: Path) -> dict[str, Any]:
     """The object of ``report_data.json``; :class:`ArtifactError` when it is not JSON, not an
     object or of another version (its sections are checked where they are read,
     :mod:`exporters.report.data`)."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{where}: not JSON ({e.msg}, line {e.lineno})") from None
+    obj = loads_json(text, str(where))
     if not isinstance(obj, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     version = obj.get("version")
     if version != REPORT_DATA_VERSION:
         raise ArtifactError(
-            f"{where}: version {version!r}, this dqrm-compress reads version {REPORT_DATA_VERSION}"
+            f"{where}: version {show(version)}, this dqrm-compress reads version "
+            f"{REPORT_DATA_VERSION}"
         )
     return obj

@@ -139,8 +139,9 @@ def bytes_chart(rows: Sequence[PlanRow], title: str) -> str:
 
 def training_chart(training: Training, title: str, control_note: str) -> str:
     """AUC and log loss of the fine-tuning evaluations against the step, the checkpoint's score
-    on the same rows as a dashed line, the kept step marked; ``control_note`` (the control run is
-    not recorded) stands in the legend."""
+    on the same rows as a dashed line, the control run's evaluations (when recorded) as a dotted
+    one, the kept step marked; ``control_note`` (the control run is not recorded; empty: nothing)
+    stands in the legend."""
     points = [p for p in training.points if p.auc is not None]
     steps = [p.step for p in points]
     with _style():
@@ -157,13 +158,25 @@ def training_chart(training: Training, title: str, control_note: str) -> str:
                     lw=1.2,
                     label="baseline (checkpoint)",
                 )
+            control = [p for p in training.control or () if getattr(p, key) is not None]
+            if control:
+                ax.plot(
+                    [p.step for p in control],
+                    [getattr(p, key) for p in control],
+                    "s:",
+                    color=BASE,
+                    ms=3,
+                    lw=1.2,
+                    label="control (not compressed)",
+                )
             if training.best_step is not None and training.best_step in steps:
                 kept = values[steps.index(training.best_step)]
                 ax.plot([training.best_step], [kept], "*", color=LIMIT, ms=11, label="kept step")
             ax.set_xlabel("fine-tuning step")
             ax.set_title(f"{label} (selection slice)", loc="left")
             ax.ticklabel_format(axis="y", useOffset=False)
-        axes[0].plot([], [], " ", label=control_note)  # in the legend, drawing nothing
+        if control_note:
+            axes[0].plot([], [], " ", label=control_note)  # in the legend, drawing nothing
         return to_svg(fig, "training", title, [axes[0]])
 
 

@@ -59,7 +59,9 @@ def draw_plots(report: Report) -> dict[str, str]:
     svgs = {"bytes": plots.bytes_chart(report.plan, "Bytes per table, before and after")}
     training = report.training
     if training is not None and any(p.auc is not None for p in training.points):
-        note = "control (FP32 model, same fine-tuning): not recorded"
+        note = (
+            "control (FP32 model, same fine-tuning): not recorded" if not training.control else ""
+        )
         svgs["training"] = plots.training_chart(
             training, "AUC and log loss over fine-tuning steps", note
         )

@@ -26,7 +26,9 @@ what the directory's ONNX graph computes:
   stored fp16/int8 form exactly as the ONNX graph dequantizes it.
 - **MLP linears** are plain ``nn.Linear`` layers holding the dequantized weights
   ``qweight * scales[:, None]`` (float32, the products the ONNX graph's ``Cast`` + ``Mul``
-  computes), float layers and DCN kernels as stored.
+  computes), float layers and DCN kernels as stored. A linear stored with INT8 activations
+  (``[mlp] activations = "int8"``) becomes :class:`~compress.methods.qat_linear.QuantizedLinear`
+  with its input quantizer: the integer pipeline the graph computes, bit for bit.
 
 When more than one kind of table module is needed they are joined by
 :class:`~compress.methods.combined.CombinedEmbeddingBagCollection` (the EBC interface, outputs in the model's
@@ -56,9 +58,11 @@ from compress.io.model_spec import TableSpec
 from compress.methods import registry
 from compress.methods.combined import CombinedEmbeddingBagCollection
 from compress.methods.qat_embedding import QuantizedEmbeddingBagCollection
+from compress.methods.qat_linear import ActivationQuantizer, QuantizedLinear
 from compress.quant.fbgemm_rowwise import ROW_ALIGNMENT
 from exporters.artifacts.manifest_schema import SharedGroupEntry
 from exporters.artifacts.read import Artifacts, TableArrays, load_artifacts
+from exporters.onnx.from_artifacts import ACT_SCALE, ACT_ZERO_POINT
 from exporters.onnx.from_model import linear_from_artifacts, linear_paths
 from exporters.runtime.torchrec_ebc import DEFAULT_CHUNK_ROWS, fbgemm_data_type, fbgemm_ebc
 
@@ -119,6 +123,7 @@ def load_torchrec_model(
     _check_dense_keys(model, arts)
     for root in DENSE_ROOTS:
         _load_dense(model, root, arts)
+    _int8_activation_linears(model, arts)
     ebc = sparse_module(arts, placement, row_alignment=row_alignment, chunk_rows=chunk_rows)
     set_ebc(model, ebc)
     return model.eval()
@@ -203,7 +208,8 @@ def _load_dense(model: nn.Module, root: str, arts: Artifacts) -> None:
 def _check_dense_keys(model: nn.Module, arts: Artifacts) -> None:
     """:class:`ArtifactError` naming any ``dense`` entry that is no tensor of the model."""
     paths = [p for layer in linear_paths(arts.spec).values() for p in layer]
-    known = {f"{p}.{leaf}" for p in paths for leaf in ("weight", "qweight", "scales", "bias")}
+    leaves = ("weight", "qweight", "scales", "bias", ACT_SCALE, ACT_ZERO_POINT)
+    known = {f"{p}.{leaf}" for p in paths for leaf in leaves}
     known |= {k for k in model.state_dict() if k.split(".")[0] in DENSE_ROOTS}
     extra = sorted(set(arts.dense) - known)
     if extra:
@@ -211,3 +217,33 @@ def _check_dense_keys(model: nn.Module, arts: Artifacts) -> None:
             f"{arts.path}: dense entr{'ies' if len(extra) > 1 else 'y'} {extra} belong to no "
             f"tensor of its {arts.spec.model_class}"
         )
+
+
+def _int8_activation_linears(model: nn.Module, arts: Artifacts) -> None:
+    """Replace each linear that ``arts`` stores with INT8 activations by a
+    :class:`~compress.methods.qat_linear.QuantizedLinear` of its codes, scales, bias and input
+    quantizer (what the ONNX graph computes)."""
+    for path in (p for layer in linear_paths(arts.spec).values() for p in layer):
+        stored = linear_from_artifacts(arts, path)
+        if not stored.int8_activations:
+            continue
+        try:
+            stored.validate(path)
+        except ValueError as e:
+            raise ArtifactError(f"{arts.path}: {e}") from None
+        quant = ActivationQuantizer()
+        quant.scale.fill_(float(stored.act_scale))
+        quant.zero_point.fill_(float(stored.act_zero_point))
+        layer = QuantizedLinear(
+            torch.from_numpy(np.array(stored.qweight)),
+            torch.from_numpy(np.array(stored.scales)),
+            torch.from_numpy(np.array(stored.bias)),
+            stored.bits,
+            quant,
+        )
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if isinstance(parent, nn.Sequential | nn.ModuleList):
+            parent[int(attr)] = layer
+        else:
+            setattr(parent, attr, layer)

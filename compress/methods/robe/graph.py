@@ -6,6 +6,8 @@ read with int64 ``Add``/``Mul``/``Mod`` exactly as :mod:`compress.methods.robe.h
 gathers it from the array and dequantizes only what it gathered (``Cast``, then ``Mul`` by the
 scale for int8: the same float32 values as dequantizing the whole array first), so a saved graph
 can read the stored file in place (:meth:`compress.methods.robe.method.RobeMethod.onnx_rows`).
+A table whose group keeps hot rows (``hot``) then reads those from their own table
+(:mod:`compress.methods.robe.hot_graph`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from compress.methods.robe.config import METHOD
-from compress.methods.robe.hashing import DEFAULT_SEED, ROBE_PRIME, robe_constants
+from compress.methods.robe.hashing import (
+    DEFAULT_SEED,
+    MAX_TOTAL_ROWS,
+    ROBE_PRIME,
+    robe_constants,
+)
+from compress.methods.robe.hot_graph import HotRowsTable, add_hot_select
 
 if TYPE_CHECKING:
     from exporters.onnx.lookup import RowsRequest
@@ -30,7 +38,8 @@ class RobeTable:
 
     Tables that share one array must pass the same ``array_name`` (and the same array); the graph
     then holds it once. ``num_rows`` is the table's virtual row count, ``table_offset`` the sum of
-    the row counts of the tables before it in the shared array.
+    the row counts of the tables before it in the shared array. ``hot``: the group's hot rows
+    (the same for every table of the group), read in place of the array's.
     """
 
     array: np.ndarray
@@ -41,6 +50,7 @@ class RobeTable:
     prime: int = ROBE_PRIME
     array_name: str = "robe_array"
     scale: float | None = None
+    hot: HotRowsTable | None = None
     METHOD: ClassVar[str] = METHOD
 
     def validate(self, dim: int, what: str) -> None:
@@ -56,6 +66,16 @@ class RobeTable:
         hi += (dim // self.block_size + 1) * self.seeds[1] + self.seeds[0]
         if hi >= 2**63:
             raise ValueError(f"{what}: ROBE hash overflows int64")
+        if self.hot is not None:
+            self.hot.validate(dim, MAX_TOTAL_ROWS, what)
+
+    def special_ids(self) -> np.ndarray:
+        """The table's hot rows (ids inside it, int64): the export's parity check samples them
+        (:mod:`exporters.onnx.parity_ids`); none without hot rows."""
+        if self.hot is None:
+            return np.zeros(0, dtype=np.int64)
+        ids = np.asarray(self.hot.ids, dtype=np.int64) - self.table_offset
+        return ids[(ids >= 0) & (ids < self.num_rows)]
 
 
 def robe_index_constants(kind: RobeTable, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,13 +87,14 @@ def robe_index_constants(kind: RobeTable, dim: int) -> tuple[np.ndarray, np.ndar
 
 def onnx_rows(request: RowsRequest) -> str:
     """int64 ``Add``/``Mul``/``Mod`` hash of (row, dim), ``Gather`` from the array as stored,
-    then ``Cast`` to float32 (and ``Mul`` by the scale) when it is not float32."""
+    then ``Cast`` to float32 (and ``Mul`` by the scale) when it is not float32; with hot rows,
+    ``Where`` each row is hot, its row from the hot table."""
     gb, kind, dim = request.gb, request.table.kind, request.table.dim
     array = gb.initializer(f"robe.{request.sanitize(kind.array_name)}", kind.array)
     dim_key, dim_off = robe_index_constants(kind, dim)
     offset = gb.const("robe_offset", kind.table_offset, np.int64)
-    row = gb.op("Add", [request.ids, offset], "robe_row")
-    row = gb.op("Mul", [row, gb.const("robe_r3", kind.seeds[2], np.int64)], "robe_row_key")
+    global_row = gb.op("Add", [request.ids, offset], "robe_row")
+    row = gb.op("Mul", [global_row, gb.const("robe_r3", kind.seeds[2], np.int64)], "robe_row_key")
     axes = gb.const("axes_last", np.asarray([-1], dtype=np.int64))
     row = gb.op("Unsqueeze", [row, axes], "robe_row_key_2d")
     key = gb.op("Add", [row, gb.const("robe_dim_key", dim_key)], "robe_key")  # [N, D]
@@ -82,8 +103,11 @@ def onnx_rows(request: RowsRequest) -> str:
     key = gb.op("Mod", [key, gb.const("robe_span", span, np.int64)], "robe_block", fmod=0)
     index = gb.op("Add", [key, gb.const("robe_dim_offset", dim_off)], "robe_index")
     if kind.array.dtype == np.float32:
-        return gb.op("Gather", [array, index], "rows", axis=0)
-    cells = request.to_float(gb.op("Gather", [array, index], "robe_cells", axis=0), "robe_f32")
-    if kind.scale is None:
-        return cells
-    return gb.op("Mul", [cells, gb.const("robe_scale", np.float32(kind.scale))], "rows")
+        rows = gb.op("Gather", [array, index], "rows", axis=0)
+    else:
+        rows = request.to_float(gb.op("Gather", [array, index], "robe_cells", axis=0), "robe_f32")
+        if kind.scale is not None:
+            rows = gb.op("Mul", [rows, gb.const("robe_scale", np.float32(kind.scale))], "rows")
+    if kind.hot is None:
+        return rows
+    return add_hot_select(request, kind.hot, request.sanitize(kind.array_name), global_row, rows)

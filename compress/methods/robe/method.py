@@ -3,26 +3,34 @@
 Recipe keys: ``compression`` (ratio > 1) or ``bytes`` (the array's size), ``block_size`` (Z),
 ``group`` (rules naming one group share one array; their share keys must agree), ``array_dtype``
 (``fp32``/``fp16``/``int8``) and ``projection`` (``frequency``: least squares weighted by how
-often each row occurs in the training data; ``mean``: unweighted).
+often each row occurs in the training data; ``mean``: unweighted), ``hot_rows`` (``N`` or
+``"auto"``: the group's most frequent rows in ``--data`` kept exact in a table of their own, the
+others hashed; :mod:`compress.methods.robe.hot_rows`) and ``hot_dtype`` (``int8``/``fp16``).
 
 Plan: the tables of one group (a rule's ``group`` name, else ``share<rule index>``) share one flat
 array of :func:`~compress.methods.robe.hashing.array_size_for` cells at 4 (fp32), 2 (fp16) or 1
 (int8, plus one 4-byte scale) bytes a cell; the array's bytes are split over its tables in
 proportion to ``rows*dim`` (the first table takes the rounding remainder), so the sums stay exact.
+With hot rows the same budget holds the hot rows and an array of the cells left
+(:func:`~compress.methods.robe.hot_rows.split_budget`; ``"auto"`` chooses a split that fills it
+to the byte).
 
 Prepare: one :class:`~compress.methods.robe.module.RobeEmbeddingBagCollection` per group, its
 array the least-squares projection of the trained tables (:mod:`compress.methods.robe.projection`).
 Stored: ``shared/<group>.npy`` (and ``.scale.npy`` at int8) with the hash parameters in the
 manifest's ``shared_arrays``; the group's tables store no file of their own (layout ``robe``, their
-group and row offset ``O_t``). ONNX: int64 hash of (row, dim), then ``Gather`` from the array.
-TorchRec: the same module, with the manifest's hash parameters. The PyTorch side (the module, the
+group and row offset ``O_t``). Hot rows: ``shared/<group>.hot_ids.npy`` (sorted global rows) and
+``.hot.npy`` (INT8 codes, with ``.hot.scale.npy``/``.hot.bias.npy``, or fp16), described by the
+entry's ``hot`` object. ONNX: int64 hash of (row, dim), then ``Gather`` from the array (hot rows:
+found by a dense remap or a binary search, :mod:`compress.methods.robe.hot_graph`). TorchRec: the
+same module, with the manifest's hash parameters and hot rows. The PyTorch side (the module, the
 projection) is imported when a group is prepared or served by TorchRec: reading a manifest needs
 no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,13 +61,23 @@ from compress.methods.robe.hashing import (
     array_size_for,
     robe_constants,
 )
-from compress.recipe.reader import INTEGER, NUMBER, STRING, fail, show
+from compress.methods.robe.hot_graph import HotRowsTable
+from compress.methods.robe.hot_rows import (
+    AUTO,
+    DEFAULT_HOT_DTYPE,
+    HOT_DTYPES,
+    budget_bytes,
+    hot_id_dtype,
+    split_budget,
+)
+from compress.recipe.reader import INTEGER, NUMBER, STRING, fail, is_integer, show
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from compress.io.model_spec import DLRMSpec, TableSpec
+    from compress.methods.robe.hot_prepare import HotChoice, HotSettings
     from compress.methods.robe.module import RobeEmbeddingBagCollection
     from compress.methods.robe.projection import ProjectionReport
     from compress.recipe.reader import Keys
@@ -73,7 +91,15 @@ PROJECTIONS = ("frequency", "mean")
 #: How a shared array is initialised when the recipe does not say.
 DEFAULT_PROJECTION = PROJECTIONS[0]
 #: The settings every rule of one group must agree on (one group is one array).
-GROUP_KEYS = ("compression", "bytes", "block_size", "array_dtype", "projection")
+GROUP_KEYS = (
+    "compression",
+    "bytes",
+    "block_size",
+    "array_dtype",
+    "projection",
+    "hot_rows",
+    "hot_dtype",
+)
 #: Shared arrays up to 4 MB (fp32) take dense gradients.
 DENSE_GRAD_MAX_CELLS = 1 << 20
 
@@ -81,7 +107,8 @@ DENSE_GRAD_MAX_CELLS = 1 << 20
 @dataclass(frozen=True)
 class ShareConfig(MethodConfig):
     """Exactly one of ``compression``/``bytes``, the block size ``Z``, an optional ``group``
-    name, the array's stored precision and how it is initialised."""
+    name, the array's stored precision and how it is initialised; optionally ``hot_rows`` (an
+    int or ``"auto"``) kept at ``hot_dtype`` beside the array."""
 
     block_size: int
     compression: float | None = None
@@ -89,12 +116,19 @@ class ShareConfig(MethodConfig):
     group: str | None = None
     array_dtype: str = DEFAULT_ARRAY_DTYPE
     projection: str = DEFAULT_PROJECTION
+    hot_rows: int | str | None = None
+    hot_dtype: str | None = None
     METHOD: ClassVar[str] = METHOD
 
 
 @dataclass(frozen=True)
 class ShareGroupPlan:
-    """One shared ROBE-Z array: its tables (in model order), total rows, cells and bytes."""
+    """One shared ROBE-Z array: its tables (in model order), total rows, cells and bytes.
+
+    With hot rows (``hot_rows`` an int or ``"auto"``, at ``hot_dtype``) the group's ``budget``
+    (the bytes of the array alone) holds them and the array: ``cells`` and ``bytes`` are the
+    split's for a fixed count, and for ``"auto"`` the array's without hot rows (the most cells it
+    can have) and the budget (the chosen split fills it to the byte)."""
 
     name: str
     rule_index: int
@@ -106,10 +140,13 @@ class ShareGroupPlan:
     array_dtype: str
     bytes: int
     projection: str = DEFAULT_PROJECTION
+    hot_rows: int | str | None = None
+    hot_dtype: str | None = None
+    budget: int | None = None
     method: ClassVar[str] = METHOD
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "rule": self.rule_index,
             "tables": list(self.tables),
@@ -121,11 +158,33 @@ class ShareGroupPlan:
             "projection": self.projection,
             "bytes": self.bytes,
         }
+        if self.hot_rows is not None:
+            out.update(hot_rows=self.hot_rows, hot_dtype=self.hot_dtype, budget=self.budget)
+        return out
 
     def describe(self) -> str:
+        cells = "up to " if self.hot_rows == AUTO else ""
+        hot = ""
+        if self.hot_rows == AUTO:
+            hot = f", hot rows {self.hot_dtype} (how many: chosen from --data)"
+        elif self.hot_rows is not None:
+            hot = f", {self.hot_rows:,} hot rows {self.hot_dtype}"
         return (
-            f"shared array {self.name}: {len(self.tables)} tables, {self.cells:,} "
-            f"{self.array_dtype} cells (Z={self.block_size}), {format_bytes(self.bytes)}"
+            f"shared array {self.name}: {len(self.tables)} tables, {cells}{self.cells:,} "
+            f"{self.array_dtype} cells (Z={self.block_size}){hot}, {format_bytes(self.bytes)}"
+        )
+
+    def hot_settings(self) -> HotSettings:
+        """What :func:`~compress.methods.robe.hot_prepare.prepare_hot_group` needs."""
+        from compress.methods.robe.hot_prepare import HotSettings
+
+        return HotSettings(
+            self.hot_rows,
+            self.hot_dtype,
+            self.budget,
+            self.array_dtype,
+            self.block_size,
+            self.projection == "frequency",
         )
 
 
@@ -139,6 +198,7 @@ class SharedGroup:
     report: ProjectionReport
     projection: str
     notes: list[str] = field(default_factory=list)
+    hot: HotChoice | None = None
     method: ClassVar[str] = METHOD
 
     @property
@@ -154,7 +214,16 @@ class RobeMethod(TableMethod):
 
     # recipe
     def recipe_keys(self, spelling: str) -> tuple[str, ...]:
-        return ("compression", "bytes", "block_size", "group", "array_dtype", "projection")
+        return (
+            "compression",
+            "bytes",
+            "block_size",
+            "group",
+            "array_dtype",
+            "projection",
+            "hot_rows",
+            "hot_dtype",
+        )
 
     def parse(self, spelling: str, keys: Keys) -> MethodConfig:
         has_ratio, has_bytes = keys.has("compression"), keys.has("bytes")
@@ -173,13 +242,17 @@ class RobeMethod(TableMethod):
             keys.fail("group must be a non-empty name")
         nbytes = keys.get("bytes", INTEGER, minimum=1)
         block_size = keys.get("block_size", INTEGER, minimum=1, required=True)
+        projection = keys.choice("projection", PROJECTIONS) or DEFAULT_PROJECTION
+        hot_rows, hot_dtype = _parse_hot(keys, projection)
         return ShareConfig(
             block_size=block_size,
             compression=compression,
             bytes=nbytes,
             group=group,
             array_dtype=keys.choice("array_dtype", ARRAY_PRECISIONS) or DEFAULT_ARRAY_DTYPE,
-            projection=keys.choice("projection", PROJECTIONS) or DEFAULT_PROJECTION,
+            projection=projection,
+            hot_rows=hot_rows,
+            hot_dtype=hot_dtype,
         )
 
     def fields(self, config: ShareConfig) -> MethodFields:
@@ -194,6 +267,8 @@ class RobeMethod(TableMethod):
             ("group", config.group),
             ("array_dtype", config.array_dtype),
             ("projection", config.projection),
+            ("hot_rows", config.hot_rows),
+            ("hot_dtype", config.hot_dtype),
         ]
         return [(k, v) for k, v in items if v is not None]
 
@@ -201,7 +276,8 @@ class RobeMethod(TableMethod):
         c = config
         size = f"1/{c.compression:g}" if c.compression is not None else f"{c.bytes} B"
         group = f" group={c.group}" if c.group is not None else ""
-        return f"{SPELLING} {size} Z={c.block_size} {c.array_dtype}{group}"
+        hot = f" hot={c.hot_rows} {c.hot_dtype}" if c.hot_rows is not None else ""
+        return f"{SPELLING} {size} Z={c.block_size} {c.array_dtype}{hot}{group}"
 
     def trains(self, config: ShareConfig) -> bool:
         return True
@@ -259,6 +335,23 @@ class RobeMethod(TableMethod):
             ) from e
         extra = INT8_SCALE_BYTES if c.array_dtype == "int8" else 0
         total = cells * cell_bytes + extra
+        budget = None
+        if c.hot_rows is not None:
+            budget = budget_bytes(cells, c.array_dtype)
+            if c.hot_rows != AUTO:
+                try:
+                    split = split_budget(
+                        budget,
+                        c.hot_rows,
+                        rows_total,
+                        dim,
+                        c.array_dtype,
+                        c.hot_dtype,
+                        c.block_size,
+                    )
+                except ValueError as e:
+                    raise RecipeError(f"{where}: hot_rows: {e}") from None
+                cells, total = split.cells, split.bytes
         group = ShareGroupPlan(
             name=name,
             rule_index=first_index,
@@ -270,6 +363,9 @@ class RobeMethod(TableMethod):
             array_dtype=c.array_dtype,
             bytes=total,
             projection=c.projection,
+            hot_rows=c.hot_rows,
+            hot_dtype=c.hot_dtype,
+            budget=budget,
         )
         return group, split_bytes(total, [(t.name, t.num_embeddings) for t, _ in members])
 
@@ -296,10 +392,20 @@ class RobeMethod(TableMethod):
         # the --chunk-rows setting, else 262,144 rows at dim 16 (as many values at other dims)
         chunk = chunk_rows_setting() or max(1, DEFAULT_CHUNK_ROWS * 16 // tables[0].embedding_dim)
         nbytes = sum(w.numel() * w.element_size() for _, w in pairs)
+        hot = None
         with progress_bytes(2 * nbytes, f"project {group.name}"):  # projection, then its error
-            module, report = project_module(
-                pairs, config, row_weights=weights, chunk_rows=chunk, sparse=sparse
-            )
+            if group.hot_rows is None:
+                module, report = project_module(
+                    pairs, config, row_weights=weights, chunk_rows=chunk, sparse=sparse
+                )
+            else:
+                from compress.methods.robe.hot_prepare import prepare_hot_group
+
+                counts = [row_counts[t.name] for t in tables] if row_counts is not None else None
+                module, report, hot = prepare_hot_group(
+                    group.name, pairs, counts, group.hot_settings(), chunk, sparse
+                )
+                config = module.config
         if group.array_dtype != DEFAULT_ARRAY_DTYPE:
             module.set_quantization(ArrayQuantization(precision=group.array_dtype))
         projection = "frequency" if weighted else "mean"
@@ -308,13 +414,19 @@ class RobeMethod(TableMethod):
             f"shared array {group.name}: {config.array_size:,} cells initialised by the {how}"
             f"least-squares projection of {len(tables)} trained tables (reconstruction RMSE "
             f"{report.rmse:.4g})"
+            if hot is None or not hot.hot_rows
+            else f"shared array {group.name}: {config.array_size:,} cells initialised by the "
+            f"{how}least-squares projection of the rows of {len(tables)} trained tables that "
+            "are not hot"
         ]
+        if hot is not None:
+            notes.append(_hot_note(group, hot, row_counts is not None))
         if projection != group.projection:
             notes.append(
                 f"shared array {group.name}: no training data to count row frequencies, so every "
                 "row weighs the same in the projection; give --data for the frequency-weighted one"
             )
-        return SharedGroup(group.name, module, report, projection, notes)
+        return SharedGroup(group.name, module, report, projection, notes, hot)
 
     # artifacts
     def write_group(self, group: SharedGroup, save: Callable[[str, torch.Tensor], str]) -> dict:
@@ -334,6 +446,16 @@ class RobeMethod(TableMethod):
         files = {"data": save(f"shared/{name}.npy", data)}
         if scale is not None:
             files["scale"] = save(f"shared/{name}.scale.npy", scale)
+        nbytes = data.numel() * data.element_size() + (
+            scale.numel() * 4 if scale is not None else 0
+        )
+        hot = {}
+        if module.hot_rows:
+            arrays = _hot_arrays(module)
+            for role, tensor in arrays.items():
+                files[role] = save(f"shared/{name}.{HOT_FILES[role]}.npy", tensor)
+                nbytes += tensor.numel() * tensor.element_size()
+            hot = {"hot": _hot_entry(module)}
         constants = module.config.constants
         return {
             "name": name,
@@ -345,9 +467,9 @@ class RobeMethod(TableMethod):
             "prime": ROBE_PRIME,
             "dtype": precision,
             "projection": group.projection,
+            **hot,
             "files": files,
-            "bytes": data.numel() * data.element_size()
-            + (scale.numel() * 4 if scale is not None else 0),
+            "bytes": nbytes,
         }
 
     def stored_arrays(self, rows: int, dim: int, bits: int | None) -> dict[str, ArraySpec]:
@@ -358,13 +480,45 @@ class RobeMethod(TableMethod):
         offsets = dict(zip(group.tables, table_offsets(group.module.tables), strict=True))
         return {"group": group.name, "table_offset": offsets[table]}
 
-    def group_arrays(self, dtype: str, cells: int) -> dict[str, ArraySpec]:
+    def group_arrays(
+        self, dtype: str, cells: int, entry: Mapping[str, Any] | None = None
+    ) -> dict[str, ArraySpec]:
         """The files of a stored group of ``cells`` cells at ``dtype``: the cells (and one int8
-        scale)."""
+        scale), and the hot rows its ``entry`` describes (checked by
+        :meth:`group_entry_problem`)."""
         out: dict[str, ArraySpec] = {"data": (PRECISION_DTYPES[dtype], (cells,))}
         if dtype == "int8":
             out["scale"] = ("float32", (1,))
+        hot = (entry or {}).get("hot")
+        if hot is not None:
+            n, dim = hot["rows"], hot["dim"]
+            out["hot_ids"] = (hot["ids_dtype"], (n,))
+            if hot["dtype"] == "int8":
+                out.update(
+                    hot_data=("uint8", (n, dim)),
+                    hot_scale=("float16", (n,)),
+                    hot_bias=("float16", (n,)),
+                )
+            else:
+                out["hot_data"] = ("float16", (n, dim))
         return out
+
+    def group_entry_problem(self, entry: Mapping[str, Any]) -> tuple[str, str] | None:
+        """``(key, message)`` when a stored group's ``hot`` object is malformed, else ``None``."""
+        if "hot" not in entry:
+            return None
+        hot = entry["hot"]
+        if not isinstance(hot, dict):
+            return "hot", "expected an object"
+        for key in ("rows", "dim"):
+            v = hot.get(key)
+            if not is_integer(v) or v < 1:
+                return f"hot.{key}", f"expected a positive integer, got {show(v)}"
+        if hot.get("dtype") not in HOT_DTYPES:
+            return "hot.dtype", f"expected one of {list(HOT_DTYPES)}, got {show(hot.get('dtype'))}"
+        if hot.get("ids_dtype") not in ("int32", "int64"):
+            return "hot.ids_dtype", f"expected 'int32' or 'int64', got {show(hot.get('ids_dtype'))}"
+        return None
 
     def group_hash_problem(
         self, name: str, seed: int, constants: tuple[int, ...], prime: int
@@ -396,8 +550,17 @@ class RobeMethod(TableMethod):
             "constants": list(part.constants),
             "cells": c.array_size,
         }
+        arrays = {SHARED_ROLE + "data": array}
+        if part.hot_rows:
+            group["hot"] = _hot_entry(part)
+            arrays.update(
+                {
+                    SHARED_ROLE + r: a.cpu().contiguous().numpy()
+                    for r, a in _hot_arrays(part).items()
+                }
+            )
         return {
-            t.name: ({SHARED_ROLE + "data": array}, {"table_offset": offset, "shared": group})
+            t.name: (arrays, {"table_offset": offset, "shared": group})
             for t, offset in zip(part.tables, table_offsets(part.tables), strict=True)
         }
 
@@ -415,6 +578,7 @@ class RobeMethod(TableMethod):
             seeds=tuple(int(c) for c in group["constants"]),
             prime=int(group["prime"]),
             array_name=str(group["name"]),
+            hot=_hot_graph_table(table),
         )
 
     def onnx_rows(self, request: RowsRequest) -> str:
@@ -455,7 +619,106 @@ class RobeMethod(TableMethod):
         with torch.no_grad():
             array = np.array(_stored_array(tables[0]), dtype=np.float32)
             module.weight.copy_(torch.from_numpy(array))
+        hot = _hot_graph_table(tables[0])
+        if hot is not None:
+            from compress.methods.robe.hot_tables import dequantize_hot
+
+            values = dequantize_hot(np.array(hot.data), hot.scale, hot.bias)
+            try:
+                module.set_hot_rows(
+                    torch.from_numpy(np.array(hot.ids, dtype=np.int64)),
+                    torch.from_numpy(values),
+                    str(tables[0].entry["shared"]["hot"]["dtype"]),
+                    fake_quantize=False,  # the stored rows, dequantized once
+                )
+            except ValueError as e:
+                raise ArtifactError(f"{where}: {e}") from None
         return module
+
+
+#: File names (``shared/<group>.<name>.npy``) of the hot-row roles.
+HOT_FILES = {
+    "hot_ids": "hot_ids",
+    "hot_data": "hot",
+    "hot_scale": "hot.scale",
+    "hot_bias": "hot.bias",
+}
+
+
+def _parse_hot(keys: Keys, projection: str) -> tuple[int | str | None, str | None]:
+    """``(hot_rows, hot_dtype)`` of a share rule (``(None, None)`` without ``hot_rows``)."""
+    if not keys.has("hot_rows"):
+        keys.refuse("hot_dtype", "hot_dtype applies only with hot_rows (the hot rows' precision)")
+        return None, None
+    raw = keys.raw["hot_rows"]
+    if raw != AUTO and not (is_integer(raw) and raw >= 0):
+        keys.fail(f'hot_rows must be a non-negative integer or "auto", got {show(raw)}')
+    if raw == AUTO and projection != "frequency":
+        keys.fail(
+            'hot_rows = "auto" chooses the split by the frequency-weighted error, which needs '
+            f'projection = "frequency" (got {show(projection)}); give a number of rows instead'
+        )
+    return raw, keys.choice("hot_dtype", HOT_DTYPES) or DEFAULT_HOT_DTYPE
+
+
+def _hot_note(group: ShareGroupPlan, hot: HotChoice, counted: bool) -> str:
+    """The report's line about a group's hot rows."""
+    where = f"shared array {group.name}"
+    if not counted:
+        return (
+            f"{where}: no training data to count row frequencies, so no hot rows were kept "
+            '(hot_rows = "auto"); give --data to keep the most frequent rows exact'
+        )
+    how = "chosen by the least frequency-weighted error" if group.hot_rows == AUTO else "fixed"
+    text = (
+        f"{where}: {hot.hot_rows:,} hot rows ({how}) kept {group.hot_dtype} beside "
+        f"{hot.cells:,} cells; they serve {hot.coverage:.1%} of the lookups in --data"
+    )
+    if not np.isnan(hot.weighted_rmse):
+        text += (
+            f"; frequency-weighted RMSE {hot.weighted_rmse:.4g} (no hot rows: "
+            f"{hot.weighted_rmse_without:.4g}; {hot.evaluated} splits evaluated)"
+        )
+    return text
+
+
+def _hot_arrays(module: RobeEmbeddingBagCollection) -> dict[str, torch.Tensor]:
+    """The stored arrays of a module's hot rows: ids (at the group's id dtype) and values."""
+    import torch
+
+    from compress.methods.robe.hot_tables import quantize_hot
+
+    total = sum(t.num_embeddings for t in module.tables)
+    dtype = getattr(torch, hot_id_dtype(total))
+    return {
+        "hot_ids": module.hot_ids.detach().cpu().to(dtype),
+        **quantize_hot(module.hot_weight.detach().cpu(), module.hot_dtype),
+    }
+
+
+def _hot_entry(module: RobeEmbeddingBagCollection) -> dict:
+    """The ``hot`` object of a group's manifest entry."""
+    total = sum(t.num_embeddings for t in module.tables)
+    return {
+        "rows": module.hot_rows,
+        "dtype": module.hot_dtype,
+        "dim": module.dim,
+        "ids_dtype": hot_id_dtype(total),
+    }
+
+
+def _hot_graph_table(table: TableArrays) -> HotRowsTable | None:
+    """The hot rows of a stored (or converted) group table, as the graph reads them."""
+    hot = table.entry["shared"].get("hot")
+    if hot is None:
+        return None
+    a = table.arrays
+    return HotRowsTable(
+        ids=a[SHARED_ROLE + "hot_ids"],
+        data=a[SHARED_ROLE + "hot_data"],
+        scale=a.get(SHARED_ROLE + "hot_scale"),
+        bias=a.get(SHARED_ROLE + "hot_bias"),
+    )
 
 
 def _stored_array_and_scale(table: TableArrays) -> tuple[np.ndarray, float | None]:

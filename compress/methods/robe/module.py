@@ -6,7 +6,10 @@ hash lives in :mod:`compress.methods.robe.hashing`). Its forward takes a ``Keyed
 returns a ``KeyedTensor`` of sum-pooled bags, like TorchRec's EBC; gradients w.r.t. ``weight`` are
 sparse, so ``torch.optim.Adagrad``/``SGD``/``SparseAdam`` update only the cells a batch touched.
 Set to an :class:`~compress.methods.robe.array.ArrayQuantization`, it reads the array at its
-stored precision (straight-through gradients to the float array).
+stored precision (straight-through gradients to the float array). With hot rows
+(:meth:`RobeEmbeddingBagCollection.set_hot_rows`, :mod:`compress.methods.robe.hot_rows`) the
+global rows it lists are read from a small table of their own (``hot_weight``, fake-quantized to
+its stored INT8 or fp16 rows, gradients like the array's) and only the others from the array.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -32,6 +36,7 @@ from compress.methods.robe.config import (  # defined there (no torch), re-expor
 )
 from compress.methods.robe.gather import _BlockGather, _CoalescedGrad, gather_blocks
 from compress.methods.robe.hashing import block_cells, robe_block_starts
+from compress.methods.robe.hot_tables import fake_quantize_hot_
 
 
 class RobeEmbeddingBagCollection(nn.Module):
@@ -111,6 +116,11 @@ class RobeEmbeddingBagCollection(nn.Module):
         self._array_cache: tuple[tuple, torch.Tensor] | None = None
         self._coalesced = _CoalescedGrad()
         self._hooked_weight: int | None = None
+        # hot rows (set_hot_rows): sorted global rows read from hot_weight instead of the array
+        self.register_buffer("hot_ids", None)
+        self.register_parameter("hot_weight", None)
+        self.hot_dtype: str | None = None
+        self.hot_fake_quantize = False
         self.reset_parameters()
 
     # TorchRec EBC interface ---------------------------------------------------------------------
@@ -131,6 +141,75 @@ class RobeEmbeddingBagCollection(nn.Module):
         bound = math.sqrt(1.0 / max(t.num_embeddings for t in self.tables))
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
+
+    # hot rows -----------------------------------------------------------------------------------
+
+    def set_hot_rows(
+        self, ids: torch.Tensor, values: torch.Tensor, hot_dtype: str, fake_quantize: bool = True
+    ) -> None:
+        """Read the global rows ``ids`` (int64 ``[H]``, strictly increasing, ``i + O_t``) from a
+        table of their own, ``hot_weight = values`` (float32 ``[H, D]``, trained like the array),
+        stored at ``hot_dtype`` (``"int8"`` row-wise or ``"fp16"``): with ``fake_quantize`` the
+        lookup returns the stored values (straight-through gradient); without, ``values`` as they
+        are (a module rebuilt from stored, already dequantized rows)."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        total = sum(t.num_embeddings for t in self.tables)
+        if ids.numel() and (
+            bool((ids[1:] <= ids[:-1]).any()) or int(ids[0]) < 0 or int(ids[-1]) >= total
+        ):
+            raise ValueError(
+                f"hot rows of {table_names(self.tables)} must be strictly increasing global rows "
+                f"in [0, {total})"
+            )
+        if tuple(values.shape) != (ids.numel(), self.dim):
+            raise ValueError(
+                f"hot values {tuple(values.shape)}, expected {(ids.numel(), self.dim)}"
+            )
+        self.hot_ids = ids.to(self.weight.device)
+        self.hot_weight = nn.Parameter(
+            values.detach().to(self.weight.device, torch.float32).clone(),
+            requires_grad=self.weight.requires_grad,
+        )
+        self.hot_dtype = hot_dtype
+        self.hot_fake_quantize = fake_quantize
+
+    @property
+    def hot_rows(self) -> int:
+        """How many rows are read from the hot table (0: none)."""
+        return 0 if self.hot_ids is None else int(self.hot_ids.numel())
+
+    def _hot_slots(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hit [N] bool, slot [N])``: whether each global row is hot and its place."""
+        slot = torch.searchsorted(self.hot_ids, rows)
+        slot = slot.clamp_(max=self.hot_ids.numel() - 1)
+        return self.hot_ids.index_select(0, slot) == rows, slot
+
+    def _hot_lookup(self, slots: torch.Tensor) -> torch.Tensor:
+        """float32 ``[n, D]``: hot rows at ``slots`` as stored (sparse or dense gradient)."""
+        if torch.is_grad_enabled() and self.hot_weight.requires_grad:
+            rows = F.embedding(slots, self.hot_weight, sparse=self.sparse)
+        else:
+            rows = self.hot_weight.detach().index_select(0, slots)
+        if self.hot_fake_quantize:
+            with torch.no_grad():  # autograd sees the gather only: straight-through
+                fake_quantize_hot_(rows, self.hot_dtype)
+        return rows
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[N, D]`` of global rows ``[N]``: hot ones from the hot table, the others
+        hashed into the array."""
+        if self.hot_ids is None or self.hot_ids.numel() == 0:
+            return self._gather(self._starts(rows, 0))
+        hit, slot = self._hot_slots(rows)
+        hot = torch.nonzero(hit).reshape(-1)
+        if hot.numel() == 0:
+            return self._gather(self._starts(rows, 0))
+        tail = torch.nonzero(~hit).reshape(-1)
+        parts = torch.cat([self._gather(self._starts(rows[tail], 0)), self._hot_lookup(slot[hot])])
+        order = torch.cat([tail, hot])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return parts.index_select(0, inverse)
 
     # array access -------------------------------------------------------------------------------
 
@@ -216,8 +295,11 @@ class RobeEmbeddingBagCollection(nn.Module):
         return block_cells(starts, self.dim, self.config.block_size)
 
     def lookup_rows(self, table_name: str, ids: torch.Tensor) -> torch.Tensor:
-        """float32 ``[N, D]``: the virtual rows ``ids`` [N] of ``table_name`` (with gradient)."""
+        """float32 ``[N, D]``: the virtual rows ``ids`` [N] of ``table_name`` (with gradient;
+        hot rows from the hot table)."""
         ids = self._check_ids(table_name, ids)
+        if self.hot_ids is not None:
+            return self._rows(ids + self._offsets[table_name])
         return self._gather(self._starts(ids, self._offsets[table_name]))
 
     def materialize(self, table_name: str) -> torch.Tensor:
@@ -277,12 +359,15 @@ class RobeEmbeddingBagCollection(nn.Module):
             first = int(bad.nonzero()[0, 0])
             f = int(torch.searchsorted(per_feature.cumsum(0), first, right=True))
             raise IndexError(f"feature {self._input_features[f]!r}: id out of range for its table")
-        starts = self._starts(values, offsets)  # [N, n_blocks], feature-major
-        n_blocks = starts.shape[1]
+        if self.hot_ids is not None:  # global rows, hot ones read from the hot table
+            keys, read = (values + offsets).unsqueeze(1), lambda k: self._rows(k.reshape(-1))
+        else:  # [N, n_blocks] block starts, feature-major
+            keys, read = self._starts(values, offsets), self._gather
+        n_blocks = keys.shape[1]
         if n_ids == n_feat * batch and bool((lengths == 1).all()):
-            # one id a bag: no pooling; put the (small, int) starts in batch-major order instead
-            starts = starts.view(n_feat, batch, n_blocks).transpose(0, 1)
-            out = self._gather(starts.reshape(batch * n_feat, n_blocks))
+            # one id a bag: no pooling; put the (small, int) keys in batch-major order instead
+            keys = keys.view(n_feat, batch, n_blocks).transpose(0, 1)
+            out = read(keys.reshape(batch * n_feat, n_blocks))
         else:
             bag = torch.repeat_interleave(
                 torch.arange(n_feat * batch, device=values.device), lengths, output_size=n_ids
@@ -291,7 +376,7 @@ class RobeEmbeddingBagCollection(nn.Module):
             row = torch.remainder(bag, batch) * n_feat + torch.div(
                 bag, batch, rounding_mode="floor"
             )
-            emb = self._gather(starts)  # [N, D]
+            emb = read(keys)  # [N, D]
             out = emb.new_zeros(batch * n_feat, self.dim).index_add(0, row, emb)
         out = out.view(batch, n_feat * self.dim)
         return KeyedTensor(
@@ -306,4 +391,5 @@ class RobeEmbeddingBagCollection(nn.Module):
             f"tables={table_names(self.tables)}, array_size={c.array_size}, "
             f"block_size={c.block_size}, seed={c.seed}, quantization={self.quantization}, "
             f"sparse={self.sparse}"
+            + (f", hot_rows={self.hot_rows} ({self.hot_dtype})" if self.hot_ids is not None else "")
         )

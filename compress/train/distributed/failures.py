@@ -31,6 +31,8 @@ from compress.errors import DqrmError
 
 #: The record kinds, most telling first (:func:`root_cause`).
 KINDS = ("error", "killed", "worker_lost", "interrupted", "terminated")
+#: The most of a record's message that is shown (a worker writes one line).
+MESSAGE_CHARS = 2000
 #: Set by PyTorch's elastic agent (torchrun, ``--nproc``): where a worker writes its failure record.
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 
@@ -105,8 +107,9 @@ def read_record(error_file_data: object) -> dict | None:
     try:
         message = error_file_data["message"]  # type: ignore[index]
         record = json.loads(message["extraInfo"]["dqrm"])
-        record["message"] = str(message["message"])
-    except (KeyError, TypeError, ValueError):
+        lines = str(message["message"]).strip().splitlines()
+        record["message"] = lines[0][:MESSAGE_CHARS] if lines else ""  # one line, as written
+    except (KeyError, TypeError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 

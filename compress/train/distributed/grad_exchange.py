@@ -138,6 +138,7 @@ class GradExchange:
                     header[i] = int(counts[j])
         header[-1:] = torch.tensor([local_loss], dtype=torch.float64).view(torch.int64)
         headers = torch.stack(self.comm.all_gather(header.to(device), "header")).cpu()
+        self._check_headers(headers)
         loss = sum(float(v) for v in headers[:, -1:].contiguous().view(torch.float64).reshape(-1))
         kinds = [_kind(headers[:, i], self.params[i]) for i in range(len(self.params))]
         self._exchange_sparse(local, headers, kinds)
@@ -147,6 +148,21 @@ class GradExchange:
         self.counts.dense_seconds += time.perf_counter() - middle
         self.counts.steps += 1
         return loss
+
+    def _check_headers(self, headers: torch.Tensor) -> None:
+        """``RuntimeError`` when a rank's header is not one this code sends: a table's count is
+        ``DENSE``, ``ABSENT`` or 0 to its rows; any other parameter's ``DENSE`` or ``ABSENT``
+        (what bounds the messages every rank then allocates and cuts)."""
+        codes = headers[:, :-1]
+        rows = torch.tensor([p.shape[0] if p.dim() else 1 for p in self.params])
+        rows[self._tables :] = -1  # no rows: dense or absent only
+        bad = (codes < ABSENT) | (codes > rows)
+        if bad.any():
+            r, i = (int(v) for v in bad.nonzero()[0])
+            raise RuntimeError(
+                f"rank {r} announced {int(codes[r, i])} rows for parameter {i} of shape "
+                f"{tuple(self.params[i].shape)}: not a count this exchange sends"
+            )
 
     def _coalesce(self, group: SparseGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's distinct rows of ``group`` (table after table, each ascending; ids of the
@@ -193,9 +209,13 @@ class GradExchange:
         self._count_rows(groups, per_table)
         for k, g in enumerate(groups):
             ids, values = [], []
+            sizes_k = g.offsets.diff()
             for r in range(world):  # rank order: the same sum on every rank
                 rank_ids, rank_values = decoded[r][k]
                 starts = torch.repeat_interleave(g.offsets[:-1], per_table[k][r])
+                limits = torch.repeat_interleave(sizes_k, per_table[k][r]).to(rank_ids.device)
+                if bool(((rank_ids < 0) | (rank_ids >= limits)).any()):
+                    raise RuntimeError(f"rank {r} sent embedding rows outside their tables")
                 ids.append(rank_ids + starts.to(rank_ids.device))
                 values.append(rank_values)
             unique, summed = sum_rows(torch.cat(ids), torch.cat(values))

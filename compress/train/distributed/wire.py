@@ -95,6 +95,8 @@ class SparseLayout:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(ids int64 [n], values float32 [n, dim])`` per group of a message holding
         ``counts[g]`` rows of group ``g`` (dequantized at 8 bits)."""
+        if any(n < 0 for n in counts):
+            raise ValueError(f"embedding message announced with negative row counts {counts}")
         if message.numel() != self.message_bytes(counts):
             raise ValueError(
                 f"embedding message of {message.numel()} bytes, {self.message_bytes(counts)} "
