@@ -309,6 +309,9 @@ def compress_cmd(
     timer = StageTimer()
     with timer("load"), chunking(chunk_rows):  # the load-time finite check reads every table
         job = pipeline.load(checkpoint, config_or_sidecar(checkpoint, model_config))
+    loader = loader_settings(
+        stream, job_distributed.loader_workers(workers, loader_workers), shuffle_rows
+    )
     with timer("plan"):  # a budget measures its options on the data here
         the_plan, choice = plan_job(
             job,
@@ -318,9 +321,7 @@ def compress_cmd(
             say=say,
             on_bad_line=on_bad_line,
             dense_transform=dense_transform,
-            loader=loader_settings(
-                stream, job_distributed.loader_workers(workers, loader_workers), shuffle_rows
-            ),
+            loader=loader,
             columns=columns,
         )
     if control:  # before the plan is printed: a control that cannot run is the only line
@@ -368,9 +369,7 @@ def compress_cmd(
             log=log,
             on_bad_line=on_bad_line,
             dense_transform=dense_transform,
-            loader=loader_settings(
-                stream, job_distributed.loader_workers(workers, loader_workers), shuffle_rows
-            ),
+            loader=loader,
             chunk_rows=chunk_rows,
             columns=columns,
             staging_dir=staging_dir,

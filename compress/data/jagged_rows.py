@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compress.data.dataset import Dataset, take_jagged
+from compress.data.shuffle_draws import draw_overflow
 
 
 @dataclass(frozen=True)
@@ -199,18 +200,11 @@ class JaggedShuffleBuffer:
             self.size = n + m
             self.max_size = max(self.max_size, self.size)
             return None
-        chosen = self.rng.choice(n + m, size=n + m - cap, replace=False)
-        from_buffer = chosen < n
-        at_buffer, at_block = np.flatnonzero(from_buffer), np.flatnonzero(~from_buffer)
-        buffer_rows, block_rows = chosen[at_buffer], chosen[at_block] - n
-        taken = np.zeros(m, dtype=bool)
-        taken[block_rows] = True
-        slots = np.concatenate([buffer_rows, np.arange(n, cap)])
-        stay = np.flatnonzero(~taken)
-        handed = np.empty(chosen.size, dtype=np.int64)
-        handed[at_buffer] = self._slots[buffer_rows]
-        handed[at_block] = base + block_rows
-        self._slots[slots] = base + stay
+        draw = draw_overflow(self.rng, n, m, cap)
+        handed = np.empty(draw.count, dtype=np.int64)
+        handed[draw.at_buffer] = self._slots[draw.buffer_rows]
+        handed[draw.at_block] = base + draw.block_rows
+        self._slots[draw.slots] = base + draw.stay
         self.size = cap
         self.max_size = max(self.max_size, self.size)
         out = self._gather(handed)

@@ -9,6 +9,7 @@ import numpy as np
 
 from compress.data.batches import Batch
 from compress.data.jagged_rows import JaggedRows, jagged_to_batch
+from compress.data.shuffle_draws import draw_overflow
 from compress.data.stream_source import RowBlock, concat_blocks
 
 
@@ -47,22 +48,13 @@ class ShuffleBuffer:
             self.size = n + m
             self.max_size = max(self.max_size, self.size)
             return None
-        # hand on n + m - cap rows drawn from the buffer and the block together, in drawn order
-        chosen = self.rng.choice(n + m, size=n + m - cap, replace=False)
-        from_buffer = chosen < n
-        at_buffer, at_block = np.flatnonzero(from_buffer), np.flatnonzero(~from_buffer)
-        buffer_rows, block_rows = chosen[at_buffer], chosen[at_block] - n
-        taken = np.zeros(m, dtype=bool)
-        taken[block_rows] = True
-        # the block's rows that stay fill the places freed in the buffer, then the free end
-        slots = np.concatenate([buffer_rows, np.arange(n, cap)])
-        stay = np.flatnonzero(~taken)
+        draw = draw_overflow(self.rng, n, m, cap)
         out = []
         for mine, theirs in zip(_records(rows), _records(block), strict=True):
-            handed = np.empty(chosen.size, dtype=mine.dtype)
-            handed[at_buffer] = np.take(mine, buffer_rows)
-            handed[at_block] = np.take(theirs, block_rows)
-            mine[slots] = np.take(theirs, stay)
+            handed = np.empty(draw.count, dtype=mine.dtype)
+            handed[draw.at_buffer] = np.take(mine, draw.buffer_rows)
+            handed[draw.at_block] = np.take(theirs, draw.block_rows)
+            mine[draw.slots] = np.take(theirs, draw.stay)
             out.append(handed)
         self.size = cap
         self.max_size = max(self.max_size, self.size)
