@@ -99,6 +99,7 @@ def main() -> None:
         for name, path in cases.items():
             metrics, wall = cli("eval", str(path), "--data", str(rows))
             run = {"seconds": metrics["seconds"], "wall": round(wall, 2), "auc": metrics["auc"]}
+            print(f"{name}: {run}", file=sys.stderr, flush=True)  # each run as it ends
             if name not in best or run["seconds"] < best[name]["seconds"]:
                 best[name] = run
     fp32 = best["fp32 checkpoint (pytorch)"]["seconds"]

@@ -10,8 +10,10 @@ with INT8 activations (``[mlp] activations = "int8"``: ranges calibrated on four
 not timed) and written as an artifact directory with its ONNX graphs (parity is checked while
 writing). Timed:
 
-* ``ort int4 (int8 mlp)``: ``model.onnx`` from the artifacts (what ``Predictor`` serves): the MLPs
-  on ONNX Runtime's integer GEMM kernels (``QuantizeLinear`` + ``MatMulIntegerToFloat``).
+* ``ort int4 (int8 mlp)``: the artifacts served the way users serve them, through
+  ``Predictor(artifacts, threads=T).predict_tensors`` (input checks, then ``model.onnx`` in the
+  serving session): the MLPs on ONNX Runtime's integer GEMM kernels (``QuantizeLinear`` +
+  ``MatMulIntegerToFloat``).
 * ``ort int4 (fp32 act)``: the same tables and INT4 weights with float32 activations (the default
   graph: weights folded to float32 ``MatMul``), built in memory.
 * ``torchrec fbgemm int4``: TorchRec's quantized ``EmbeddingBagCollection`` (FBGEMM INT4 kernels,
@@ -42,19 +44,21 @@ so it is clear where the time goes. Two ways of serving a 2-core machine are tim
 The export gets the features that are one-hot in the benchmark's data as a layout hint (what the
 pipeline finds in ``--data``): they are looked up apart from the multi-hot ones.
 
-Measured 2026-12-03 while other jobs kept the 2-vCPU machine busy (load 8-13: rough numbers;
-rerun on a quiet machine), 8 multi-hot features: throughput (2 processes x 1 thread), ORT INT4
-with INT8 MLPs vs PyTorch FP32 1.37x (round by round 1.12-1.73x), vs FBGEMM 1.33x; the default
-float32-activation graph 0.89x / 0.87x. Single-threaded CPU time per batch of each variant,
-interleaved in one process (the least load-sensitive measure here), 8 multi-hot / one-hot: ORT
-INT8 MLPs 1.39x / 1.59x PyTorch FP32 and 1.36x / 1.51x FBGEMM INT4 (fp16 MLPs no faster than
-fp32 ones on this CPU). Where the time goes (single thread, sum of per-node minima in ORT's
-profiler): the lookups ~10 ms (FBGEMM ~3 ms), of which ~45% are the three row gathers a
-feature (packed codes, fp16 scale and bias are separate arrays: three random reads a row
-against FBGEMM's one), ~30% dequantization and ~10% pooling; interaction ~1.9 ms; the
-integer MLPs ~1.7 ms over + ~1.3 ms dense (float32 activations: ~14 ms).
-The 2026-11-22 figures (float32 activations only): throughput 1.03-1.06x PyTorch FP32, latency
-0.98-1.07x.
+Measured 2026-12-03 (second half) with ``--rounds 8`` while other jobs kept the 2-vCPU machine
+busy (load 4-12; two runs each), ORT INT4 with INT8 MLPs against PyTorch
+FP32 / the faster FBGEMM INT4 variant, throughput (2 processes x 1 thread): 8 multi-hot features
+1.50-1.53x / 1.41-1.44x (round by round 1.33-1.71x), one-hot 1.88-2.01x / 1.66-1.83x. Latency mode (one process, 2
+threads) is not measurable on a loaded machine: PyTorch's two OpenMP threads then lose whole time
+slices (100-1000 ms a batch instead of 14), which flatters ORT. An earlier run the same morning
+(load ~7, before the small-table lookup below, ORT through its session directly) measured ORT
+13.2 ms / PyTorch 14.4 ms / FBGEMM 13.2 ms a batch in this mode (1.10x / 0.96x). Single-threaded, interleaved in one process (the least
+load-sensitive measure), small tables dequantized at session load
+(:mod:`exporters.onnx.stacked_rows`) made the whole graph 1.15x (multi-hot) and 1.21x (one-hot)
+faster, logits bit for bit the same. Where the time goes (single thread, ORT's profiler): the
+lookups (~8 ms multi-hot before that change, FBGEMM ~3 ms) are dominated by ONNX Runtime's
+``Gather`` (~30 ns an index for 2-byte scale/bias elements, three Gathers a row of a large
+table); the integer MLPs take ~1.7 ms (over) + ~1.3 ms (dense) against ~14 ms with float32
+activations.
 
 Run: ``.venv/bin/python benchmarks/bench_serving.py [--max-rows N] [--batch B] [--rounds R]
 [--threads T] [--streams S] [--stream-threads T] [--json]`` (``--streams 0``: latency only)
@@ -105,7 +109,7 @@ from exporters.onnx.model import (  # noqa: E402
 )
 from exporters.onnx.parity import serving_session  # noqa: E402
 from exporters.onnx.spec import DLRMGraphSpec, GraphBuilder, Linear  # noqa: E402
-from exporters.runtime.predictor import dataset_feeds  # noqa: E402
+from exporters.runtime.predictor import Predictor, dataset_feeds  # noqa: E402
 from exporters.runtime.torchrec_ebc import quantized_ebc_from_artifacts  # noqa: E402
 
 DIM = 16
@@ -301,19 +305,29 @@ def serve(
     inputs = feature_input_names(gspec)
     feeds = [dataset_feeds(d, inputs) for d in data]
     batches = [d.to_batch(spec.feature_names) for d in data]
-    ort_int8 = serving_session(artifacts / "model.onnx", threads=threads)
+    predictor = Predictor(artifacts, threads=threads)  # what users serve: checks + model.onnx
+    tensors = [predictor_inputs(d, spec.feature_names) for d in data]
     ort_fp32_act = serving_session(build_full_model(fp32_activations(gspec)), threads=threads)
     qebc = quantized_ebc_from_artifacts(arts)
     fbgemm = fbgemm_dlrm(model, qebc)
     fbgemm_fp16 = fp16_dense(fbgemm_dlrm(model, quantized_ebc_from_artifacts(arts)))
     runs = {
-        ORT_INT8: lambda i: ort_int8.run(None, feeds[i]),
+        ORT_INT8: lambda i: predictor.predict_tensors(*tensors[i]),
         ORT_FP32_ACT: lambda i: ort_fp32_act.run(None, feeds[i]),
         FBGEMM: lambda i: run_dlrm(fbgemm, batches[i]),
         FBGEMM_FP16: lambda i: run_dlrm(fbgemm_fp16, batches[i]),
         FP32: lambda i: run_dlrm(model, batches[i]),
     }
     return Served(feeds, batches, gspec, qebc, fbgemm_fp16, runs)
+
+
+def predictor_inputs(
+    data: Dataset, features: tuple[str, ...]
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``Predictor.predict_tensors`` arguments of one batch: dense, ids and bag lengths a feature."""
+    values = {f: data.values[f][data.offsets[f][0] : data.offsets[f][-1]] for f in features}
+    lengths = {f: np.diff(data.offsets[f]) for f in features}
+    return data.dense, values, lengths
 
 
 def whole_ratios(rate: dict[str, float]) -> dict[str, float]:

@@ -164,8 +164,10 @@ def test_knapsack_matches_brute_force_on_small_cases():
                 knapsack.solve(items, budget)
             continue
         solution = knapsack.solve(items, budget)
-        assert solution.bytes <= budget
+        chosen = [items[j][k] for j, k in enumerate(solution.choice)]
+        assert solution.bytes == sum(b for b, _ in chosen) <= budget
         assert solution.loss == pytest.approx(brute[1], abs=1e-12)
+        assert solution.choice == brute[0]  # random losses: the optimum is unique
 
 
 def test_knapsack_on_large_byte_counts_and_many_options():
@@ -196,6 +198,44 @@ def test_knapsack_ties_and_errors():
         knapsack.solve([[]], 10)
     with pytest.raises(ValueError, match="not finite"):
         knapsack.solve([[(1, float("nan"))]], 10)
+
+
+def test_budget_plans_fit_exactly_with_the_least_loss_on_random_sensitivities(world):
+    """The model's real options (their exact bytes) with random costs: the solver's choice, written
+    as a recipe and planned, takes exactly the bytes it counted, never more than the budget, and
+    its loss is the least any choice within the budget has (a dynamic programme over every byte
+    total)."""
+    spec = pipeline.load(world[0]).spec
+    items = [table_options(t) for t in spec.tables] + [mlp_options(spec)]
+    names = [t.name for t in spec.tables]
+    rng = np.random.default_rng(3)
+    floor = sum(min(o.nbytes for o in options) for options in items)
+    keep = sum(options[0].nbytes for options in items)
+    for trial in range(12):
+        # costs that fall as bytes grow (as measured ones do), with noise; keep costs 0
+        costs = {
+            (j, k): 0.0
+            if o.is_keep
+            else float(rng.exponential(1.0) / np.log2(2 + o.nbytes) + rng.uniform(0, 0.05))
+            for j, options in enumerate(items)
+            for k, o in enumerate(options)
+        }
+        budget = int(rng.integers(floor, keep))
+        choice, solution = solve_measured(items, costs, budget)
+        problem = [
+            [(o.nbytes, costs[(j, k)]) for k, o in enumerate(opts)] for j, opts in enumerate(items)
+        ]
+        assert solution.loss == pytest.approx(exact_by_bytes(problem, budget), abs=1e-9)
+        recipe = budget_recipe(
+            f"b{trial}", "", spec, {n: items[j][choice[j]] for j, n in enumerate(names)},
+            items[-1][choice[-1]], TrainConfig(steps=1),
+        )  # fmt: skip
+        plan = make_plan(recipe, spec)
+        assert plan.bytes_after == solution.bytes <= budget
+        for j, name in enumerate(names):
+            assert plan.table(name).bytes_after == items[j][choice[j]].nbytes
+    with pytest.raises(knapsack.Infeasible):
+        solve_measured(items, costs, floor - 1)
 
 
 def test_options_that_cannot_fit_are_left_out():

@@ -123,6 +123,22 @@ def test_hot_rows_serve_exactly_in_onnx_runtime(hot_dtype, remap_limit, monkeypa
         assert not pooled[1].any()
 
 
+def _one_hot_batch(spec, feature: str, ids: np.ndarray) -> Dataset:
+    """One sample per id of ``feature`` (the others drawn at random), one id per bag."""
+    n = len(ids)
+    rng = np.random.default_rng(0)
+    values = {
+        f: rng.integers(0, spec.table_of_feature(f).num_embeddings, n) for f in spec.feature_names
+    }
+    values[feature] = ids
+    return Dataset(
+        dense=rng.standard_normal((n, spec.dense_in_features), dtype=np.float32),
+        labels=np.zeros(n, np.float32),
+        values=values,
+        offsets={f: np.arange(n + 1, dtype=np.int64) for f in values},
+    )
+
+
 @pytest.mark.slow
 def test_pipeline_export_serves_hot_rows_in_every_runtime(tmp_path):
     from exporters import Predictor, load_torchrec_model
@@ -140,6 +156,7 @@ def test_pipeline_export_serves_hot_rows_in_every_runtime(tmp_path):
     counts = pipeline.row_counts(load_npz(train), job.spec)
     flat = torch.cat([counts["t_cat_2"], counts["t_cat_3"]])
     assert flat[robe.hot_ids].min() >= torch.sort(flat, descending=True).values[149]
+
     out = tmp_path / "out"
     manifest = export(result, out).manifest
     (shared,) = manifest["shared_arrays"]
@@ -148,28 +165,16 @@ def test_pipeline_export_serves_hot_rows_in_every_runtime(tmp_path):
     assert manifest["bytes"]["tables"] == plan.embedding_bytes_after
     assert manifest["onnx"]["parity"]["max_abs_diff"]["model"] <= 1e-5
     assert main(["--no-progress", "verify", str(out), "--parity"]) == 0
-    # one-hot inputs whose cat_3 ids are its hot rows (offset 2000 in the group): ONNX Runtime
+
+    # samples whose cat_3 ids are its hot rows (t_cat_3 starts at global row 2000): ONNX Runtime
     # (Predictor) and the TorchRec loader give the PyTorch model's logits
-    ids = (robe.hot_ids[robe.hot_ids >= 2000] - 2000).numpy()
-    n = len(ids)
-    rng = np.random.default_rng(0)
-    values = {
-        f: rng.integers(0, job.spec.table_of_feature(f).num_embeddings, n)
-        for f in job.spec.feature_names
-    }
-    values["cat_3"] = ids
-    data = Dataset(
-        dense=rng.standard_normal((n, 5), dtype=np.float32),
-        labels=np.zeros(n, np.float32),
-        values=values,
-        offsets={f: np.arange(n + 1, dtype=np.int64) for f in values},
-    )
+    data = _one_hot_batch(job.spec, "cat_3", (robe.hot_ids[robe.hot_ids >= 2000] - 2000).numpy())
     batch = data.to_batch(job.spec.feature_names)
     want = result.model(batch.dense, batch.sparse).detach().reshape(-1).numpy()
     served = load_torchrec_model(load_artifacts(out))(batch.dense, batch.sparse)
     np.testing.assert_allclose(served.detach().reshape(-1).numpy(), want, atol=1e-5)
-    got = Predictor(out).predict(data)
-    np.testing.assert_allclose(np.asarray(got).reshape(-1), want, atol=1e-5)
+    got = np.asarray(Predictor(out).predict(data)).reshape(-1)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the split of least weighted error

@@ -14,6 +14,7 @@ from compress.methods.keep import Fp32Table
 from compress.methods.robe.graph import RobeTable
 from compress.methods.rowwise import RowwiseTable, gbq_block_size, resolve_rowwise_impl
 from compress.methods.tablewise import TablewiseTable
+from exporters.onnx import stacked_rows
 from exporters.onnx.lookup import build_gather_model, build_pool_model
 from exporters.onnx.parity import compare_outputs, ort_session, run_session
 from exporters.onnx.spec import GraphBuilder, TableLookup
@@ -361,11 +362,22 @@ SPARSE_BATCHES = {
 }
 
 
+@pytest.fixture(params=["per_row", "at_load"])
+def row_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both lookups of row-wise tables: dequantized per gathered row (every table here is small
+    enough for the other: forced by a zero size limit), and dequantized whole at session load."""
+    if request.param == "per_row":
+        monkeypatch.setattr(stacked_rows, "DEQUANTIZED_TABLE_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("hinted", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 37])
 @pytest.mark.parametrize("case", list(SPARSE_BATCHES))
-def test_sparse_arch_matches_reference(case: str, batch: int, threads: int, hinted: bool) -> None:
+def test_sparse_arch_matches_reference(
+    case: str, batch: int, threads: int, hinted: bool, row_layout: str
+) -> None:
     """Stacked row-wise groups (a table shared by two features), a per-feature fp32 group, empty
     bags, one-hot batches (the ``If`` that skips pooling), bags longer than a pooling chunk,
     batches of one, and one-hot layout hints both kept and broken by the batch, against a
@@ -386,10 +398,12 @@ def test_sparse_arch_matches_reference(case: str, batch: int, threads: int, hint
     assert not got.transpose(1, 0, 2)[lengths == 0].any()
 
 
-def test_sparse_arch_reads_rowwise_tables_as_stored() -> None:
+def test_sparse_arch_reads_rowwise_tables_as_stored(monkeypatch: pytest.MonkeyPatch) -> None:
     """Row-wise tables are initializers holding their stored arrays as they are (packed codes,
-    fp16 scale and bias; a table shared by two features once), each read by Gathers only, so a
-    saved graph can point at the table files instead of carrying a derived copy."""
+    fp16 scale and bias; a table shared by two features once), each read by Gathers only (the
+    per-row lookup of tables over the at-load size limit, forced here), so a saved graph can
+    point at the table files instead of carrying a derived copy."""
+    monkeypatch.setattr(stacked_rows, "DEQUANTIZED_TABLE_BYTES", 0)
     tables = _sparse_arch_features()
     model = _build_sparse_arch(tables)
     init = {t.name: t for t in model.graph.initializer}

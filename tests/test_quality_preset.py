@@ -1,6 +1,7 @@
 """The Criteo-Kaggle-like synthetic preset (``criteo_like_config``) behind
 ``benchmarks/bench_quality.py``: its shapes, its determinism, Zipf ids and a label that the
-feature interactions drive."""
+feature interactions drive; and the size-aware PTQ built-ins that the benchmark measured on it
+(``mixed_int2_ptq``, ``mixed_int4_ptq``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from compress.data.synthetic import (
     generate,
     scaled_rows,
 )
+from compress.io.model_spec import DLRMSpec, TableSpec
+from compress.plan import make_plan
+from compress.recipe.parse import load_recipe
 
 #: A small version of the preset for generating in a test (the largest table 20k rows).
 SMALL = {"largest_rows": 20_000}
@@ -90,3 +94,32 @@ def test_ids_are_zipf_and_the_label_is_interaction_driven():
     assert full - without > 0.05  # the interactions carry most of the signal ...
     assert only > without  # ... more than the per-id effects and dense features together
     assert 0.2 < ds.labels.mean() < 0.4
+
+
+def _preset_spec() -> DLRMSpec:
+    """The model ``bench_quality.py`` trains on the preset (``benchmarks/synthetic_case.py``)."""
+    config = criteo_like_config()
+    tables = tuple(
+        TableSpec(name=f"t_cat_{i}", num_embeddings=r, embedding_dim=16, feature_names=(f,))
+        for i, (r, f) in enumerate(zip(config.table_sizes, config.feature_names, strict=True))
+    )
+    return DLRMSpec("DLRM", tables, 13, (128, 64, 16), (128, 64, 1))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "tiers", "ratio"),
+    [
+        # (min rows, bits) from the largest tier down; the first tier that a table reaches wins
+        ("mixed_int2_ptq", ((10_000, 2), (100, 4), (0, 8)), (7.9, 8.0)),
+        ("mixed_int4_ptq", ((10_000, 4), (0, 8)), (5.25, 5.33)),
+    ],
+)
+def test_size_aware_ptq_builtins_on_the_preset(recipe, tiers, ratio):
+    """INT2 (INT4) only where the bytes are: small, hot tables and the MLP at higher precision,
+    for about 1% of the size of INT2 (INT4) everywhere."""
+    plan = make_plan(load_recipe(recipe), _preset_spec())
+    for t in plan.tables:
+        bits = next(b for lo, b in tiers if t.rows >= lo)
+        assert (t.method, t.granularity, t.bits) == ("ptq", "row", bits), t.name
+    assert plan.mlp.bits == 8 and not plan.needs_finetune
+    assert ratio[0] < plan.ratio < ratio[1]

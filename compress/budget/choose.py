@@ -156,6 +156,11 @@ class Limits:
     fixed_bytes: int
 
 
+def model_options(spec: DLRMSpec) -> list[list[Option]]:
+    """Every item's options: each table's (model order), then the MLP's."""
+    return [table_options(t) for t in spec.tables] + [mlp_options(spec)]
+
+
 def check_budget(budget: Budget, spec: DLRMSpec, items: list[list[Option]]) -> Limits:
     """The budget in bytes for ``spec`` whose items have these options; :class:`BudgetError`
     when no choice fits it, or when the model fits it as it is (nothing to compress)."""
@@ -205,8 +210,8 @@ def refinements(items: list[list[Option]], choice: list[int]) -> list[tuple[int,
 @dataclass
 class Measured:
     """The options of every item (the tables in model order, then the MLP) and the costs
-    measured so far, by ``(item, option)``, with what measuring more needs: one budget's choice
-    (:func:`choose`) measures the options it needs; several budgets can share one."""
+    measured so far, by ``(item, option)``, with what measuring more needs: a budget's choice
+    (:func:`choose`) measures only the options it needs."""
 
     job: LoadedModel
     items: list[list[Option]]
@@ -220,13 +225,14 @@ class Measured:
     def start(
         cls,
         job: LoadedModel,
+        items: list[list[Option]],
         select,
         slice_name: str | None,
         train=None,
         max_rows: int = DEFAULT_ROWS,
     ) -> Measured:
         """Read the rows (at most ``max_rows`` of ``select``) and the training row counts; no
-        option measured yet."""
+        option of ``items`` (:func:`model_options`) measured yet."""
         spec = job.spec
         counts = None
         if train is not None:
@@ -234,7 +240,6 @@ class Measured:
 
             counts = row_counts(train, spec)
         cache = cache_slice(job.module, spec, select, max_rows)
-        items = [table_options(t) for t in spec.tables] + [mlp_options(spec)]
         return cls(job, items, cache, baseline_logloss(job.module, cache), counts, slice_name, {})
 
     def measure(self, todo: list[tuple[int, int]], desc: str, say=None) -> None:
@@ -290,20 +295,15 @@ def choose(
     finetune: TrainConfig | None = None,
     max_rows: int = DEFAULT_ROWS,
     say: Callable[[str], None] | None = None,
-    measured: Measured | None = None,
 ) -> tuple[Plan, BudgetChoice]:
     """The plan that fits ``budget`` (module docstring) and how it was chosen. ``select``: the
     held-out rows the options are measured on (in memory or streamed); ``train``: the training
     data whose row counts weight the shared arrays' projection (``None``: unweighted);
-    ``finetune``: the budget recipe's ``[finetune]`` (fine-tune whatever is chosen);
-    ``measured``: costs already measured on the same rows (several budgets; ``select``,
-    ``train`` and ``max_rows`` are then not read)."""
+    ``finetune``: the budget recipe's ``[finetune]`` (fine-tune whatever is chosen)."""
     spec = job.spec
-    items = [table_options(t) for t in spec.tables] + [mlp_options(spec)]
+    items = model_options(spec)
     limits = check_budget(budget, spec, items)  # before any data is read
-    if measured is None:
-        measured = Measured.start(job, select, slice_name, train, max_rows)
-    items = measured.items  # the options its costs are indexed by
+    measured = Measured.start(job, items, select, slice_name, train, max_rows)
     choice, solution = measured.solve(limits.budget_bytes - limits.fixed_bytes, say)
     costs = measured.costs
     names = [t.name for t in spec.tables] + [MLP_ITEM]
@@ -421,7 +421,7 @@ def plan_for(
     if problem is not None:
         raise ModelConfigError(f"{job.source}: {problem}; give the features distinct names")
     spec = job.spec  # a budget nothing fits stops before the data is read
-    check_budget(recipe.budget, spec, [table_options(t) for t in spec.tables] + [mlp_options(spec)])
+    check_budget(recipe.budget, spec, model_options(spec))
     train_ds, valid_ds = pipeline.load_data(job, data, valid, **read)
     slices = pipeline.validation_slices(data, valid, train_ds, valid_ds)
     return choose(

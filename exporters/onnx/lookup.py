@@ -1,7 +1,8 @@
 """Embedding lookups as ONNX subgraphs: gather the rows of a batch's ids, then jagged sum pooling.
 
 Each builder appends nodes to a :class:`~exporters.onnx.spec.GraphBuilder` and returns the name of
-the value it produced. Only the gathered rows are ever dequantized, never a whole table.
+the value it produced. At run time only the gathered rows are dequantized; small row-wise tables are
+dequantized whole once, when ONNX Runtime creates the session (constant folding).
 
 * **Rows** of one table (:func:`add_gather`, ids int64 ``[N]`` -> float32 ``[N, D]``): the table's
   method builds them (:meth:`compress.methods.registry.TableMethod.onnx_rows`, given a
@@ -16,8 +17,9 @@ the value it produced. Only the gathered rows are ever dequantized, never a whol
 * **All features at once** (:func:`add_sparse_arch`, what the full model uses): features are
   grouped by how their rows are computed and each group runs one chain of ops over all its ids:
   row-wise tables of one bit width are gathered table by table from their stored arrays and
-  dequantized in one pass (:mod:`exporters.onnx.stacked_rows`), other tables are gathered feature
-  by feature and pooled together. No table initializer is derived from a stored array (a saved
+  dequantized in one pass (:mod:`exporters.onnx.stacked_rows`; tables whose float32 copy takes at
+  most 1 MiB are dequantized whole once, by ONNX Runtime's constant folding at session load, and
+  gathered as float32 rows), other tables are gathered feature by feature and pooled together. No table initializer is derived from a stored array (a saved
   graph reads the table files in place, :mod:`exporters.onnx.stored_arrays`). Features the data shows one-hot form groups of their own (a layout hint only: any
   batch is served exactly).
 
@@ -48,7 +50,11 @@ from exporters.onnx.spec import (
     TableLookup,
     sanitize_name,
 )
-from exporters.onnx.stacked_rows import add_stacked_group
+from exporters.onnx.stacked_rows import (
+    add_dequantized_group,
+    add_stacked_group,
+    dequantize_at_load,
+)
 
 #: How row-wise tables are looked up (:func:`compress.methods.rowwise.resolve_rowwise_impl`):
 #: ``gbq`` (``com.microsoft::GatherBlockQuantized``), ``standard`` ops, or ``auto`` (by bit width;
@@ -153,9 +159,13 @@ def build_pool_model(table: TableLookup, rowwise_impl: RowwiseImpl = "auto") -> 
 
 def _group_key(table: TableLookup, rowwise_impl: RowwiseImpl) -> tuple:
     """Features whose tables share a group key are dequantized and pooled together: tables that
-    join the grouped FBGEMM-row lookup by bit width, every other table in one group."""
+    join the grouped FBGEMM-row lookup by bit width (small ones apart: dequantized at session
+    load, :func:`~exporters.onnx.stacked_rows.dequantize_at_load`), every other table in one
+    group."""
     bits = registry.get(table.kind.METHOD).stacked_bits(table.kind, rowwise_impl)
-    return ("stacked", bits) if bits is not None else ("rows",)
+    if bits is None:
+        return ("rows",)
+    return ("dequantized" if dequantize_at_load(table, table.dim) else "stacked", bits)
 
 
 def _add_group(
@@ -169,6 +179,8 @@ def _add_group(
     lengths = concat(gb, [ln for _, _, ln in features], "lengths_all")  # [F_g * B]
     if key[0] == "stacked":
         return add_stacked_group(gb, features, lengths, key[1], dim, one_hot=key[-1])
+    if key[0] == "dequantized":
+        return add_dequantized_group(gb, features, lengths, key[1], dim)
     rows = _generic_rows(gb, features, dim, rowwise_impl)
     return pool_group(gb, rows, lengths, dim, len(features))
 

@@ -18,14 +18,12 @@ import torch
 
 from compress.errors import RecipeError
 from compress.io.model_spec import TableSpec
-from compress.methods.robe import hot_rows as hot_rows_module
 from compress.methods.robe.array import ArrayQuantization
 from compress.methods.robe.hashing import DEFAULT_SEED
 from compress.methods.robe.hot_rows import (
     AUTO,
     choose_hot_rows,
     exact_hot_rows,
-    hot_bytes_each,
     max_hot_rows,
     split_budget,
 )
@@ -96,10 +94,8 @@ def prepare_hot_group(
         hot_rows = 0
     elif s.hot_rows == AUTO:
         seen = seen_rows(tables, counts, s.hot_dtype)
-        share = hot_rows_module.AUTO_MAX_HOT_SHARE
         upper = min(
             max_hot_rows(s.budget, rows_total, dim, s.array_dtype, s.hot_dtype, s.block_size),
-            int(s.budget * share) // hot_bytes_each(dim, s.hot_dtype, rows_total),
             int(seen.ids.numel()),
         )
         candidates = exact_hot_rows(s.budget, rows_total, dim, s.array_dtype, s.hot_dtype, upper)

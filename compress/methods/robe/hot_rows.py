@@ -42,8 +42,6 @@ INT32_ID_ROWS = 2**31
 EXHAUSTIVE_CANDIDATES = 64
 #: Most evaluations of the error function in one search beyond :data:`EXHAUSTIVE_CANDIDATES`.
 MAX_EVALUATIONS = 48
-#: ``"auto"`` gives the hot rows at most this share of a group's budget (the array keeps the rest).
-AUTO_MAX_HOT_SHARE = 1.0
 
 HotRows = int | Literal["auto"]
 
