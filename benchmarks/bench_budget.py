@@ -35,12 +35,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cache_dir  # noqa: E402
+from benchmarks.common import cache_dir, cli, run_job  # noqa: E402
 from benchmarks.synthetic_case import CaseData, ensure_case, load_case  # noqa: E402
 from compress import pipeline  # noqa: E402
 from compress.data.synthetic import criteo_like_config  # noqa: E402
@@ -87,30 +84,6 @@ class BudgetRow:
     chosen: dict[str, str] = field(default_factory=dict)
     recipe_toml: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def cli() -> list[str]:
-    """The installed ``dqrm-compress`` beside this interpreter (``python -m compress`` without)."""
-    script = Path(sys.executable).with_name("dqrm-compress")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "compress"]
-
-
-def run_job(command: list[str]) -> tuple[int, str, str, int, float]:
-    """``(exit code, stdout, stderr, peak RSS bytes, wall seconds)`` of ``command``."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return (
-            code,
-            out.read().decode(),
-            err.read().decode(),
-            usage.ru_maxrss * 1024,
-            (time.perf_counter() - t0),
-        )
 
 
 def method_of(option: str) -> str:

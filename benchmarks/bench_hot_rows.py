@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_budget import SERVED_AUC_TOLERANCE, cli, fp32_logits, run_job  # noqa: E402
+from benchmarks.bench_budget import SERVED_AUC_TOLERANCE, fp32_logits  # noqa: E402
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cache_dir  # noqa: E402
+from benchmarks.common import cache_dir, cli, run_job  # noqa: E402
 from benchmarks.synthetic_case import CaseData, ensure_case, load_case  # noqa: E402
 from compress.data.synthetic import criteo_like_config  # noqa: E402
 from compress.methods.robe.method import ShareConfig  # noqa: E402

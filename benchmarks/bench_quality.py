@@ -37,12 +37,9 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cache_dir  # noqa: E402
+from benchmarks.common import cache_dir, run_job  # noqa: E402
 from benchmarks.synthetic_case import DIM, CaseData, ensure_case, load_case  # noqa: E402
 from compress import pipeline  # noqa: E402
 from compress.data.synthetic import criteo_like_config  # noqa: E402
@@ -148,24 +145,6 @@ class Store:
 
     def save_control(self, key: str, record: dict) -> None:
         (self.root / f"control-{key}.json").write_text(json.dumps(record, indent=1) + "\n")
-
-
-def run_job(command: list[str], cwd: Path) -> tuple[int, str, str, int, float]:
-    """Run ``command``; ``(exit code, stdout, stderr, peak RSS bytes, wall seconds)``."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return (
-            proc.returncode,
-            out.read().decode(),
-            err.read().decode(),
-            usage.ru_maxrss * 1024,
-            time.perf_counter() - t0,
-        )
 
 
 def failure(name: str, stderr: str, code: int) -> str:

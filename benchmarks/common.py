@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 KAGGLE_ROWS = (
@@ -59,3 +62,30 @@ def cache_dir() -> Path:
     d = Path(__file__).parent / ".cache"
     d.mkdir(exist_ok=True)
     return d
+
+
+def cli() -> list[str]:
+    """The installed ``dqrm-compress`` beside this interpreter (``python -m compress`` without)."""
+    script = Path(sys.executable).with_name("dqrm-compress")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "compress"]
+
+
+def run_job(command: list[str], cwd: Path | None = None) -> tuple[int, str, str, int, float]:
+    """Run ``command`` (in ``cwd``, default the project root): ``(exit code, stdout, stderr, peak
+    RSS bytes, wall seconds)``."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=err, cwd=cwd or Path(__file__).resolve().parents[1]
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (
+            code,
+            out.read().decode(),
+            err.read().decode(),
+            usage.ru_maxrss * 1024,
+            time.perf_counter() - t0,
+        )
