@@ -119,12 +119,27 @@ def read_columns(path: str | Path) -> ColumnMapping:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: cannot read the column mapping ({e})") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DataError(f"{p}: the column mapping has key {e.args[0]!r} twice") from None
     except (ValueError, RecursionError) as e:
         raise DataError(f"{p}: the column mapping is not JSON ({e})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{p}: the column mapping must be a JSON object")
     return _from_dict(obj, str(p))
+
+
+class _DuplicateKey(Exception):
+    """A JSON object of the mapping names ``args[0]`` twice (the last would win silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _from_dict(obj: Mapping[str, Any], where: str) -> ColumnMapping:
@@ -135,7 +150,7 @@ def _from_dict(obj: Mapping[str, Any], where: str) -> ColumnMapping:
         return ColumnMapping(
             label=obj.get("label", "label"),
             dense=obj.get("dense"),
-            sparse=obj.get("sparse") or {},
+            sparse={} if obj.get("sparse") is None else obj["sparse"],
             dense_transform=obj.get("dense_transform"),
             ids=obj.get("ids", "rows"),
         )
@@ -209,8 +224,14 @@ def resolve_columns(
             raise DataError(
                 f"column mapping: dense names {len(dense)} columns, the model takes {num_dense}"
             )
-        if len(set(dense)) != len(dense):
-            raise DataError("column mapping: dense names a column twice")
+        twice = next((n for j, n in enumerate(dense) if n in dense[:j]), None)
+        if twice is not None:
+            raise DataError(f"column mapping: dense names column {twice!r} twice")
+        both = next((n for n in dense if n in sparse), None)
+        if both is not None:
+            raise DataError(
+                f"column mapping: column {both!r} is both a dense and a sparse feature's"
+            )
         if mapping.label in dense:
             raise DataError(
                 f"column mapping: column {mapping.label!r} is both the label and a dense feature"

@@ -4,7 +4,7 @@
 (a path that leaves the directory, a missing file, a size or sha256 that differs from the
 manifest), a file in the directory the manifest does not list, an array whose dtype or shape is
 not what the manifest says (read from the ``.npy`` header, no data loaded), a truncated ``.npy``,
-and (with checksums) an ONNX graph that does not match the manifest
+a shared array's hot ids that are not strictly increasing rows of its group, and (with checksums) an ONNX graph that does not match the manifest
 (:mod:`exporters.artifacts.graph_checks`). :func:`~exporters.artifacts.read.load_artifacts`
 raises the first of them; ``verify`` reports them all (:mod:`exporters.artifacts.verify`).
 """
@@ -73,6 +73,8 @@ def directory_problems(root: Path, manifest: Manifest, checksums: bool) -> list[
             problem = check_npy(root / rel, expected)
             if problem:
                 problems.append(problem)
+                bad.add(rel)
+    problems += hot_ids_problems(root, manifest, bad)
     if checksums and manifest.onnx is not None:
         graphs = [g for g in manifest.onnx.graphs.values() if g.file not in bad]
         problems += onnx_graph_problems(root, manifest.spec, graphs)
@@ -108,6 +110,29 @@ def unlisted_entries(root: Path, files: Mapping[str, FileEntry]) -> list[str]:
             if rel != MANIFEST and rel not in files:
                 out.append(f"{here / name}: not listed in the manifest (added after export?)")
     return out
+
+
+def hot_ids_problems(root: Path, manifest: Manifest, bad: set[str]) -> list[str]:
+    """The hot ids of each shared array that has them (``files["hot_ids"]``, its header already
+    checked unless in ``bad``) that are not strictly increasing rows of its group: the graph's
+    binary search reads them as stored (:mod:`compress.methods.robe.hot_graph`)."""
+    from compress.methods.robe.hot_graph import hot_ids_problem
+
+    problems = []
+    for g in manifest.shared_arrays:
+        rel = g.files.get("hot_ids")
+        if rel is None or rel in bad:
+            continue
+        try:
+            ids = np.load(root / rel, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            problems.append(f"{root / rel}: not a readable .npy file ({e})")
+            continue
+        total = sum(t.num_embeddings for t in manifest.tables if t.group == g.name)
+        problem = hot_ids_problem(ids, total) if ids.size else None
+        if problem:
+            problems.append(f"{root / rel}: shared array {g.name!r}: {problem}")
+    return problems
 
 
 def expected_arrays(manifest: Manifest) -> dict[str, ArraySpec]:

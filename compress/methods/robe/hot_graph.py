@@ -36,6 +36,16 @@ _INT64_MAX = np.iinfo(np.int64).max
 _ONNX_INT64 = 7
 
 
+def hot_ids_problem(ids: np.ndarray, rows_total: int) -> str | None:
+    """Why stored hot ids (int ``[H]``, H > 0) cannot be served, else ``None``: they must be
+    strictly increasing global rows in ``[0, rows_total)`` (the binary search reads them as
+    stored, so unsorted or repeated ids would select wrong rows silently)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if int(ids[0]) < 0 or int(ids[-1]) >= rows_total or bool((ids[1:] <= ids[:-1]).any()):
+        return f"hot ids must be strictly increasing global rows in [0, {rows_total})"
+    return None
+
+
 @dataclass(frozen=True)
 class HotRowsTable:
     """Hot rows of a group as stored: sorted global ``ids`` ``[H]``, ``data`` (uint8 codes or
@@ -59,11 +69,9 @@ class HotRowsTable:
         h = self.num_rows
         if self.ids.dtype not in (np.int32, np.int64) or self.ids.ndim != 1 or h == 0:
             raise ValueError(f"{what}: hot ids must be int32 or int64 [H], H > 0")
-        ids = np.asarray(self.ids, dtype=np.int64)
-        if int(ids[0]) < 0 or int(ids[-1]) >= rows_total or bool((ids[1:] <= ids[:-1]).any()):
-            raise ValueError(
-                f"{what}: hot ids must be strictly increasing global rows in [0, {rows_total})"
-            )
+        problem = hot_ids_problem(self.ids, rows_total)
+        if problem:
+            raise ValueError(f"{what}: {problem}")
         if self.data.dtype == np.uint8:
             for arr, name in ((self.scale, "scale"), (self.bias, "bias")):
                 if arr is None or arr.dtype != np.float16 or arr.shape != (h,):
