@@ -33,11 +33,9 @@ rough): FP32 AUC 0.7567; ``--budget 100x`` 1,586,456 bytes (135x), AUC 0.7595 (+
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,10 +44,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cache_dir, cli, run_job  # noqa: E402
-from benchmarks.synthetic_case import CaseData, ensure_case, load_case  # noqa: E402
+from benchmarks.common import cli, run_job  # noqa: E402
+from benchmarks.synthetic_case import (  # noqa: E402
+    CaseData,
+    add_case_arguments,
+    open_case_run,
+)
 from compress import pipeline  # noqa: E402
-from compress.data.synthetic import criteo_like_config  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
 from compress.train.evaluate import predict_logits  # noqa: E402
 from compress.train.metrics import auc  # noqa: E402
@@ -202,22 +203,11 @@ def print_table(fp32: np.ndarray, labels: np.ndarray, rows: dict[str, tuple]) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", nargs="+", default=list(TARGETS))
-    ap.add_argument("--steps", type=int, help="cap fine-tuning at N steps (the CLI's --steps)")
-    ap.add_argument("--samples", type=int, default=1_500_000, help="samples of the case")
-    ap.add_argument("--keep", action="store_true", help="store the rows beside the case")
-    ap.add_argument("--root", type=Path, help="another built case directory (default: the preset)")
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    add_case_arguments(ap)
     args = ap.parse_args(argv)
     set_enabled(False)
-    root = args.root or cache_dir() / "quality"
-    if args.root is None:
-        ensure_case(root, criteo_like_config(args.samples))
-    case = load_case(root, with_train=False)
-    case_id = hashlib.sha256((root / "case.json").read_bytes()).hexdigest()[:12]
-    steps_tag = "" if args.steps is None else f"-steps{args.steps}"
-    scratch = tempfile.TemporaryDirectory(dir=root, prefix=".budget-")
-    store = (root / "budget_results" if args.keep else Path(scratch.name)) / (case_id + steps_tag)
-    store.mkdir(parents=True, exist_ok=True)
+    run = open_case_run(args, "budget_results", ".budget-")
+    case, scratch, store = run.case, run.scratch, run.store
     fp32 = fp32_logits(case)
     try:
         for budget in args.budgets:

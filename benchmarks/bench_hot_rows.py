@@ -32,12 +32,10 @@ error but leaves the tail nothing to fine-tune; the built-in recipes keep plain 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -46,9 +44,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_budget import SERVED_AUC_TOLERANCE, fp32_logits  # noqa: E402
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cache_dir, cli, run_job  # noqa: E402
-from benchmarks.synthetic_case import CaseData, ensure_case, load_case  # noqa: E402
-from compress.data.synthetic import criteo_like_config  # noqa: E402
+from benchmarks.common import cli, run_job  # noqa: E402
+from benchmarks.synthetic_case import (  # noqa: E402
+    CaseData,
+    add_case_arguments,
+    open_case_run,
+)
 from compress.methods.robe.method import ShareConfig  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
 from compress.recipe.parse import load_recipe  # noqa: E402
@@ -206,23 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--variants", nargs="+", default=["plain", "hot"], type=variant_name)
-    ap.add_argument("--steps", type=int, help="cap fine-tuning at N steps (the CLI's --steps)")
-    ap.add_argument("--samples", type=int, default=1_500_000, help="samples of the case")
-    ap.add_argument("--keep", action="store_true", help="store the rows beside the case")
-    ap.add_argument("--root", type=Path, help="another built case directory (default: the preset)")
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    add_case_arguments(ap)
     args = ap.parse_args(argv)
     set_enabled(False)
-    root = args.root or cache_dir() / "quality"
-    if args.root is None:
-        ensure_case(root, criteo_like_config(args.samples))
-    case = load_case(root, with_train=False)
-    case_id = hashlib.sha256((root / "case.json").read_bytes()).hexdigest()[:12]
-    steps_tag = "" if args.steps is None else f"-steps{args.steps}"
-    scratch = tempfile.TemporaryDirectory(dir=root, prefix=".hot-")
-    results = root / "hot_rows_results" if args.keep else Path(scratch.name)
-    store = results / (case_id + steps_tag)
-    store.mkdir(parents=True, exist_ok=True)
+    run = open_case_run(args, "hot_rows_results", ".hot-")
+    case, scratch, store = run.case, run.scratch, run.store
     fp32 = fp32_logits(case)
     try:
         for recipe_name in args.recipes:

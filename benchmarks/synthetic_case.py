@@ -12,8 +12,11 @@ rows).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +153,41 @@ def load_case(root: Path, with_train: bool = True) -> CaseData:
     train = load_npz(root / "train.npz") if with_train else None
     report = split_validation(valid, str(root / "valid.npz")).report
     return CaseData(root / "dlrm.pt", root / "train.npz", root / "valid.npz", train, valid, report)
+
+
+def add_case_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark on a quality case takes: ``--steps``, ``--samples``, ``--keep``,
+    ``--root``, ``--json``."""
+    ap.add_argument("--steps", type=int, help="cap fine-tuning at N steps (the CLI's --steps)")
+    ap.add_argument("--samples", type=int, default=1_500_000, help="samples of the case")
+    ap.add_argument("--keep", action="store_true", help="store the rows beside the case")
+    ap.add_argument("--root", type=Path, help="another built case directory (default: the preset)")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+
+
+@dataclass
+class CaseRun:
+    """A benchmark's run on a quality case: the case (built if missing), a scratch directory, and
+    where its rows are stored (beside the case with ``--keep``, else in the scratch directory),
+    one folder per case and ``--steps``."""
+
+    case: CaseData
+    scratch: tempfile.TemporaryDirectory
+    store: Path
+
+
+def open_case_run(args: argparse.Namespace, results: str, prefix: str) -> CaseRun:
+    """Build or load the case of ``args`` (:func:`add_case_arguments`); rows go under ``results``."""
+    from benchmarks.common import cache_dir
+    from compress.data.synthetic import criteo_like_config
+
+    root = args.root or cache_dir() / "quality"
+    if args.root is None:
+        ensure_case(root, criteo_like_config(args.samples))
+    case = load_case(root, with_train=False)
+    case_id = hashlib.sha256((root / "case.json").read_bytes()).hexdigest()[:12]
+    steps_tag = "" if args.steps is None else f"-steps{args.steps}"
+    scratch = tempfile.TemporaryDirectory(dir=root, prefix=prefix)
+    store = (root / results if args.keep else Path(scratch.name)) / (case_id + steps_tag)
+    store.mkdir(parents=True, exist_ok=True)
+    return CaseRun(case, scratch, store)

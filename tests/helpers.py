@@ -222,3 +222,12 @@ def as_format_2_layout(path: Path) -> dict:
     manifest["format_version"] = 2
     (path / "manifest.json").write_text(dump_manifest(seal(manifest)))
     return manifest
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a child a test sends SIGINT: SIGINT back to its default, since a shell
+    starts background jobs (a CI script run with ``&``) with SIGINT ignored, which the child would
+    inherit, and Python then never raises ``KeyboardInterrupt``."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import SLOW_QAT_RECIPE, cli_command, tiny_world
+from helpers import SLOW_QAT_RECIPE, cli_command, interruptible, tiny_world
 
 
 @pytest.mark.slow
@@ -21,7 +21,10 @@ def test_ctrl_c_then_resume(tmp_path):
     out, state = tmp_path / "out", tmp_path / ".out.train-state.pt"
 
     proc = subprocess.Popen(
-        cli_command(*common, "--out", str(out)), stderr=subprocess.PIPE, text=True
+        cli_command(*common, "--out", str(out)),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=interruptible,
     )
     deadline = time.monotonic() + 120
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import data_spec, make_dlrm
+from helpers import data_spec, interruptible, make_dlrm
 
 from compress import pipeline
 from compress.data import stream_workers
@@ -330,6 +330,7 @@ def test_interrupted_or_killed_main_process_leaves_no_workers(tmp_path, sig):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2 and all(_alive(p) for p in pids), proc.stderr.read()
