@@ -145,3 +145,13 @@ def test_a_column_named_twice_in_the_mapping_is_named(tmp_path):
         resolve_columns(ColumnMapping(dense=("d0", "a")), schema, ["a"], 2, "f.parquet")
     resolved = resolve_columns(ColumnMapping(dense=("d0", "d1")), schema, ["a"], 2, "f.parquet")
     assert resolved.dense == ("d0", "d1") and resolved.sparse == ("a",)
+
+
+def test_a_killed_worker_keeps_restarts_even_when_a_peer_then_fails_as_bad_input():
+    from compress.train.distributed.launch import final_failure
+
+    assert final_failure([2])  # bad input: a restart cannot change it
+    assert final_failure([130, 130])  # Ctrl-C
+    assert not final_failure([-9, 2])  # rank 1 SIGKILLed, rank 0 refused its truncated message
+    assert not final_failure([-9])
+    assert not final_failure([1])

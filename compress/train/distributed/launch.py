@@ -88,11 +88,17 @@ class _Agent(LocalElasticAgent):
 
     def _monitor_workers(self, worker_group) -> RunResult:  # type: ignore[no-untyped-def]
         result = super()._monitor_workers(worker_group)
-        if result.is_failed() and any(
-            f.exitcode in FINAL_EXIT_CODES for f in result.failures.values()
-        ):
+        if result.is_failed() and final_failure([f.exitcode for f in result.failures.values()]):
             self._remaining_restarts = 0
         return result
+
+
+def final_failure(exit_codes: Sequence[int]) -> bool:
+    """Whether workers that ended with ``exit_codes`` failed in a way a restart cannot change: one
+    of :data:`FINAL_EXIT_CODES`, and no worker killed by a signal (a killed worker is the cause;
+    the others' errors, such as a truncated message from it refused as bad input, follow from
+    it)."""
+    return any(c in FINAL_EXIT_CODES for c in exit_codes) and not any(c < 0 for c in exit_codes)
 
 
 def worker_threads(nproc: int) -> int:
