@@ -27,24 +27,15 @@ from torch import nn
 from compress.data.dataset import Dataset
 from compress.data.npz import load_npz, save_npz
 from compress.data.synthetic import SyntheticConfig, bayes_auc, generate
+from compress.demo import DEMO_TRAINING
 from compress.io.model import build_model
 from compress.io.model_spec import DLRMSpec, TableSpec
-from compress.train.config import TrainConfig
 from compress.train.loop import fit
 from compress.train.validation import HOLDOUT_FRACTION, split_validation
 
 DIM = 16
-#: How the FP32 model is trained: one epoch of Adagrad, no selection (nothing is held out for it).
-FP32_TRAINING = TrainConfig(
-    epochs=1.0,
-    batch_size=2048,
-    optimizer="adagrad",
-    lr_embedding=0.05,
-    lr_dense=0.05,
-    eval_every=0,
-    keep_best=False,
-    seed=0,
-)
+#: How the FP32 model is trained: as the demo's (one epoch of Adagrad, no selection).
+FP32_TRAINING = DEMO_TRAINING
 CASE_FILE = "case.json"
 
 
