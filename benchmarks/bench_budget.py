@@ -44,10 +44,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cli, run_job  # noqa: E402
+from benchmarks.common import run_job  # noqa: E402
 from benchmarks.synthetic_case import (  # noqa: E402
     CaseData,
     add_case_arguments,
+    case_command,
     open_case_run,
 )
 from compress import pipeline  # noqa: E402
@@ -102,22 +103,7 @@ def run_budget(budget: str, case: CaseData, out: Path, steps: int | None) -> Bud
     """Run ``--budget budget`` through the CLI, score its artifacts with ONNX Runtime."""
     from exporters import Predictor
 
-    command = [
-        *cli(),
-        "--no-progress",
-        "--budget",
-        budget,
-        str(case.checkpoint),
-        "--data",
-        str(case.train_path),
-        "--valid",
-        str(case.valid_path),
-        "--out",
-        str(out),
-        "--force",
-        "--json",
-        *(["--steps", str(steps)] if steps is not None else []),
-    ]
+    command = case_command(case, ["--budget", budget], out, steps, "--force")
     print(f"  --budget {budget}: {' '.join(command[1:])}", flush=True)
     code, stdout, stderr, peak, wall = run_job(command)
     if code != 0:

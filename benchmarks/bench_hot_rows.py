@@ -44,10 +44,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_budget import SERVED_AUC_TOLERANCE, fp32_logits  # noqa: E402
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cli, run_job  # noqa: E402
+from benchmarks.common import run_job  # noqa: E402
 from benchmarks.synthetic_case import (  # noqa: E402
     CaseData,
     add_case_arguments,
+    case_command,
     open_case_run,
 )
 from compress.methods.robe.method import ShareConfig  # noqa: E402
@@ -123,22 +124,7 @@ def run_variant(
     toml = work / f"{label}_{v}.toml"
     toml.write_text(recipe_to_toml(variant(load_recipe(recipe_name), v)))
     out = work / "out"
-    command = [
-        *cli(),
-        "--no-progress",
-        "--recipe",
-        str(toml),
-        str(case.checkpoint),
-        "--data",
-        str(case.train_path),
-        "--valid",
-        str(case.valid_path),
-        "--out",
-        str(out),
-        "--force",
-        "--json",
-        *(["--steps", str(steps)] if steps is not None else []),
-    ]
+    command = case_command(case, ["--recipe", str(toml)], out, steps, "--force")
     name = f"{label}/{v}"
     print(f"  {name}: {' '.join(command[1:])}", flush=True)
     code, stdout, stderr, peak, wall = run_job(command)

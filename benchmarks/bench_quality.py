@@ -47,8 +47,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import cache_dir, run_job  # noqa: E402
-from benchmarks.synthetic_case import DIM, CaseData, ensure_case, load_case  # noqa: E402
+from benchmarks.common import cache_dir, cli, run_job  # noqa: E402
+from benchmarks.synthetic_case import DIM, CaseData, case_command, ensure_case, load_case  # noqa: E402
 from compress import pipeline  # noqa: E402
 from compress.data.synthetic import criteo_like_config  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
@@ -169,25 +169,11 @@ def run_row(
     shared = store.control(key) if key is not None else None
     selector = ["--budget", BUDGETS[name]] if name in BUDGETS else ["--recipe", name]
     out = work / f"{name}.out"
-    command = [
-        sys.executable,
-        "-m",
-        "compress",
-        "--no-progress",
-        *selector,
-        str(case.checkpoint),
-        "--data",
-        str(case.train_path),
-        "--valid",
-        str(case.valid_path),
-        "--out",
-        str(out),
-        "--json",
-        *([] if shared is not None else ["--control"]),
-        *([] if steps is None else ["--steps", str(steps)]),
-    ]
+    command = case_command(
+        case, selector, out, steps, *([] if shared is not None else ["--control"])
+    )
     row = Row(name=name, command=command, control_key=key)
-    print(f"  {name}: {' '.join(command[2:])}", flush=True)
+    print(f"  {name}: {' '.join(command[len(cli()) :])}", flush=True)
     code, stdout, stderr, peak, wall = run_job(command, work)
     row.peak_rss = peak
     if code != 0:

@@ -182,3 +182,27 @@ def open_case_run(args: argparse.Namespace, results: str, prefix: str) -> CaseRu
     store = (root / results if args.keep else Path(scratch.name)) / (case_id + steps_tag)
     store.mkdir(parents=True, exist_ok=True)
     return CaseRun(case, scratch, store)
+
+
+def case_command(
+    case: CaseData, selector: list[str], out: Path, steps: int | None, *extra: str
+) -> list[str]:
+    """The main job on ``case`` as users run it: ``dqrm-compress SELECTOR CKPT --data --valid --out
+    --json EXTRA [--steps N]`` (``selector``: ``["--recipe", R]`` or ``["--budget", B]``)."""
+    from benchmarks.common import cli
+
+    return [
+        *cli(),
+        "--no-progress",
+        *selector,
+        str(case.checkpoint),
+        "--data",
+        str(case.train_path),
+        "--valid",
+        str(case.valid_path),
+        "--out",
+        str(out),
+        "--json",
+        *extra,
+        *([] if steps is None else ["--steps", str(steps)]),
+    ]
