@@ -44,21 +44,20 @@ so it is clear where the time goes. Two ways of serving a 2-core machine are tim
 The export gets the features that are one-hot in the benchmark's data as a layout hint (what the
 pipeline finds in ``--data``): they are looked up apart from the multi-hot ones.
 
-Measured 2026-12-03 (second half) with ``--rounds 8`` while other jobs kept the 2-vCPU machine
-busy (load 4-12; two runs each), ORT INT4 with INT8 MLPs against PyTorch
-FP32 / the faster FBGEMM INT4 variant, throughput (2 processes x 1 thread): 8 multi-hot features
-1.50-1.53x / 1.41-1.44x (round by round 1.33-1.71x), one-hot 1.88-2.01x / 1.66-1.83x. Latency mode (one process, 2
-threads) is not measurable on a loaded machine: PyTorch's two OpenMP threads then lose whole time
-slices (100-1000 ms a batch instead of 14), which flatters ORT. An earlier run the same morning
-(load ~7, before the small-table lookup below, ORT through its session directly) measured ORT
-13.2 ms / PyTorch 14.4 ms / FBGEMM 13.2 ms a batch in this mode (1.10x / 0.96x). Single-threaded, interleaved in one process (the least
-load-sensitive measure), small tables dequantized at session load
-(:mod:`exporters.onnx.stacked_rows`) made the whole graph 1.15x (multi-hot) and 1.21x (one-hot)
-faster, logits bit for bit the same. Where the time goes (single thread, ORT's profiler): the
-lookups (~8 ms multi-hot before that change, FBGEMM ~3 ms) are dominated by ONNX Runtime's
-``Gather`` (~30 ns an index for 2-byte scale/bias elements, three Gathers a row of a large
-table); the integer MLPs take ~1.7 ms (over) + ~1.3 ms (dense) against ~14 ms with float32
-activations.
+In latency mode ``Predictor(threads=2)`` cuts each batch into two slices of 1024 scored at the
+same time on two pinned worker threads (one single-threaded session): ONNX Runtime's intra-op
+threads barely speed this graph up (11.2 ms a batch with 2 threads, 11.7 ms with 1, 6-8 ms as two
+slices). The ``ort int4 (fp32 act)`` row and the split parts below are single sessions with
+``--threads`` intra-op threads.
+
+Measured 2026-12-03 on the quiet 2-core machine, ``--rounds 8``, ORT INT4 with INT8 MLPs against
+PyTorch FP32 / the faster FBGEMM INT4 variant: latency (2 threads) multi-hot 1.59x / 1.76x
+(1.59-1.73x against FP32 over four runs), one-hot 2.01x / 1.95x; throughput (2 processes x 1
+thread) multi-hot 1.71x / 1.68x, one-hot 2.32x / 2.10x. Where the time goes (single thread, ORT's
+profiler, multi-hot): the lookups ~7 ms against FBGEMM's ~2.3 ms, most of it ``Gather`` on the
+large tables (three random reads a row: packed codes, fp16 scale, fp16 bias, ~30 ns each, where a
+Gather from the small tables' folded float32 array costs ~8 ns a row); the integer MLPs ~3.5 ms,
+the dot interaction ~1.6 ms.
 
 Run: ``.venv/bin/python benchmarks/bench_serving.py [--max-rows N] [--batch B] [--rounds R]
 [--threads T] [--streams S] [--stream-threads T] [--json]`` (``--streams 0``: latency only)

@@ -91,15 +91,28 @@ def test_at_load_equals_per_row_bit_for_bit(
         np.testing.assert_array_equal(got, want)
 
 
-def test_session_folds_the_tables_and_gathers_float_rows(tmp_path: Path) -> None:
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` and of every subgraph (``If`` branches), depth first."""
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out += _all_nodes(attr.g)
+    return out
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_session_folds_the_tables_and_gathers_float_rows(tmp_path: Path, one_hot: bool) -> None:
     """The graph keeps the stored arrays (no Gather reads them: only the whole-table
-    dequantization); the session ONNX Runtime builds has folded that into one float32 ``[R, D]``
-    array a table, read by Gathers, with no unpacking or dequantizing node left."""
+    dequantization); the session ONNX Runtime builds has folded that into one float32
+    ``[sum R + 1, D]`` array a bit width (its tables one after another, a zero row last), read by
+    Gathers, with no unpacking or dequantizing node left."""
     tables = _tables()
-    model = _graph(tables, (False,) * 5)
+    model = _graph(tables, (one_hot,) * 5)
     stored = {n.name for n in model.graph.initializer if n.name.startswith("emb.")}
     assert stored == {f"emb.{t}.{r}" for t in "abcd" for r in ("packed", "scale", "bias")}
-    readers = {n.op_type for n in model.graph.node for x in n.input if x in stored}
+    readers = {n.op_type for n in _all_nodes(model.graph) for x in n.input if x in stored}
     assert "Gather" not in readers
 
     options = ort.SessionOptions()
@@ -107,17 +120,18 @@ def test_session_folds_the_tables_and_gathers_float_rows(tmp_path: Path) -> None
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # folds
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(tmp_path / "optimized.onnx")
-    ops = {n.op_type for n in optimized.graph.node}
-    assert not ops & {"BitShift", "BitwiseAnd", "Mul", "Add"}  # Cast: the ids' range check
+    nodes = _all_nodes(optimized.graph)
+    assert not {n.op_type for n in nodes} & {"BitShift", "BitwiseAnd", "Mul"}
+    assert not {i.name for i in optimized.graph.initializer} & stored  # folded, then dropped
     floats = {
         i.name: list(i.dims)
         for i in optimized.graph.initializer
         if i.data_type == TensorProto.FLOAT and len(i.dims) == 2 and i.dims[1] == DIM
     }
-    rows = {t.name: t.num_rows for t in tables}
-    gathered = [
-        floats[n.input[0]]
-        for n in optimized.graph.node
-        if n.op_type == "Gather" and n.input[0] in floats
-    ]
-    assert sorted(gathered) == sorted([[rows[t.name], DIM] for t in tables])
+    gathered = {
+        tuple(floats[n.input[0]]) for n in nodes if n.op_type == "Gather" and n.input[0] in floats
+    }
+    # a + d (INT4; a read by two features, stored once), b (INT2), c (INT8)
+    assert gathered == {(60 + 9 + 1, DIM), (25 + 1, DIM), (33 + 1, DIM)}
+    per_table = {(t.num_rows, DIM) for t in tables}
+    assert not per_table & set(map(tuple, floats.values()))  # no per-table copy left

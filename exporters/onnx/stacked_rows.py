@@ -44,6 +44,7 @@ from exporters.onnx.ops import (
     add_branch,
     add_unpack,
     add_valid_ids,
+    batch_major,
     concat,
     int64,
     interleave_codes,
@@ -202,6 +203,24 @@ def dequantized_table(gb: GraphBuilder, table: TableLookup, bits: int, dim: int)
     return out
 
 
+def merged_tables(
+    gb: GraphBuilder, tables: list[TableLookup], bits: int, dim: int
+) -> tuple[str, dict[str, int], int]:
+    """float32 ``[sum R + 1, D]``: the distinct ``tables`` dequantized (:func:`dequantized_table`)
+    one after another, then a zero row; folded into one array at session load like each table
+    (the per-table arrays are then dropped). Returns its name, each table's first row in it, and
+    the zero row's index."""
+    offsets: dict[str, int] = {}
+    parts, rows = [], 0
+    for table in tables:
+        if table.name not in offsets:
+            offsets[table.name] = rows
+            rows += table.num_rows
+            parts.append(dequantized_table(gb, table, bits, dim))
+    zero = gb.const("zero_row_f32", np.zeros((1, dim), np.float32))
+    return gb.op("Concat", [*parts, zero], "merged_tables", axis=0), offsets, rows
+
+
 def add_dequantized_group(
     gb: GraphBuilder,
     features: list[FeatureInputs],
@@ -210,28 +229,42 @@ def add_dequantized_group(
     dim: int,
 ) -> str:
     """Pooled embeddings ``[B, F_g, D]`` of features whose row-wise tables are dequantized at
-    session load (:func:`dequantized_table`): one ``Gather`` of float32 rows a feature (ids
-    outside a table read its row 0). While every bag holds one id (a runtime ``If``) the rows are
-    the bags, put side by side as ``[B, F_g, D]``; otherwise they are concatenated feature-major
-    and pooled (:func:`~exporters.onnx.pooling.pool_multi`)."""
-    rows, counts = [], []
+    session load, all read from one merged float32 array (:func:`merged_tables`) by one
+    ``Gather``: each feature's ids (outside its table: its row 0) shifted to its table's rows,
+    concatenated feature-major. While every bag holds one id (a runtime ``If``) the ids are put
+    batch-major (``[B, F_g]``, int64: cheaper to move than rows) and the ``Gather`` writes the
+    bags as ``[B, F_g, D]``; otherwise the ids are padded with the zero row's index to the
+    chunked pooling's layout and the gathered rows pooled
+    (:func:`~exporters.onnx.pooling.pool_multi`)."""
+    table_f32, offsets, zero_index = merged_tables(gb, [t for t, _, _ in features], bits, dim)
+    ids, counts = [], []
     for table, values, _ in features:
-        ids = add_valid_ids(gb, values, table.num_rows)
-        table_f32 = dequantized_table(gb, table, bits, dim)
-        rows.append(gb.op("Gather", [table_f32, ids], "table_rows", axis=0))
+        valid = add_valid_ids(gb, values, table.num_rows)
+        if offsets[table.name]:
+            shift = gb.const(f"row_offset_{offsets[table.name]}", offsets[table.name], np.int64)
+            valid = gb.op("Add", [valid, shift], "merged_ids")
+        ids.append(valid)
         counts.append(gb.op("Shape", [values], "num_values"))
+    all_ids = concat(gb, ids, "merged_ids_all")  # [N], feature-major
     num_ids = gb.op("ReduceSum", [concat(gb, counts, "value_counts")], "num_ids", keepdims=1)
     num_features = len(features)
 
-    def side_by_side(sub: GraphBuilder) -> str:  # [B, D] each -> [B, F_g, D]
-        shape = sub.const("b1d", int64([-1, 1, dim]))
-        columns = [sub.op("Reshape", [r, shape], "bag_column") for r in rows]
-        return concat(sub, columns, "bags_bfd", axis=1)
+    def side_by_side(sub: GraphBuilder) -> str:  # ids [F_g * B] -> [B, F_g] -> rows [B, F_g, D]
+        return sub.op(
+            "Gather",
+            [table_f32, batch_major(sub, all_ids, num_features, "ids_bf")],
+            "bags_bfd",
+            axis=0,
+        )
 
     def pooled(sub: GraphBuilder) -> str:
-        zero = sub.const("zero_row_f32", np.zeros((1, dim), np.float32))
-        stacked = sub.op("Concat", [*rows, zero], "rows_all", axis=0)  # [N + 1, D]
-        return pool_multi(sub, stacked, lengths, num_features, dim)
+        pad = chunk_pad(sub, num_ids)
+        zero_ids = sub.op(
+            "Expand", [sub.const(f"zero_row_id_{zero_index}", int64([zero_index])), pad], "pad_ids"
+        )
+        padded = sub.op("Concat", [all_ids, zero_ids], "ids_padded", axis=0)  # [C * K]
+        rows = sub.op("Gather", [table_f32, padded], "rows_padded", axis=0)
+        return pool_multi(sub, rows, lengths, num_features, dim, padded=True)
 
     cond = one_hot_condition(gb, num_ids, lengths)
     return gb.op(

@@ -20,6 +20,19 @@ lengths must be non-negative and sum to the number of ids of their feature, and 
 the Predictor is told ``out_of_range="row0"``: then such ids read row 0 of their own table, as the
 graph does (the manifest's ``onnx.out_of_range_ids``, FBGEMM's bounds check).
 
+Threads: by default (``parallel="batch"``) a batch is cut into up to ``threads`` slices of at least
+:data:`MIN_SLICE` samples, which one single-threaded ONNX Runtime session scores at the same time,
+one slice a thread (ORT's ``run`` releases the GIL and may be called from several threads; each
+worker thread is pinned to a core of its own, as ORT pins its intra-op threads). The
+graph is a chain of many small ops (gathers, pooling, one row of an MLP at a time per sample) that
+ORT's intra-op threads barely speed up: on 2 cores a Criteo-shaped batch of 2048 took 11.2 ms with
+2 intra-op threads and 6.4 ms as two slices of 1024 (``benchmarks/bench_serving.py``). Every
+sample is scored by the same graph as alone in a batch of its slice, so the logits equal those of
+an unsplit run within the parity tolerance (the graph's only batch-dependent choice is whether a
+group of bags is pooled or read as rows). ``parallel="intra_op"`` instead gives the one session
+``threads`` intra-op threads and never splits a batch. A server that already runs one request per
+core serves best with ``threads=1``.
+
 Example::
 
     p = Predictor("out/dlrm.int4_qat", threads=2)
@@ -29,7 +42,11 @@ Example::
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +64,47 @@ LOGITS = "logits"
 DEFAULT_BATCH_SIZE = 4096
 #: What :class:`Predictor` does with an id outside its table: refuse it, or read row 0 of the table.
 OUT_OF_RANGE_MODES = ("error", "row0")
+#: How :class:`Predictor` uses its threads: slices of a batch scored at the same time by a
+#: single-threaded session, or ONNX Runtime's intra-op threads on the whole batch.
+PARALLEL_MODES = ("batch", "intra_op")
+#: The fewest samples a slice of a batch gets a thread of its own for (``parallel="batch"``).
+MIN_SLICE = 256
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def batch_cuts(batch: int, threads: int, min_slice: int = MIN_SLICE) -> list[int]:
+    """Sample boundaries ``[0, ..., batch]`` of at most ``threads`` slices of at least
+    ``min_slice`` samples each (one slice when the batch is smaller), as even as they come."""
+    parts = max(1, min(threads, batch // min_slice))
+    return [batch * k // parts for k in range(parts + 1)]
+
+
+def slice_feeds(
+    feeds: Mapping[str, np.ndarray],
+    feature_inputs: Mapping[str, tuple[str, str]],
+    cuts: list[int],
+) -> list[dict[str, np.ndarray]]:
+    """The feeds of one batch cut at sample boundaries ``cuts``: dense rows, bag lengths, and the
+    ids of those bags (views, no copy)."""
+    parts: list[dict[str, np.ndarray]] = [
+        {DENSE_INPUT: feeds[DENSE_INPUT][a:b]} for a, b in pairwise(cuts)
+    ]
+    for values_name, lengths_name in feature_inputs.values():
+        lengths, values = feeds[lengths_name], feeds[values_name]
+        start = 0
+        for k, (a, b) in enumerate(pairwise(cuts)):
+            end = start + int(lengths[a:b].sum()) if b < cuts[-1] else len(values)
+            parts[k][lengths_name] = lengths[a:b]
+            parts[k][values_name] = values[start:end]
+            start = end
+    return parts
 
 
 class OutOfRangeIdError(DataError):
@@ -71,14 +129,18 @@ class Predictor:
 
     Args:
         path: the artifact directory (``manifest.json`` inside).
-        threads: ORT ``intra_op_num_threads`` (``None``: ORT's default, all cores).
-        batch_size: samples per ORT run in :meth:`predict`.
+        threads: threads a batch is scored with (``None``: every core this process may use).
+        batch_size: samples per batch in :meth:`predict`.
         out_of_range: ``"error"`` (default): an id outside its table raises
             :class:`OutOfRangeIdError`; ``"row0"``: it reads row 0 of its own table, like the graph
             and FBGEMM's bounds check.
         dense_transform: the dense transform raw text is read with where the manifest's
             ``inputs.dense.transform`` does not know it (``None``: the manifest's); one that
             differs from a recorded transform is refused, as is data read in another one.
+        parallel: ``"batch"`` (default): a batch is cut into up to ``threads`` slices of at
+            least :data:`MIN_SLICE` samples, scored at the same time by one single-threaded
+            session; ``"intra_op"``: one session with ``threads`` ONNX Runtime intra-op threads
+            scores the whole batch (module docstring).
     """
 
     def __init__(
@@ -88,11 +150,16 @@ class Predictor:
         batch_size: int = DEFAULT_BATCH_SIZE,
         out_of_range: str = "error",
         dense_transform: str | None = None,
+        parallel: str = "batch",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if out_of_range not in OUT_OF_RANGE_MODES:
             raise ValueError(f"out_of_range must be 'error' or 'row0', got {out_of_range!r}")
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be 'batch' or 'intra_op', got {parallel!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
         self.out_of_range = out_of_range
         self.artifacts: Artifacts = load_artifacts(path, verify=True)
         self.spec = self.artifacts.spec
@@ -109,7 +176,11 @@ class Predictor:
             model: str | Path | bytes = self.artifacts.file(graph["file"])
         else:
             model, self.feature_inputs = self._build_in_memory()
-        self.session = serving_session(model, threads=threads)
+        #: how many threads a batch is scored with, and how (``PARALLEL_MODES``)
+        self.threads = threads or available_cores()
+        self.parallel = parallel
+        self.session = serving_session(model, threads=1 if parallel == "batch" else self.threads)
+        self._pool: ThreadPoolExecutor | None = None
         self.runtime = "onnxruntime"
 
     def _agreed_transform(self, given: str | None) -> str | None:
@@ -232,7 +303,35 @@ class Predictor:
         feeds = {DENSE_INPUT: dense}
         for f, (v_name, l_name) in self.feature_inputs.items():
             feeds[v_name], feeds[l_name] = values[f], lengths[f]
+        return self._run(feeds, dense.shape[0])
+
+    def _run_one(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         return self.session.run([LOGITS], feeds)[0].reshape(-1)
+
+    def _run(self, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
+        """Logits of checked feeds: the whole batch in one run, or (``parallel="batch"``) its
+        slices at the same time on the Predictor's worker threads."""
+        threads = self.threads if self.parallel == "batch" else 1
+        cuts = batch_cuts(batch, threads)
+        if len(cuts) == 2:
+            return self._run_one(feeds)
+        parts = slice_feeds(feeds, self.feature_inputs, cuts)
+        return np.concatenate(list(self._workers().map(self._run_one, parts)))
+
+    def _workers(self) -> ThreadPoolExecutor:
+        """The worker threads that score slices, one a core: each is pinned to its own core of
+        those the process may use (as ONNX Runtime pins its intra-op threads), so that two slices
+        never share a core while another idles."""
+        if self._pool is None:
+            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            slots = itertools.count()
+
+            def pin() -> None:
+                if cores:
+                    os.sched_setaffinity(0, {cores[next(slots) % len(cores)]})
+
+            self._pool = ThreadPoolExecutor(self.threads, "predictor", initializer=pin)
+        return self._pool
 
     def predict(self, dataset: Dataset) -> np.ndarray:
         """Logits ``[N]`` of every sample of ``dataset``, in order, ``batch_size`` at a time.
