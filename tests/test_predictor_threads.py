@@ -128,3 +128,31 @@ def test_worker_threads_are_pinned_to_cores_of_their_own(served) -> None:
     cores = [f.result() for f in [pool.submit(where), pool.submit(where)]]
     assert all(len(c) == 1 for c in cores) and cores[0] != cores[1]
     assert os.sched_getaffinity(0) == before  # the caller's thread is left as it was
+
+
+def _score_in_child(predictor: Predictor, data: Dataset, queue) -> None:  # noqa: ANN001 - mp queue
+    queue.put(predictor.predict(data))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_scores_with_workers_of_its_own(served) -> None:
+    """Worker threads do not survive fork: a child (a pre-forking server's worker) that scores with
+    a Predictor its parent already used gets new workers instead of waiting on dead ones."""
+    import multiprocessing
+
+    out, valid = served
+    data = valid.slice(0, 600)
+    predictor = Predictor(out, threads=2)
+    want = predictor.predict(data)  # the parent's workers exist now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_score_in_child, args=(predictor, data, queue))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+        child.join(timeout=60)
+    finally:
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert np.array_equal(got, want)

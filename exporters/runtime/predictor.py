@@ -181,6 +181,7 @@ class Predictor:
         self.parallel = parallel
         self.session = serving_session(model, threads=1 if parallel == "batch" else self.threads)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()
         self.runtime = "onnxruntime"
 
     def _agreed_transform(self, given: str | None) -> str | None:
@@ -322,7 +323,8 @@ class Predictor:
         """The worker threads that score slices, one a core: each is pinned to its own core of
         those the process may use (as ONNX Runtime pins its intra-op threads), so that two slices
         never share a core while another idles."""
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no workers
+            self._pool_pid = os.getpid()
             cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
             slots = itertools.count()
 
