@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,8 @@ from compress.errors import DataError
 from compress.train.metrics import evaluate as score_logits
 from exporters.artifacts.read import Artifacts, load_artifacts
 from exporters.onnx.sessions import serving_session
+
+log = logging.getLogger(__name__)
 
 DENSE_INPUT = "dense"
 LOGITS = "logits"
@@ -329,8 +332,13 @@ class Predictor:
             slots = itertools.count()
 
             def pin() -> None:
-                if cores:
-                    os.sched_setaffinity(0, {cores[next(slots) % len(cores)]})
+                if not cores:
+                    return
+                core = cores[next(slots) % len(cores)]
+                try:
+                    os.sched_setaffinity(0, {core})
+                except OSError as error:  # the core was taken away meanwhile: unpinned, as fast
+                    log.debug("predictor worker not pinned to core %d: %s", core, error)
 
             self._pool = ThreadPoolExecutor(self.threads, "predictor", initializer=pin)
         return self._pool
