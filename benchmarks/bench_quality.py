@@ -324,6 +324,14 @@ def print_targets(base: float, rows: dict, labels: np.ndarray) -> None:
         f"int4_qat - int4_ptq {gained:+.4f}; against FP32 "
         f"{gained / max(base - ptq.metrics['compressed']['auc'], 1e-12):.0%})"
     )
+    before = (qat.metrics.get("before_finetune") or {}).get("auc")
+    if before is not None and control > before:  # int4_qat's own storage, not fine-tuned
+        own = (qat.metrics["compressed"]["auc"] - before) / (control - before)
+        print(
+            f"    against int4_qat's own storage before fine-tuning: {own:.0%} (control - "
+            f"before {control - before:+.4f}, int4_qat - before "
+            f"{qat.metrics['compressed']['auc'] - before:+.4f})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

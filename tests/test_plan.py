@@ -54,25 +54,25 @@ def test_kaggle_shapes() -> None:
 
 
 def test_kaggle_int4_qat() -> None:
+    # the DQRM paper's all-INT4 storage is int4_ptq's (below); int4_qat keeps INT4 table-wise for
+    # the 10 tables of 10,000+ rows and stores the 16 small ones and the MLP in INT8
     plan = make_plan(load_recipe("int4_qat"), KAGGLE)
-    assert all(t.bytes_after == t.rows * 8 + 4 for t in plan.tables)  # 8 bytes a row + a scale
+    big = [t for t in plan.tables if t.rows >= 10_000]
+    small = [t for t in plan.tables if t.rows < 10_000]
+    assert len(big) == 10 and len(small) == 16 and sum(t.rows for t in small) == 19_889
+    assert all(t.bytes_after == t.rows * 8 + 4 for t in big)  # 8 bytes a row + a scale
+    assert all(t.bytes_after == t.rows * 16 + 4 for t in small)  # INT8: 16 bytes a row
     assert plan.embedding_bytes_before == KAGGLE_EMB_FP32 == 2_160_804_928
-    assert plan.embedding_bytes_after == 8 * KAGGLE_TOTAL_ROWS + 26 * 4 == 270_100_720
+    assert plan.embedding_bytes_after == 8 * KAGGLE_TOTAL_ROWS + 8 * 19_889 + 26 * 4 == 270_259_832
     assert plan.dense_bytes_before == KAGGLE_DENSE_FP32 == 1_903_940
-    # INT4 weight rows packed to whole bytes (13 and 367 inputs pad a nibble a row), one fp32
-    # scale per output channel, fp32 biases
-    packed_rows = sum(x.out_features * ((x.in_features + 1) // 2) for x in linear_layers(KAGGLE))
-    assert packed_rows == KAGGLE_WEIGHTS // 2 + 512 // 2 + 512 // 2
-    assert plan.dense_bytes_after == packed_rows + 8 * KAGGLE_CHANNELS == 250_632
-    assert plan.bytes_before == 2_162_708_868
-    assert plan.bytes_after == 270_351_352
-    assert round(plan.bytes_after / 1e9, 3) == 0.270  # the paper's DQRM INT4 0.270 GB
-    assert plan.ratio == plan.bytes_before / plan.bytes_after
-    assert round(plan.ratio, 2) == 8.00
+    # INT8 weights, one fp32 scale per output channel, fp32 biases
+    assert plan.dense_bytes_after == KAGGLE_WEIGHTS + 8 * KAGGLE_CHANNELS == 487_304
+    assert plan.bytes_after == 270_747_136
+    assert round(plan.ratio, 2) == 7.99
     assert plan.needs_finetune
     assert {
         (t.method, t.bits, t.granularity, t.scale_refresh, t.rule_index) for t in plan.tables
-    } == {("qat", 4, "table", 200, 0)}
+    } == {("qat", 4, "table", 200, 0), ("qat", 8, "table", 200, 1)}
 
 
 def test_kaggle_int4_rowwise() -> None:
@@ -85,11 +85,24 @@ def test_kaggle_int4_rowwise() -> None:
     assert not plan.needs_finetune
 
 
-def test_kaggle_int4_ptq_matches_qat_storage() -> None:
+def test_kaggle_int4_ptq_is_dqrm_storage() -> None:
     ptq = make_plan(load_recipe("int4_ptq"), KAGGLE)
-    qat = make_plan(load_recipe("int4_qat"), KAGGLE)
-    assert ptq.bytes_after == qat.bytes_after == 270_351_352
+    assert all(t.bytes_after == t.rows * 8 + 4 for t in ptq.tables)  # 8 bytes a row + a scale
+    assert ptq.embedding_bytes_after == 8 * KAGGLE_TOTAL_ROWS + 26 * 4 == 270_100_720
+    # INT4 weight rows packed to whole bytes (13 and 367 inputs pad a nibble a row), one fp32
+    # scale per output channel, fp32 biases
+    packed_rows = sum(x.out_features * ((x.in_features + 1) // 2) for x in linear_layers(KAGGLE))
+    assert packed_rows == KAGGLE_WEIGHTS // 2 + 512 // 2 + 512 // 2
+    assert ptq.dense_bytes_after == packed_rows + 8 * KAGGLE_CHANNELS == 250_632
+    assert ptq.bytes_before == 2_162_708_868
+    assert ptq.bytes_after == 270_351_352
+    assert round(ptq.bytes_after / 1e9, 3) == 0.270  # the paper's DQRM INT4 0.270 GB
+    assert round(ptq.ratio, 2) == 8.00
     assert not ptq.needs_finetune
+    # int4_qat stores its large tables exactly as int4_ptq does
+    qat = make_plan(load_recipe("int4_qat"), KAGGLE)
+    same = {t.name: t.bytes_after for t in ptq.tables if t.rows >= 10_000}
+    assert same == {t.name: t.bytes_after for t in qat.tables if t.rows >= 10_000}
 
 
 def test_kaggle_int8() -> None:
@@ -307,15 +320,16 @@ def test_to_json_and_format() -> None:
         )
     } == {
         "name": "t_cat_0",
-        "rule": 0,
+        "rule": 1,
         "method": "qat",
-        "bits": 4,
+        "bits": 8,
         "granularity": "table",
         "rows": 1460,
         "dim": 16,
         "bytes_before": 1460 * 64,
-        "bytes_after": 1460 * 8 + 4,
+        "bytes_after": 1460 * 16 + 4,
     }
     text = format_plan(plan)
-    assert "t_cat_25" in text and "rule 0: *: qat INT4 table P=200" in text
-    assert "270,351,352" in text and "ratio: 8.00x" in text
+    assert "t_cat_25" in text and "rule 0: * rows>=10000: qat INT4 table P=200" in text
+    assert "rule 1: *: qat INT8 table P=200" in text
+    assert "270,747,136" in text and "ratio: 7.99x" in text

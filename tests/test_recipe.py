@@ -76,9 +76,14 @@ def test_builtin_loads_and_round_trips(name: str, tmp_path: Path) -> None:
 def test_builtin_contents() -> None:
     qat = load_recipe("int4_qat")
     assert qat.rules == (
-        TableRule(match=("*",), config=TablewiseConfig(bits=4, qat=True, scale_refresh=200)),
+        TableRule(
+            match=("*",),
+            config=TablewiseConfig(bits=4, qat=True, scale_refresh=200),
+            min_rows=10_000,
+        ),
+        TableRule(match=("*",), config=TablewiseConfig(bits=8, qat=True, scale_refresh=200)),
     )
-    assert qat.mlp == MLPSettings(method="qat", bits=4, per_channel=True)
+    assert qat.mlp == MLPSettings(method="qat", bits=8, per_channel=True)
     assert qat.finetune == TrainConfig(
         epochs=1.0,
         batch_size=2048,
