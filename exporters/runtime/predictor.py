@@ -24,8 +24,8 @@ Threads: by default (``parallel="batch"``) a batch is cut into up to ``threads``
 :data:`MIN_SLICE` samples, which one single-threaded ONNX Runtime session scores at the same time,
 one slice a thread (ORT's ``run`` releases the GIL and may be called from several threads; each
 worker thread is pinned to a core of its own, as ORT pins its intra-op threads). The
-graph is a chain of many small ops (gathers, pooling, one row of an MLP at a time per sample) that
-ORT's intra-op threads barely speed up: on 2 cores a Criteo-shaped batch of 2048 took 11.2 ms with
+graph is a chain of many small ops (per-table gathers, pooling, small MLP layers) that ORT's
+intra-op threads barely speed up: on 2 cores a Criteo-shaped batch of 2048 took 11.2 ms with
 2 intra-op threads and 6.4 ms as two slices of 1024 (``benchmarks/bench_serving.py``). Every
 sample is scored by the same graph as alone in a batch of its slice, so the logits equal those of
 an unsplit run within the parity tolerance (the graph's only batch-dependent choice is whether a
@@ -47,7 +47,6 @@ import logging
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +96,12 @@ def slice_feeds(
     """The feeds of one batch cut at sample boundaries ``cuts``: dense rows, bag lengths, and the
     ids of those bags (views, no copy)."""
     parts: list[dict[str, np.ndarray]] = [
-        {DENSE_INPUT: feeds[DENSE_INPUT][a:b]} for a, b in pairwise(cuts)
+        {DENSE_INPUT: feeds[DENSE_INPUT][a:b]} for a, b in itertools.pairwise(cuts)
     ]
     for values_name, lengths_name in feature_inputs.values():
         lengths, values = feeds[lengths_name], feeds[values_name]
         start = 0
-        for k, (a, b) in enumerate(pairwise(cuts)):
+        for k, (a, b) in enumerate(itertools.pairwise(cuts)):
             end = start + int(lengths[a:b].sum()) if b < cuts[-1] else len(values)
             parts[k][lengths_name] = lengths[a:b]
             parts[k][values_name] = values[start:end]
