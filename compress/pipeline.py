@@ -40,7 +40,7 @@ from compress.data.stream import LoaderSettings, StreamedData, open_data
 from compress.errors import ModelConfigError, SettingError
 from compress.io.live_model import load_module
 from compress.io.model import LoadedModel, load_model
-from compress.io.model_spec import DLRMSpec, feature_input_problem
+from compress.io.model_spec import DLRMSpec, graph_name_problem
 from compress.io.staged_arrays import release_pages, staged_tensors
 from compress.io.table_stream import check_chunk_rows, chunking
 from compress.methods.apply_plan import convert_model, prepare_model
@@ -120,11 +120,12 @@ def plan(job: LoadedModel | DLRMSpec, recipe: str | Path | Recipe) -> Plan:
     a plan needs shapes only."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec = job if isinstance(job, DLRMSpec) else job.spec
-    problem = feature_input_problem(spec.feature_names)  # before any work: the export needs them
+    problem = graph_name_problem(spec)  # before any work: the export needs them
     if problem is not None:
         where = job.source if isinstance(job, LoadedModel) else "model"
         raise ModelConfigError(
-            f"{where}: {problem}; give the features distinct names (a model config's feature_names)"
+            f"{where}: {problem}; give the features and tables distinct names (a model config's "
+            "feature_names and table names)"
         )
     return make_plan(recipe, spec)
 

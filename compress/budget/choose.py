@@ -45,7 +45,7 @@ from compress.budget.sensitivity import (
 from compress.budget.spec import Budget, BudgetError
 from compress.errors import ModelConfigError
 from compress.io.model import LoadedModel
-from compress.io.model_spec import DLRMSpec, TableSpec, feature_input_problem
+from compress.io.model_spec import DLRMSpec, TableSpec, graph_name_problem
 from compress.io.summary import format_bytes
 from compress.plan import Plan, make_plan
 from compress.recipe.schema import Recipe
@@ -417,9 +417,11 @@ def plan_for(
             f"{recipe.source}: a budget measures each table's options on held-out rows: give "
             "--data (its last 20% is held out) or --valid"
         )
-    problem = feature_input_problem(job.spec.feature_names)  # before any work, as plan() does
+    problem = graph_name_problem(job.spec)  # before any work, as plan() does
     if problem is not None:
-        raise ModelConfigError(f"{job.source}: {problem}; give the features distinct names")
+        raise ModelConfigError(
+            f"{job.source}: {problem}; give the features and tables distinct names"
+        )
     spec = job.spec  # a budget nothing fits stops before the data is read
     check_budget(recipe.budget, spec, model_options(spec))
     train_ds, valid_ds = pipeline.load_data(job, data, valid, **read)

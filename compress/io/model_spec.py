@@ -116,6 +116,26 @@ def feature_input_problem(features: Iterable[str]) -> str | None:
     return None
 
 
+def table_name_problem(tables: Iterable[str]) -> str | None:
+    """Why ``tables`` cannot all be looked up in one ONNX graph (two whose names sanitize alike,
+    such as ``t-a`` and ``t_a``: their initializers ``emb.<name>.*`` would be one), or ``None``."""
+    seen: dict[str, str] = {}
+    for t in tables:
+        s = sanitize_name(t)
+        if s in seen:
+            return f"tables {seen[s]!r} and {t!r} both map to the name {s!r} in the ONNX graph"
+        seen[s] = t
+    return None
+
+
+def graph_name_problem(spec: DLRMSpec) -> str | None:
+    """Why ``spec``'s feature or table names cannot all appear in one ONNX graph, or ``None``
+    (:func:`feature_input_problem`, :func:`table_name_problem`)."""
+    return feature_input_problem(spec.feature_names) or table_name_problem(
+        t.name for t in spec.tables
+    )
+
+
 _DTYPE_SIZES = {
     "float64": 8,
     "float32": 4,

@@ -188,9 +188,11 @@ def dequantized_table(gb: GraphBuilder, table: TableLookup, bits: int, dim: int)
     initializer, so ONNX Runtime folds these nodes into one float32 array when it creates the
     session. Added once per table (value ``emb.<table>.dequantized``)."""
     out = f"emb.{sanitize_name(table.name)}.dequantized"
+    # the stored arrays first: two tables whose names sanitize alike are refused there (initializers
+    # added twice with different data), as on the per-row path, never read as one another's rows
+    packed, scale, bias = table_initializers(gb, table)
     if any(out in node.output for node in gb.nodes):
         return out
-    packed, scale, bias = table_initializers(gb, table)
     codes = add_unpack(gb, packed, None, bits, dim)  # [R, D]
     codes = gb.op("Cast", [codes], "table_codes_f32", to=TensorProto.FLOAT)
     column = gb.const("column", int64([-1, 1]))
