@@ -6,28 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto
 
 from compress import pipeline
 from compress.cli.main import main
 from compress.errors import ModelConfigError
 from compress.io.model_spec import DLRMSpec, TableSpec
 from exporters.onnx import stacked_rows
-from exporters.onnx.lookup import add_sparse_arch
-from exporters.onnx.spec import GraphBuilder, TableLookup
+from exporters.onnx.spec import TableLookup
+from tests.test_lookup_at_load import _graph
 from tests.test_onnx_lookup import make_table
 
 DIM = 16
-
-
-def _build(tables: list[TableLookup]) -> None:
-    gb = GraphBuilder("sparse")
-    features = []
-    for i, table in enumerate(tables):
-        values = gb.add_input(f"f{i}__values", TensorProto.INT64, [f"n{i}"])
-        lengths = gb.add_input(f"f{i}__lengths", TensorProto.INT64, ["batch"])
-        features.append((table, values, lengths))
-    add_sparse_arch(gb, features, DIM)
 
 
 @pytest.mark.parametrize("at_load", [True, False])
@@ -43,7 +32,7 @@ def test_tables_whose_names_sanitize_alike_are_refused_not_merged_as_one(
     if not at_load:
         monkeypatch.setattr(stacked_rows, "DEQUANTIZED_TABLE_BYTES", 0)
     with pytest.raises(ValueError, match="'emb.t_a.packed' added twice with different data"):
-        _build([first, second])
+        _graph([first, second], (False, False))
 
 
 def _spec_with_tables(names: tuple[str, ...]) -> DLRMSpec:
