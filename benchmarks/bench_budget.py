@@ -16,7 +16,7 @@ Each budget is one run of the main job in a fresh process, exactly as a user run
 fine-tuned as it says: one epoch by default). The written artifacts are then scored by ONNX
 Runtime (:class:`exporters.Predictor`) on the report slice, the rows the job reports its metrics
 on: the AUC, its paired bootstrap interval against the FP32 checkpoint's logits, and a check that
-ONNX Runtime's AUC is the job's own (within :data:`SERVED_AUC_TOLERANCE`).
+ONNX Runtime's AUC is the job's own (within :data:`benchmarks.synthetic_case.SERVED_AUC_TOLERANCE`).
 
     .venv/bin/python benchmarks/bench_budget.py [--budgets 100x 1000x] [--steps N] [--keep]
         [--json FILE]
@@ -44,24 +44,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import run_job  # noqa: E402
 from benchmarks.synthetic_case import (  # noqa: E402
+    RESAMPLES,
     CaseData,
     add_case_arguments,
     case_command,
+    fp32_logits,
     open_case_run,
+    run_case_job,
+    served_logits,
 )
-from compress import pipeline  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
-from compress.train.evaluate import predict_logits  # noqa: E402
 from compress.train.metrics import auc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The issue's targets: the most AUC a budget may lose against FP32.
 TARGETS = {"100x": 0.001, "1000x": 0.003}
-#: How far ONNX Runtime's AUC on the artifacts may be from the job's reported one.
-SERVED_AUC_TOLERANCE = 1e-5
-RESAMPLES = 100
 
 
 @dataclass
@@ -101,15 +99,10 @@ def method_of(option: str) -> str:
 
 def run_budget(budget: str, case: CaseData, out: Path, steps: int | None) -> BudgetRow:
     """Run ``--budget budget`` through the CLI, score its artifacts with ONNX Runtime."""
-    from exporters import Predictor
 
     command = case_command(case, ["--budget", budget], out, steps, "--force")
     print(f"  --budget {budget}: {' '.join(command[1:])}", flush=True)
-    code, stdout, stderr, peak, wall = run_job(command)
-    if code != 0:
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
-        raise SystemExit(f"--budget {budget}: exit {code}:\n{tail}")
-    summary = json.loads(stdout)
+    summary, peak, wall = run_case_job(f"--budget {budget}", command)
     chosen = summary["budget"]
     metrics = summary["metrics"]
     labels = {t["name"]: t["option"] for t in chosen["tables"]} | {"(mlp)": chosen["mlp"]["option"]}
@@ -135,22 +128,12 @@ def run_budget(budget: str, case: CaseData, out: Path, steps: int | None) -> Bud
     )
     if row.bytes_after > row.budget_bytes:
         raise SystemExit(f"--budget {budget}: {row.bytes_after:,} bytes > {row.budget_bytes:,}")
-    logits = Predictor(out).predict(case.report)
-    row.auc = auc(logits, case.report.labels)
-    if abs(row.auc - row.auc_job) > SERVED_AUC_TOLERANCE:
-        raise SystemExit(
-            f"--budget {budget}: ONNX Runtime scores AUC {row.auc:.6f}, the job {row.auc_job:.6f}"
-        )
+    logits, row.auc, mismatch = served_logits(out, case, row.auc_job)
+    if mismatch:
+        raise SystemExit(f"--budget {budget}: {mismatch}")
     np.save(out.parent / f"{budget}.logits.npy", logits)
     print(f"  --budget {budget}: {wall:.0f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
     return row
-
-
-def fp32_logits(case: CaseData) -> np.ndarray:
-    """The FP32 checkpoint's logits on the report slice (the model is let go)."""
-    job = pipeline.load(case.checkpoint)
-    model, names = job.module, job.spec.feature_names
-    return predict_logits(lambda b: model(b.dense, b.sparse), case.report, names)
 
 
 def print_table(fp32: np.ndarray, labels: np.ndarray, rows: dict[str, tuple]) -> list[dict]:

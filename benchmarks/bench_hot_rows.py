@@ -42,14 +42,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_budget import SERVED_AUC_TOLERANCE, fp32_logits  # noqa: E402
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
-from benchmarks.common import run_job  # noqa: E402
 from benchmarks.synthetic_case import (  # noqa: E402
+    RESAMPLES,
     CaseData,
     add_case_arguments,
     case_command,
+    fp32_logits,
     open_case_run,
+    run_case_job,
+    served_logits,
 )
 from compress.methods.robe.method import ShareConfig  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
@@ -84,9 +86,6 @@ def variant_name(name: str) -> str:
     return name
 
 
-RESAMPLES = 100
-
-
 @dataclass
 class VariantRow:
     """One variant's run."""
@@ -118,7 +117,6 @@ def run_variant(
     recipe_name: str, v: str, case: CaseData, work: Path, steps: int | None
 ) -> tuple[VariantRow, np.ndarray]:
     """Run one variant through the CLI and score its artifacts with ONNX Runtime."""
-    from exporters import Predictor
 
     label = Path(recipe_name).stem  # a built-in name, or a recipe file's
     toml = work / f"{label}_{v}.toml"
@@ -127,11 +125,7 @@ def run_variant(
     command = case_command(case, ["--recipe", str(toml)], out, steps, "--force")
     name = f"{label}/{v}"
     print(f"  {name}: {' '.join(command[1:])}", flush=True)
-    code, stdout, stderr, peak, wall = run_job(command)
-    if code != 0:
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
-        raise SystemExit(f"{name}: exit {code}:\n{tail}")
-    summary = json.loads(stdout)
+    summary, peak, wall = run_case_job(name, command)
     before = summary["metrics"].get("before_finetune")
     row = VariantRow(
         name=name,
@@ -144,11 +138,9 @@ def run_variant(
         peak_rss=peak,
         hot=[n for n in summary["notes"] if "hot rows" in n],
     )
-    logits = Predictor(out).predict(case.report)
-    row.auc = auc(logits, case.report.labels)
-    reported = summary["metrics"]["compressed"]["auc"]
-    if abs(row.auc - reported) > SERVED_AUC_TOLERANCE:
-        raise SystemExit(f"{name}: ONNX Runtime scores AUC {row.auc:.6f}, the job {reported:.6f}")
+    logits, row.auc, mismatch = served_logits(out, case, summary["metrics"]["compressed"]["auc"])
+    if mismatch:
+        raise SystemExit(f"{name}: {mismatch}")
     shutil.rmtree(out)
     print(f"  {name}: {wall:.0f} s, peak RSS {peak / 1e9:.2f} GB", *row.hot, sep="\n    ")
     return row, logits

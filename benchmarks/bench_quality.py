@@ -48,21 +48,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_demo_quality import paired_bootstrap  # noqa: E402
 from benchmarks.common import cache_dir, cli, run_job  # noqa: E402
-from benchmarks.synthetic_case import DIM, CaseData, case_command, ensure_case, load_case  # noqa: E402
-from compress import pipeline  # noqa: E402
+from benchmarks.synthetic_case import (  # noqa: E402
+    DIM,
+    RESAMPLES,
+    CaseData,
+    case_command,
+    ensure_case,
+    fp32_logits,
+    load_case,
+    served_logits,
+)
 from compress.data.synthetic import criteo_like_config  # noqa: E402
 from compress.progress import set_enabled  # noqa: E402
 from compress.recipe.builtin import builtin_names  # noqa: E402
 from compress.recipe.parse import load_recipe  # noqa: E402
-from compress.train.evaluate import predict_logits  # noqa: E402
 from compress.train.metrics import auc  # noqa: E402
 
 #: Budget rows: the row name and the ``--budget`` value.
 BUDGETS = {"budget_100x": "100x", "budget_1000x": "1000x"}
-#: Bootstrap resamples of the paired intervals.
-RESAMPLES = 100
-#: How far the AUC of the artifacts served by ONNX Runtime may differ from what the job reported.
-SERVED_AUC_TOLERANCE = 1e-5
 
 
 def all_rows() -> list[str]:
@@ -163,7 +166,6 @@ def run_row(
 ) -> tuple[Row, np.ndarray | None]:
     """Run one row's job through the CLI, score its artifacts with ONNX Runtime on the report
     slice, and store both (the control too, for the rows that share it)."""
-    from exporters import Predictor
 
     key = None if name in BUDGETS else finetune_key(name, steps)
     shared = store.control(key) if key is not None else None
@@ -196,15 +198,9 @@ def run_row(
             store.save_control(
                 key, {"metrics": row.metrics["control"], "from": name, "seconds": control_seconds}
             )
-    logits = Predictor(out).predict(case.report)
-    row.served_auc = auc(logits, case.report.labels)
+    logits, row.served_auc, mismatch = served_logits(out, case, row.metrics["compressed"]["auc"])
     shutil.rmtree(out)
-    reported = row.metrics["compressed"]["auc"]
-    if abs(row.served_auc - reported) > SERVED_AUC_TOLERANCE:
-        row.error = (
-            f"ONNX Runtime scores AUC {row.served_auc:.6f} on the artifacts, the job reported "
-            f"{reported:.6f}"
-        )
+    row.error = mismatch
     store.save_row(row, logits)
     print(f"  {name}: {wall:.0f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
     return row, logits
@@ -365,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     # rows that fine-tune depend on --steps; the others are stored once for the case
     tuned = Store(results, case_id + steps_tag)
     untuned = Store(results, case_id)
-    job = pipeline.load(data.checkpoint)
-    names = job.spec.feature_names
-    fp32 = predict_logits(lambda b: job.module(b.dense, b.sparse), data.report, names)
+    fp32 = fp32_logits(data)
     failures: dict[str, tuple[Row, None]] = {}
     try:
         for name in [] if args.table else args.only or order:

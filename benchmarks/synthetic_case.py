@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,10 @@ from compress.train.loop import fit
 from compress.train.validation import HOLDOUT_FRACTION, split_validation
 
 DIM = 16
+#: How far ONNX Runtime's AUC on a job's artifacts may be from the AUC the job reported.
+SERVED_AUC_TOLERANCE = 1e-5
+#: Resamples of the paired bootstrap every quality table draws its intervals from.
+RESAMPLES = 100
 #: How the FP32 model is trained: as the demo's (one epoch of Adagrad, no selection).
 FP32_TRAINING = DEMO_TRAINING
 CASE_FILE = "case.json"
@@ -206,3 +211,42 @@ def case_command(
         *extra,
         *([] if steps is None else ["--steps", str(steps)]),
     ]
+
+
+def fp32_logits(case: CaseData) -> np.ndarray:
+    """The case's FP32 checkpoint's logits on the report slice (the model is let go)."""
+    from compress import pipeline
+    from compress.train.evaluate import predict_logits
+
+    job = pipeline.load(case.checkpoint)
+    model, names = job.module, job.spec.feature_names
+    return predict_logits(lambda b: model(b.dense, b.sparse), case.report, names)
+
+
+def run_case_job(name: str, command: list[str]) -> tuple[dict, int, float]:
+    """Run a main-job ``command`` (``--json``) in a fresh process: its JSON summary, peak RSS
+    and wall seconds; ``SystemExit`` with the end of its stderr when it fails."""
+    from benchmarks.common import run_job
+
+    code, stdout, stderr, peak, wall = run_job(command)
+    if code != 0:
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        raise SystemExit(f"{name}: exit {code}:\n{tail}")
+    return json.loads(stdout), peak, wall
+
+
+def served_logits(
+    out: Path, case: CaseData, reported_auc: float
+) -> tuple[np.ndarray, float, str | None]:
+    """The artifacts at ``out`` scored by ONNX Runtime on the report slice: logits, AUC, and why
+    that AUC is not the job's ``reported_auc`` (``None`` when within
+    :data:`SERVED_AUC_TOLERANCE`)."""
+    from compress.train.metrics import auc
+    from exporters import Predictor
+
+    logits = Predictor(out).predict(case.report)
+    served = auc(logits, case.report.labels)
+    if abs(served - reported_auc) <= SERVED_AUC_TOLERANCE:
+        return logits, served, None
+    why = f"ONNX Runtime scores AUC {served:.6f} on the artifacts, the job reported {reported_auc:.6f}"
+    return logits, served, why
