@@ -102,14 +102,19 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return out
 
 
-@pytest.mark.parametrize("one_hot", [False, True])
-def test_session_folds_the_tables_and_gathers_float_rows(tmp_path: Path, one_hot: bool) -> None:
+@pytest.mark.parametrize(
+    "hint", [(False,) * 5, (True,) * 5, (True, False, False, True, False)]
+)  # the last: table a read by a one-hot (f0) and a multi-hot (f2) feature
+def test_session_folds_the_tables_and_gathers_float_rows(
+    tmp_path: Path, hint: tuple[bool, ...]
+) -> None:
     """The graph keeps the stored arrays (no Gather reads them: only the whole-table
     dequantization); the session ONNX Runtime builds has folded that into one float32
     ``[sum R + 1, D]`` array a bit width (its tables one after another, a zero row last), read by
-    Gathers, with no unpacking or dequantizing node left."""
+    Gathers, with no unpacking or dequantizing node left; a table read by one-hot and multi-hot
+    features is in that array once."""
     tables = _tables()
-    model = _graph(tables, (one_hot,) * 5)
+    model = _graph(tables, hint)
     stored = {n.name for n in model.graph.initializer if n.name.startswith("emb.")}
     assert stored == {f"emb.{t}.{r}" for t in "abcd" for r in ("packed", "scale", "bias")}
     readers = {n.op_type for n in _all_nodes(model.graph) for x in n.input if x in stored}

@@ -174,13 +174,15 @@ def _add_group(
     features: list[FeatureInputs],
     dim: int,
     rowwise_impl: RowwiseImpl,
+    merged: dict[int, list[TableLookup]],
 ) -> str:
-    """Pooled embeddings ``[B, F_g, D]`` of one group of features."""
+    """Pooled embeddings ``[B, F_g, D]`` of one group of features (``merged``: the tables
+    dequantized at load, by bit width, which share one array)."""
     lengths = concat(gb, [ln for _, _, ln in features], "lengths_all")  # [F_g * B]
     if key[0] == "stacked":
         return add_stacked_group(gb, features, lengths, key[1], dim, one_hot=key[-1])
     if key[0] == "dequantized":
-        return add_dequantized_group(gb, features, lengths, key[1], dim)
+        return add_dequantized_group(gb, features, lengths, key[1], dim, merged[key[1]])
     rows = _generic_rows(gb, features, dim, rowwise_impl)
     return pool_group(gb, rows, lengths, dim, len(features))
 
@@ -223,8 +225,12 @@ def add_sparse_arch_parts(
     for i, feature in enumerate(features):
         key = (*_group_key(feature[0], rowwise_impl), bool(flags[i]))
         groups.setdefault(key, []).append((i, feature))
+    merged: dict[int, list[TableLookup]] = {}
+    for key, members in groups.items():
+        if key[0] == "dequantized":
+            merged.setdefault(key[1], []).extend(t for _, (t, _, _) in members)
     pooled = [
-        _add_group(gb, key, [f for _, f in members], dim, rowwise_impl)
+        _add_group(gb, key, [f for _, f in members], dim, rowwise_impl, merged)
         for key, members in groups.items()
     ]
     order = [i for members in groups.values() for i, _ in members]

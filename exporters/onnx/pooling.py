@@ -15,6 +15,8 @@ threads without synchronisation):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from onnx import TensorProto, helper
 
@@ -162,6 +164,25 @@ def one_hot_condition(gb: GraphBuilder, num_ids: str, lengths: str) -> str:
     return gb.op("And", [same_count, none_empty], "one_hot")
 
 
+def one_hot_or_pooled(
+    gb: GraphBuilder,
+    num_ids: str,
+    lengths: str,
+    one_hot: Callable[[GraphBuilder], str],
+    pooled: Callable[[GraphBuilder], str],
+) -> str:
+    """A group's ``[B, F_g, D]`` from an ``If`` on :func:`one_hot_condition`: built by
+    ``one_hot`` while every bag holds one id (no pooling), by ``pooled`` otherwise."""
+    cond = one_hot_condition(gb, num_ids, lengths)
+    return gb.op(
+        "If",
+        [cond],
+        "pooled_group",
+        then_branch=add_branch(gb, one_hot),
+        else_branch=add_branch(gb, pooled),
+    )
+
+
 def _first_rows(gb: GraphBuilder, x: str, n: str, hint: str) -> str:
     """``x[:n]`` for an int64 ``[1]`` value ``n``."""
     return gb.op(
@@ -188,9 +209,10 @@ def pool_group(
         grouped = sub.op("Reshape", [_first_rows(sub, rows, num_ids, "bags"), shape], "bags_fbd")
         return sub.op("Transpose", [grouped], "pooled_bfd", perm=[1, 0, 2])
 
-    then_branch = add_branch(gb, one_hot)
-    else_branch = add_branch(
-        gb, lambda sub: pool_multi(sub, rows, lengths, num_features, dim, padded)
+    return one_hot_or_pooled(
+        gb,
+        num_ids,
+        lengths,
+        one_hot,
+        lambda sub: pool_multi(sub, rows, lengths, num_features, dim, padded),
     )
-    cond = one_hot_condition(gb, num_ids, lengths)
-    return gb.op("If", [cond], "pooled_group", then_branch=then_branch, else_branch=else_branch)

@@ -30,18 +30,20 @@ graph dequantizes the whole table with nodes whose inputs are all initializers (
 the same ``float(code) * float(scale) + float(bias)``), which ONNX Runtime's constant folding
 computes once when the session is created; a lookup is then one ``Gather`` of float32 rows,
 bit for bit the rows the per-row path computes. Nothing derived is stored in the graph or on
-disk; the copy lives in the session's memory (at most 1 MiB a table). On the Criteo Kaggle shape
+disk; the copy lives in the session's memory (at most 1 MiB a table, each table once in one
+float32 array a bit width, which one ``Gather`` reads for all their features). On the Criteo Kaggle shape
 18 of the 26 tables qualify (< 15,000 rows each; 3.4 MB in all).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from exporters.onnx.ops import (
     FeatureInputs,
-    add_branch,
     add_unpack,
     add_valid_ids,
     batch_major,
@@ -49,7 +51,7 @@ from exporters.onnx.ops import (
     int64,
     interleave_codes,
 )
-from exporters.onnx.pooling import chunk_pad, one_hot_condition, pool_group, pool_multi
+from exporters.onnx.pooling import chunk_pad, one_hot_or_pooled, pool_group, pool_multi
 from exporters.onnx.spec import GraphBuilder, TableLookup, sanitize_name
 
 #: The arrays of a stacked table as the graph names them (``emb.<table>.<role>``), in the order
@@ -168,13 +170,8 @@ def add_stacked_group(
         )  # [B * F_g, D]
         return sub.op("Reshape", [rows, sub.const("bfd", int64([-1, num_features, dim]))], "bfd")
 
-    cond = one_hot_condition(gb, num_ids, lengths)
-    return gb.op(
-        "If",
-        [cond],
-        "pooled_group",
-        then_branch=add_branch(gb, batch_major_rows),
-        else_branch=add_branch(gb, lambda sub: general(sub, known_multi=True)),
+    return one_hot_or_pooled(
+        gb, num_ids, lengths, batch_major_rows, lambda sub: general(sub, known_multi=True)
     )
 
 
@@ -210,17 +207,22 @@ def merged_tables(
 ) -> tuple[str, dict[str, int], int]:
     """float32 ``[sum R + 1, D]``: the distinct ``tables`` dequantized (:func:`dequantized_table`)
     one after another, then a zero row; folded into one array at session load like each table
-    (the per-table arrays are then dropped). Returns its name, each table's first row in it, and
-    the zero row's index."""
+    (the per-table arrays are then dropped). Added once for the same tables, however many groups
+    read it. Returns its name, each table's first row in it, and the zero row's index."""
     offsets: dict[str, int] = {}
-    parts, rows = [], 0
+    distinct, rows = [], 0
     for table in tables:
         if table.name not in offsets:
             offsets[table.name] = rows
             rows += table.num_rows
-            parts.append(dequantized_table(gb, table, bits, dim))
-    zero = gb.const("zero_row_f32", np.zeros((1, dim), np.float32))
-    return gb.op("Concat", [*parts, zero], "merged_tables", axis=0), offsets, rows
+            distinct.append(table)
+    key = hashlib.sha256("\0".join(t.name for t in distinct).encode()).hexdigest()[:12]
+    out = f"emb.dequantized_int{bits}_{key}"
+    if not any(out in node.output for node in gb.nodes):
+        parts = [dequantized_table(gb, table, bits, dim) for table in distinct]
+        zero = gb.const("zero_row_f32", np.zeros((1, dim), np.float32))
+        gb.nodes.append(helper.make_node("Concat", [*parts, zero], [out], name=out, axis=0))
+    return out, offsets, rows
 
 
 def add_dequantized_group(
@@ -229,6 +231,7 @@ def add_dequantized_group(
     lengths: str,
     bits: int,
     dim: int,
+    tables: list[TableLookup] | None = None,
 ) -> str:
     """Pooled embeddings ``[B, F_g, D]`` of features whose row-wise tables are dequantized at
     session load, all read from one merged float32 array (:func:`merged_tables`) by one
@@ -237,8 +240,11 @@ def add_dequantized_group(
     batch-major (``[B, F_g]``, int64: cheaper to move than rows) and the ``Gather`` writes the
     bags as ``[B, F_g, D]``; otherwise the ids are padded with the zero row's index to the
     chunked pooling's layout and the gathered rows pooled
-    (:func:`~exporters.onnx.pooling.pool_multi`)."""
-    table_f32, offsets, zero_index = merged_tables(gb, [t for t, _, _ in features], bits, dim)
+    (:func:`~exporters.onnx.pooling.pool_multi`). ``tables``: every table of the graph merged
+    at this bit width (default: the group's own), so that groups of one-hot and multi-hot
+    features share one array."""
+    merged = tables if tables is not None else [t for t, _, _ in features]
+    table_f32, offsets, zero_index = merged_tables(gb, merged, bits, dim)
     ids, counts = [], []
     for table, values, _ in features:
         valid = add_valid_ids(gb, values, table.num_rows)
@@ -268,11 +274,4 @@ def add_dequantized_group(
         rows = sub.op("Gather", [table_f32, padded], "rows_padded", axis=0)
         return pool_multi(sub, rows, lengths, num_features, dim, padded=True)
 
-    cond = one_hot_condition(gb, num_ids, lengths)
-    return gb.op(
-        "If",
-        [cond],
-        "pooled_group",
-        then_branch=add_branch(gb, side_by_side),
-        else_branch=add_branch(gb, pooled),
-    )
+    return one_hot_or_pooled(gb, num_ids, lengths, side_by_side, pooled)
