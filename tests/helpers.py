@@ -231,3 +231,19 @@ def interruptible() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def export_small(tmp: Path, recipe_text: str | None = None):
+    """``tiny_world``'s DLRM in ``tmp`` compressed with ``recipe_text`` (default
+    ``MIXED_PTQ_RECIPE``, selection on the valid rows) and written with its ONNX graphs to
+    ``tmp/out``. Returns (job, result, artifact dir, valid .npz)."""
+    from compress import pipeline
+    from exporters.artifacts import write as artifacts
+    from exporters.onnx.writer import onnx_writer
+
+    ckpt, _, valid, _ = tiny_world(tmp, "DLRM")
+    (tmp / "recipe.toml").write_text(recipe_text or MIXED_PTQ_RECIPE)
+    job = pipeline.load(ckpt)
+    result = pipeline.compress(job, pipeline.plan(job, tmp / "recipe.toml"), valid=valid)
+    written = artifacts.save(result, tmp / "out", extra_writers=(onnx_writer(result.model),))
+    return job, result, written.path, valid

@@ -13,9 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import MIXED_PTQ_RECIPE, tiny_world
+from helpers import export_small
 
-from compress import pipeline
 from compress.cli.main import main
 from compress.data.dataset import Dataset
 from compress.data.npz import load_npz
@@ -35,13 +34,7 @@ from exporters.runtime.predictor import Predictor
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(job, result, artifact dir, valid .npz) of a small DLRM compressed with ``MIXED_PTQ_RECIPE``."""
-    tmp = tmp_path_factory.mktemp("exported")
-    ckpt, _, valid, _ = tiny_world(tmp, "DLRM")
-    (tmp / "recipe.toml").write_text(MIXED_PTQ_RECIPE)
-    job = pipeline.load(ckpt)
-    result = pipeline.compress(job, pipeline.plan(job, tmp / "recipe.toml"), valid=valid)
-    written = artifacts.save(result, tmp / "out", extra_writers=(onnx_writer(result.model),))
-    return job, result, written.path, valid
+    return export_small(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture

@@ -11,13 +11,10 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from helpers import MIXED_PTQ_RECIPE, tiny_world
+from helpers import export_small
 
-from compress import pipeline
 from compress.data.dataset import Dataset
 from compress.data.npz import load_npz
-from exporters.artifacts import write as artifacts
-from exporters.onnx.writer import onnx_writer
 from exporters.runtime.predictor import (
     DENSE_INPUT,
     MIN_SLICE,
@@ -31,13 +28,8 @@ from exporters.runtime.predictor import (
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(artifact dir, valid dataset) of a small DLRM with multi-hot features."""
-    tmp = tmp_path_factory.mktemp("threads")
-    ckpt, _, valid, _ = tiny_world(tmp, "DLRM")
-    (tmp / "recipe.toml").write_text(MIXED_PTQ_RECIPE)
-    job = pipeline.load(ckpt)
-    result = pipeline.compress(job, pipeline.plan(job, tmp / "recipe.toml"), valid=valid)
-    written = artifacts.save(result, tmp / "out", extra_writers=(onnx_writer(result.model),))
-    return written.path, with_jagged_bags(load_npz(valid), seed=0)
+    _, _, out, valid = export_small(tmp_path_factory.mktemp("threads"))
+    return out, with_jagged_bags(load_npz(valid), seed=0)
 
 
 def with_jagged_bags(data: Dataset, seed: int) -> Dataset:
@@ -156,3 +148,43 @@ def test_a_forked_child_scores_with_workers_of_its_own(served) -> None:
             child.kill()
     assert child.exitcode == 0
     assert np.array_equal(got, want)
+
+
+def test_callers_first_calls_at_once_share_one_pool_and_close_stops_it(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from exporters.runtime import predictor as module
+
+    pools: list[ThreadPoolExecutor] = []
+
+    class Counted(ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - passed through
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(module, "ThreadPoolExecutor", Counted)
+    out, valid = served
+    data = valid.slice(0, 600)
+    predictor = Predictor(out, threads=2)
+    want = Predictor(out, threads=1).predict(data)
+    start = threading.Barrier(4)
+    results: list[np.ndarray] = []
+
+    def call() -> None:
+        start.wait(timeout=10)
+        results.append(predictor.predict(data))
+
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=60)
+    assert len(results) == 4 and all(np.abs(r - want).max() <= 1e-5 for r in results)
+    assert len(pools) == 1  # one pool, not one per caller that came first at once
+    workers = set(pools[0]._threads)
+    predictor.close()
+    assert workers and not any(t.is_alive() for t in workers)
+    assert np.array_equal(predictor.predict(data), results[0])  # new workers after close
+    assert len(pools) == 2

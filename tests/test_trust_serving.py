@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import tiny_world
+from helpers import export_small, tiny_world
 from onnx import TensorProto
 from test_onnx_lookup import (
     CASES,
@@ -144,13 +144,7 @@ bits = 4
 def exported(tmp_path_factory):
     """(job, result, artifact dir, valid .npz): INT4 tables of both granularities, fp16 and fp32
     tables, and INT4 MLPs (the layers ORT used to rewrite into int8-activation kernels)."""
-    tmp = tmp_path_factory.mktemp("trust_serving")
-    ckpt, _, valid, _ = tiny_world(tmp, "DLRM")
-    (tmp / "recipe.toml").write_text(INT4_RECIPE)
-    job = pipeline.load(ckpt)
-    result = pipeline.compress(job, pipeline.plan(job, tmp / "recipe.toml"), valid=valid)
-    written = artifacts.save(result, tmp / "out", extra_writers=(onnx_writer(result.model),))
-    return job, result, written.path, valid
+    return export_small(tmp_path_factory.mktemp("trust_serving"), INT4_RECIPE)
 
 
 def _torch_logits(model: torch.nn.Module, data: Dataset, spec) -> np.ndarray:

@@ -45,7 +45,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,11 +75,29 @@ MIN_SLICE = 256
 
 
 def available_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """How many CPU cores this process may run on."""
+    return len(available_core_ids()) or os.cpu_count() or 1
+
+
+def available_core_ids() -> list[int]:
+    """The ids of the cores this process may run on (empty where the OS does not say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def _pinner(cores: list[int]) -> Callable[[], None]:
+    """A thread initializer that pins each new thread to the next of ``cores`` in turn."""
+    slots = itertools.count()
+
+    def pin() -> None:
+        if not cores:
+            return
+        core = cores[next(slots) % len(cores)]
+        try:
+            os.sched_setaffinity(0, {core})
+        except OSError as error:  # the core was taken away meanwhile: unpinned, as fast
+            log.debug("predictor worker not pinned to core %d: %s", core, error)
+
+    return pin
 
 
 def batch_cuts(batch: int, threads: int, min_slice: int = MIN_SLICE) -> list[int]:
@@ -184,6 +203,7 @@ class Predictor:
         self.session = serving_session(model, threads=1 if parallel == "batch" else self.threads)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = os.getpid()
+        self._pool_lock = threading.Lock()  # callers' threads may make their first call at once
         self.runtime = "onnxruntime"
 
     def _agreed_transform(self, given: str | None) -> str | None:
@@ -325,22 +345,20 @@ class Predictor:
         """The worker threads that score slices, one a core: each is pinned to its own core of
         those the process may use (as ONNX Runtime pins its intra-op threads), so that two slices
         never share a core while another idles."""
-        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no workers
-            self._pool_pid = os.getpid()
-            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-            slots = itertools.count()
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != os.getpid():  # a forked child: none
+                self._pool_pid = os.getpid()
+                self._pool = ThreadPoolExecutor(
+                    self.threads, "predictor", initializer=_pinner(available_core_ids())
+                )
+            return self._pool
 
-            def pin() -> None:
-                if not cores:
-                    return
-                core = cores[next(slots) % len(cores)]
-                try:
-                    os.sched_setaffinity(0, {core})
-                except OSError as error:  # the core was taken away meanwhile: unpinned, as fast
-                    log.debug("predictor worker not pinned to core %d: %s", core, error)
-
-            self._pool = ThreadPoolExecutor(self.threads, "predictor", initializer=pin)
-        return self._pool
+    def close(self) -> None:
+        """Stop the worker threads (a later batch starts new ones)."""
+        with self._pool_lock:
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.shutdown()
+            self._pool = None
 
     def predict(self, dataset: Dataset) -> np.ndarray:
         """Logits ``[N]`` of every sample of ``dataset``, in order, ``batch_size`` at a time.
