@@ -4,7 +4,8 @@
 (a path that leaves the directory, a missing file, a size or sha256 that differs from the
 manifest), a file in the directory the manifest does not list, an array whose dtype or shape is
 not what the manifest says (read from the ``.npy`` header, no data loaded), a truncated ``.npy``,
-a shared array's hot ids that are not strictly increasing rows of its group, and (with checksums) an ONNX graph that does not match the manifest
+a shared array's hot ids that are not strictly increasing rows of its group, and (with
+checksums) an ONNX graph that does not match the manifest
 (:mod:`exporters.artifacts.graph_checks`). :func:`~exporters.artifacts.read.load_artifacts`
 raises the first of them; ``verify`` reports them all (:mod:`exporters.artifacts.verify`).
 """
