@@ -12,10 +12,9 @@ import pytest
 from onnx import TensorProto
 
 from exporters.onnx import stacked_rows
-from exporters.onnx.lookup import add_sparse_arch
 from exporters.onnx.parity import ort_session, run_session
-from exporters.onnx.spec import GraphBuilder, TableLookup
-from tests.test_onnx_lookup import make_table
+from exporters.onnx.spec import TableLookup
+from tests.test_onnx_lookup import _build_sparse_arch, make_table
 
 DIM = 16
 
@@ -36,17 +35,8 @@ def _tables() -> list[TableLookup]:
 
 
 def _graph(tables: list[TableLookup], one_hot: tuple[bool, ...]) -> onnx.ModelProto:
-    gb = GraphBuilder("sparse")
-    features = []
-    for i, table in enumerate(tables):
-        values = gb.add_input(f"f{i}__values", TensorProto.INT64, [f"n{i}"])
-        lengths = gb.add_input(f"f{i}__lengths", TensorProto.INT64, ["batch"])
-        features.append((table, values, lengths))
-    pooled = add_sparse_arch(gb, features, DIM, one_hot=one_hot)
-    gb.add_output(pooled, "pooled", TensorProto.FLOAT, ["batch", len(tables), DIM])
-    model = gb.make_model()
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    """The grouped lookup of ``tables`` (feature ``f<i>`` reads ``tables[i]``), checked."""
+    return _build_sparse_arch(tables, one_hot)
 
 
 def _feeds(tables: list[TableLookup], lengths: np.ndarray, seed: int) -> dict[str, np.ndarray]:
